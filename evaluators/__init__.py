@@ -1,0 +1,1 @@
+"""Accuracy curves, AUAC, validity checks, audits and reports."""

@@ -1,0 +1,1 @@
+"""Export to ONNX and TensorRT, and the runners that execute exported artifacts."""
