@@ -1,0 +1,75 @@
+"""The thin base every defense stands on, and the defense registry.
+
+A defense supplies only its loss (and, through it, its adversary); :mod:`kit.defenses.trainer` owns everything else:
+data, optimiser, schedule, checkpoints, resume, metrics and progress.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from kit.errors import UserError
+
+_REGISTRY: dict[str, type[Defense]] = {}
+
+
+class Defense(ABC):
+    """Base class: subclasses set ``name``, ``description``, ``defaults`` and write :meth:`loss`.
+
+    Parameters given at construction override ``defaults``; unknown parameter names are a :class:`UserError`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise UserError(f"defense {self.name!r} has no parameter(s) {', '.join(sorted(unknown))}; known: {known}")
+        self.params: dict[str, Any] = {**self.defaults, **params}
+
+    def setup(self, model: nn.Module) -> None:
+        """Called once before training (a defense with its own networks or optimisers creates them here)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the scalar training loss for a batch and its named parts (floats, for the metrics log)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state to checkpoint for ``--resume`` (a defense's own networks and optimisers)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    """Class decorator adding a defense to the registry under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"defense name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_defenses() -> list[str]:
+    """Registered defense names, in registration order."""
+    return list(_REGISTRY)
+
+
+def create_defense(name: str, **params: Any) -> Defense:
+    """Instantiate a registered defense; an unknown name is a :class:`UserError` listing the known ones."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown defense {name!r}; known: {', '.join(_REGISTRY)}") from None
+    return cls(**params)

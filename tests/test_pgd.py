@@ -1,0 +1,107 @@
+"""PGD and FGSM against closed forms on a linear classifier, and on a trained digits model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kit.attacks import FGSM, PGD, lp_norm
+from kit.data import load_dataset
+from kit.errors import UserError
+
+
+class Linear2(nn.Module):
+    """Two-class linear model: logits (0, w.x + b). The smallest perturbation flipping class 1 has a closed form."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.w = nn.Parameter(w.flatten().clone())
+        self.b = nn.Parameter(torch.tensor(b))
+
+    def forward(self, x):
+        s = x.flatten(1) @ self.w + self.b
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def _linear_case():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1, 4, 4, generator=g)
+    x = 0.4 + 0.2 * torch.rand(6, 1, 4, 4, generator=g)  # interior: the [0, 1] box does not bind
+    model = Linear2(w, 0.0)
+    with torch.no_grad():
+        model.b.copy_(-(x.flatten(1) @ model.w).min() + 0.05)  # every example has margin > 0: class 1
+        margin = x.flatten(1) @ model.w + model.b
+    y = torch.ones(6, dtype=torch.long)
+    return model, x, y, margin, w.flatten()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_brackets_the_closed_form_minimum(norm):
+    model, x, y, margin, w = _linear_case()
+    # the exact smallest flipping perturbation: margin / ||w||_1 (L-inf), margin / ||w||_2 (L2)
+    eps_star = margin / (w.abs().sum() if norm == "linf" else w.norm())
+    assert (eps_star < 0.35).all()  # the box [0, 1] does not bind: x is in [0.4, 0.6]
+    for i in range(len(x)):
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        above = PGD(model, eps=float(eps_star[i]) * 1.02, norm=norm, steps=50)(xi, yi)
+        below = PGD(model, eps=float(eps_star[i]) * 0.98, norm=norm, steps=50)(xi, yi)
+        assert above.success.item() and not below.success.item()
+        assert above.norm.item() <= eps_star[i].item() * 1.02 + 1e-6
+        assert model(above.x_adv).argmax(1).item() == 0
+
+
+def test_fgsm_is_optimal_on_a_linear_model():
+    model, x, y, margin, w = _linear_case()
+    eps_star = margin / w.abs().sum()
+    res = FGSM(model, eps=float(eps_star.max()) * 1.01)(x, y)
+    assert res.success.all()
+    assert torch.allclose(res.x_adv, x - float(eps_star.max()) * 1.01 * w.sign().view(1, 1, 4, 4), atol=1e-6)
+
+
+def test_pgd_on_trained_digits_model(digits_model):
+    path, result = digits_model
+    model = result.model.eval()
+    test = load_dataset("digits:16", "test").subset(200)
+    x, y = test.x, test.y
+    clean = (model(x).argmax(1) == y)
+    strong = PGD(model, eps=0.3, steps=20)(x, y)
+    assert strong.robust_accuracy < 0.05  # standard training: no robustness at eps 0.3
+    # re-verify: inside the ball, inside [0, 1], misclassified
+    assert (lp_norm(strong.x_adv - x, "linf") <= 0.3 + 1e-6).all()
+    assert strong.x_adv.min() >= 0 and strong.x_adv.max() <= 1
+    assert (model(strong.x_adv[strong.success]).argmax(1) != y[strong.success]).all()
+    # examples misclassified clean cost one forward and no backward; nothing costs more than the budget
+    assert (strong.forwards[~clean] == 1).all() and (strong.backwards[~clean] == 0).all()
+    assert strong.forwards.max() <= 1 + 21 and strong.backwards.max() <= 20
+    # fooled points stop costing work: the mean cost is far below the budget
+    assert strong.backwards.float().mean() < 10
+    weak = PGD(model, eps=0.01, steps=20)(x, y)
+    assert weak.robust_accuracy > strong.robust_accuracy
+
+
+def test_pgd_is_deterministic_and_restores_mode(digits_model):
+    _, result = digits_model
+    model = result.model.train()
+    x, y = load_dataset("digits:16", "test").subset(64).x, load_dataset("digits:16", "test").subset(64).y
+    a = PGD(model, eps=0.1, norm="l2", steps=5, seed=7)(x, y)
+    b = PGD(model, eps=0.1, norm="l2", steps=5, seed=7)(x, y)
+    assert model.training
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
+    assert "eps=0.1" in repr(PGD(model, eps=0.1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "x", "match"),
+    [
+        ({"eps": -0.1}, torch.rand(2, 1, 4, 4), "epsilon"),
+        ({"eps": float("nan")}, torch.rand(2, 1, 4, 4), "epsilon"),
+        ({"eps": 0.1}, torch.rand(2, 1, 4, 4) + 1.0, r"\[0, 1\]"),
+        ({"eps": 0.1}, torch.rand(2, 16), r"\(N, C, H, W\)"),
+        ({"eps": 0.1, "norm": "l3"}, torch.rand(2, 1, 4, 4), "norm"),
+    ],
+)
+def test_bad_input_is_a_user_error(kwargs, x, match):
+    model = Linear2(torch.ones(16), 0.0)
+    with pytest.raises(UserError, match=match):
+        PGD(model, **kwargs)(x, torch.zeros(len(x), dtype=torch.long))
