@@ -1,0 +1,333 @@
+"""The ``otkit`` command line: thin wrappers that parse, call library functions and print.
+
+Messages for people go to stderr; results go to stdout (a table, or JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+import kit
+from kit.errors import UserError
+
+EXIT_STATUSES = """\b
+Exit statuses:
+  0  success
+  1  an audit gate or fidelity verdict failed (audit commands)
+  2  usage or input error (bad option, missing or malformed file, unknown name)
+  130 interrupted"""
+
+
+class _UserFacing(click.ClickException):
+    """A UserError as click shows it: ``Error: <one line>`` on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+class KitGroup(click.Group):
+    """A click group that turns :class:`kit.UserError` from any subcommand into exit status 2 and one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise _UserFacing(str(e)) from e
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def dependency_versions() -> dict[str, Any]:
+    """Versions of the kit and the libraries it runs on (TensorRT and onnxruntime-gpu only if installed)."""
+    import torch
+
+    out: dict[str, Any] = {"otkit": kit.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("onnx", "onnxruntime", "onnxruntime-gpu", "pot", "numpy", "click", "safetensors"):
+        v = _dist_version(dist)
+        if v is not None or dist in ("onnx", "onnxruntime", "pot"):
+            out[dist] = v
+    try:
+        import onnxruntime as ort
+
+        out["onnxruntime_providers"] = list(ort.get_available_providers())
+    except ImportError:
+        out["onnxruntime_providers"] = []
+    out["tensorrt"] = _tensorrt_version()
+    return out
+
+
+def _tensorrt_version() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        import tensorrt  # lazy: only when installed
+
+        return str(tensorrt.__version__)
+    except Exception as e:  # a broken TensorRT install must not break --version  # noqa: BLE001
+        return f"unusable ({type(e).__name__})"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    v = dependency_versions()
+    providers = ", ".join(v.pop("onnxruntime_providers")) or "none"
+    click.echo(f"otkit {v.pop('otkit')}")
+    for k, val in v.items():
+        click.echo(f"  {k:<16}{val if val is not None else 'not installed'}")
+    click.echo(f"  {'ort providers':<16}{providers}")
+    ctx.exit()
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Left-aligned plain-text table (pastes into issues and terminals alike)."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def _device(ctx: click.Context):  # noqa: ANN202
+    from kit.runtime import resolve_device
+
+    return resolve_device(ctx.obj["device"])
+
+
+@click.group(cls=KitGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+             epilog=EXIT_STATUSES)
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the kit's version and its dependencies', then exit.")
+@click.option("--device", default="auto", metavar="auto|cpu|cuda[:N]", help="Where models and attacks run.")
+@click.option("--seed", type=int, default=0, help="Seed for every random choice.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or status messages.")
+@click.option("--verbose", "-v", is_flag=True, help="Log debugging detail to stderr.")
+@click.pass_context
+def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) -> None:
+    """otkit: robustness certification and deployment for image classifiers.
+
+    Train defended networks, export them, audit deployed engines and issue AUAC robustness reports.
+    """
+    from kit.runtime import set_quiet
+
+    set_quiet(quiet)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO),
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    ctx.obj = {"device": device, "seed": seed, "quiet": quiet}
+
+
+# ---------------------------------------------------------------------------------------------------------------- info
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def info(as_json: bool) -> None:
+    """Devices, ONNX Runtime providers and TensorRT availability."""
+    import torch
+
+    v = dependency_versions()
+    devices = [{"device": "cpu", "name": platform.processor() or platform.machine(), "detail": f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"}]
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        p = torch.cuda.get_device_properties(i)
+        devices.append({"device": f"cuda:{i}", "name": p.name,
+                        "detail": f"compute {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB"})
+    report = {
+        "versions": {k: val for k, val in v.items() if k != "onnxruntime_providers"},
+        "devices": devices,
+        "onnxruntime_providers": v["onnxruntime_providers"],
+        "tensorrt": {"available": v["tensorrt"] is not None, "version": v["tensorrt"]},
+    }
+    if as_json:
+        _emit_json(report)
+        return
+    click.echo(_table(devices, ["device", "name", "detail"]))
+    click.echo()
+    click.echo(f"ONNX Runtime {v.get('onnxruntime')}: providers {', '.join(report['onnxruntime_providers']) or 'none'}")
+    click.echo(f"TensorRT: {v['tensorrt'] or 'not installed (pip install otkit[gpu] on a CUDA machine)'}")
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+@cli.group(cls=KitGroup)
+def data() -> None:
+    """Datasets: digits (embedded), mnist:DIR, fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, npz:FILE, folder:DIR."""
+
+
+@data.command("inspect")
+@click.argument("spec")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def data_inspect(ctx: click.Context, spec: str, as_json: bool) -> None:
+    """Size, shape, classes and fingerprint of each split of SPEC."""
+    from kit.data import load_dataset
+
+    rows = []
+    for split in ("train", "test"):
+        ds = load_dataset(spec, split, seed=ctx.obj["seed"])
+        rows.append({
+            "split": split, "n": len(ds), "shape": "x".join(map(str, ds.input_shape)), "classes": ds.num_classes,
+            "fingerprint": ds.fingerprint, "class_names": list(ds.class_names),
+        })
+    if as_json:
+        _emit_json({"spec": spec, "splits": rows})
+        return
+    click.echo(_table(rows, ["split", "n", "shape", "classes", "fingerprint"]))
+    names = rows[0]["class_names"]
+    click.echo(f"class names: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+
+
+# -------------------------------------------------------------------------------------------------------------- models
+@cli.group(cls=KitGroup)
+def models() -> None:
+    """The model zoo and checkpoints."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models_list(as_json: bool) -> None:
+    """Architectures that --arch accepts (or path/to/file.py:ClassOrFactory for your own)."""
+    import models as zoo
+
+    rows = [{"name": n, "description": zoo.describe(n)} for n in zoo.list_models()]
+    if as_json:
+        _emit_json(rows)
+    else:
+        click.echo(_table(rows, ["name", "description"]))
+
+
+@models.command("show")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def models_show(checkpoint: Path, as_json: bool) -> None:
+    """What a checkpoint holds: architecture, classes, input shape, defense, dataset fingerprint, weights sha256."""
+    from kit.checkpoint import read_checkpoint
+
+    state, info = read_checkpoint(checkpoint)
+    n_params = sum(t.numel() for t in state.values())
+    if as_json:
+        _emit_json({"path": str(checkpoint), "parameters": n_params, **info.to_dict()})
+        return
+    tc = info.train_config
+    rows = [
+        ("architecture", info.arch_name),
+        ("parameters", f"{n_params:,} (tensors incl. buffers)"),
+        ("input shape", "x".join(map(str, info.input_shape)) + " (pixels in [0, 1])"),
+        ("classes", f"{info.num_classes}: {', '.join(info.class_names[:10])}{' ...' if info.num_classes > 10 else ''}"),
+        ("normalisation", f"mean {info.normalization.get('mean')}, std {info.normalization.get('std')}"),
+        ("defense", info.defense),
+        ("dataset", f"{info.dataset.get('spec')} ({info.dataset.get('fingerprint')})"),
+        ("epochs", f"{tc.get('epochs_done', '?')} of {tc.get('epochs', '?')}"),
+        ("weights", info.weights_sha256),
+        ("kit version", info.kit_version),
+        ("created", info.created),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:<14}{v}")
+
+
+# --------------------------------------------------------------------------------------------------------------- train
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices come from a registry, loaded only when needed (``--help`` stays fast)."""
+
+    def __init__(self, load: Callable[[], list[str]]) -> None:
+        self._load = load
+        self._loaded: tuple[str, ...] | None = None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._loaded is None:
+            self._loaded = tuple(self._load())
+        return self._loaded
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click's __init__ assigns it; the registry is the source
+        self._loaded = tuple(value)
+
+
+def _defense_names() -> list[str]:
+    from kit.defenses import list_defenses
+
+    return list_defenses()
+
+
+@cli.command()
+@click.option("--defense", default="standard", type=LazyChoice(_defense_names), help="Training objective.")
+@click.option("--arch", default="cnn-small", help="Zoo name (otkit models list) or path/to/file.py:ClassOrFactory.")
+@click.option("--data", "data_spec", default="digits", help="Dataset spec (otkit data --help).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
+@click.option("--lr", type=float, default=0.05, help="Peak learning rate.")
+@click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
+@click.option("--weight-decay", type=float, default=5e-4)
+@click.option("--schedule", type=click.Choice(["constant", "multistep", "cosine"]), default="cosine")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=1000, help="Held-out test examples scored each epoch.")
+@click.option("--seed", type=int, default=None, help="Training seed (default: the global --seed).")
+@click.option("--resume", is_flag=True, help="Continue from OUT's .resume.pt state (raise --epochs to train longer).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint (.safetensors).")
+@click.pass_context
+def train(ctx: click.Context, defense: str, arch: str, data_spec: str, epochs: int, batch_size: int, optimizer: str,
+          lr: float, momentum: float, weight_decay: float, schedule: str, eval_samples: int, seed: int | None,
+          resume: bool, out: Path) -> None:
+    """Train a (defended) network and write a checkpoint every epoch."""
+    from kit.defenses.trainer import TrainConfig
+    from kit.defenses.trainer import train as run_training
+
+    cfg = TrainConfig(defense=defense, arch=arch, data=data_spec, epochs=epochs, batch_size=batch_size,
+                      optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                      eval_samples=eval_samples, seed=ctx.obj["seed"] if seed is None else seed)
+    quiet = ctx.obj["quiet"]
+
+    def on_epoch(rec: dict[str, Any]) -> None:
+        if not quiet:
+            click.echo(f"epoch {rec['epoch']:>3}/{epochs}  loss {rec['loss']:.4f}  "
+                       f"held-out acc {rec['test_acc']:.4f}  {rec['seconds']:.1f}s", err=True)
+
+    result = run_training(cfg, out, device=_device(ctx), resume=resume, on_epoch=on_epoch)
+    _emit_json({"checkpoint": str(result.path), "weights_sha256": result.info.weights_sha256,
+                "epochs": len(result.history) and result.history[-1]["epoch"],
+                "test_acc": result.final.get("test_acc")})
+
+
+# ---------------------------------------------------------------------------------------------------------------- demo
+@cli.command()
+@click.option("--out", default=Path("runs/demo"), type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the checkpoint and logs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5)
+@click.pass_context
+def demo(ctx: click.Context, out: Path, epochs: int) -> None:
+    """The main job on the embedded default: train cnn-small on digits, then score it clean and under L-inf PGD."""
+    from kit.demo import run_demo
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = run_demo(out, epochs=epochs, device=_device(ctx), seed=ctx.obj["seed"], quiet=ctx.obj["quiet"])
+    click.echo(_table(summary["rows"], ["eps", "attack", "accuracy"]))
+    click.echo(f"\ncheckpoint: {summary['checkpoint']}  ({summary['weights_sha256']})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="otkit")
+
+
+if __name__ == "__main__":
+    main()
