@@ -105,3 +105,31 @@ def test_bad_input_is_a_user_error(kwargs, x, match):
     model = Linear2(torch.ones(16), 0.0)
     with pytest.raises(UserError, match=match):
         PGD(model, **kwargs)(x, torch.zeros(len(x), dtype=torch.long))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_per_example_epsilon_in_one_batch(norm):
+    model, x, y, margin, w = _linear_case()
+    eps_star = margin / (w.abs().sum() if norm == "linf" else w.norm())
+    factor = torch.tensor([1.02, 0.98] * 3)
+    res = PGD(model, norm=norm, steps=50)(x, y, eps=eps_star * factor)
+    assert res.success.tolist() == [True, False] * 3
+    assert (res.norm <= eps_star * factor + 1e-6).all()
+
+
+def test_warm_start_is_projected_and_used():
+    model, x, y, margin, w = _linear_case()
+    eps_star = margin / w.abs().sum()
+    corner = x - 0.5 * w.sign().view(1, 1, 4, 4)  # far outside the ball: must be projected to the optimal corner
+    res = PGD(model, steps=1, random_start=False)(x, y, eps=eps_star * 1.01, init=corner.clamp(0, 1))
+    assert res.success.all()
+    assert (res.forwards == 2).all() and (res.backwards == 0).all()  # clean check + the projected start: no gradient
+
+
+def test_targeted_pgd_reaches_the_target(digits_model):
+    _, result = digits_model
+    test = load_dataset("digits:16", "test").subset(32)
+    target = (test.y + 1) % 10
+    res = PGD(result.model, eps=0.3, steps=40, targeted=True)(test.x, target)
+    assert res.success.float().mean() > 0.9
+    assert (result.model(res.x_adv[res.success]).argmax(1) == target[res.success]).all()

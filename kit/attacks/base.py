@@ -2,7 +2,11 @@
 
 The base owns what all attacks share: input validation (shape, range [0, 1], finite values, epsilon >= 0, labels),
 device and dtype (taken from the inputs; the model must live on the same device), switching the model to eval mode and
-restoring its mode afterwards, cost accounting, and ``__repr__``. A subclass writes only :meth:`Attack._run`.
+restoring its mode afterwards, per-example epsilons, warm starts, and ``__repr__``. A subclass writes only
+:meth:`Attack._run`.
+
+Epsilon may differ per example: ``attack(x, y, eps=tensor_of_shape_N)``. The minimum-epsilon search relies on this to
+bisect every example on its own interval in one batch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kit.errors import UserError
 
@@ -26,10 +31,57 @@ class Norm(str, Enum):
     L2 = "l2"
 
 
+def as_norm(norm: Norm | str) -> Norm:
+    """Parse a norm name; an unknown one is a :class:`UserError`."""
+    try:
+        return Norm(norm)
+    except ValueError:
+        raise UserError(f"unknown norm {norm!r}; known: {', '.join(n.value for n in Norm)}") from None
+
+
 def lp_norm(delta: torch.Tensor, norm: Norm | str) -> torch.Tensor:
     """Per-example norm of a batch of perturbations (N, ...) -> (N,)."""
     flat = delta.flatten(1)
     return flat.abs().amax(1) if Norm(norm) is Norm.LINF else flat.norm(dim=1)
+
+
+def expand_as_batch(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a per-example vector (N,) as (N, 1, 1, ...) to broadcast against ``like`` (N, ...)."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def project(delta: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Project perturbations (N, ...) onto the ``norm`` balls of per-example radii ``eps`` (N,)."""
+    e = expand_as_batch(eps, delta)
+    if norm is Norm.LINF:
+        return torch.maximum(torch.minimum(delta, e), -e)
+    n = expand_as_batch(delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
+    return delta * (e / n).clamp(max=1.0)
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r"""Per-example margin :math:`\max_{j \ne y} z_j - z_y` (positive exactly when misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - true
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r"""Difference of Logits Ratio (Croce & Hein, ICML 2020), to be maximised.
+
+    :math:`\mathrm{DLR}(z, y) = -\dfrac{z_y - \max_{i \ne y} z_i}{z_{\pi_1} - z_{\pi_3} + 10^{-12}}`,
+    with :math:`\pi` the logits sorted in decreasing order. Invariant to shifting and scaling the logits.
+    """
+    srt = logits.sort(dim=1, descending=True).values
+    return margin_loss(logits, y) / (srt[:, 0] - srt[:, 2] + 1e-12)
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy (to be maximised by an untargeted attack)."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+LOSSES = {"ce": ce_loss, "margin": margin_loss, "dlr": dlr_loss}
 
 
 @dataclass
@@ -61,19 +113,34 @@ class AttackResult:
 
 
 class Attack(ABC):
-    """Base class. Subclasses set ``norm`` and implement ``_run(x, y) -> AttackResult``."""
+    """Base class. Subclasses set ``self.norm`` and implement ``_run(x, y, eps, init) -> AttackResult``.
 
-    norm: ClassVar[Norm]
+    Parameters
+    ----------
+    model : nn.Module
+        Returns logits for pixels in [0, 1].
+    eps : float
+        Default radius, used when a call gives none. Minimum-norm attacks (``minimum_norm = True``) treat it as an
+        optional cap and accept ``inf``.
+    """
 
-    def __init__(self, model: nn.Module, eps: float) -> None:
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise UserError(f"epsilon must be a finite number >= 0, got {eps!r}")
+    minimum_norm: ClassVar[bool] = False
+    norm: Norm
+
+    def __init__(self, model: nn.Module, eps: float = 0.0) -> None:
         self.model = model
-        self.eps = float(eps)
+        self.eps = self._check_eps(eps)
+
+    def _check_eps(self, eps: float) -> float:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
+            raise UserError(f"epsilon must be a number >= 0, got {eps!r}")
+        if math.isinf(eps) and not self.minimum_norm:
+            raise UserError(f"{type(self).__name__} needs a finite epsilon")
+        return float(eps)
 
     def _params(self) -> dict[str, Any]:
         """Parameters shown by ``__repr__`` (subclasses extend)."""
-        return {"eps": self.eps}
+        return {"eps": self.eps, "norm": self.norm.value}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
@@ -94,16 +161,49 @@ class Attack(ABC):
         if p is not None and p.device != x.device:
             raise UserError(f"model is on {p.device} but inputs are on {x.device}")
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def _eps_vector(self, eps: float | torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if eps is None:
+            eps = self.eps
+        if isinstance(eps, torch.Tensor):
+            if eps.shape != (x.shape[0],):
+                raise UserError(f"per-example epsilon must have shape ({x.shape[0]},), got {tuple(eps.shape)}")
+            if torch.isnan(eps).any() or (eps < 0).any() or (not self.minimum_norm and torch.isinf(eps).any()):
+                raise UserError("epsilon must be >= 0 (and finite for fixed-budget attacks)")
+            return eps.to(device=x.device, dtype=x.dtype)
+        return torch.full((x.shape[0],), self._check_eps(eps), device=x.device, dtype=x.dtype)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        eps: float | torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
+    ) -> AttackResult:
+        """Attack ``x`` (N, C, H, W) in [0, 1] with true labels ``y`` (N,).
+
+        Parameters
+        ----------
+        eps : float or (N,) tensor, optional
+            Radius per call or per example; default the constructor's.
+        init : (N, C, H, W) tensor, optional
+            Warm start (e.g. the adversarial found at a smaller epsilon); projected into the ball before use.
+        """
         self._validate(x, y)
+        eps_v = self._eps_vector(eps, x)
+        if init is not None:
+            if init.shape != x.shape:
+                raise UserError(f"init must have the inputs' shape {tuple(x.shape)}, got {tuple(init.shape)}")
+            init = init.detach().to(device=x.device, dtype=x.dtype)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.enable_grad():
-                return self._run(x.detach(), y.to(x.device))
+                return self._run(x.detach(), y.to(x.device), eps_v, init)
         finally:
             self.model.train(was_training)
 
     @abstractmethod
-    def _run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        """The algorithm: ``x`` is detached and validated, the model is in eval mode, gradients are enabled."""
+    def _run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, init: torch.Tensor | None) -> AttackResult:
+        """The algorithm. ``x`` is detached and validated, ``eps`` is (N,) on x's device and dtype, ``init`` is None
+        or a warm start of x's shape; the model is in eval mode and gradients are enabled."""

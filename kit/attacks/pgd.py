@@ -6,77 +6,57 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from kit.attacks.base import Attack, AttackResult, Norm, lp_norm
+from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, expand_as_batch, lp_norm, project
 from kit.errors import UserError
 
 
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r"""Per-example margin :math:`\max_{j \ne y} z_j - z_y` (positive exactly when misclassified)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return other - true
-
-
-LOSSES = {
-    "ce": lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
-    "margin": margin_loss,
-}
-
-
-def project(delta: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
-    """Project perturbations (N, ...) onto the ``norm`` ball of radius ``eps``."""
+def steepest_step(grad: torch.Tensor, alpha: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """The steepest-ascent step of per-example length ``alpha`` (N,) in ``norm`` for gradient ``grad``."""
+    a = expand_as_batch(alpha, grad)
     if norm is Norm.LINF:
-        return delta.clamp(-eps, eps)
-    n = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return delta * (eps / n).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
+        return a * grad.sign()
+    return a * grad / expand_as_batch(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
 
 
-def steepest_step(grad: torch.Tensor, alpha: float, norm: Norm) -> torch.Tensor:
-    """The steepest-ascent step of length ``alpha`` in ``norm`` for gradient ``grad``."""
-    if norm is Norm.LINF:
-        return alpha * grad.sign()
-    n = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return alpha * grad / n.view(-1, *([1] * (grad.dim() - 1)))
-
-
-def random_in_ball(shape: torch.Size, eps: float, norm: Norm, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Uniform random start: uniform in the L-inf box, or uniform in the L2 ball."""
+def random_in_ball(like: torch.Tensor, eps: torch.Tensor, norm: Norm, gen: torch.Generator) -> torch.Tensor:
+    """Uniform random points of the balls of radii ``eps`` (N,): uniform in the L-inf box, or uniform in the L2 ball."""
+    shape = like.shape
     u = torch.rand(shape, generator=gen, device=like.device, dtype=like.dtype)
     if norm is Norm.LINF:
-        return (2 * u - 1) * eps
+        return (2 * u - 1) * expand_as_batch(eps, like)
     g = torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
-    g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (len(shape) - 1)))
-    d = shape[1:].numel()
-    r = torch.rand(shape[0], generator=gen, device=like.device, dtype=like.dtype) ** (1.0 / d)
-    return g * (eps * r).view(-1, *([1] * (len(shape) - 1)))
+    g = g / expand_as_batch(g.flatten(1).norm(dim=1).clamp_min(1e-12), like)
+    r = torch.rand(shape[0], generator=gen, device=like.device, dtype=like.dtype) ** (1.0 / shape[1:].numel())
+    return g * expand_as_batch(eps * r, like)
 
 
 class PGD(Attack):
-    r"""Untargeted projected gradient ascent on a loss, keeping the first adversarial found for each example.
+    r"""Projected gradient ascent on a loss, keeping the first adversarial found for each example.
 
     Maximises :math:`\ell(f(x + \delta), y)` over :math:`\|\delta\| \le \varepsilon`, :math:`x + \delta \in [0, 1]`,
     by steepest ascent in the threat norm followed by projection (Madry et al., "Towards deep learning models resistant
-    to adversarial attacks", ICLR 2018). An example leaves the batch as soon as it is misclassified, so fooled points
-    stop costing forward and backward passes.
+    to adversarial attacks", ICLR 2018). An example leaves the batch as soon as it is fooled, so fooled points stop
+    costing forward and backward passes.
 
     Parameters
     ----------
     model : nn.Module
         Returns logits for pixels in [0, 1].
     eps : float
-        Radius of the threat ball (in [0, 1] pixel units, e.g. 8/255).
+        Default radius (in [0, 1] pixel units, e.g. 8/255); a call may pass a per-example tensor instead.
     norm : {"linf", "l2"}
     steps : int
         Gradient steps per restart.
-    step_size : float, optional
-        Step length; default ``2.5 * eps / steps``.
+    rel_step : float, optional
+        Step length as a fraction of epsilon; default ``2.5 / steps`` (Madry et al.).
     random_start : bool
-        Start from a uniform random point of the ball.
+        Start from a uniform random point of the ball (restarts after the first always do).
     restarts : int
-        Independent random restarts for examples still robust.
-    loss : {"ce", "margin"}
+        Independent restarts for the examples still robust.
+    loss : {"ce", "margin", "dlr"}
+    targeted : bool
+        Then ``y`` holds target classes: the loss is minimised and success means predicting ``y``.
     seed : int
         Seeds the random starts (on the inputs' device), so results are deterministic.
     """
@@ -84,81 +64,85 @@ class PGD(Attack):
     def __init__(
         self,
         model: nn.Module,
-        eps: float,
+        eps: float = 0.0,
         norm: Norm | str = Norm.LINF,
         steps: int = 10,
-        step_size: float | None = None,
+        rel_step: float | None = None,
         random_start: bool = True,
         restarts: int = 1,
         loss: str = "ce",
+        targeted: bool = False,
         seed: int = 0,
     ) -> None:
+        self.norm = as_norm(norm)
         super().__init__(model, eps)
-        try:
-            self.norm = Norm(norm)
-        except ValueError:
-            raise UserError(f"unknown norm {norm!r}; known: {', '.join(n.value for n in Norm)}") from None
         if steps < 1 or restarts < 1:
             raise UserError("steps and restarts must be at least 1")
         if loss not in LOSSES:
             raise UserError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         self.steps, self.restarts, self.loss, self.seed = int(steps), int(restarts), loss, int(seed)
-        self.random_start = bool(random_start)
-        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
+        self.random_start, self.targeted = bool(random_start), bool(targeted)
+        self.rel_step = float(rel_step) if rel_step is not None else 2.5 / self.steps
+        if self.rel_step <= 0:
+            raise UserError(f"rel_step must be positive, got {rel_step}")
 
     def _params(self) -> dict[str, Any]:
-        return {
-            **super()._params(),
-            "norm": self.norm.value,
-            "steps": self.steps,
-            "step_size": self.step_size,
-            "random_start": self.random_start,
-            "restarts": self.restarts,
-            "loss": self.loss,
-        }
+        return {**super()._params(), "steps": self.steps, "rel_step": self.rel_step,
+                "random_start": self.random_start, "restarts": self.restarts, "loss": self.loss,
+                "targeted": self.targeted}
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def _fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pred = logits.argmax(1)
+        return pred == y if self.targeted else pred != y
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, init: torch.Tensor | None) -> AttackResult:
         n = x.shape[0]
         loss_fn = LOSSES[self.loss]
+        sign = -1.0 if self.targeted else 1.0
         fwd = torch.zeros(n, dtype=torch.long, device=x.device)
         bwd = torch.zeros_like(fwd)
         x_adv = x.clone()
         with torch.no_grad():
-            success = self.model(x).argmax(1) != y
+            success = self._fooled(self.model(x), y)
         fwd += 1
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
 
-        for _ in range(self.restarts):
-            idx = (~success).nonzero().squeeze(1)
-            if idx.numel() == 0 or self.eps == 0:
+        for restart in range(self.restarts):
+            idx = (~success & (eps > 0)).nonzero().squeeze(1)
+            if idx.numel() == 0:
                 break
-            x0, y0 = x[idx], y[idx]
-            delta = random_in_ball(x0.shape, self.eps, self.norm, x0, gen) if self.random_start else torch.zeros_like(x0)
+            x0, y0, e0 = x[idx], y[idx], eps[idx]
+            if restart == 0 and init is not None:
+                delta = project(init[idx] - x0, e0, self.norm)
+            elif restart == 0 and not self.random_start:
+                delta = torch.zeros_like(x0)
+            else:
+                delta = random_in_ball(x0, e0, self.norm, gen)
+            delta = (x0 + delta).clamp(0, 1) - x0
             for step in range(self.steps + 1):
-                xa = (x0 + delta).clamp(0, 1).requires_grad_(step < self.steps)
-                with torch.set_grad_enabled(step < self.steps):
+                last = step == self.steps
+                xa = (x0 + delta).requires_grad_(not last)
+                with torch.set_grad_enabled(not last):
                     logits = self.model(xa)
                 fwd[idx] += 1
-                fooled = logits.argmax(1) != y0
+                fooled = self._fooled(logits, y0)
                 if fooled.any():
                     hit = idx[fooled]
                     x_adv[hit] = xa.detach()[fooled]
                     success[hit] = True
-                if step == self.steps:
-                    break
                 keep = ~fooled
-                if not keep.any():
+                if last or not keep.any():
                     break
                 grad = torch.autograd.grad(loss_fn(logits, y0)[keep].sum(), xa)[0][keep]
-                idx, x0, y0, delta = idx[keep], x0[keep], y0[keep], delta[keep]
+                idx, x0, y0, e0, delta = idx[keep], x0[keep], y0[keep], e0[keep], delta[keep]
                 bwd[idx] += 1
-                delta = project(delta + steepest_step(grad, self.step_size, self.norm), self.eps, self.norm)
+                delta = project(delta + sign * steepest_step(grad, self.rel_step * e0, self.norm), e0, self.norm)
                 delta = (x0 + delta).clamp(0, 1) - x0
         return AttackResult(x_adv, success, lp_norm(x_adv - x, self.norm), fwd, bwd)
 
 
 class FGSM(PGD):
-    """Fast gradient sign method (Goodfellow et al., 2015): one step of size ``eps``, no random start."""
+    """Fast gradient sign method (Goodfellow et al., 2015): one step of length epsilon, no random start."""
 
-    def __init__(self, model: nn.Module, eps: float, norm: Norm | str = Norm.LINF, loss: str = "ce") -> None:
-        super().__init__(model, eps, norm=norm, steps=1, step_size=eps, random_start=False, loss=loss)
+    def __init__(self, model: nn.Module, eps: float = 0.0, norm: Norm | str = Norm.LINF, loss: str = "ce") -> None:
+        super().__init__(model, eps, norm=norm, steps=1, rel_step=1.0, random_start=False, loss=loss)
