@@ -98,6 +98,8 @@ class AttackResult:
         Size of ``x_adv - x`` in the attack's norm.
     forwards, backwards : (N,) int64 tensors
         Forward and backward passes spent on each example (AttackBench-style cost accounting).
+    x_last : (N, C, H, W) tensor, optional
+        The final iterate of each example (its adversarial where one was found): a warm start for a larger epsilon.
     """
 
     x_adv: torch.Tensor
@@ -105,6 +107,7 @@ class AttackResult:
     norm: torch.Tensor
     forwards: torch.Tensor
     backwards: torch.Tensor
+    x_last: torch.Tensor | None = None
 
     @property
     def robust_accuracy(self) -> float:
@@ -126,6 +129,9 @@ class Attack(ABC):
 
     minimum_norm: ClassVar[bool] = False
     norm: Norm
+    #: Run the model in eval mode while attacking (the default, for evaluation). A defense may set it to False to
+    #: craft its training adversaries in train mode, as the released SAT code does.
+    eval_mode: bool = True
 
     def __init__(self, model: nn.Module, eps: float = 0.0) -> None:
         self.model = model
@@ -196,7 +202,7 @@ class Attack(ABC):
                 raise UserError(f"init must have the inputs' shape {tuple(x.shape)}, got {tuple(init.shape)}")
             init = init.detach().to(device=x.device, dtype=x.dtype)
         was_training = self.model.training
-        self.model.eval()
+        self.model.train(not self.eval_mode)
         try:
             with torch.enable_grad():
                 return self._run(x.detach(), y.to(x.device), eps_v, init)

@@ -59,6 +59,9 @@ class PGD(Attack):
         Then ``y`` holds target classes: the loss is minimised and success means predicting ``y``.
     seed : int
         Seeds the random starts (on the inputs' device), so results are deterministic.
+    early_stop : bool
+        Drop an example from the batch once it is fooled (evaluation). ``False`` runs every step on every example and
+        returns the final iterates in ``x_last`` (adversarial training maximises the loss, as Madry et al.).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class PGD(Attack):
         loss: str = "ce",
         targeted: bool = False,
         seed: int = 0,
+        early_stop: bool = True,
     ) -> None:
         self.norm = as_norm(norm)
         super().__init__(model, eps)
@@ -81,7 +85,7 @@ class PGD(Attack):
         if loss not in LOSSES:
             raise UserError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         self.steps, self.restarts, self.loss, self.seed = int(steps), int(restarts), loss, int(seed)
-        self.random_start, self.targeted = bool(random_start), bool(targeted)
+        self.random_start, self.targeted, self.early_stop = bool(random_start), bool(targeted), bool(early_stop)
         self.rel_step = float(rel_step) if rel_step is not None else 2.5 / self.steps
         if self.rel_step <= 0:
             raise UserError(f"rel_step must be positive, got {rel_step}")
@@ -102,6 +106,7 @@ class PGD(Attack):
         fwd = torch.zeros(n, dtype=torch.long, device=x.device)
         bwd = torch.zeros_like(fwd)
         x_adv = x.clone()
+        x_last = x.clone()
         with torch.no_grad():
             success = self._fooled(self.model(x), y)
         fwd += 1
@@ -130,15 +135,18 @@ class PGD(Attack):
                     hit = idx[fooled]
                     x_adv[hit] = xa.detach()[fooled]
                     success[hit] = True
-                keep = ~fooled
+                keep = ~fooled if self.early_stop else torch.ones_like(fooled)
                 if last or not keep.any():
+                    x_last[idx] = xa.detach()
                     break
                 grad = torch.autograd.grad(loss_fn(logits, y0)[keep].sum(), xa)[0][keep]
                 idx, x0, y0, e0, delta = idx[keep], x0[keep], y0[keep], e0[keep], delta[keep]
                 bwd[idx] += 1
                 delta = project(delta + sign * steepest_step(grad, self.rel_step * e0, self.norm), e0, self.norm)
                 delta = (x0 + delta).clamp(0, 1) - x0
-        return AttackResult(x_adv, success, lp_norm(x_adv - x, self.norm), fwd, bwd)
+        if self.early_stop:
+            x_last[success] = x_adv[success]
+        return AttackResult(x_adv, success, lp_norm(x_adv - x, self.norm), fwd, bwd, x_last)
 
 
 class FGSM(PGD):

@@ -1,0 +1,79 @@
+"""Attacks by CLI name: the closed vocabulary ``otkit evaluate --attack`` and ``otkit audit --attack`` accept.
+
+Each entry fixes an attack class, its norm and the budget it runs with inside the minimum-epsilon search (fixed-budget
+attacks) or once, capped at eps_max (minimum-norm attacks). Modules are imported only when an attack is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from kit.attacks.base import Attack, Norm
+from kit.errors import UserError
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One registered attack configuration."""
+
+    name: str
+    module: str
+    cls: str
+    norm: Norm
+    description: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    gradient_free: bool = False
+
+    def build(self, model: nn.Module, seed: int = 0, **overrides: Any) -> Attack:
+        """Instantiate the attack on ``model`` with the registered budget (``overrides`` win)."""
+        cls = getattr(importlib.import_module(self.module), self.cls)
+        return cls(model, norm=self.norm.value, seed=seed, **{**self.kwargs, **overrides})
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description recorded in curves.json and reports."""
+        return {"class": self.cls, "norm": self.norm.value, **self.kwargs}
+
+
+_SPECS = [
+    AttackSpec("pgd-linf", "kit.attacks.pgd", "PGD", Norm.LINF, "PGD, 10 steps per rung, CE loss (Madry et al. 2018)",
+               {"steps": 10}),
+    AttackSpec("pgd-l2", "kit.attacks.pgd", "PGD", Norm.L2, "PGD in L2, 10 steps per rung, CE loss", {"steps": 10}),
+    AttackSpec("apgd-ce", "kit.attacks.apgd", "APGD", Norm.LINF, "APGD-CE, 20 steps per rung (Croce & Hein 2020)",
+               {"loss": "ce", "steps": 20}),
+    AttackSpec("apgd-dlr", "kit.attacks.apgd", "APGD", Norm.LINF, "APGD-DLR, 20 steps per rung (Croce & Hein 2020)",
+               {"loss": "dlr", "steps": 20}),
+    AttackSpec("apgd-ce-l2", "kit.attacks.apgd", "APGD", Norm.L2, "APGD-CE in L2, 20 steps per rung",
+               {"loss": "ce", "steps": 20}),
+    AttackSpec("apgd-dlr-l2", "kit.attacks.apgd", "APGD", Norm.L2, "APGD-DLR in L2, 20 steps per rung",
+               {"loss": "dlr", "steps": 20}),
+    AttackSpec("fmn-linf", "kit.attacks.fmn", "FMN", Norm.LINF, "Fast Minimum-Norm, 100 steps (Pintor et al. 2021)",
+               {"steps": 100}),
+    AttackSpec("fmn-l2", "kit.attacks.fmn", "FMN", Norm.L2, "Fast Minimum-Norm in L2, 100 steps", {"steps": 100}),
+    AttackSpec("tr-linf", "kit.attacks.trust_region", "TrustRegion", Norm.LINF,
+               "Trust-Region attack, 100 steps (Yao et al. 2019; the SAT paper's evaluation)", {"steps": 100}),
+    AttackSpec("tr-l2", "kit.attacks.trust_region", "TrustRegion", Norm.L2, "Trust-Region attack in L2, 100 steps",
+               {"steps": 100}),
+    AttackSpec("square-linf", "kit.attacks.square", "Square", Norm.LINF,
+               "Square attack, 300 queries per rung, forward passes only (Andriushchenko et al. 2020)",
+               {"queries": 300}, gradient_free=True),
+    AttackSpec("square-l2", "kit.attacks.square", "Square", Norm.L2, "Square attack in L2, 300 queries per rung",
+               {"queries": 300}, gradient_free=True),
+]
+ATTACKS: dict[str, AttackSpec] = {s.name: s for s in _SPECS}
+
+
+def list_attacks() -> list[str]:
+    """Registered attack names."""
+    return list(ATTACKS)
+
+
+def get_attack(name: str) -> AttackSpec:
+    """The spec registered under ``name``; an unknown name is a :class:`UserError` listing the known ones."""
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        raise UserError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}") from None
