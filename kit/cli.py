@@ -102,6 +102,20 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``("eps=0.1", "norm=linf")`` -> ``{"eps": 0.1, "norm": "linf"}``: each value is read as JSON, else kept as text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
@@ -281,20 +295,23 @@ def _defense_names() -> list[str]:
 @click.option("--weight-decay", type=float, default=5e-4)
 @click.option("--schedule", type=click.Choice(["constant", "multistep", "cosine"]), default="cosine")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, help="Held-out test examples scored each epoch.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Defense parameter, repeatable (e.g. --param eps=0.1); VALUE is read as JSON, else as text.")
 @click.option("--seed", type=int, default=None, help="Training seed (default: the global --seed).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .resume.pt state (raise --epochs to train longer).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint (.safetensors).")
 @click.pass_context
 def train(ctx: click.Context, defense: str, arch: str, data_spec: str, epochs: int, batch_size: int, optimizer: str,
-          lr: float, momentum: float, weight_decay: float, schedule: str, eval_samples: int, seed: int | None,
-          resume: bool, out: Path) -> None:
+          lr: float, momentum: float, weight_decay: float, schedule: str, eval_samples: int, params: tuple[str, ...],
+          seed: int | None, resume: bool, out: Path) -> None:
     """Train a (defended) network and write a checkpoint every epoch."""
     from kit.defenses.trainer import TrainConfig
     from kit.defenses.trainer import train as run_training
 
     cfg = TrainConfig(defense=defense, arch=arch, data=data_spec, epochs=epochs, batch_size=batch_size,
                       optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-                      eval_samples=eval_samples, seed=ctx.obj["seed"] if seed is None else seed)
+                      eval_samples=eval_samples, seed=ctx.obj["seed"] if seed is None else seed,
+                      defense_params=parse_params(params))
     quiet = ctx.obj["quiet"]
 
     def on_epoch(rec: dict[str, Any]) -> None:
@@ -306,6 +323,87 @@ def train(ctx: click.Context, defense: str, arch: str, data_spec: str, epochs: i
     _emit_json({"checkpoint": str(result.path), "weights_sha256": result.info.weights_sha256,
                 "epochs": len(result.history) and result.history[-1]["epoch"],
                 "test_acc": result.final.get("test_acc")})
+
+
+# ------------------------------------------------------------------------------------------------------------ evaluate
+def _attack_names() -> list[str]:
+    from kit.attacks.registry import list_attacks
+
+    return list_attacks()
+
+
+def load_model_and_data(ckpt: Path, spec: str, split: str, samples: int | None, seed: int, device: Any):
+    """The twin and the evaluation tensors, after checking that they fit each other."""
+    from kit.checkpoint import load_twin
+    from kit.data import load_dataset
+
+    model, info = load_twin(ckpt, device=device)
+    ds = load_dataset(spec, split, seed=0)
+    if list(ds.input_shape) != list(info.input_shape):
+        raise UserError(f"{ckpt} takes inputs {'x'.join(map(str, info.input_shape))} but {spec} has "
+                        f"{'x'.join(map(str, ds.input_shape))}")
+    if ds.num_classes != info.num_classes:
+        raise UserError(f"{ckpt} predicts {info.num_classes} classes but {spec} has {ds.num_classes}")
+    if samples is not None:
+        ds = ds.subset(samples, seed=seed)
+    return model, info, ds
+
+
+@cli.command()
+@click.option("--model", "ckpt", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint.")
+@click.option("--data", "data_spec", default="digits", help="Dataset spec (otkit data --help).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test")
+@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]",
+              help=f"Attack, repeatable; NAME@EPS_MAX overrides --eps-max for it. One of: {', '.join(_attack_names())}.")
+@click.option("--eps-max", type=float, default=None, help="Largest epsilon of the curves, in [0, 1] pixel units.")
+@click.option("--samples", type=click.IntRange(min=1), default=500, help="Test examples evaluated (seeded subset).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@click.option("--rungs", type=click.IntRange(min=1), default=8, help="Ladder radii of the minimum-epsilon search.")
+@click.option("--checks/--no-checks", default=True, help="Run the validity checks (docs/checks.md).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for curves.json and curves.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print curves.json to stdout instead of a table.")
+@click.pass_context
+def evaluate(ctx: click.Context, ckpt: Path, data_spec: str, split: str, attacks: tuple[str, ...],
+             eps_max: float | None, samples: int, batch_size: int, rungs: int, checks: bool, out: Path,
+             as_json: bool) -> None:
+    """Accuracy-vs-epsilon curves and AUAC of a checkpoint under attack, with validity checks."""
+    import torch
+
+    from evaluators.evaluate import AttackRequest, write_outputs
+    from evaluators.evaluate import evaluate as run_evaluation
+
+    requests = [AttackRequest.parse(a, eps_max) for a in attacks]  # validate everything before any work
+    device = _device(ctx)
+    seed = ctx.obj["seed"]
+    model, info, ds = load_model_and_data(ckpt, data_spec, split, samples, seed, device)
+    torch.manual_seed(seed)
+    doc = run_evaluation(model, ds.x.to(device), ds.y.to(device), requests, seed=seed, batch_size=batch_size,
+                         rungs=rungs, checks=checks)
+    doc = {"schema": doc.pop("schema"),
+           "model": {"path": str(ckpt), "weights_sha256": info.weights_sha256, "arch": info.arch_name,
+                     "defense": info.defense},
+           "data": {"spec": data_spec, "split": split, "fingerprint": ds.fingerprint, "n": len(ds)}, **doc}
+    json_path, png_path = write_outputs(doc, out, title=f"{info.arch_name} ({info.defense}) on {data_spec}")
+    if as_json:
+        _emit_json(doc)
+        return
+    rows = [{"attack": r["name"], "norm": r["norm"], "eps_max": f"{r['eps_max']:.4g}",
+             "clean": f"{r['accuracy'][0]:.4f}", "AUAC": f"{r['auac']:.4f}",
+             "95% CI": f"[{r['auac_ci'][0]:.4f}, {r['auac_ci'][1]:.4f}]",
+             "fwd/ex": f"{r['passes']['forward_per_example']:.1f}",
+             "bwd/ex": f"{r['passes']['backward_per_example']:.1f}"} for r in doc["attacks"]]
+    rows += [{"attack": c["name"], "norm": c["norm"], "eps_max": f"{c['eps_max']:.4g}", "clean": f"{c['accuracy'][0]:.4f}",
+              "AUAC": f"{c['auac']:.4f}", "95% CI": f"[{c['auac_ci'][0]:.4f}, {c['auac_ci'][1]:.4f}]"}
+             for c in doc["combined"]]
+    click.echo(_table(rows, ["attack", "norm", "eps_max", "clean", "AUAC", "95% CI", "fwd/ex", "bwd/ex"]))
+    if doc["checks"]:
+        click.echo("\nchecks (see docs/checks.md):")
+        for f in doc["checks"]:
+            click.echo(f"  [{f['severity']}] {f['id']} ({f['attack'] or 'model'}): {f['message']}")
+    else:
+        click.echo("\nchecks: none raised")
+    click.echo(f"\nwrote {json_path} and {png_path}", err=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------- demo
