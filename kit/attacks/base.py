@@ -25,24 +25,39 @@ from kit.errors import UserError
 
 
 class Norm(str, Enum):
-    """Threat-model norms."""
+    """Threat models: the L-infinity and L2 balls, and the Wasserstein ball of :mod:`kit.ot` (local transport on
+    images normalised to unit mass per example; see :mod:`kit.ot.local`)."""
 
     LINF = "linf"
     L2 = "l2"
+    WASSERSTEIN = "wasserstein"
 
 
-def as_norm(norm: Norm | str) -> Norm:
-    """Parse a norm name; an unknown one is a :class:`UserError`."""
+LP_NORMS = (Norm.LINF, Norm.L2)
+
+
+def as_norm(norm: Norm | str, allowed: tuple[Norm, ...] = LP_NORMS) -> Norm:
+    """Parse a norm name among ``allowed``; anything else is a :class:`UserError`."""
     try:
-        return Norm(norm)
+        parsed = Norm(norm)
     except ValueError:
-        raise UserError(f"unknown norm {norm!r}; known: {', '.join(n.value for n in Norm)}") from None
+        parsed = None
+    if parsed not in allowed:
+        raise UserError(f"unknown norm {norm!r}; known here: {', '.join(n.value for n in allowed)}")
+    return parsed
 
 
 def lp_norm(delta: torch.Tensor, norm: Norm | str) -> torch.Tensor:
-    """Per-example norm of a batch of perturbations (N, ...) -> (N,)."""
+    """Per-example L-inf or L2 norm of a batch of perturbations (N, ...) -> (N,).
+
+    A Wasserstein distance is not a norm of the difference: Wasserstein attacks report the cost of their transport
+    plan instead, and asking for it here is a bug.
+    """
+    norm = Norm(norm)
+    if norm not in LP_NORMS:
+        raise ValueError(f"lp_norm is defined for {[n.value for n in LP_NORMS]}, not {norm.value!r}")
     flat = delta.flatten(1)
-    return flat.abs().amax(1) if Norm(norm) is Norm.LINF else flat.norm(dim=1)
+    return flat.abs().amax(1) if norm is Norm.LINF else flat.norm(dim=1)
 
 
 def expand_as_batch(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
