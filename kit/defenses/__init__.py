@@ -1,6 +1,8 @@
 """Defenses (one module each: a loss and an adversary) and the one training loop that runs them."""
 
-from kit.defenses import madry, standard  # noqa: F401  (registers the defenses)
+# Importing a defense module registers it; the order here is the order `otkit train --help` lists them.
+from kit.defenses import standard  # noqa: F401  (isort: skip)
+from kit.defenses import madry, mixed, trades, atda  # noqa: F401, I001
 from kit.defenses.base import Defense, create_defense, list_defenses, register_defense
 
 __all__ = ["Defense", "create_defense", "list_defenses", "register_defense"]
