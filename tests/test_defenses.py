@@ -91,3 +91,37 @@ def test_mixed_with_zero_adversarial_weight_is_standard_cross_entropy(digits_mod
     mixed.setup(model)
     loss, _ = mixed.loss(model, x, y)
     assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+
+
+def _otc(defense, tmp_path, **params):
+    cfg = TrainConfig(defense=defense, arch="otc", data="digits:16", epochs=4, seed=0, optimizer="adam", lr=1e-3,
+                      eval_samples=100, defense_params=params)
+    return train(cfg, tmp_path / f"{defense}.safetensors")
+
+
+@pytest.mark.slow
+def test_otc_matches_the_latent_to_the_prior_and_keeps_the_critic_clipped(tmp_path, test_batch):
+    x, y = test_batch
+    plain, otc = _otc("standard", tmp_path), _otc("otc", tmp_path)
+    for p in otc.model.critic.parameters():
+        assert p.abs().max() <= 0.01 + 1e-7
+    with torch.no_grad():
+        z_plain, z_otc = plain.model.features(x), otc.model.features(x)
+    # the critic pulls the codes towards N(0, I): their mean moves to the origin and their spread shrinks
+    assert z_otc.mean(0).norm() < 0.5 * z_plain.mean(0).norm()
+    assert (z_otc.std(0) - 1).abs().mean() < (z_plain.std(0) - 1).abs().mean()
+    assert (otc.model(x).argmax(1) == y).float().mean() > 0.85
+    assert "critic_gap" in otc.history[-1]
+
+
+@pytest.mark.slow
+def test_otc_adv_buys_robustness(tmp_path, test_batch, standard_robust_acc):
+    result = _otc("otc-adv", tmp_path, eps=0.1, steps=3)
+    assert PGD(result.model, eps=0.1, steps=20)(*test_batch).robust_accuracy > standard_robust_acc + 0.25
+
+
+def test_otc_needs_the_otc_architecture(tmp_path):
+    from kit.errors import UserError
+
+    with pytest.raises(UserError, match="--arch otc"):
+        train(TrainConfig(defense="otc", arch="cnn-small", data="digits:16", epochs=1), tmp_path / "m.safetensors")
