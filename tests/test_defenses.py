@@ -66,7 +66,7 @@ def standard_robust_acc(digits_model, test_batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defense", ["madry", "mixed", "trades", "atda"])
+@pytest.mark.parametrize("defense", ["madry", "mixed", "trades", "atda", "sat"])
 def test_adversarial_training_buys_robustness(defense, tmp_path, test_batch, standard_robust_acc):
     params = {"eps": 0.1, "steps": 3}
     cfg = TrainConfig(defense=defense, arch="cnn-small", data="digits:16", epochs=4, seed=0, eval_samples=100,
@@ -125,3 +125,20 @@ def test_otc_needs_the_otc_architecture(tmp_path):
 
     with pytest.raises(UserError, match="--arch otc"):
         train(TrainConfig(defense="otc", arch="cnn-small", data="digits:16", epochs=1), tmp_path / "m.safetensors")
+
+
+def test_sat_divergence_matches_pot_debiased_entropic_ot():
+    import ot
+
+    gen = torch.Generator().manual_seed(3)
+    clean = torch.randn(12, 10, generator=gen, dtype=torch.float64) * 3
+    adv = clean + torch.randn(12, 10, generator=gen, dtype=torch.float64)
+    sat = create_defense("sat", sinkhorn_iters=2000)
+
+    def w(a, b):
+        return ot.solve_sample(a, b, reg=1.0, reg_type="KL", max_iter=20000, tol=1e-12).value
+
+    expect = w(clean, adv) - 0.5 * w(clean, clean) - 0.5 * w(adv, adv)
+    div, converged = sat.divergence(clean, adv)
+    assert converged and div.item() == pytest.approx(float(expect), rel=1e-6, abs=1e-8)
+    assert sat.divergence(clean, clean)[0].abs().item() < 1e-8
