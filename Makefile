@@ -16,6 +16,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# TensorRT type stubs for the mypy check of exporters/tensorrt.py; --no-deps because they require the tensorrt
+	# package, whose libraries come from a registry these machines cannot reach (pin: pyproject.toml [tool.otkit.typecheck]).
+	$(BIN)/python -m pip install --quiet --no-deps "tensorrt-stubs==10.13.0.35.1"
 	touch $(STAMP)
 
 install: $(STAMP)
