@@ -1,0 +1,160 @@
+"""Attack benchmarks, each a ratio measured in one run (figures go to docs/BENCHMARKS.md).
+
+1. Cost of one PGD step vs the model's own forward+backward on the same batch (target <= 1.15).
+2. The whole accuracy curve: the minimum-epsilon search vs a naive sweep (PGD-20 at each of 16 epsilons): passes per
+   example, seconds and AUAC (target: <= 25% of the naive cost, AUAC <= naive + 0.005).
+3. Strength: per-example eps* of the default procedure vs the best of all attacks with 10x budget (target mean >= 0.97).
+
+Run: ``python bench/attacks.py [--quick]``. Uses the GPU when there is one (then also ResNet-18 at 3x32x32, batch 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from bench.common import digits_model, timed  # noqa: E402
+from evaluators.curves import accuracy_at, auac, auac_trapezoid  # noqa: E402
+from kit.attacks import APGD, FMN, PGD, Square, TrustRegion, min_eps_search  # noqa: E402
+from kit.attacks.search import SearchResult  # noqa: E402
+from kit.data import load_dataset  # noqa: E402
+
+
+def step_cost(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 20) -> dict:
+    """Seconds per PGD step (nothing fooled: tiny eps, clean-correct examples only) vs one forward+backward."""
+    keep = model(x).argmax(1) == y
+    x, y = x[keep], y[keep]
+
+    def fb() -> None:
+        xg = x.clone().requires_grad_(True)
+        torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
+
+    t_fb = timed(fb)
+    attack = PGD(model, eps=1e-6, steps=steps, random_start=False)
+    t_pgd = timed(lambda: attack(x, y))
+    # the attack also spends one clean forward and one final forward: subtract them at forward-only cost
+    with torch.no_grad():
+        t_f = timed(lambda: model(x))
+    per_step = (t_pgd - 2 * t_f) / steps
+    return {"batch": len(x), "forward_backward_s": t_fb, "pgd_step_s": per_step, "ratio": per_step / t_fb}
+
+
+def naive_sweep(model, x, y, eps_max: float, points: int = 16, steps: int = 20) -> dict:
+    """PGD-20 independently at 16 radii eps_max*k/16: what a plain sweep does."""
+    grid = [eps_max * k / points for k in range(1, points + 1)]
+    eps_star = torch.full((len(x),), math.inf, dtype=torch.float64)
+    acc, bwd, fwd = [], 0, 0
+    t0 = time.perf_counter()
+    for eps in grid:
+        r = PGD(model, eps=eps, steps=steps)(x, y)
+        acc.append(r.robust_accuracy)
+        bwd += r.backwards.sum().item()
+        fwd += r.forwards.sum().item()
+        eps_star = torch.where(r.success & torch.isinf(eps_star), torch.tensor(eps, dtype=torch.float64), eps_star)
+    secs = time.perf_counter() - t0
+    clean = (model(x).argmax(1) == y).double().mean().item()
+    eps_star[model(x).argmax(1) != y] = 0
+    n = len(x)
+    return {
+        "seconds": secs,
+        "backward_per_example": bwd / n,
+        "forward_per_example": fwd / n,
+        "full_steps_passes_per_example": points * steps,  # a sweep without early stopping: 16 x 20
+        "auac_trapezoid": auac_trapezoid([0.0, *grid], [clean, *acc]),
+        "auac_grid_eps_star": auac(eps_star, eps_max),
+    }
+
+
+def ours(model, x, y, eps_max: float, steps: int, rungs: int) -> tuple[dict, SearchResult]:
+    t0 = time.perf_counter()
+    res = min_eps_search(PGD(model, steps=steps), x, y, eps_max, rungs=rungs)
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "backward_per_example": res.backwards.double().mean().item(),
+            "forward_per_example": res.forwards.double().mean().item(), "auac": auac(res.eps_star, eps_max)}, res
+
+
+def strongest(model, x, y, eps_max: float) -> SearchResult:
+    """All attacks together with about 10x the default budget."""
+    results = [
+        min_eps_search(PGD(model, steps=100, restarts=2), x, y, eps_max, rungs=16),
+        min_eps_search(APGD(model, loss="ce", steps=100), x, y, eps_max, rungs=16),
+        min_eps_search(APGD(model, loss="dlr", steps=100), x, y, eps_max, rungs=16),
+        min_eps_search(FMN(model, steps=1000), x, y, eps_max),
+        min_eps_search(TrustRegion(model, steps=1000), x, y, eps_max),
+        min_eps_search(Square(model, queries=3000), x, y, eps_max, rungs=8),
+    ]
+    return SearchResult.combine(results)
+
+
+def optimality(default: torch.Tensor, best: torch.Tensor) -> float:
+    """Mean over examples of eps*_best / eps*_default (1 = the default procedure found the best; clean errors and
+    examples never fooled by either are 1; fooled by the best only counts as eps*_best / eps_max)."""
+    ratios = []
+    for d, b in zip(default.tolist(), best.tolist()):
+        if d == 0 or (math.isinf(d) and math.isinf(b)):
+            ratios.append(1.0)
+        elif math.isinf(d):
+            ratios.append(0.0)
+        else:
+            ratios.append(min(b / d, 1.0))
+    return sum(ratios) / len(ratios)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer examples (for a smoke run)")
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=10, help="PGD steps per rung of the search")
+    ap.add_argument("--rungs", type=int, default=8)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = 60 if args.quick else args.samples
+    test = load_dataset("digits:16", "test").subset(n)
+    x, y = test.x.to(device), test.y.to(device)
+    out: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                 "torch_threads": torch.get_num_threads(), "samples": n}
+    eps_max = 0.3
+
+    for name, kw in (("standard", {}), ("madry", {"eps": 0.1, "steps": 5})):
+        model = digits_model(name, epochs=8, **kw).to(device)
+        row = {"step_cost": step_cost(model, x, y)}
+        naive = naive_sweep(model, x, y, eps_max)
+        mine, res = ours(model, x, y, eps_max, args.steps, args.rungs)
+        row["naive"], row["ours"] = naive, mine
+        row["cost_ratio_vs_naive_full_steps"] = (mine["backward_per_example"] + mine["forward_per_example"]) / (
+            2 * naive["full_steps_passes_per_example"])
+        row["cost_ratio_vs_naive_early_stop"] = (mine["backward_per_example"] + mine["forward_per_example"]) / (
+            naive["backward_per_example"] + naive["forward_per_example"])
+        row["seconds_ratio_vs_naive_early_stop"] = mine["seconds"] / naive["seconds"]
+        row["auac_minus_naive_trapezoid"] = mine["auac"] - naive["auac_trapezoid"]
+        best = strongest(model, x, y, eps_max)
+        row["strength"] = {"optimality_mean": optimality(res.eps_star, best.eps_star),
+                           "auac_default": mine["auac"], "auac_best_10x": auac(best.eps_star, eps_max),
+                           "acc_at_0.1_default": float(accuracy_at(res.eps_star, 0.1)),
+                           "acc_at_0.1_best": float(accuracy_at(best.eps_star, 0.1))}
+        out[f"digits16-cnn-small-{name}"] = row
+        print(json.dumps({name: row}, indent=1), flush=True)
+
+    if device.type == "cuda":
+        model = models.create("resnet18", num_classes=10, input_shape=(3, 32, 32)).to(device).eval()
+        xr, yr = torch.rand(256, 3, 32, 32, device=device), torch.randint(0, 10, (256,), device=device)
+        out["resnet18-3x32x32-b256"] = {"step_cost": step_cost(model, xr, yr)}
+        print(json.dumps(out["resnet18-3x32x32-b256"], indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
