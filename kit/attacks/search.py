@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kit.attacks.base import Attack, AttackResult, lp_norm
+from kit.attacks.base import LP_NORMS, Attack, AttackResult, lp_norm
 from kit.errors import UserError
 
 
@@ -118,7 +118,10 @@ def min_eps_search(
         bwd[idx] += res.backwards
         hit = idx[res.success]
         if hit.numel():
-            found = lp_norm(res.x_adv[res.success] - x[hit], attack.norm).double()
+            if attack.norm in LP_NORMS:  # measured here, not taken from the attack
+                found = lp_norm(res.x_adv[res.success] - x[hit], attack.norm).double()
+            else:  # a Wasserstein radius is the cost of the attack's transport plan
+                found = res.norm[res.success].double()
             better = found < eps_star[hit]
             eps_star[hit[better]] = found[better]
             x_best[hit[better]] = res.x_adv[res.success][better]

@@ -58,12 +58,14 @@ def neighbours(v: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Values at the window of each pixel: ``out[n, c, o, i, j] = v[n, c, i + d_i(o), j + d_j(o)]`` (0 outside).
 
     ``v`` (N, C, H, W) -> (N, C, k*k, H, W). Used to read a target-side quantity (a dual variable, an image) from
-    each source pixel's window.
+    each source pixel's window. Built from zero padding and strided views (``Tensor.unfold``), which on some CPU
+    builds is tens of times faster than ``F.unfold`` (im2col); same values, same offset order.
     """
     n, c, h, w = v.shape
     k = kernel_size
-    cols = F.unfold(v.reshape(n * c, 1, h, w), k, padding=k // 2)  # (N*C, k*k, H*W)
-    return cols.reshape(n, c, k * k, h, w)
+    padded = F.pad(v, (k // 2,) * 4)
+    patches = padded.unfold(2, k, 1).unfold(3, k, 1)  # a view (N, C, H, W, k, k)
+    return patches.permute(0, 1, 4, 5, 2, 3).reshape(n, c, k * k, h, w)
 
 
 def source_marginal(plan: torch.Tensor) -> torch.Tensor:
