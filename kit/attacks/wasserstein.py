@@ -79,7 +79,12 @@ class WassersteinPGD(Attack):
     kernel_size, p : int, float
         Local plans (paper: 5 x 5, Euclidean pixel distance).
     reg : float
-        Projection regularisation (:func:`~kit.ot.projection.project_wasserstein`, mass scale by default).
+        Projection regularisation (:func:`~kit.ot.projection.project_wasserstein`, per unit mass). 100 here, below
+        the projection's own default of 500: with ``proj_iter=50`` per step the sharper problem is further from
+        converged, and on the digits model (100 images, 30 steps) reg=100 fooled more than reg=1000 (robust accuracy
+        at eps 0.2: 0.21 vs 0.40, and 0.23 with 200 projection iterations per step). The price: a blurrier plan may
+        spend part of the budget moving mass back and forth, so an adversarial's exact distance can be well below its
+        reported ``norm`` (which stays a true upper bound).
     proj_iter : int
         Iterations per projection (its first call anneals; later ones start warm). Outputs are feasible whatever the
         count: fewer iterations only make the projection less exact.
