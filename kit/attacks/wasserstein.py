@@ -24,7 +24,7 @@ from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm
 from kit.attacks.pgd import steepest_step
 from kit.errors import UserError
 from kit.ot.local import check_kernel_size
-from kit.ot.projection import ProjectionConvergenceWarning, ProjectionDuals, project_wasserstein
+from kit.ot.projection import ProjectionConvergenceWarning, ProjectionDuals, ProjectionResult, project_wasserstein
 
 
 @dataclass
@@ -154,7 +154,8 @@ class WassersteinPGD(Attack):
         pred = logits.argmax(1)
         return pred == y if self.targeted else pred != y
 
-    def _project(self, w: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, warm: ProjectionDuals | None):
+    def _project(self, w: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, warm: ProjectionDuals | None
+                 ) -> ProjectionResult:
         with warnings.catch_warnings():
             # a projection cut short by proj_iter is still feasible; the attack reports its iterations instead
             warnings.simplefilter("ignore", ProjectionConvergenceWarning)
