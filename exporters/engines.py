@@ -11,6 +11,7 @@ by file type.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from kit.errors import UserError
 __all__ = ["Engine", "TorchEngine", "check_compatible", "load_engine"]
 
 
-class Engine:
+class Engine(ABC):
     """Base of the runners: input checks, batching, and the caller's device for the output.
 
     Subclasses set the attributes below in ``__init__`` and implement :meth:`_run`.
@@ -83,9 +84,9 @@ class Engine:
             out = out.to(device=x.device, dtype=torch.float32)
         return out
 
+    @abstractmethod
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of one batch of at most ``max_batch`` inputs (any device); subclasses implement it."""
-        raise NotImplementedError
 
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
