@@ -139,7 +139,7 @@ class APGD(Attack):
         fwd += 1
         if self.loss == "dlr" and logits.shape[1] < 3:
             raise UserError(f"the DLR loss needs at least 3 classes, the model has {logits.shape[1]}")
-        success = logits.argmax(1) != y
+        success = self._fooled(logits, y, x)
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         n_iter = self.steps - 1  # gradient steps per restart; the iterates are x^(0) .. x^(n_iter)
         checks = apgd_checkpoints(n_iter)
@@ -172,7 +172,7 @@ class APGD(Attack):
                 with torch.set_grad_enabled(not last):
                     logits = self.model(xa)
                 fwd[idx] += 1
-                fooled = logits.argmax(1) != y0
+                fooled = self._fooled(logits, y0, xa)
                 if fooled.any():
                     hit = idx[fooled]
                     x_adv[hit] = xa.detach()[fooled]

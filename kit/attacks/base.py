@@ -15,6 +15,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -147,6 +148,12 @@ class Attack(ABC):
     #: Run the model in eval mode while attacking (the default, for evaluation). A defense may set it to False to
     #: craft its training adversaries in train mode, as the released SAT code does.
     eval_mode: bool = True
+    #: Targeted attacks set it: ``y`` then holds target classes and success means predicting them.
+    targeted: bool = False
+    #: Who decides that a candidate is adversarial: ``None`` for the attacked model itself (its argmax), or a callable
+    #: ``judge(x, y) -> (N,) bool`` called on every candidate the attack checks. The audit sets it to the deployed
+    #: engine's verdict, so candidates crafted with the twin's gradients count only when the engine is fooled.
+    judge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, model: nn.Module, eps: float = 0.0) -> None:
         self.model = model
@@ -158,6 +165,16 @@ class Attack(ABC):
         if math.isinf(eps) and not self.minimum_norm:
             raise UserError(f"{type(self).__name__} needs a finite epsilon")
         return float(eps)
+
+    def _fooled(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per example, whether candidate ``x`` (with the model's ``logits`` on it) is adversarial for label ``y``.
+
+        Every attack decides success here, so that :attr:`judge` can replace the model's own verdict.
+        """
+        if self.judge is not None:
+            return self.judge(x.detach(), y).to(device=y.device, dtype=torch.bool)
+        pred = logits.argmax(1)
+        return pred == y if self.targeted else pred != y
 
     def _params(self) -> dict[str, Any]:
         """Parameters shown by ``__repr__`` (subclasses extend)."""

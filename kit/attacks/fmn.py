@@ -131,7 +131,7 @@ class FMN(Attack):
         delta = project(init - x, cap, self.norm)
         delta = (x + delta).clamp(0, 1) - x
         with torch.no_grad():
-            ok = self.model(x + delta).argmax(1) != y
+            ok = self._fooled(self.model(x + delta), y, x + delta)
         if self.norm is Norm.LINF:  # shrink the L-inf radius: clip the warm start's perturbation at t
             hi = lp_norm(delta, self.norm)
             point = lambda t: project(delta, t, Norm.LINF)  # noqa: E731
@@ -142,7 +142,8 @@ class FMN(Attack):
         for _ in range(self.binary_search_steps if ok.any() else 0):
             mid = (lo + hi) / 2
             with torch.no_grad():
-                adv = self.model(x + point(mid)).argmax(1) != y
+                xm = x + point(mid)
+                adv = self._fooled(self.model(xm), y, xm)
             fwd += ok.long()
             lo, hi = torch.where(adv, lo, mid), torch.where(adv, mid, hi)
         delta = torch.where(expand_as_batch(ok, delta), point(hi), torch.zeros_like(delta))
@@ -159,7 +160,7 @@ class FMN(Attack):
         clean_check = init is None  # then the first iteration, at delta = 0, is the clean check
         if init is not None:
             with torch.no_grad():
-                success = self.model(x).argmax(1) != y
+                success = self._fooled(self.model(x), y, x)
             fwd += 1
             idx = (~success & (eps > 0)).nonzero().squeeze(1)
             delta, spent = self._warm_start(x[idx], y[idx], eps[idx], init[idx])
@@ -180,7 +181,7 @@ class FMN(Attack):
             xa = (x0 + delta).requires_grad_(True)
             logits = self.model(xa)
             fwd[idx] += 1
-            is_adv = logits.argmax(1) != y0
+            is_adv = self._fooled(logits, y0, xa)
             loss = -margin_loss(logits, y0)  # z_y - max_{j != y} z_j: positive while correctly classified
             keep = torch.ones_like(is_adv)
             if clean_check:  # drop examples misclassified clean (norm 0) and those with a zero cap

@@ -634,10 +634,6 @@ class FrankWolfeWasserstein(Attack):
                 "oracle": self.oracle, "gamma": self.gamma, "loss": self.loss, "targeted": self.targeted,
                 "random_start": self.random_start}
 
-    def _fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pred = logits.argmax(1)
-        return pred == y if self.targeted else pred != y
-
     def _oracle(self, score: torch.Tensor, src: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor,
                 valid: torch.Tensor, duals: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """The oracle's plan for ``score``; ``duals`` (psi, beta) warm-start the capacity-aware oracle in place."""
@@ -683,7 +679,7 @@ class FrankWolfeWasserstein(Attack):
         xa = x.clone().requires_grad_(True)
         logits = self.model(xa)
         fwd += 1
-        success = self._fooled(logits.detach(), y)
+        success = self._fooled(logits.detach(), y, xa)
         idx = (~success & (eps > 0) & (mass_all > 0)).nonzero().squeeze(1)
         if idx.numel() == 0:
             return AttackResult(x_adv, success, radius, fwd, bwd, x_last)
@@ -718,7 +714,7 @@ class FrankWolfeWasserstein(Attack):
 
         for t in range(self.steps + 1):  # t: the iterate; iterate 0 is the start, iterate t + 1 follows step t
             if grad is None:
-                fooled = self._fooled(logits.detach(), y0)
+                fooled = self._fooled(logits.detach(), y0, xa)
                 pc = plan_cost(plan, cost)
                 better = fooled & (pc < best)
                 if better.any():

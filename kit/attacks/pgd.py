@@ -95,10 +95,6 @@ class PGD(Attack):
                 "random_start": self.random_start, "restarts": self.restarts, "loss": self.loss,
                 "targeted": self.targeted}
 
-    def _fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pred = logits.argmax(1)
-        return pred == y if self.targeted else pred != y
-
     def _run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, init: torch.Tensor | None) -> AttackResult:
         n = x.shape[0]
         loss_fn = LOSSES[self.loss]
@@ -108,7 +104,7 @@ class PGD(Attack):
         x_adv = x.clone()
         x_last = x.clone()
         with torch.no_grad():
-            success = self._fooled(self.model(x), y)
+            success = self._fooled(self.model(x), y, x)
         fwd += 1
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
 
@@ -130,7 +126,7 @@ class PGD(Attack):
                 with torch.set_grad_enabled(not last):
                     logits = self.model(xa)
                 fwd[idx] += 1
-                fooled = self._fooled(logits, y0)
+                fooled = self._fooled(logits, y0, xa)
                 if fooled.any():
                     hit = idx[fooled]
                     x_adv[hit] = xa.detach()[fooled]

@@ -157,7 +157,7 @@ class TrustRegion(Attack):
                 radius = torch.where(rho > self.eta, radius * self.factor,
                                      torch.where(rho < self.eta_shrink, radius / self.factor, radius))
                 radius = radius.clamp(r_min, r_max)
-            fooled = logits.argmax(1) != y0
+            fooled = self._fooled(logits, y0, xa)
             if fooled.any():
                 hit = idx[fooled]
                 x_adv[hit] = xa.detach()[fooled]

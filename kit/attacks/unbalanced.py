@@ -170,10 +170,6 @@ class UnbalancedSinkhornAttack(Attack):
                 "max_iter": self.max_iter, "random_start": self.random_start, "loss": self.loss,
                 "targeted": self.targeted}
 
-    def _fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pred = logits.argmax(1)
-        return pred == y if self.targeted else pred != y
-
     def _project(self, x0: torch.Tensor, w: torch.Tensor, e0: torch.Tensor, state) -> UnbalancedProjection:
         return unbalanced_projection(
             x0, w, e0, gamma=self.gamma, eta=self.eta, tau=self.tau, kernel_size=self.kernel_size, p=self.p,
@@ -198,7 +194,7 @@ class UnbalancedSinkhornAttack(Attack):
         norm = torch.zeros(n, dtype=x.dtype, device=x.device)
         mass_change, bound = torch.zeros_like(norm), torch.zeros_like(norm)
         with torch.no_grad():
-            success = self._fooled(self.model(x), y)
+            success = self._fooled(self.model(x), y, x)
         fwd += 1
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         unconverged = 0
@@ -227,7 +223,7 @@ class UnbalancedSinkhornAttack(Attack):
             with torch.set_grad_enabled(not last):
                 logits = self.model(xa)
             fwd[idx] += 1
-            fooled = self._fooled(logits, y0)
+            fooled = self._fooled(logits, y0, xa)
             # keep the best adversarial: the first one found, replaced only by one of smaller radius
             better = fooled & (~success[idx] | (cur_norm < norm[idx]))
             if better.any():

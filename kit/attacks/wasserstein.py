@@ -150,10 +150,6 @@ class WassersteinPGD(Attack):
                 "kernel_size": self.kernel_size, "reg": self.reg, "proj_iter": self.proj_iter, "loss": self.loss,
                 "targeted": self.targeted}
 
-    def _fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pred = logits.argmax(1)
-        return pred == y if self.targeted else pred != y
-
     def _project(self, w: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, warm: ProjectionDuals | None
                  ) -> ProjectionResult:
         with warnings.catch_warnings():
@@ -174,7 +170,7 @@ class WassersteinPGD(Attack):
         cost_adv = torch.zeros(n, device=dev, dtype=x.dtype)
         eps_success = torch.full((n,), float("inf"), device=dev, dtype=x.dtype)
         with torch.no_grad():
-            success = self._fooled(self.model(x), y)
+            success = self._fooled(self.model(x), y, x)
         fwd += 1
         eps_success[success] = 0.0
 
@@ -199,7 +195,7 @@ class WassersteinPGD(Attack):
             with torch.set_grad_enabled(not last):
                 logits = self.model(xg)
             fwd[idx] += 1
-            fooled = self._fooled(logits.detach(), y0)
+            fooled = self._fooled(logits.detach(), y0, xg)
             first = fooled & ~success[idx]  # keep the first adversarial (matters with early_stop=False)
             if first.any():
                 hit = idx[first]
