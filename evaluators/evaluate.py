@@ -21,7 +21,7 @@ import kit
 from evaluators import checks as C
 from evaluators.curves import curve_record
 from evaluators.plots import plot_curves
-from kit.attacks.base import Norm
+from kit.attacks.base import LP_NORMS, Norm
 from kit.attacks.pgd import FGSM, PGD
 from kit.attacks.registry import AttackSpec, get_attack
 from kit.attacks.search import SearchResult, min_eps_search
@@ -95,6 +95,8 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, combined: dic
     flags += C.check_gradients(model, x[:check_samples], y[:check_samples])
     xs, ys = x[:check_samples], y[:check_samples]
     for norm, (eps_max, res) in combined.items():
+        if norm not in LP_NORMS:  # the fixed-radius checks below are L-inf / L2 attacks
+            continue
         eps_star = res.eps_star[:check_samples]
         f = C.check_unbounded(model, xs, ys, norm, seed=seed)
         flags += [f] if f else []

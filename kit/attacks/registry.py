@@ -62,6 +62,13 @@ _SPECS = [
                {"queries": 300}, gradient_free=True),
     AttackSpec("square-l2", "kit.attacks.square", "Square", Norm.L2, "Square attack in L2, 300 queries per rung",
                {"queries": 300}, gradient_free=True),
+    # Wasserstein radii are in the unit-mass scale of kit.ot (each image divided by its total mass), 5x5 local plans.
+    AttackSpec("wasserstein-pgd", "kit.attacks.wasserstein", "WassersteinPGD", Norm.WASSERSTEIN,
+               "projected-Sinkhorn PGD, 20 steps per rung (Wong et al. 2019)", {"steps": 20}),
+    AttackSpec("unbalanced-sinkhorn", "kit.attacks.unbalanced", "UnbalancedSinkhornAttack", Norm.WASSERSTEIN,
+               "unbalanced (KL-relaxed) Sinkhorn attack, 20 steps per rung", {"steps": 20}),
+    AttackSpec("fw-wasserstein", "kit.attacks.frank_wolfe", "FrankWolfeWasserstein", Norm.WASSERSTEIN,
+               "Frank-Wolfe Wasserstein attack, 20 steps per rung (Wu, Wang & Yu 2020)", {"steps": 20}),
 ]
 ATTACKS: dict[str, AttackSpec] = {s.name: s for s in _SPECS}
 
