@@ -37,6 +37,14 @@ class Defense(ABC):
     def setup(self, model: nn.Module) -> None:
         """Called once before training (a defense with its own networks or optimisers creates them here)."""
 
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before every epoch, ``epoch`` 0-based out of ``epochs`` (also after ``--resume``).
+
+        A defense whose behaviour follows training progress (e.g. ``wat``'s radius ramp) sets it here, as a pure
+        function of ``(epoch, epochs)``, never from state accumulated over earlier epochs: a resumed run then matches
+        an uninterrupted one. The default does nothing.
+        """
+
     @abstractmethod
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar training loss for a batch and its named parts (floats, for the metrics log)."""
