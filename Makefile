@@ -24,7 +24,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/otkit demo
+	$(BIN)/otkit run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -25,7 +25,8 @@ from kit.errors import UserError
 EXIT_STATUSES = """\b
 Exit statuses:
   0  success
-  1  an audit gate or fidelity verdict failed (audit commands)
+  1  a check failed: an audit's gate or fidelity verdict (audit, run), a hash or
+     recheck (verify), an FP32 parity check (export)
   2  usage or input error (bad option, missing or malformed file, unknown name)
   130 interrupted"""
 
@@ -285,7 +286,44 @@ def _defense_names() -> list[str]:
     return list_defenses()
 
 
+#: ``train`` options that set a TrainConfig field of the same meaning: click parameter name -> field name.
+_TRAIN_FIELDS = {"defense": "defense", "arch": "arch", "data_spec": "data", "epochs": "epochs",
+                 "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "momentum": "momentum",
+                 "weight_decay": "weight_decay", "schedule": "schedule", "eval_samples": "eval_samples",
+                 "eval_adv_samples": "eval_adv_samples", "augment": "augment", "amp": "amp"}
+
+
+def _given(ctx: click.Context | None, name: str) -> bool:
+    """Whether option ``name`` of ``ctx`` was set by the user (command line or environment), not by its default."""
+    from click.core import ParameterSource
+
+    if ctx is None:
+        return False
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+
+def _train_config(ctx: click.Context, values: dict[str, Any], config: Path | None,
+                  params: tuple[str, ...]):  # noqa: ANN202  (TrainConfig is imported lazily)
+    """The run's TrainConfig: options given on the command line, else the ``--config`` file's ``[train]`` table, else
+    the defaults. ``--param`` pairs override the file's ``[train.defense_params]`` key by key; the training seed is
+    ``train --seed``, else the global ``--seed`` if given, else the file's ``seed``, else the global default."""
+    from kit.defenses.trainer import TrainConfig, load_train_config
+
+    resolved = load_train_config(config) if config is not None else {}
+    for name, fld in _TRAIN_FIELDS.items():
+        if _given(ctx, name):
+            resolved[fld] = values[name]
+    resolved["defense_params"] = {**resolved.get("defense_params", {}), **parse_params(params)}
+    if values["seed"] is not None:
+        resolved["seed"] = values["seed"]
+    elif _given(ctx.parent, "seed") or "seed" not in resolved:
+        resolved["seed"] = ctx.obj["seed"]
+    return TrainConfig.from_dict(resolved, "train options")
+
+
 @cli.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML file whose [train] table sets any training option (docs/train.md); options given here win.")
 @click.option("--defense", default="standard", type=LazyChoice(_defense_names), help="Training objective.")
 @click.option("--arch", default="cnn-small", help="Zoo name (otkit models list) or path/to/file.py:ClassOrFactory.")
 @click.option("--data", "data_spec", default="digits", help="Dataset spec (otkit data --help).")
@@ -296,35 +334,38 @@ def _defense_names() -> list[str]:
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
 @click.option("--weight-decay", type=float, default=5e-4)
 @click.option("--schedule", type=click.Choice(["constant", "multistep", "cosine"]), default="cosine")
-@click.option("--eval-samples", type=click.IntRange(min=1), default=1000, help="Held-out test examples scored each epoch.")
+@click.option("--augment", type=click.Choice(["auto", "none", "crop-flip"]), default="auto",
+              help="Random crop + horizontal flip; auto: crop-flip for 3-channel images, none for greyscale.")
+@click.option("--amp/--no-amp", default=False, help="Mixed precision (CUDA only; on a CPU: a warning, float32).")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=1000,
+              help="Held-out test examples scored each epoch.")
+@click.option("--eval-adv-samples", type=click.IntRange(min=0), default=128,
+              help="Of those, how many are attacked each epoch with the defense's adversary (0: none).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Defense parameter, repeatable (e.g. --param eps=0.1); VALUE is read as JSON, else as text.")
 @click.option("--seed", type=int, default=None, help="Training seed (default: the global --seed).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .resume.pt state (raise --epochs to train longer).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint (.safetensors).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint (.safetensors).")
 @click.pass_context
-def train(ctx: click.Context, defense: str, arch: str, data_spec: str, epochs: int, batch_size: int, optimizer: str,
-          lr: float, momentum: float, weight_decay: float, schedule: str, eval_samples: int, params: tuple[str, ...],
-          seed: int | None, resume: bool, out: Path) -> None:
+def train(ctx: click.Context, config: Path | None, params: tuple[str, ...], resume: bool, out: Path,
+          **values: Any) -> None:
     """Train a (defended) network and write a checkpoint every epoch."""
-    from kit.defenses.trainer import TrainConfig
     from kit.defenses.trainer import train as run_training
 
-    cfg = TrainConfig(defense=defense, arch=arch, data=data_spec, epochs=epochs, batch_size=batch_size,
-                      optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-                      eval_samples=eval_samples, seed=ctx.obj["seed"] if seed is None else seed,
-                      defense_params=parse_params(params))
+    cfg = _train_config(ctx, values, config, params)
     quiet = ctx.obj["quiet"]
 
     def on_epoch(rec: dict[str, Any]) -> None:
         if not quiet:
-            click.echo(f"epoch {rec['epoch']:>3}/{epochs}  loss {rec['loss']:.4f}  "
-                       f"held-out acc {rec['test_acc']:.4f}  {rec['seconds']:.1f}s", err=True)
+            adv = f"  adv acc {rec['test_adv_acc']:.4f} (first {rec['test_adv_n']})" if "test_adv_acc" in rec else ""
+            click.echo(f"epoch {rec['epoch']:>3}/{cfg.epochs}  loss {rec['loss']:.4f}  "
+                       f"held-out acc {rec['test_acc']:.4f}{adv}  {rec['seconds']:.1f}s", err=True)
 
     result = run_training(cfg, out, device=_device(ctx), resume=resume, on_epoch=on_epoch)
     _emit_json({"checkpoint": str(result.path), "weights_sha256": result.info.weights_sha256,
                 "epochs": len(result.history) and result.history[-1]["epoch"],
-                "test_acc": result.final.get("test_acc")})
+                "test_acc": result.final.get("test_acc"), "test_adv_acc": result.final.get("test_adv_acc")})
 
 
 # ------------------------------------------------------------------------------------------------------------ evaluate
@@ -432,19 +473,6 @@ _PARITY_COLUMNS = ["file", "engine", "precision", "exporter", "samples", "max|dl
                    "top-1 agree", "twin acc", "engine acc", "verdict"]
 
 
-def _fitting_dataset(spec: str, split: str, input_shape: Any, num_classes: int, what: str, samples: int, seed: int):
-    """A seeded subset of ``spec``'s split, refused before any work if it does not fit the model."""
-    from kit.data import load_dataset
-
-    ds = load_dataset(spec, split, seed=0)
-    if list(ds.input_shape) != list(input_shape):
-        raise UserError(f"{what} takes inputs {'x'.join(map(str, input_shape))} but {spec} has "
-                        f"{'x'.join(map(str, ds.input_shape))}")
-    if ds.num_classes != num_classes:
-        raise UserError(f"{what} predicts {num_classes} classes but {spec} has {ds.num_classes}")
-    return ds.subset(samples, seed=seed)
-
-
 @cli.command("export")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(_FORMATS), default="onnx",
@@ -475,49 +503,15 @@ def export(ctx: click.Context, checkpoint: Path, fmt: str, precision: str | None
     samples: an FP32 export beyond tolerance fails with exit status 1 and writes nothing; fp16 and int8 exports report
     their top-1 agreement and logit gap.
     """
-    from exporters.formats import resolve_precision
+    from exporters.checkpoint import export_checkpoint
     from exporters.parity import ParityError
 
-    prec = resolve_precision(fmt, precision)
-    trt = ExportFormat(fmt) is ExportFormat.TENSORRT
-    suffixes = (".engine", ".plan", ".trt") if trt else (".onnx",)
-    if out.suffix.lower() not in suffixes:
-        raise UserError(f"--out for --format {fmt} must end in {' or '.join(suffixes)}: {out}")
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    device = _device(ctx)
-    if trt:
-        from exporters.tensorrt import require_tensorrt
-
-        require_tensorrt(device)  # TensorRT, a GPU and --device cuda, before any work
-    from kit.checkpoint import load_twin
-
-    seed = ctx.obj["seed"]
-    model, info = load_twin(checkpoint, device=device)
-    spec = data_spec or info.dataset.get("spec")
-    if not spec:
-        raise UserError(f"{checkpoint} records no dataset; pass --data SPEC for the parity check")
-    test = _fitting_dataset(spec, "test", info.input_shape, info.num_classes, str(checkpoint), samples, seed)
-    calib = calibration = None
-    if prec.value == "int8":
-        train = _fitting_dataset(spec, "train", info.input_shape, info.num_classes, str(checkpoint),
-                                 calibration_samples, seed)
-        calib, calibration = train.x, {"spec": spec, "split": "train", "fingerprint": train.fingerprint, "seed": seed}
-    kwargs: dict[str, Any] = dict(info=info, precision=prec, parity_y=test.y, calibration_x=calib,
-                                  calibration=calibration, opset=opset, max_batch=max_batch)
     try:
-        if trt:
-            from exporters.tensorrt import export_tensorrt
-
-            result: Any = export_tensorrt(model, out, test.x, workspace_mib=workspace_mib, timing_cache=timing_cache,
-                                          device=device, **kwargs)
-            reports = [(result.onnx.path.name, result.onnx.exporter, result.onnx.parity),
-                       (out.name, "tensorrt " + result.sidecar["tensorrt_version"], result.parity)]
-        else:
-            from exporters.onnx import export_onnx
-
-            result = export_onnx(model, out, test.x, **kwargs)
-            reports = [(out.name, result.exporter, result.parity)]
+        exp = export_checkpoint(checkpoint, fmt, out, precision=precision, max_batch=max_batch, data_spec=data_spec,
+                                samples=samples, calibration_samples=calibration_samples, opset=opset,
+                                workspace_mib=workspace_mib, timing_cache=timing_cache, device=_device(ctx),
+                                seed=ctx.obj["seed"])
+        result, reports = exp.result, exp.reports
     except ParityError as e:
         if as_json:
             _emit_json({"checkpoint": str(checkpoint), "written": False, "parity": e.report.to_dict()})
@@ -526,14 +520,13 @@ def export(ctx: click.Context, checkpoint: Path, fmt: str, precision: str | None
         click.echo(f"Error: {e}; nothing written", err=True)
         ctx.exit(1)
     if as_json:
-        _emit_json({"checkpoint": str(checkpoint), "weights_sha256": info.weights_sha256, "data": spec,
+        _emit_json({"checkpoint": str(checkpoint), "weights_sha256": exp.weights_sha256, "data": exp.data_spec,
                     "written": True, **result.to_dict()})
         return
     click.echo(_table(_parity_rows(reports), _PARITY_COLUMNS))
     if getattr(result, "exporter_note", ""):
         click.echo(f"note: {result.exporter_note}", err=True)
-    sha = result.sha256 if not trt else result.sidecar["engine_sha256"]
-    click.echo(f"wrote {out} ({sha})", err=True)
+    click.echo(f"wrote {out} ({exp.sha256})", err=True)
 
 
 # -------------------------------------------------------------------------------------------------------------- engine
@@ -612,7 +605,9 @@ def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, sampl
     if twin_ckpt is not None:
         twin = load_engine(twin_ckpt, device, max_batch=batch_size)
         check_compatible(twin, eng.input_shape, eng.num_classes, str(path))
-    ds = _fitting_dataset(data_spec, split, list(eng.input_shape), eng.num_classes, eng.name, samples,
+    from exporters.checkpoint import fitting_dataset
+
+    ds = fitting_dataset(data_spec, split, list(eng.input_shape), eng.num_classes, eng.name, samples,
                           ctx.obj["seed"])
     x = ds.x.to(device)
     t0 = time.perf_counter()
@@ -647,20 +642,12 @@ def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, sampl
         ctx.exit(1)
 
 
-# ---------------------------------------------------------------------------------------------------------------- demo
-@cli.command()
-@click.option("--out", default=Path("runs/demo"), type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the checkpoint and logs.")
-@click.option("--epochs", type=click.IntRange(min=1), default=5)
-@click.pass_context
-def demo(ctx: click.Context, out: Path, epochs: int) -> None:
-    """The main job on the embedded default: train cnn-small on digits, then score it clean and under L-inf PGD."""
-    from kit.demo import run_demo
+# Commands kept in their own modules register on `cli` when imported (they import `cli` from here).
+from kit import cli_audit  # noqa: E402, F401  (isort: skip)
+from kit.cli_report import report, verify  # noqa: E402  (isort: skip)
 
-    out.mkdir(parents=True, exist_ok=True)
-    summary = run_demo(out, epochs=epochs, device=_device(ctx), seed=ctx.obj["seed"], quiet=ctx.obj["quiet"])
-    click.echo(_table(summary["rows"], ["eps", "attack", "accuracy"]))
-    click.echo(f"\ncheckpoint: {summary['checkpoint']}  ({summary['weights_sha256']})")
+cli.add_command(report)
+cli.add_command(verify)
 
 
 def main() -> None:

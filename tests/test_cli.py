@@ -34,7 +34,7 @@ def assert_user_error(result, *needles: str):
 def test_help_documents_exit_statuses_and_commands():
     r = run("--help")
     assert r.exit_code == 0
-    for word in ("Exit statuses", "usage or input error", "train", "info", "data", "models", "demo"):
+    for word in ("Exit statuses", "usage or input error", "train", "info", "data", "models", "audit", "run"):
         assert word in r.output
 
 

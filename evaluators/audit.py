@@ -1,0 +1,532 @@
+r"""Audit a deployed engine against its PyTorch twin: twin-guided attack sweeps scored on both, fidelity statistics,
+black-box cross-check, release gates, and the report document (schema ``otkit.report/1``).
+
+The method (``docs/audit.md`` explains it at length):
+
+1. **Twins?** Clean logits of the twin and the engine on the audited examples: accuracies, top-1 agreement, largest
+   logit gap. Agreement below ``tolerances.agreement`` makes the verdict ``mismatch`` on its own.
+2. **Sweeps.** For every attack, the minimum-epsilon search (:func:`kit.attacks.search.min_eps_search`) runs twice on
+   the same examples with the same seed, both times with the twin's gradients: once judged by the twin (eps*_twin),
+   once judged by the engine (:attr:`kit.attacks.base.Attack.judge`: a candidate counts only when the engine
+   misclassifies it, so the search goes on for an example until the engine is fooled). Each side's adversarials are
+   then evaluated on the other side too, and each example's eps* on a side is the smallest adversarial for that side
+   among all candidates. For an FP32 engine the two searches take the same path and the curves coincide.
+3. **Fidelity**, per attack, on one grid of ``points`` radii from 0 to eps_max: the largest gap between the two
+   accuracy curves, the AUAC gap (engine - twin) with a paired bootstrap interval (examples resampled together), and
+   McNemar's exact test on the paired robust / fooled outcomes at each grid radius. Verdict ``mismatch`` when
+   ``|AUAC gap| > tolerances.auac``, or when at some grid radius the curves differ by more than ``tolerances.curve``
+   and McNemar's test finds the difference significant (p < ``tolerances.alpha``); else ``match``.
+4. **Black box.** The Square attack (forward passes only) runs on the engine itself for a subset, at eps_max / 2 and
+   eps_max of each L-inf / L2 threat model; where it fools an example that the twin-guided search calls robust on the
+   engine at that radius, the ``black-box-beats-white-box`` flag says the twin's gradients do not represent the engine.
+5. **Gates**: ``min_auac`` per attack on the engine's AUAC. The report's ``status`` is ``fail`` when the verdict is
+   ``mismatch`` or a gate failed (``otkit audit`` exits 1), else ``pass``.
+
+Long audits keep per-batch state under ``OUT/.audit-state/`` and resume from it (:func:`run_audit` ``resume=True``);
+the report files are removed when an audit starts and written (report.json last) only when it completed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import kit
+from evaluators import checks as C
+from evaluators.curves import accuracy_at, auac, auac_bootstrap_ci, eps_grid
+from evaluators.evaluate import AttackRequest
+from exporters.engines import Engine
+from exporters.parity import compare_logits
+from kit.attacks.base import LP_NORMS, Norm
+from kit.attacks.registry import get_attack
+from kit.attacks.search import SearchResult, min_eps_search
+from kit.errors import UserError
+from kit.io import atomic_write
+from kit.runtime import progress
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "otkit.report/1"
+STATE_DIR = ".audit-state"
+
+
+class Verdict:
+    MATCH = "match"
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far the engine may be from its twin and still be called a match.
+
+    Attributes
+    ----------
+    auac : float
+        Largest allowed ``|AUAC(engine) - AUAC(twin)|`` per attack.
+    curve : float
+        Largest allowed gap between the two accuracy curves at any grid radius.
+    agreement : float
+        Smallest allowed clean top-1 agreement between twin and engine.
+    alpha : float
+        Significance level of McNemar's test: a curve gap above ``curve`` is a mismatch only where the paired
+        outcomes differ significantly (p < alpha), so a gap made of one or two boundary examples of a small audit is
+        not called a mismatch.
+    """
+
+    auac: float = 0.01
+    curve: float = 0.02
+    agreement: float = 0.98
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("auac", "curve", "agreement", "alpha"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v <= 1):
+                raise UserError(f"tolerance {name} must be in [0, 1], got {v!r}")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A release gate: the engine's AUAC under ``attack`` must be at least ``min_auac``."""
+
+    attack: str
+    min_auac: float
+
+    @classmethod
+    def parse(cls, text: str) -> Gate:
+        """``ATTACK=VALUE``, e.g. ``pgd-linf=0.25``."""
+        name, sep, value = text.partition("=")
+        try:
+            v = float(value)
+        except ValueError:
+            v = math.nan
+        if not sep or not name.strip() or not 0 <= v <= 1:
+            raise UserError(f"bad gate {text!r}: expected ATTACK=MIN_AUAC with MIN_AUAC in [0, 1], e.g. pgd-linf=0.25")
+        return cls(name.strip(), v)
+
+
+@dataclass
+class AuditConfig:
+    """What an audit runs; everything that changes its numbers is part of the resume key."""
+
+    attacks: Sequence[AttackRequest]
+    batch_size: int = 256
+    rungs: int = 8
+    tol: float | None = None
+    seed: int = 0
+    points: int = 33
+    tolerances: Tolerances = field(default_factory=Tolerances)
+    gates: Sequence[Gate] = ()
+    blackbox_samples: int = 100
+    blackbox_queries: int = 500
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.attacks:
+            raise UserError("no attack requested: give at least one --attack")
+        names = [r.spec.name for r in self.attacks]
+        if len(set(names)) != len(names):
+            raise UserError(f"an attack is requested twice: {', '.join(names)}")
+        for g in self.gates:
+            if g.attack not in names:
+                raise UserError(f"gate on {g.attack!r}, which is not audited; audited: {', '.join(names)}")
+        if self.batch_size < 1 or self.rungs < 1 or self.points < 2 or self.blackbox_samples < 0:
+            raise UserError("batch size and rungs must be >= 1, points >= 2, black-box samples >= 0")
+
+    def key(self) -> dict[str, Any]:
+        """The JSON-able identity of the run's numbers (for ``--resume``)."""
+        return {"attacks": [[r.spec.name, r.eps_max] for r in self.attacks], "batch_size": self.batch_size,
+                "rungs": self.rungs, "tol": self.tol, "seed": self.seed}
+
+
+class EngineJudge:
+    """The engine's verdict on candidates (``judge`` of :class:`kit.attacks.base.Attack`), counting its passes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.forwards = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.forwards += int(x.shape[0])
+        return self.engine(x).argmax(1) != y
+
+
+class EngineModule(nn.Module):
+    """An engine as a parameter-free, gradient-free module, for forward-only attacks (Square) and checks."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.engine(x.detach())
+
+
+@torch.no_grad()
+def _predict(fn: Any, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else x.new_zeros(0)
+
+
+def _merge(own: SearchResult, other_eps: torch.Tensor, other_x: torch.Tensor, fooled: torch.Tensor) -> SearchResult:
+    """Per example, the smaller of ``own`` and the other side's adversarial where it also fools this side."""
+    better = fooled & torch.isfinite(other_eps) & (other_eps < own.eps_star)
+    eps = torch.where(better, other_eps, own.eps_star)
+    x_adv = torch.where(better.view(-1, 1, 1, 1), other_x, own.x_adv)
+    return SearchResult(eps, x_adv, own.forwards, own.backwards)
+
+
+def twin_guided_search(attack_name: str, twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor,
+                       eps_max: float, *, seed: int = 0, rungs: int = 8, tol: float | None = None
+                       ) -> tuple[SearchResult, SearchResult, int]:
+    """eps* per example on the twin and on the engine, every candidate crafted with the twin's gradients.
+
+    Parameters
+    ----------
+    attack_name : str
+        A registered attack (:mod:`kit.attacks.registry`).
+    twin : nn.Module
+        The PyTorch model the engine was exported from (eval mode, on ``x``'s device).
+    engine : Engine
+        The deployed artifact.
+    x : (N, C, H, W) tensor in [0, 1]
+    y : (N,) int64 tensor
+    eps_max : float
+
+    Returns
+    -------
+    (twin_result, engine_result, engine_forwards)
+        Each side's :class:`~kit.attacks.search.SearchResult` (``x_adv`` the adversarial for that side) and the
+        number of engine forward passes (images) spent.
+    """
+    spec = get_attack(attack_name)
+    res_t = min_eps_search(spec.build(twin, seed=seed), x, y, eps_max, rungs, tol)
+    judge = EngineJudge(engine)
+    attack_e = spec.build(twin, seed=seed)
+    attack_e.judge = judge
+    res_e = min_eps_search(attack_e, x, y, eps_max, rungs, tol)
+    # cross-evaluation: each side's adversarials on the other side
+    engine_fooled = judge(res_t.x_adv, y)
+    with torch.no_grad():
+        twin_fooled = twin(res_e.x_adv).argmax(1) != y
+    return _merge(res_t, res_e.eps_star, res_e.x_adv, twin_fooled), _merge(res_e, res_t.eps_star, res_t.x_adv,
+                                                                            engine_fooled), judge.forwards
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    r"""Two-sided exact McNemar test on ``b`` and ``c`` discordant pairs: :math:`\min(1, 2 P[X \le \min(b, c)])`,
+    :math:`X \sim \mathrm{Bin}(b + c, 1/2)` (computed in exact integer arithmetic)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def _finite_or_inf(v: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else v, dtype=float)
+
+
+def fidelity(eps_twin: Any, eps_engine: Any, eps_max: float, tolerances: Tolerances, *, points: int = 33,
+             n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    r"""Compare the twin's and the engine's accuracy curves from paired per-example eps*.
+
+    Returns the ``fidelity`` record of the report: ``max_gap`` and ``max_gap_eps`` (largest
+    :math:`|acc_{engine}(\varepsilon) - acc_{twin}(\varepsilon)|` on the grid and where), ``auac_gap``
+    (:math:`AUAC_{engine} - AUAC_{twin}`, exact AUACs) with ``auac_gap_ci`` (paired percentile bootstrap, 95%),
+    ``mcnemar_p`` (exact McNemar p-value of the paired robust/fooled outcomes at each grid radius), ``verdict`` and
+    ``reason``. ``mismatch`` when ``|auac_gap| > tolerances.auac``, or where a curve gap above ``tolerances.curve`` is
+    significant (McNemar p < ``tolerances.alpha``).
+    """
+    t, e = _finite_or_inf(eps_twin), _finite_or_inf(eps_engine)
+    if t.shape != e.shape or t.ndim != 1 or t.size == 0:
+        raise ValueError("eps_twin and eps_engine must be paired non-empty 1-D arrays")
+    grid = eps_grid(eps_max, points)
+    acc_t, acc_e = np.asarray(accuracy_at(t, grid)), np.asarray(accuracy_at(e, grid))
+    gaps = np.abs(acc_e - acc_t)
+    k = int(gaps.argmax())
+    gap = auac(e, eps_max) - auac(t, eps_max)
+    d = (np.minimum(e, eps_max) - np.minimum(t, eps_max)) / eps_max
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    p = []
+    for r in grid:
+        rob_t, rob_e = t > r, e > r
+        p.append(mcnemar_exact(int((rob_t & ~rob_e).sum()), int((~rob_t & rob_e).sum())))
+    problems = []
+    if abs(gap) > tolerances.auac:
+        problems.append(f"AUAC gap {gap:+.4f} exceeds {tolerances.auac}")
+    significant = [i for i in range(len(grid)) if gaps[i] > tolerances.curve and p[i] < tolerances.alpha]
+    if significant:
+        i = max(significant, key=lambda j: gaps[j])
+        problems.append(f"curves differ by {gaps[i]:.4f} at eps {grid[i]:.4g} (tolerance {tolerances.curve}, "
+                        f"McNemar p {p[i]:.2g} < {tolerances.alpha})")
+    return {
+        "max_gap": float(gaps[k]),
+        "max_gap_eps": float(grid[k]),
+        "auac_gap": float(gap),
+        "auac_gap_ci": [float(lo), float(hi)],
+        "mcnemar_p": [float(v) for v in p],
+        "verdict": Verdict.MISMATCH if problems else Verdict.MATCH,
+        "reason": "; ".join(problems) if problems else
+                  f"AUAC gap {gap:+.4f} within {tolerances.auac}; largest curve gap {gaps[k]:.4f} "
+                  f"(McNemar p {p[k]:.2g}) within {tolerances.curve} or not significant",
+    }
+
+
+def side_record(eps_star: Any, eps_max: float, points: int, seed: int) -> dict[str, Any]:
+    """Accuracy on the grid, exact AUAC with its bootstrap interval, and eps* (``None`` for never fooled)."""
+    a = _finite_or_inf(eps_star)
+    lo, hi = auac_bootstrap_ci(a, eps_max, seed=seed)
+    return {
+        "accuracy": [float(v) for v in accuracy_at(a, eps_grid(eps_max, points))],
+        "auac": auac(a, eps_max),
+        "auac_ci": [lo, hi],
+        "eps_star": [None if not math.isfinite(v) or v > eps_max else float(v) for v in a],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-batch state, for --resume
+
+
+class _State:
+    """Per (attack, batch) results under ``OUT/.audit-state/``, each file written atomically."""
+
+    def __init__(self, out: Path, key: dict[str, Any], resume: bool) -> None:
+        self.dir = out / STATE_DIR
+        self.key = key
+        meta = self.dir / "key.json"
+        if resume:
+            if not meta.exists():
+                raise UserError(f"nothing to resume in {out}: no {STATE_DIR}/ (run without --resume first)")
+            saved = json.loads(meta.read_text())
+            differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+            if differ:
+                raise UserError(f"cannot resume the audit in {out}: {', '.join(differ)} changed since it started")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            with atomic_write(meta, "w") as f:
+                json.dump(key, f, indent=1)
+
+    def path(self, attack: str, batch: int) -> Path:
+        return self.dir / f"{attack}.{batch:06d}.npz"
+
+    def load(self, attack: str, batch: int) -> dict[str, np.ndarray] | None:
+        p = self.path(attack, batch)
+        if not p.exists():
+            return None
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def save(self, attack: str, batch: int, arrays: dict[str, np.ndarray]) -> None:
+        with atomic_write(self.path(attack, batch)) as f:
+            np.savez(f, **arrays)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditInputs:
+    """Who is audited on what: the files (for hashes and the report) and the loaded objects."""
+
+    engine: Engine
+    engine_path: Path
+    engine_format: str
+    twin: nn.Module
+    twin_path: Path
+    twin_info: Any  # kit.checkpoint.CheckpointInfo
+    x: torch.Tensor
+    y: torch.Tensor
+    data: dict[str, Any]  # spec, split, fingerprint, n, seed
+
+
+def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None, split: str, samples: int, seed: int,
+                      device: Any, providers: tuple[str, ...] = ()) -> AuditInputs:
+    """Load and cross-check the engine, the twin and the data (everything a user can get wrong, before any work)."""
+    from exporters.engines import check_compatible, load_engine
+    from exporters.formats import engine_kind
+    from kit.checkpoint import load_twin
+    from kit.data import load_dataset
+
+    twin, info = load_twin(twin_path, device=device)
+    spec = data_spec or (info.dataset or {}).get("spec")
+    if not spec:
+        raise UserError(f"{twin_path} does not record its dataset: give --data")
+    ds = load_dataset(spec, split, seed=0)
+    if list(ds.input_shape) != list(info.input_shape) or ds.num_classes != info.num_classes:
+        raise UserError(f"{twin_path} takes {'x'.join(map(str, info.input_shape))} inputs and {info.num_classes} "
+                        f"classes but {spec} has {'x'.join(map(str, ds.input_shape))} and {ds.num_classes}")
+    engine = load_engine(engine_path, device, providers=list(providers) or None)
+    check_compatible(engine, ds.input_shape, ds.num_classes, spec)
+    ds = ds.subset(samples, seed=seed)
+    data = {"spec": spec, "split": split, "fingerprint": ds.fingerprint, "n": len(ds), "seed": seed}
+    return AuditInputs(engine=engine, engine_path=Path(engine_path), engine_format=engine_kind(engine_path),
+                       twin=twin, twin_path=Path(twin_path), twin_info=info, x=ds.x.to(device), y=ds.y.to(device),
+                       data=data)
+
+
+def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = False, command: str = "",
+              versions: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Run the audit; return the report document and the engine-side adversarials (for ``adversarials.npz``).
+
+    The caller writes them (:func:`evaluators.report.write_report`). Per-batch state is kept in
+    ``out/.audit-state/`` while the audit runs; ``resume=True`` reuses the batches already done (the engine, twin,
+    data and configuration must be the same).
+    """
+    from kit.io import sha256_file
+
+    t0 = time.perf_counter()
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    engine, twin, x, y = inp.engine, inp.twin.eval(), inp.x, inp.y
+    tols = cfg.tolerances
+    engine_sha = "sha256:" + sha256_file(inp.engine_path)
+    twin_sha = "sha256:" + sha256_file(inp.twin_path)
+    key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"]}
+    out.mkdir(parents=True, exist_ok=True)
+    state = _State(out, key, resume)
+    bs = cfg.batch_size
+
+    # 1. clean twins check
+    twin_logits = _predict(twin, x, bs)
+    engine_logits = _predict(engine, x, bs)
+    parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y)
+    clean = {
+        "twin_accuracy": parity.twin_accuracy,
+        "engine_accuracy": parity.engine_accuracy,
+        "top1_agreement": parity.top1_agreement,
+        "max_logit_gap": parity.max_abs_diff,
+        "verdict": Verdict.MATCH if parity.top1_agreement >= tols.agreement else Verdict.MISMATCH,
+    }
+
+    # 2. sweeps, batch by batch (each batch independent of the others, resumable)
+    engine_mod = EngineModule(engine)
+    records, flags, adversarials = [], [], {}
+    flags += C.check_outputs(engine_mod, x[:200])
+    flags += C.check_outputs(twin, x[:200])
+    flags += C.check_gradients(twin, x[:200], y[:200])
+    by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}
+    starts = list(range(0, len(x), bs))
+    for req in cfg.attacks:
+        name, eps_max = req.spec.name, req.eps_max
+        parts = []
+        for b, i in enumerate(progress(starts, desc=name, total=len(starts))):
+            saved = state.load(name, b)
+            if saved is None:
+                xb, yb = x[i : i + bs], y[i : i + bs]
+                rt, re_, nfe = twin_guided_search(name, twin, engine, xb, yb, eps_max, seed=cfg.seed,
+                                                  rungs=cfg.rungs, tol=cfg.tol)
+                saved = {
+                    "eps_twin": rt.eps_star.cpu().numpy(), "eps_engine": re_.eps_star.cpu().numpy(),
+                    "x_twin": rt.x_adv.cpu().float().numpy(), "x_engine": re_.x_adv.cpu().float().numpy(),
+                    "fwd": (rt.forwards + re_.forwards).cpu().numpy(),
+                    "bwd": (rt.backwards + re_.backwards).cpu().numpy(),
+                    "engine_fwd": np.array(nfe, dtype=np.int64),
+                }
+                state.save(name, b, saved)
+            parts.append(saved)
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("eps_twin", "eps_engine", "x_twin", "x_engine",
+                                                                  "fwd", "bwd")}
+        engine_fwd = sum(int(p["engine_fwd"]) for p in parts)
+        eps_t = torch.from_numpy(cat["eps_twin"])
+        eps_e = torch.from_numpy(cat["eps_engine"])
+        x_e = torch.from_numpy(cat["x_engine"]).to(x.device)
+        x_t = torch.from_numpy(cat["x_twin"]).to(x.device)
+        grid = eps_grid(eps_max, cfg.points)
+        cfg_extra = {} if req.spec.cls in ("FMN", "TrustRegion") else {"rungs": cfg.rungs,
+                                                                       "tol": cfg.tol or eps_max / 256}
+        records.append({
+            "name": name,
+            "norm": req.spec.norm.value,
+            "eps_max": eps_max,
+            "config": {**req.spec.config(), **cfg_extra},
+            "eps_grid": [float(v) for v in grid],
+            "twin": side_record(eps_t, eps_max, cfg.points, cfg.seed),
+            "engine": side_record(eps_e, eps_max, cfg.points, cfg.seed),
+            "fidelity": fidelity(eps_t, eps_e, eps_max, tols, points=cfg.points, n_boot=cfg.n_boot, seed=cfg.seed),
+            "passes": {"forward_per_example": float(cat["fwd"].mean()),
+                       "backward_per_example": float(cat["bwd"].mean()),
+                       "engine_forward_per_example": engine_fwd / max(len(x), 1)},
+        })
+        for model, xa, eps in ((twin, x_t, eps_t), (engine_mod, x_e, eps_e)):
+            f = C.check_reverify(model, x, y, xa, eps.to(x.device), req.spec.norm, name)
+            flags += [f] if f else []
+        fooled = torch.isfinite(eps_e) & (eps_e <= eps_max)
+        sel = fooled.nonzero().squeeze(1)
+        with torch.no_grad():
+            pred = _predict(engine, x_e[sel.to(x.device)], bs).argmax(1).cpu() if sel.numel() else sel
+        adversarials[name] = {"x": cat["x_engine"][sel.numpy()], "y": y.cpu()[sel].numpy().astype(np.int64),
+                              "index": sel.numpy().astype(np.int64), "eps": cat["eps_engine"][sel.numpy()],
+                              "pred": pred.numpy().astype(np.int64)}
+        by_norm.setdefault(req.spec.norm, []).append((eps_max, eps_e))
+
+    # 3. black box on the engine: Square vs the twin-guided engine eps*
+    n_bb = min(cfg.blackbox_samples, len(x))
+    for norm, items in by_norm.items():
+        if norm not in LP_NORMS or n_bb == 0:
+            continue
+        eps_max = max(e for e, _ in items)
+        best = torch.stack([e for _, e in items]).min(0).values[:n_bb]
+        square = get_attack(f"square-{norm.value}").build(engine_mod, seed=cfg.seed, queries=cfg.blackbox_queries)
+        for eps in (eps_max / 2, eps_max):
+            sq = square(x[:n_bb], y[:n_bb], eps=eps)
+            f = C.check_fixed_eps("black-box-beats-white-box", "Square on the engine", eps, sq.success, best,
+                                  attack=f"square-{norm.value}")
+            if f:
+                flags.append(C.Flag(f.id, f.severity, f.attack, f.message + "; the twin's gradients do not represent "
+                                    "the engine there"))
+                break
+
+    # 4. verdict and gates
+    verdict = Verdict.MATCH
+    if clean["verdict"] == Verdict.MISMATCH or any(r["fidelity"]["verdict"] == Verdict.MISMATCH for r in records):
+        verdict = Verdict.MISMATCH
+    engine_auac = {r["name"]: r["engine"]["auac"] for r in records}
+    gates = [{"attack": g.attack, "min_auac": g.min_auac, "engine_auac": engine_auac[g.attack],
+              "passed": engine_auac[g.attack] >= g.min_auac} for g in cfg.gates]
+    status = "pass" if verdict == Verdict.MATCH and all(g["passed"] for g in gates) else "fail"
+
+    info = inp.twin_info
+    doc = {
+        "schema": SCHEMA,
+        "status": status,
+        "verdict": verdict,
+        "engine": {"path": str(inp.engine_path), "sha256": engine_sha, "format": inp.engine_format,
+                   "precision": engine.precision, "providers": list(getattr(engine, "providers", []) or [])},
+        "twin": {"path": str(inp.twin_path), "sha256": twin_sha, "arch": info.arch_name,
+                 "weights_sha256": info.weights_sha256},
+        "data": dict(inp.data),
+        "clean": clean,
+        "tolerances": asdict(tols),
+        "attacks": records,
+        "checks": [f.to_dict() for f in flags],
+        "gates": gates,
+        "artifacts": {"adversarials": "adversarials.npz" if adversarials else None},
+        "provenance": {"kit_version": kit.__version__, "versions": dict(versions or {}), "device": str(x.device),
+                       "seed": cfg.seed, "command": command, "started": started,
+                       "seconds": time.perf_counter() - t0},
+    }
+    return doc, adversarials
+
+
+def finish(out: Path) -> None:
+    """Remove the per-batch state once the report is written."""
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)

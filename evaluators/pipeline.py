@@ -1,0 +1,244 @@
+"""``otkit run``: train -> export (ONNX fp32/fp16/int8, TensorRT where available) -> audit each artifact -> reports.
+
+A run is described by a TOML file (``docs/run.md``); the embedded default is ``kit/default_run.toml``. Everything
+goes to ``<out>/<name>/``::
+
+    run-config.json          the resolved configuration (defaults filled in)
+    model.safetensors        the twin (+ .metrics.jsonl, .config.json, .resume.pt)
+    export/model*.onnx       the artifacts (+ TensorRT engine and sidecar)
+    audit/<format>/          one audit report folder per artifact (report.json, .md, .html, curves.png, ...)
+    summary.json             one line per artifact: parity, verdict, status, engine AUACs, report path
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporters.formats import ExportFormat
+from kit.errors import UserError
+from kit.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+_ARTIFACT_NAMES = {"onnx": "model.onnx", "onnx-fp16": "model-fp16.onnx", "onnx-int8": "model-int8.onnx",
+                   "tensorrt": "model.engine"}
+
+
+@dataclass
+class ExportSection:
+    """``[export]``: which artifacts to build and how to check them."""
+
+    formats: list[str] = field(default_factory=lambda: ["onnx", "onnx-fp16", "onnx-int8", "tensorrt"])
+    samples: int = 256
+    calibration_samples: int = 256
+    max_batch: int = 256
+
+
+@dataclass
+class AuditSection:
+    """``[audit]``: the options of ``otkit audit`` (gates as a table ``attack = min_auac``)."""
+
+    attacks: list[str] = field(default_factory=lambda: ["pgd-linf@0.3"])
+    eps_max: float | None = None
+    samples: int = 100
+    batch_size: int = 100
+    rungs: int = 6
+    blackbox_samples: int = 50
+    tol_auac: float = 0.01
+    tol_curve: float = 0.02
+    min_agreement: float = 0.98
+    alpha: float = 0.05
+    gates: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: ``name``, ``out`` and the ``[train]``, ``[export]``, ``[audit]`` tables."""
+
+    name: str = "demo"
+    out: str = "runs"
+    train: dict[str, Any] = field(default_factory=dict)
+    export: ExportSection = field(default_factory=ExportSection)
+    audit: AuditSection = field(default_factory=AuditSection)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the training table resolved (every TrainConfig field, defaults filled in)."""
+        from kit.defenses.trainer import TrainConfig
+
+        return {**dataclasses.asdict(self), "train": TrainConfig.from_dict(dict(self.train)).to_dict()}
+
+
+def _section(cls: type, table: Any, where: str, source: str) -> Any:
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: [{where}] must be a table")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) in [{where}]: {', '.join(unknown)}; known: {', '.join(names)}")
+    obj = cls(**table)
+    for f in dataclasses.fields(cls):  # types as the defaults show them (TOML has no float-vs-int ambiguity issue)
+        v, default = getattr(obj, f.name), getattr(cls(), f.name)
+        if default is None or v is None:
+            continue
+        ok = isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))
+        if not ok or isinstance(v, bool) != isinstance(default, bool):
+            raise UserError(f"{source}: [{where}] {f.name} must be {type(default).__name__}, got {v!r}")
+    return obj
+
+
+def parse_run_config(doc: dict[str, Any], source: str = "run.toml") -> RunConfig:
+    """A :class:`RunConfig` from a parsed TOML document; unknown keys and wrong types are a :class:`UserError`."""
+    from kit.defenses.trainer import TrainConfig
+
+    known = {"name", "out", "train", "export", "audit"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    name, out = doc.get("name", "demo"), doc.get("out", "runs")
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise UserError(f"{source}: name must be a plain folder name, got {name!r}")
+    if not isinstance(out, str):
+        raise UserError(f"{source}: out must be a path string, got {out!r}")
+    train = doc.get("train", {})
+    if not isinstance(train, dict):
+        raise UserError(f"{source}: [train] must be a table")
+    TrainConfig.from_dict(dict(train), f"{source} [train]").validate()  # fail now, not after minutes of work
+    cfg = RunConfig(name=name, out=out, train=dict(train),
+                    export=_section(ExportSection, doc.get("export", {}), "export", source),
+                    audit=_section(AuditSection, doc.get("audit", {}), "audit", source))
+    for fmt in cfg.export.formats:
+        if fmt not in _ARTIFACT_NAMES:
+            raise UserError(f"{source}: unknown export format {fmt!r}; known: {', '.join(_ARTIFACT_NAMES)}")
+    if not cfg.audit.attacks:
+        raise UserError(f"{source}: [audit] attacks is empty")
+    return cfg
+
+
+def default_run_text() -> str:
+    """The embedded default run file (``kit/default_run.toml``)."""
+    return resources.files("kit").joinpath("default_run.toml").read_text()
+
+
+def load_run_config(path: str | Path | None) -> RunConfig:
+    """Read a run file; ``None`` gives the embedded default."""
+    if path is None:
+        return parse_run_config(tomllib.loads(default_run_text()), "the embedded default run")
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"run file not found: {p}")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is not valid TOML: {e}") from None
+    return parse_run_config(doc, str(p))
+
+
+def _tensorrt_unavailable(device: torch.device) -> str | None:
+    from exporters.tensorrt import require_tensorrt
+
+    try:
+        require_tensorrt(device)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume: bool = False,
+                 command: str = "", versions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole job; return the summary (also written to ``summary.json`` in the run folder).
+
+    ``resume`` continues the training from its last epoch and each audit from its last batch. The summary's
+    ``status`` is ``fail`` when any audit failed (a gate, or the verdict ``mismatch``).
+    """
+    from evaluators.audit import AuditConfig, Gate, Tolerances, finish, load_audit_inputs, run_audit
+    from evaluators.evaluate import AttackRequest
+    from evaluators.report import remove_report, write_report
+    from exporters.checkpoint import export_checkpoint
+    from kit.defenses.trainer import TrainConfig, train
+
+    t0 = time.perf_counter()
+    a = cfg.audit
+    audit_cfg = AuditConfig(attacks=[AttackRequest.parse(s, a.eps_max) for s in a.attacks], batch_size=a.batch_size,
+                            rungs=a.rungs, seed=seed, blackbox_samples=a.blackbox_samples,
+                            tolerances=Tolerances(auac=a.tol_auac, curve=a.tol_curve, agreement=a.min_agreement,
+                                                  alpha=a.alpha),
+                            gates=[Gate.parse(f"{k}={v}") for k, v in a.gates.items()])
+    train_cfg = TrainConfig.from_dict({"seed": seed, **cfg.train})
+    folder = cfg.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder / "run-config.json", "w") as f:
+        json.dump({**cfg.to_dict(), "train": train_cfg.to_dict(), "seed": seed, "device": str(device)}, f, indent=2)
+
+    # 1. train
+    ckpt = folder / "model.safetensors"
+    resume_train = resume and ckpt.with_suffix(".resume.pt").exists()
+    log.info("[1/3] training %s with %s on %s for %d epochs", train_cfg.arch, train_cfg.defense, train_cfg.data,
+             train_cfg.epochs)
+    trained = train(train_cfg, ckpt, device=device, resume=resume_train,
+                    on_epoch=lambda r: log.info("  epoch %d  loss %.4f  held-out acc %.4f", r["epoch"], r["loss"],
+                                                r["test_acc"]))
+    clean_acc = trained.final.get("test_acc")
+
+    # 2. export
+    (folder / "export").mkdir(exist_ok=True)
+    artifacts, rows = [], []
+    for fmt in cfg.export.formats:
+        out = folder / "export" / _ARTIFACT_NAMES[fmt]
+        if ExportFormat(fmt) is ExportFormat.TENSORRT:
+            why = _tensorrt_unavailable(device)
+            if why:
+                log.info("[2/3] %s: skipped (%s)", fmt, why)
+                rows.append({"format": fmt, "status": "skipped", "note": why})
+                continue
+        log.info("[2/3] exporting %s", out.name)
+        exp = export_checkpoint(ckpt, fmt, out, max_batch=cfg.export.max_batch, samples=cfg.export.samples,
+                                calibration_samples=cfg.export.calibration_samples, device=device, seed=seed)
+        parity = exp.reports[-1][2]
+        artifacts.append((fmt, exp, parity))
+
+    # 3. audit each artifact
+    for fmt, exp, parity in artifacts:
+        out = folder / "audit" / fmt
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("[3/3] auditing %s against the twin", exp.path.name)
+        inputs = load_audit_inputs(exp.path, ckpt, None, "test", a.samples, seed, device)
+        remove_report(out)
+        doc, adversarials = run_audit(inputs, audit_cfg, out, resume=resume and (out / ".audit-state").exists(),
+                                      command=command, versions=versions)
+        write_report(doc, out, adversarials)
+        finish(out)
+        rows.append({"format": fmt, "status": doc["status"], "verdict": doc["verdict"],
+                     "precision": exp.precision, "top1_agreement": parity.top1_agreement,
+                     "max_logit_gap": parity.max_abs_diff,
+                     "engine_auac": {r["name"]: r["engine"]["auac"] for r in doc["attacks"]},
+                     "twin_auac": {r["name"]: r["twin"]["auac"] for r in doc["attacks"]},
+                     "flags": len(doc["checks"]), "report": str(out / "report.md"), "artifact": str(exp.path),
+                     "sha256": exp.sha256})
+    audited = [r for r in rows if r["status"] != "skipped"]
+    summary = {
+        "run": str(folder),
+        "checkpoint": str(ckpt),
+        "weights_sha256": trained.info.weights_sha256,
+        "defense": train_cfg.defense,
+        "clean_accuracy": clean_acc,
+        "artifacts": rows,
+        "status": "pass" if audited and all(r["status"] == "pass" for r in audited) else "fail",
+        "seconds": time.perf_counter() - t0,
+    }
+    with atomic_write(folder / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,673 @@
+r"""The audit report files: schema validation, Markdown / HTML / PNG renderers, and atomic writing.
+
+An audit (:mod:`evaluators.audit`) produces one document, schema ``otkit.report/1``
+(``evaluators/schemas/report.schema.json``; every field is explained in ``docs/audit.md``, section "The report"). This
+module turns it into the files of a report folder::
+
+    adversarials.npz   engine-side adversarial examples; per attack NAME: NAME/x, /y, /index, /eps, /pred
+    curves.png         one panel per attack: twin (solid) and engine (dashed) accuracy on the shared epsilon grid
+    report.md          release notes (GitHub-flavoured Markdown, no HTML)
+    report.html        one self-contained page (inline CSS, the plot as a data URI, no scripts, nothing fetched)
+    report.json        the document itself, written LAST
+
+Each file is written atomically (:func:`kit.io.atomic_write`) and ``report.json`` only after every other file, so a
+folder holding a ``report.json`` always holds a complete report. The accuracy curves shown are those of the document:
+:math:`\mathrm{acc}(\varepsilon) = \frac1n \sum_i \mathbf 1[\varepsilon^*_i > \varepsilon]` on the grid, and the AUAC
+of the SAT paper (``000_e2e3710bc929b9d7.txt``, Section IV), :math:`\frac{1}{\varepsilon_{max}}
+\int_0^{\varepsilon_{max}} \mathrm{acc}(\varepsilon)\, d\varepsilon` (see :mod:`evaluators.curves`).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import html
+import io
+import json
+import logging
+import math
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kit.errors import UserError
+from kit.io import atomic_write, require_file
+
+__all__ = [
+    "ADVERSARIAL_FIELDS",
+    "REPORT_FILES",
+    "SCHEMA",
+    "load_adversarials",
+    "load_report",
+    "plot_png",
+    "plot_report",
+    "remove_report",
+    "render_html",
+    "render_markdown",
+    "report_schema",
+    "validate_report",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+#: Schema id of the report document (its ``schema`` field).
+SCHEMA = "otkit.report/1"
+
+#: The files of a report folder, in the order :func:`write_report` writes them (``report.json`` last).
+REPORT_FILES = ("adversarials.npz", "curves.png", "report.md", "report.html", "report.json")
+
+#: Arrays stored per attack in adversarials.npz (key ``NAME/FIELD``) and their dtypes.
+ADVERSARIAL_FIELDS: dict[str, Any] = {
+    "x": np.float32, "y": np.int64, "index": np.int64, "eps": np.float64, "pred": np.int64,
+}
+
+_NORM_LABEL = {"linf": "L-inf", "l2": "L2", "wasserstein": "Wasserstein"}
+
+
+# ---------------------------------------------------------------------------------------------------------- schema
+@functools.lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return (resources.files("evaluators") / "schemas" / "report.schema.json").read_text(encoding="utf-8")
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``otkit.report/1``, a fresh copy."""
+    return json.loads(_schema_text())
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _where(path: list[Any] | tuple[Any, ...]) -> str:
+    return "/".join(str(p) for p in path) or "(top level)"
+
+
+def _fail(source: str, path: list[Any] | tuple[Any, ...], message: str) -> UserError:
+    message = " ".join(str(message).split())
+    if len(message) > 200:
+        message = message[:197] + "..."
+    return UserError(f"{source} does not match {SCHEMA}: {_where(path)}: {message}")
+
+
+def _plain(obj: Any, path: list[Any], source: str) -> Any:
+    """A copy of ``obj`` made of JSON types only (numpy scalars and arrays, tuples converted); NaN and inf refused."""
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        if not math.isfinite(float(obj)):
+            raise _fail(source, path, f"{float(obj)} is not a finite number")
+        return float(obj)
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise _fail(source, path, f"key {k!r} is not a string")
+            out[k] = _plain(v, [*path, k], source)
+        return out
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, [*path, i], source) for i, v in enumerate(obj)]
+    raise _fail(source, path, f"a {type(obj).__name__} is not a JSON value")
+
+
+def _check_consistency(doc: dict[str, Any], source: str) -> None:
+    """What JSON Schema cannot say: lengths that must agree, ordered grids and intervals, and honest verdicts."""
+    n = doc["data"]["n"]
+    names: set[str] = set()
+    for i, a in enumerate(doc["attacks"]):
+        at = ["attacks", i]
+        if a["name"] in names:
+            raise _fail(source, [*at, "name"], f"attack name {a['name']!r} appears twice")
+        names.add(a["name"])
+        grid = a["eps_grid"]
+        if grid[0] != 0:
+            raise _fail(source, [*at, "eps_grid", 0], f"the grid must start at 0, not {grid[0]}")
+        if any(b <= g for g, b in zip(grid, grid[1:])):
+            raise _fail(source, [*at, "eps_grid"], "the grid must be strictly increasing")
+        for side in ("twin", "engine"):
+            c = a[side]
+            if len(c["accuracy"]) != len(grid):
+                raise _fail(source, [*at, side, "accuracy"],
+                            f"has {len(c['accuracy'])} values but eps_grid has {len(grid)}")
+            if len(c["eps_star"]) != n:
+                raise _fail(source, [*at, side, "eps_star"], f"has {len(c['eps_star'])} values but data/n is {n}")
+            if c["auac_ci"][0] > c["auac_ci"][1]:
+                raise _fail(source, [*at, side, "auac_ci"], "lower bound above upper bound")
+        fid = a["fidelity"]
+        if len(fid["mcnemar_p"]) != len(grid):
+            raise _fail(source, [*at, "fidelity", "mcnemar_p"],
+                        f"has {len(fid['mcnemar_p'])} values but eps_grid has {len(grid)}")
+        if fid["auac_gap_ci"][0] > fid["auac_gap_ci"][1]:
+            raise _fail(source, [*at, "fidelity", "auac_gap_ci"], "lower bound above upper bound")
+    for i, g in enumerate(doc["gates"]):
+        if g["attack"] not in names:
+            raise _fail(source, ["gates", i, "attack"], f"no attack named {g['attack']!r}")
+    mismatched = [a["name"] for a in doc["attacks"] if a["fidelity"]["verdict"] == "mismatch"]
+    if doc["clean"]["verdict"] == "mismatch":
+        mismatched.insert(0, "clean")
+    if doc["verdict"] == "match" and mismatched:
+        raise _fail(source, ["verdict"], f"is match but {', '.join(mismatched)} mismatch(es)")
+    failed = [g["attack"] for g in doc["gates"] if not g["passed"]]
+    if doc["status"] == "pass" and (doc["verdict"] == "mismatch" or failed):
+        why = "the verdict is mismatch" if doc["verdict"] == "mismatch" else f"gate(s) failed: {', '.join(failed)}"
+        raise _fail(source, ["status"], f"is pass but {why}")
+
+
+def validate_report(doc: Any, source: str = "report.json") -> dict[str, Any]:
+    """Check a report document against ``otkit.report/1``; return it as plain JSON types.
+
+    The JSON Schema (``evaluators/schemas/report.schema.json``) is checked first, then what a schema cannot express:
+    per-attack arrays as long as the grid (accuracy, mcnemar_p) or as the data (eps_star), grids that start at 0 and
+    increase, ordered intervals, unique attack names, gates naming an attack, and verdicts that agree with their parts
+    (``verdict`` is ``match`` only if the clean and every attack verdict match; ``status`` is ``pass`` only if the
+    verdict is ``match`` and every gate passed).
+
+    Parameters
+    ----------
+    doc : dict
+        The document. numpy scalars and arrays and tuples are accepted and converted.
+    source : str
+        Name used in the error message.
+
+    Returns
+    -------
+    dict
+        A copy of ``doc`` holding only JSON types.
+
+    Raises
+    ------
+    UserError
+        ``"<source> does not match otkit.report/1: <path>: <message>"`` for the first error found.
+    """
+    import jsonschema  # lazy: `otkit --help` does not need it
+
+    plain = _plain(doc, [], source)
+    validator = jsonschema.Draft202012Validator(report_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(plain))
+    if error is not None:
+        raise _fail(source, list(error.absolute_path), error.message)
+    _check_consistency(plain, source)
+    return plain
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a report: ``DIR/report.json`` for a folder, else the file itself.
+
+    Raises
+    ------
+    UserError
+        Missing file, invalid JSON (NaN and Infinity included), a missing or different schema id, or a document that
+        does not match ``otkit.report/1``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    require_file(p, "report")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p} is not a JSON text file: {e.reason}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ValueError as e:
+        raise UserError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{p} is not a report: expected a JSON object, got {type(doc).__name__}")
+    schema = doc.get("schema")
+    if schema != SCHEMA:
+        what = "has no schema id" if schema is None else f"has schema {schema!r}"
+        raise UserError(f"{p} {what}; this kit reads {SCHEMA}")
+    return validate_report(doc, source=str(p))
+
+
+# ------------------------------------------------------------------------------------------------------ formatting
+def _num(v: float, spec: str = ".4f") -> str:
+    return format(v, spec)
+
+
+def _ci(ci: list[float], spec: str = ".4f") -> str:
+    return f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
+def _basename(path: str) -> str:
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path
+
+
+def _attack_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for a in doc["attacks"]:
+        f = a["fidelity"]
+        rows.append({
+            "attack": a["name"],
+            "norm": a["norm"],
+            "eps_max": _num(a["eps_max"], ".4g"),
+            "twin AUAC [95% CI]": f"{_num(a['twin']['auac'])} {_ci(a['twin']['auac_ci'])}",
+            "engine AUAC [95% CI]": f"{_num(a['engine']['auac'])} {_ci(a['engine']['auac_ci'])}",
+            "AUAC gap [95% CI]": f"{_num(f['auac_gap'], '+.4f')} {_ci(f['auac_gap_ci'], '+.4f')}",
+            "max curve gap": f"{_num(f['max_gap'])} at eps {_num(f['max_gap_eps'], '.4g')}",
+            "verdict": f["verdict"],
+        })
+    return rows
+
+
+def _gate_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"attack": g["attack"], "min AUAC": _num(g["min_auac"]), "engine AUAC": _num(g["engine_auac"]),
+             "result": "pass" if g["passed"] else "FAIL"} for g in doc["gates"]]
+
+
+def _title(doc: dict[str, Any]) -> str:
+    return f"Audit report: verdict {doc['verdict']}, status {doc['status']}"
+
+
+def _summary(doc: dict[str, Any]) -> str:
+    e, t, d, tol = doc["engine"], doc["twin"], doc["data"], doc["tolerances"]
+    providers = f", {', '.join(e['providers'])}" if e["providers"] else ""
+    k = len(doc["attacks"])
+    matched = sum(a["fidelity"]["verdict"] == "match" for a in doc["attacks"])
+    gates = doc["gates"]
+    passed = sum(g["passed"] for g in gates)
+    gate_text = f"{passed} of {len(gates)} AUAC gate(s) passed." if gates else "No AUAC gate was set."
+    return (f"The engine {_basename(e['path'])} ({e['format']}, {e['precision']}{providers}) was audited against its "
+            f"PyTorch twin {_basename(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
+            f"{d['spec']} (seed {d['seed']}). {k} attack(s) driven by the twin's gradients were evaluated on both "
+            f"models: {matched} of {k} accuracy curve(s) match within tolerance (AUAC gap at most {tol['auac']:g}; "
+            f"curve gaps above {tol['curve']:g} count where McNemar p is below {tol['alpha']:g}). {gate_text}")
+
+
+def _clean_line(doc: dict[str, Any]) -> str:
+    c = doc["clean"]
+    return (f"twin accuracy {_num(c['twin_accuracy'])}, engine accuracy {_num(c['engine_accuracy'])}, top-1 agreement "
+            f"{_num(c['top1_agreement'])} (at least {doc['tolerances']['agreement']:g} required), max logit gap "
+            f"{_num(c['max_logit_gap'], '.3g')}: {c['verdict']}")
+
+
+def _reasons(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(a["name"], a["fidelity"]["reason"]) for a in doc["attacks"] if a["fidelity"]["reason"].strip()]
+
+
+def _provenance_rows(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(label, value, is_code) rows of the provenance section."""
+    e, t, d, p = doc["engine"], doc["twin"], doc["data"], doc["provenance"]
+    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items()
+                         if v is not None and not isinstance(v, (dict, list)))
+    rows = [
+        ("engine file", e["path"], False),
+        ("engine sha256", e["sha256"], True),
+        ("twin checkpoint", t["path"], False),
+        ("twin sha256", t["sha256"], True),
+        ("twin weights sha256", t["weights_sha256"], True),
+        ("data", f"{d['spec']} ({d['split']}), n = {d['n']}, seed {d['seed']}", False),
+        ("data fingerprint", d["fingerprint"], True),
+        ("otkit", p["kit_version"], False),
+    ]
+    if versions:
+        rows.append(("versions", versions, False))
+    rows += [("device", p["device"], False), ("started", f"{p['started']} ({p['seconds']:.1f} s)", False)]
+    if p["command"]:
+        rows.append(("command", p["command"], True))
+    adv = doc["artifacts"]["adversarials"]
+    rows.append(("adversarials", adv or "not stored", False))
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------------- markdown
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~&!])")
+
+
+def _md(text: Any) -> str:
+    """Text safe anywhere in GitHub-flavoured Markdown (table cells too): one line, punctuation backslash-escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _md_code(text: str) -> str:
+    """An inline code span (a fence longer than any backtick run inside); for table cells use :func:`_md`."""
+    text = " ".join(text.split())
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _md_table(rows: list[dict[str, str]], free: tuple[str, ...] = ("attack",)) -> list[str]:
+    """A GFM table; the ``free`` columns hold text from the document and are escaped, the others are the kit's own
+    formatting (numbers, enums) and only have ``|`` escaped."""
+
+    def cell(col: str, value: str) -> str:
+        return _md(value) if col in free else " ".join(value.split()).replace("|", "\\|")
+
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cell("", c) for c in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(c, r[c]) for c in cols) + " |" for r in rows]
+    return lines
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """The report as release notes: GitHub-flavoured Markdown, no HTML.
+
+    Sections: a title with the verdict and status, a one-paragraph summary, the attack table (twin and engine AUAC
+    with their bootstrap intervals, the AUAC gap engine - twin, the largest accuracy gap and where), the clean-input
+    agreement, the AUAC gates, the validity checks, and the provenance (hashes, data fingerprint, versions). Every
+    string from the document is escaped (``|`` in cells, HTML-looking text, emphasis markers).
+
+    Parameters
+    ----------
+    doc : dict
+        A valid ``otkit.report/1`` document (see :func:`validate_report`).
+
+    Returns
+    -------
+    str
+        The Markdown text, ending with a newline.
+    """
+    mark = "\u2705" if doc["status"] == "pass" else "\u274c"
+    out = [f"# {mark} {_title(doc)}", "", _md(_summary(doc)), "", "## Attacks", ""]
+    out += _md_table(_attack_rows(doc))
+    reasons = _reasons(doc)
+    if reasons:
+        out += [""] + [f"- **{_md(name)}**: {_md(reason)}" for name, reason in reasons]
+    out += ["", f"**Clean inputs:** {_clean_line(doc)}", "", "## Gates", ""]
+    gates = _gate_rows(doc)
+    out += _md_table(gates) if gates else ["No AUAC gate was set."]
+    out += ["", "## Checks", ""]
+    if doc["checks"]:
+        out += [f"- **{_md(c['severity'])}** {_md_code(c['id'])} ({_md(c['attack'] or 'model')}): {_md(c['message'])}"
+                for c in doc["checks"]]
+    else:
+        out.append("No check raised a flag.")
+    out += ["", "## Provenance", ""]
+    out += [f"- {label}: {_md_code(value) if code else _md(value)}" for label, value, code in _provenance_rows(doc)]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------ plot
+def _mpl_text(text: str) -> str:
+    return str(text).replace("$", r"\$")  # no mathtext from user strings
+
+
+def plot_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
+    """curves.png as bytes: one panel per attack, twin (solid) and engine (dashed) accuracy on the shared grid.
+
+    The legend gives each curve's AUAC; the panel title gives the attack's fidelity verdict (red when mismatch).
+    Drawn with matplotlib's Agg canvas directly (no pyplot state, no backend switch).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    attacks = doc["attacks"]
+    cols = min(3, len(attacks))
+    rows = math.ceil(len(attacks) / cols)
+    fig = Figure(figsize=(4.6 * cols, 3.6 * rows + 0.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, a in zip(axes.flat, attacks):
+        grid = a["eps_grid"]
+        ax.plot(grid, a["twin"]["accuracy"], "-", color="tab:blue", label=f"twin (AUAC {a['twin']['auac']:.3f})")
+        ax.plot(grid, a["engine"]["accuracy"], "--", color="tab:orange",
+                label=f"engine (AUAC {a['engine']['auac']:.3f})")
+        verdict = a["fidelity"]["verdict"]
+        ax.set_title(_mpl_text(f"{a['name']}: {verdict}"), fontsize=10,
+                     color="tab:red" if verdict == "mismatch" else "black")
+        ax.set_xlabel(f"epsilon ({_NORM_LABEL.get(a['norm'], a['norm'])})")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(attacks):]:
+        ax.set_visible(False)
+    fig.suptitle(_mpl_text(f"{_basename(doc['engine']['path'])} vs twin: {doc['verdict']}, {doc['status']}"))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def plot_report(doc: dict[str, Any], path: str | os.PathLike[str]) -> bytes:
+    """Write curves.png (see :func:`plot_png`) atomically to ``path``; return its bytes."""
+    png = plot_png(doc)
+    with atomic_write(path) as f:
+        f.write(png)
+    return png
+
+
+# ------------------------------------------------------------------------------------------------------------ html
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#1f2328;line-height:1.45}
+h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #d0d7de;padding:.3em .6em;
+text-align:left;vertical-align:top}th{background:#f6f8fa}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em;word-break:break-all}
+.badge{display:inline-block;border-radius:1em;padding:.05em .7em;font-size:.75em;color:#fff;vertical-align:middle}
+.pass,.match{background:#1a7f37}.fail,.mismatch{background:#cf222e}
+.sev{font-weight:600}.sev-error{color:#cf222e}.sev-warning{color:#9a6700}.sev-info{color:#0969da}
+td.mismatch,td.FAIL{color:#cf222e;background:none;font-weight:600}td.match,td.pass{background:none}
+img{max-width:100%;height:auto;border:1px solid #d0d7de}
+"""
+
+
+def _h(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _html_table(rows: list[dict[str, str]], status_col: str) -> list[str]:
+    cols = list(rows[0])
+    out = ["<table>", "<tr>" + "".join(f"<th>{_h(c)}</th>" for c in cols) + "</tr>"]
+    for r in rows:
+        cells = []
+        for c in cols:
+            cls = f' class="{_h(r[c])}"' if c == status_col and r[c] in ("match", "mismatch", "pass", "FAIL") else ""
+            cells.append(f"<td{cls}>{_h(r[c])}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return out
+
+
+def render_html(doc: dict[str, Any], png_bytes: bytes | None) -> str:
+    """The report as ONE self-contained HTML page, with the same content as :func:`render_markdown`.
+
+    Inline CSS, the plot embedded as a ``data:image/png;base64`` URI, no scripts, no external resources; every string
+    from the document is HTML-escaped.
+
+    Parameters
+    ----------
+    doc : dict
+        A valid ``otkit.report/1`` document.
+    png_bytes : bytes or None
+        curves.png (:func:`plot_png`); ``None`` leaves the plot out.
+
+    Returns
+    -------
+    str
+        The page.
+    """
+    status, verdict = doc["status"], doc["verdict"]
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>{_h(_title(doc))}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+           f'<h1>Audit report <span class="badge {_h(verdict)}">verdict: {_h(verdict)}</span> '
+           f'<span class="badge {_h(status)}">status: {_h(status)}</span></h1>',
+           f"<p>{_h(_summary(doc))}</p>"]
+    if png_bytes:
+        uri = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
+        out.append(f'<p><img alt="twin and engine accuracy curves per attack" src="{uri}"></p>')
+    out += ["<h2>Attacks</h2>", *_html_table(_attack_rows(doc), "verdict")]
+    reasons = _reasons(doc)
+    if reasons:
+        out += ["<ul>", *(f"<li><strong>{_h(n)}</strong>: {_h(r)}</li>" for n, r in reasons), "</ul>"]
+    out += [f"<p><strong>Clean inputs:</strong> {_h(_clean_line(doc))}</p>", "<h2>Gates</h2>"]
+    gates = _gate_rows(doc)
+    out += _html_table(gates, "result") if gates else ["<p>No AUAC gate was set.</p>"]
+    out.append("<h2>Checks</h2>")
+    if doc["checks"]:
+        out.append("<ul>")
+        for c in doc["checks"]:
+            sev = c["severity"]
+            out.append(f'<li><span class="sev sev-{_h(sev)}">{_h(sev)}</span> <code>{_h(c["id"])}</code> '
+                       f"({_h(c['attack'] or 'model')}): {_h(c['message'])}</li>")
+        out.append("</ul>")
+    else:
+        out.append("<p>No check raised a flag.</p>")
+    out += ["<h2>Provenance</h2>", "<table>"]
+    for label, value, code in _provenance_rows(doc):
+        cell = f"<code>{_h(value)}</code>" if code else _h(value)
+        out.append(f"<tr><th>{_h(label)}</th><td>{cell}</td></tr>")
+    out += ["</table>", "</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- adversarials
+def _check_adversarials(adversarials: Mapping[str, Mapping[str, Any]], doc: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Flatten ``{NAME: {field: array}}`` into npz keys ``NAME/field`` with the stored dtypes; refuse bad shapes."""
+    names = {a["name"] for a in doc["attacks"]}
+    n = doc["data"]["n"]
+    flat: dict[str, np.ndarray] = {}
+    for name, arrays in adversarials.items():
+        if name not in names:
+            raise ValueError(f"adversarials for {name!r}, which is not an attack of the report")
+        missing = set(ADVERSARIAL_FIELDS) - set(arrays)
+        extra = set(arrays) - set(ADVERSARIAL_FIELDS)
+        if missing or extra:
+            raise ValueError(f"adversarials of {name!r}: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        a = {k: np.asarray(arrays[k], dtype=dt) for k, dt in ADVERSARIAL_FIELDS.items()}
+        m = len(a["x"])
+        if a["x"].ndim != 4 or any(a[k].shape != (m,) for k in ("y", "index", "eps", "pred")):
+            raise ValueError(f"adversarials of {name!r}: x must be (M, C, H, W) and y, index, eps, pred (M,); got "
+                             + ", ".join(f"{k} {a[k].shape}" for k in ADVERSARIAL_FIELDS))
+        if m and (a["index"].min() < 0 or a["index"].max() >= n):
+            raise ValueError(f"adversarials of {name!r}: index outside [0, {n})")
+        flat.update({f"{name}/{k}": v for k, v in a.items()})
+    return flat
+
+
+def load_adversarials(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Read adversarials.npz back as ``{NAME: {x, y, index, eps, pred}}`` (no pickles).
+
+    Raises
+    ------
+    UserError
+        Missing or corrupt file, or an attack whose arrays are incomplete or of inconsistent lengths.
+    """
+    p = require_file(path, "adversarials file")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        z = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{p} is corrupt or not an .npz file: {_one_line(e)}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"{p} is not an .npz archive (a single .npy array)")
+    with z:
+        for key in z.files:
+            name, sep, field = key.rpartition("/")
+            if not sep or field not in ADVERSARIAL_FIELDS:
+                raise UserError(f"{p} is not an otkit adversarials file: unexpected array {key!r}")
+            try:
+                out.setdefault(name, {})[field] = z[key]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise UserError(f"{p} is corrupt: array {key!r}: {_one_line(e)}") from None
+    for name, arrays in out.items():
+        missing = sorted(set(ADVERSARIAL_FIELDS) - set(arrays))
+        if missing:
+            raise UserError(f"{p}: attack {name!r} lacks {', '.join(missing)}")
+        m = len(arrays["x"]) if arrays["x"].ndim else -1
+        if arrays["x"].ndim != 4 or any(arrays[k].shape != (m,) for k in ("y", "index", "eps", "pred")):
+            raise UserError(f"{p}: arrays of attack {name!r} have inconsistent shapes")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- files
+def remove_report(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete a report folder's files, ``report.json`` FIRST, so an interrupted re-run never looks complete.
+
+    Returns the paths removed; missing files (or a missing folder) are fine.
+    """
+    out = Path(out_dir)
+    removed = []
+    for name in reversed(REPORT_FILES):  # report.json first
+        p = out / name
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str],
+                 adversarials: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
+    """Validate ``doc`` and write the report folder, ``report.json`` last.
+
+    Order: validate (a bad document or bad adversarial arrays write nothing), remove a stale ``report.json``, then
+    write ``adversarials.npz`` (or remove a stale one), ``curves.png``, ``report.md``, ``report.html`` and finally
+    ``report.json``, each atomically. If any step fails, no ``report.json`` exists afterwards.
+
+    Parameters
+    ----------
+    doc : dict
+        The ``otkit.report/1`` document. Its ``artifacts.adversarials`` is set here: ``"adversarials.npz"`` when
+        ``adversarials`` is given, else ``None`` (the caller's dict is not modified).
+    out_dir : str or Path
+        The report folder (created if missing).
+    adversarials : dict, optional
+        ``{attack NAME: {"x": (M, C, H, W) float32, "y": (M,) int64, "index": (M,) int64, "eps": (M,) float64,
+        "pred": (M,) int64}}``: the engine-side adversarials, their true labels, their index in the audited subset,
+        their eps* on the engine and the engine's prediction. NAME must be an attack of ``doc``.
+
+    Returns
+    -------
+    list of Path
+        The files written, in the order written: ``adversarials.npz`` (when given), ``curves.png``, ``report.md``,
+        ``report.html``, ``report.json``.
+
+    Raises
+    ------
+    UserError
+        The document does not match ``otkit.report/1``, or the folder cannot be created.
+    ValueError
+        Adversarial arrays of the wrong shape, or for an attack not in the report (a bug in the caller).
+    """
+    doc = {**doc, "artifacts": {"adversarials": REPORT_FILES[0] if adversarials else None}}
+    doc = validate_report(doc)
+    flat = _check_adversarials(adversarials, doc) if adversarials else None
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create report folder {out}: {e.strerror}") from None
+    npz, png_path, md, page, report_json = (out / name for name in REPORT_FILES)
+    with contextlib.suppress(FileNotFoundError):
+        report_json.unlink()  # a stale report.json must not outlive a failed rewrite
+    written = []
+    if flat is not None:
+        with atomic_write(npz) as f:
+            np.savez_compressed(f, **flat)  # type: ignore[arg-type]  # numpy stubs: **kwds may hold allow_pickle
+        written.append(npz)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            npz.unlink()
+    png = plot_report(doc, png_path)
+    with atomic_write(md, "w") as f:
+        f.write(render_markdown(doc))
+    with atomic_write(page, "w") as f:
+        f.write(render_html(doc, png))
+    with atomic_write(report_json, "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=False)
+        f.write("\n")
+    written += [png_path, md, page, report_json]
+    log.info("wrote the report to %s", out)
+    return written

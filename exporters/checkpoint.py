@@ -1,0 +1,150 @@
+"""Export a checkpoint file in one call: load the twin, pick parity and calibration data, export, check.
+
+``otkit export`` and ``otkit run`` both go through :func:`export_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporters.formats import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportFormat, resolve_precision
+from exporters.parity import ParityReport
+from kit.errors import UserError
+
+__all__ = ["CheckpointExport", "export_checkpoint", "fitting_dataset", "output_suffixes"]
+
+
+@dataclass
+class CheckpointExport:
+    """What :func:`export_checkpoint` wrote.
+
+    Attributes
+    ----------
+    path : Path
+        The artifact (``.onnx``, or the TensorRT engine).
+    format : str
+    precision : str
+    sha256 : str
+        ``sha256:<hex>`` of the artifact.
+    reports : list of (file name, exporter, ParityReport)
+        One per file checked against the twin (a TensorRT export checks its ONNX file and the engine).
+    result : Any
+        The exporter's own result (:class:`exporters.onnx.OnnxExport` or the TensorRT export).
+    data_spec : str
+        Dataset of the parity check.
+    weights_sha256 : str
+        The twin's weights hash.
+    """
+
+    path: Path
+    format: str
+    precision: str
+    sha256: str
+    reports: list[tuple[str, str, ParityReport]]
+    result: Any
+    data_spec: str
+    weights_sha256: str
+
+
+def output_suffixes(fmt: ExportFormat | str) -> tuple[str, ...]:
+    """File suffixes an export to ``fmt`` may be written to."""
+    return (".engine", ".plan", ".trt") if ExportFormat(fmt) is ExportFormat.TENSORRT else (".onnx",)
+
+
+def fitting_dataset(spec: str, split: str, input_shape: Any, num_classes: int, what: str, samples: int, seed: int):
+    """A seeded subset of ``spec``'s split, refused before any work if it does not fit the model."""
+    from kit.data import load_dataset
+
+    ds = load_dataset(spec, split, seed=0)
+    if list(ds.input_shape) != list(input_shape):
+        raise UserError(f"{what} takes inputs {'x'.join(map(str, input_shape))} but {spec} has "
+                        f"{'x'.join(map(str, ds.input_shape))}")
+    if ds.num_classes != num_classes:
+        raise UserError(f"{what} predicts {num_classes} classes but {spec} has {ds.num_classes}")
+    return ds.subset(samples, seed=seed)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    fmt: ExportFormat | str,
+    out: str | Path,
+    *,
+    precision: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    data_spec: str | None = None,
+    samples: int = 256,
+    calibration_samples: int = 256,
+    opset: int = DEFAULT_OPSET,
+    workspace_mib: int = 1024,
+    timing_cache: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> CheckpointExport:
+    """Export ``checkpoint`` to ``fmt`` at ``out``, checked against the twin on ``samples`` test examples.
+
+    Parameters
+    ----------
+    checkpoint : path
+        A ``.safetensors`` (or ``.pt``) checkpoint written by the kit.
+    fmt : {"onnx", "onnx-fp16", "onnx-int8", "tensorrt"}
+    out : path
+        ``.onnx``, or ``.engine`` / ``.plan`` / ``.trt`` for TensorRT (its ONNX file and sidecar go beside).
+    precision : str, optional
+        TensorRT precision; the ONNX formats imply theirs.
+    data_spec : str, optional
+        Dataset of the parity check (test split) and int8 calibration (train split); default: the checkpoint's.
+
+    Raises
+    ------
+    UserError
+        Bad options, data that does not fit the model, TensorRT or a GPU missing for a TensorRT export.
+    exporters.parity.ParityError
+        An FP32 export beyond tolerance from its twin (nothing is written).
+    """
+    from kit.checkpoint import load_twin
+
+    prec = resolve_precision(fmt, precision)
+    trt = ExportFormat(fmt) is ExportFormat.TENSORRT
+    out = Path(out)
+    suffixes = output_suffixes(fmt)
+    if out.suffix.lower() not in suffixes:
+        raise UserError(f"the output of a {ExportFormat(fmt).value} export must end in {' or '.join(suffixes)}: {out}")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    if trt:
+        from exporters.tensorrt import require_tensorrt
+
+        require_tensorrt(device)  # TensorRT, a GPU and a CUDA device, before any work
+    model, info = load_twin(checkpoint, device=device)
+    spec = data_spec or info.dataset.get("spec")
+    if not spec:
+        raise UserError(f"{checkpoint} records no dataset; pass --data SPEC for the parity check")
+    test = fitting_dataset(spec, "test", info.input_shape, info.num_classes, str(checkpoint), samples, seed)
+    calib = calibration = None
+    if prec.value == "int8":
+        train = fitting_dataset(spec, "train", info.input_shape, info.num_classes, str(checkpoint),
+                                calibration_samples, seed)
+        calib, calibration = train.x, {"spec": spec, "split": "train", "fingerprint": train.fingerprint, "seed": seed}
+    kwargs: dict[str, Any] = dict(info=info, precision=prec, parity_y=test.y, calibration_x=calib,
+                                  calibration=calibration, opset=opset, max_batch=max_batch)
+    if trt:
+        from exporters.tensorrt import export_tensorrt
+
+        result: Any = export_tensorrt(model, out, test.x, workspace_mib=workspace_mib, timing_cache=timing_cache,
+                                      device=device, **kwargs)
+        reports = [(result.onnx.path.name, result.onnx.exporter, result.onnx.parity),
+                   (out.name, "tensorrt " + result.sidecar["tensorrt_version"], result.parity)]
+        sha = result.sidecar["engine_sha256"]
+    else:
+        from exporters.onnx import export_onnx
+
+        result = export_onnx(model, out, test.x, **kwargs)
+        reports = [(out.name, result.exporter, result.parity)]
+        sha = result.sha256
+    return CheckpointExport(path=out, format=ExportFormat(fmt).value, precision=prec.value, sha256=sha,
+                            reports=reports, result=result, data_spec=spec,
+                            weights_sha256=info.weights_sha256)

@@ -1,0 +1,204 @@
+"""``otkit audit``: audit a deployed engine against its twin and write the AUAC report (see docs/audit.md).
+
+The commands register themselves on :data:`kit.cli.cli`; ``kit.cli`` imports this module at its end.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kit.cli import _PROVIDERS, _attack_names, _device, _emit_json, _table, cli, dependency_versions
+from kit.errors import UserError
+
+AUDIT_EXIT = """\b
+Exit statuses:
+  0  pass: the engine matches its twin and every gate holds
+  1  fail: verdict mismatch, or a --min-auac gate failed (the report says which)
+  2  usage or input error; no report is written"""
+
+
+def _fmt_ci(ci: list[float]) -> str:
+    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def audit_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """The per-attack summary table of a report document."""
+    rows = []
+    for r in doc["attacks"]:
+        fid = r["fidelity"]
+        rows.append({"attack": r["name"], "norm": r["norm"], "eps_max": f"{r['eps_max']:.4g}",
+                     "twin AUAC": f"{r['twin']['auac']:.4f}", "engine AUAC": f"{r['engine']['auac']:.4f}",
+                     "gap": f"{fid['auac_gap']:+.4f}", "gap 95% CI": _fmt_ci(fid["auac_gap_ci"]),
+                     "max curve gap": f"{fid['max_gap']:.4f} @ {fid['max_gap_eps']:.3g}", "verdict": fid["verdict"]})
+    return rows
+
+
+AUDIT_COLUMNS = ["attack", "norm", "eps_max", "twin AUAC", "engine AUAC", "gap", "gap 95% CI", "max curve gap",
+                 "verdict"]
+
+
+def print_audit(doc: dict[str, Any]) -> None:
+    """The audit's one-screen summary on stdout."""
+    c = doc["clean"]
+    click.echo(f"engine {doc['engine']['path']} [{doc['engine']['format']}, {doc['engine']['precision']}] vs twin "
+               f"{doc['twin']['path']} on {doc['data']['n']} examples of {doc['data']['spec']}")
+    click.echo(f"clean: twin {c['twin_accuracy']:.4f}, engine {c['engine_accuracy']:.4f}, top-1 agreement "
+               f"{c['top1_agreement']:.4f}, max logit gap {c['max_logit_gap']:.3g} -> {c['verdict']}\n")
+    click.echo(_table(audit_rows(doc), AUDIT_COLUMNS))
+    for g in doc["gates"]:
+        click.echo(f"gate {g['attack']}: engine AUAC {g['engine_auac']:.4f} >= {g['min_auac']:.4f}: "
+                   f"{'passed' if g['passed'] else 'FAILED'}")
+    if doc["checks"]:
+        click.echo("\nchecks (see docs/checks.md):")
+        for f in doc["checks"]:
+            click.echo(f"  [{f['severity']}] {f['id']} ({f['attack'] or 'model'}): {f['message']}")
+    click.echo(f"\nverdict: {doc['verdict']}   status: {doc['status']}")
+
+
+@cli.command(epilog=AUDIT_EXIT)
+@click.option("--engine", "engine_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The deployed artifact: .onnx (fp32/fp16/int8) or a TensorRT .engine.")
+@click.option("--twin", "twin_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The PyTorch checkpoint the engine was exported from.")
+@click.option("--data", "data_spec", default=None, help="Dataset spec (default: the one the twin was trained on).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test")
+@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]",
+              help=f"Attack, repeatable; NAME@EPS_MAX overrides --eps-max. One of: {', '.join(_attack_names())}.")
+@click.option("--eps-max", type=float, default=None, help="Largest epsilon of the curves (pixels in [0, 1]; "
+              "unit-mass transport cost for Wasserstein attacks).")
+@click.option("--samples", type=click.IntRange(min=1), default=500, help="Examples audited (seeded subset).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Examples per resumable batch.")
+@click.option("--rungs", type=click.IntRange(min=1), default=8, help="Ladder radii of the minimum-epsilon search.")
+@click.option("--tol-auac", type=click.FloatRange(0, 1), default=0.01, help="Largest |AUAC gap| of a match.")
+@click.option("--tol-curve", type=click.FloatRange(0, 1), default=0.02, help="Largest curve gap of a match.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, help="Smallest clean top-1 agreement.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.05,
+              help="Significance level: a curve gap counts only where McNemar's test gives p < alpha.")
+@click.option("--min-auac", "gates", multiple=True, metavar="ATTACK=VALUE",
+              help="Release gate, repeatable: fail when the engine's AUAC under ATTACK is lower.")
+@click.option("--blackbox-samples", type=click.IntRange(min=0), default=100,
+              help="Examples attacked by Square directly on the engine (0: skip the black-box check).")
+@click.option("--provider", "providers", multiple=True, type=click.Choice(_PROVIDERS),
+              help="ONNX Runtime provider (repeatable; default: the --device's).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted audit in --out.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for report.json, report.md, report.html, curves.png, adversarials.npz.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@click.pass_context
+def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str | None, split: str,
+          attacks: tuple[str, ...], eps_max: float | None, samples: int, batch_size: int, rungs: int,
+          tol_auac: float, tol_curve: float, min_agreement: float, alpha: float, gates: tuple[str, ...], blackbox_samples: int,
+          providers: tuple[str, ...], resume: bool, out: Path, as_json: bool) -> None:
+    """Audit a deployed engine against its PyTorch twin and write the AUAC robustness report.
+
+    Every candidate is crafted with the twin's gradients and judged by both the twin and the engine; the curves,
+    their gaps and the verdict go to OUT/report.json (schema otkit.report/1) with report.md, report.html and
+    curves.png beside it. docs/audit.md explains the method and every field.
+    """
+    import torch
+
+    from evaluators.audit import AuditConfig, Gate, Tolerances, finish, load_audit_inputs, run_audit
+    from evaluators.evaluate import AttackRequest
+    from evaluators.report import remove_report, write_report
+
+    seed = ctx.obj["seed"]
+    cfg = AuditConfig(attacks=[AttackRequest.parse(a, eps_max) for a in attacks], batch_size=batch_size,
+                      rungs=rungs, seed=seed, gates=[Gate.parse(g) for g in gates],
+                      tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
+                      blackbox_samples=blackbox_samples)
+    device = _device(ctx)
+    inputs = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_report(out)  # an interrupted audit must never leave an old, complete-looking report behind
+    torch.manual_seed(seed)
+    doc, adversarials = run_audit(inputs, cfg, out, resume=resume, versions=dependency_versions(),
+                                  command=shlex.join(["otkit", *sys.argv[1:]]))
+    paths = write_report(doc, out, adversarials)
+    finish(out)
+    if as_json:
+        _emit_json(doc)
+    else:
+        print_audit(doc)
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
+    if doc["status"] != "pass":
+        ctx.exit(1)
+
+
+RUN_EXIT = """\b
+Exit statuses:
+  0  every artifact passed its audit
+  1  an audit failed (verdict mismatch or a gate); the summary says which
+  2  usage or input error (bad run file, missing data)"""
+
+
+@cli.command(epilog=RUN_EXIT)
+@click.argument("run_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Run name (folder under --out); overrides the file's.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Parent folder of the run; overrides the file's (default runs/).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs; overrides [train].")
+@click.option("--print-config", is_flag=True, help="Print the resolved run configuration (JSON) and exit.")
+@click.option("--resume", is_flag=True, help="Continue the training and the audits where they stopped.")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout instead of the table.")
+@click.pass_context
+def run(ctx: click.Context, run_file: Path | None, name: str | None, out_dir: Path | None, epochs: int | None,
+        print_config: bool, resume: bool, as_json: bool) -> None:
+    """The main job: train, export (ONNX fp32/fp16/int8, TensorRT where available), audit each artifact, report.
+
+    RUN_FILE is a TOML run description (docs/run.md); without it the embedded default runs: SAT on digits with a
+    small CNN, a few minutes on a laptop CPU. Everything goes to OUT/NAME/.
+    """
+    import dataclasses
+
+    from evaluators.pipeline import load_run_config, run_pipeline
+
+    cfg = load_run_config(run_file)
+    if name is not None:
+        if not name or "/" in name:
+            raise UserError(f"--name must be a plain folder name, got {name!r}")
+        cfg = dataclasses.replace(cfg, name=name)
+    if out_dir is not None:
+        cfg = dataclasses.replace(cfg, out=str(out_dir))
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, train={**cfg.train, "epochs": epochs})
+    if print_config:
+        _emit_json(cfg.to_dict())
+        return
+    summary = run_pipeline(cfg, device=_device(ctx), seed=ctx.obj["seed"], resume=resume,
+                           command=shlex.join(["otkit", *sys.argv[1:]]), versions=dependency_versions())
+    if as_json:
+        _emit_json(summary)
+    else:
+        print_run_summary(summary)
+    if summary["status"] != "pass":
+        ctx.exit(1)
+
+
+def print_run_summary(summary: dict[str, Any]) -> None:
+    """One screen: the twin, then one row per artifact, then where the reports are."""
+    click.echo(f"twin {summary['checkpoint']} ({summary['defense']}), held-out accuracy "
+               f"{summary['clean_accuracy']:.4f}, {summary['weights_sha256']}\n")
+    rows = []
+    for r in summary["artifacts"]:
+        if r["status"] == "skipped":
+            rows.append({"artifact": r["format"], "status": "skipped"})
+            continue
+        auacs = "  ".join(f"{k} {v:.3f}" for k, v in r["engine_auac"].items())
+        rows.append({"artifact": r["format"], "precision": r["precision"], "agreement": f"{r['top1_agreement']:.4f}",
+                     "engine AUAC": auacs, "flags": str(r["flags"]), "verdict": r["verdict"], "status": r["status"]})
+    click.echo(_table(rows, ["artifact", "precision", "agreement", "engine AUAC", "flags", "verdict", "status"]))
+    for r in summary["artifacts"]:
+        if r["status"] == "skipped":
+            click.echo(f"\n{r['format']} skipped: {r['note']}")
+    click.echo("\nreports:")
+    for r in summary["artifacts"]:
+        if r["status"] != "skipped":
+            click.echo(f"  {r['report']}")
+    click.echo(f"\nrun {summary['run']}: {summary['status']} in {summary['seconds']:.0f} s")

@@ -1,0 +1,235 @@
+"""The audit: twin-guided sweeps judged by the engine, fidelity statistics, verdicts, gates, resume and errors.
+
+Engines are real ONNX files exported from models trained here on digits; statistics are checked against scipy and
+hand-computed values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from evaluators import audit as A
+from exporters.engines import TorchEngine, load_engine
+from exporters.onnx import torch_to_onnx, write_onnx_export
+from kit.checkpoint import load_twin
+from kit.cli import cli
+from kit.data import load_dataset
+from kit.defenses.trainer import TrainConfig, train
+
+SMALL = ["--samples", "40", "--batch-size", "20", "--rungs", "4", "--blackbox-samples", "20"]
+
+
+@pytest.fixture(scope="module")
+def engines(digits_model, tmp_path_factory):
+    """The digits twin; fp32 and int8 ONNX files exported from it; an fp32 ONNX file of a different model."""
+    path, _ = digits_model
+    folder = tmp_path_factory.mktemp("audit")
+    other = train(TrainConfig(defense="standard", arch="cnn-small", data="digits:16", epochs=3, seed=11),
+                  folder / "other.safetensors").path
+    test = load_dataset("digits:16", "test").subset(64, seed=0)
+    calib = load_dataset("digits:16", "train").subset(128, seed=0)
+    files = {}
+    for name, ckpt, precisions in (("twin", path, ("fp32", "int8")), ("other", other, ("fp32",))):
+        model, info = load_twin(ckpt)
+        graph = torch_to_onnx(model, info.input_shape, dynamo=False)
+        for p in precisions:
+            files[f"{name}-{p}"] = write_onnx_export(graph, folder / f"{name}-{p}.onnx", model, test.x, info=info,
+                                                     parity_y=test.y, precision=p, calibration_x=calib.x).path
+    return path, files
+
+
+def audit_cli(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(cli, ["-q", "audit", *map(str, args)])
+    return res.exit_code, res.output
+
+
+def read(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("b,c", [(0, 0), (0, 1), (3, 3), (1, 9), (12, 40), (0, 25), (200, 260)])
+def test_mcnemar_exact_is_the_two_sided_binomial_test(b, c):
+    from scipy.stats import binomtest
+
+    expected = 1.0 if b + c == 0 else binomtest(min(b, c), b + c, 0.5).pvalue
+    assert A.mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12)
+
+
+def test_fidelity_hand_computed():
+    tol = A.Tolerances(auac=0.01, curve=0.02)
+    twin = [0.1, 0.2, math.inf, 0.0]
+    engine = [0.1, 0.3, math.inf, 0.0]
+    f = A.fidelity(twin, engine, 0.4, tol, points=5)  # grid 0, .1, .2, .3, .4
+    # AUAC: mean(min(eps*, 0.4)) / 0.4 -> twin 0.7/1.6, engine 0.8/1.6
+    assert f["auac_gap"] == pytest.approx(0.1 / 1.6)
+    # accuracy = share with eps* > eps; at eps 0.2 the twin has 1/4 (only inf), the engine 2/4
+    assert f["max_gap"] == pytest.approx(0.25) and f["max_gap_eps"] == pytest.approx(0.2)
+    assert f["mcnemar_p"] == [1.0] * 5  # one discordant pair at most
+    assert f["verdict"] == "mismatch" and "AUAC gap" in f["reason"]
+    lo, hi = f["auac_gap_ci"]
+    assert 0 <= lo <= f["auac_gap"] <= hi <= 0.25  # every paired difference is 0 or 0.25
+    same = A.fidelity(twin, twin, 0.4, tol, points=5)
+    assert same["verdict"] == "match" and same["auac_gap"] == 0 and same["auac_gap_ci"] == [0, 0]
+
+
+def test_curve_gap_needs_significance():
+    """A curve gap above tolerance made of a couple of examples (McNemar p >= alpha) is noise, not a mismatch."""
+    tol = A.Tolerances(auac=0.05, curve=0.02)
+    twin = np.full(60, math.inf)
+    engine = twin.copy()
+    engine[:2] = 0.05  # 2 of 60 examples fooled on the engine only: gap 0.033 at eps 0.05
+    f = A.fidelity(twin, engine, 0.1, tol, points=3)
+    assert f["max_gap"] == pytest.approx(2 / 60) and f["verdict"] == "match"
+    engine[:20] = 0.05  # 20 of 60: p = 2^-19
+    f = A.fidelity(twin, engine, 0.1, A.Tolerances(auac=0.5, curve=0.02), points=3)
+    assert f["mcnemar_p"][1] == pytest.approx(2 * 0.5**20) and f["verdict"] == "mismatch"
+    assert "eps 0.05" in f["reason"]
+
+
+def test_twin_guided_search_on_the_twin_itself(digits_model):
+    """With the twin as the engine, both sides see the same verdicts: identical eps* and adversarials."""
+    path, _ = digits_model
+    model, info = load_twin(path)
+    data = load_dataset("digits:16", "test").subset(24, seed=1)
+    engine = TorchEngine(model, info.input_shape, info.num_classes, info.weights_sha256)
+    rt, re_, nfe = A.twin_guided_search("pgd-linf", model, engine, data.x, data.y, 0.3, rungs=4)
+    assert torch.equal(rt.eps_star, re_.eps_star) and torch.isfinite(rt.eps_star).sum() > 12
+    assert torch.equal(rt.x_adv, re_.x_adv)
+    assert nfe >= int(re_.forwards.sum())  # every candidate the engine-side search checked went through the engine
+
+
+# --------------------------------------------------------------------------------------------------------- the CLI
+def test_fp32_engine_matches_its_twin_and_gates_decide_the_status(engines, tmp_path):
+    twin, files = engines
+    out = tmp_path / "fp32"
+    code, output = audit_cli("--engine", files["twin-fp32"], "--twin", twin, "--attack", "pgd-linf@0.3",
+                             "--min-auac", "pgd-linf=0.99", *SMALL, "--out", out)
+    doc = read(out)
+    assert doc["verdict"] == "match" and doc["clean"]["top1_agreement"] == 1.0
+    rec = doc["attacks"][0]
+    assert abs(rec["fidelity"]["auac_gap"]) <= 1e-3 and rec["fidelity"]["max_gap"] <= 1 / 40
+    assert len(rec["twin"]["eps_star"]) == len(rec["engine"]["eps_star"]) == doc["data"]["n"] == 40
+    # the gate at 0.99 fails: status fail, exit 1, although the engine matches
+    assert doc["gates"] == [{"attack": "pgd-linf", "min_auac": 0.99, "engine_auac": rec["engine"]["auac"],
+                             "passed": False}]
+    assert doc["status"] == "fail" and code == 1, output
+    # the report validates against the shipped schema, and the files are there
+    from evaluators.report import load_report
+
+    load_report(out)
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "report.html", "curves.png",
+                                                "adversarials.npz"}
+    assert not (out / A.STATE_DIR).exists()
+    # the stored adversarials fool the engine as recorded, within their radius
+    engine = load_engine(files["twin-fp32"])
+    data = load_dataset("digits:16", "test").subset(40, seed=0)
+    with np.load(out / "adversarials.npz") as z:
+        x, y, idx, eps, pred = (z[f"pgd-linf/{k}"] for k in ("x", "y", "index", "eps", "pred"))
+    assert len(x) == sum(e is not None for e in rec["engine"]["eps_star"]) > 0
+    got = engine(torch.from_numpy(x)).argmax(1).numpy()
+    assert (got == pred).all() and (pred != y).all() and (y == data.y.numpy()[idx]).all()
+    linf = np.abs(x - data.x.numpy()[idx]).reshape(len(x), -1).max(1)
+    assert (linf <= eps + 1e-6).all()
+
+
+def test_engine_from_a_different_model_is_a_mismatch(engines, tmp_path):
+    twin, files = engines
+    out = tmp_path / "other"
+    code, output = audit_cli("--engine", files["other-fp32"], "--twin", twin, "--attack", "pgd-linf@0.3", *SMALL,
+                             "--out", out)
+    doc = read(out)
+    assert code == 1 and doc["verdict"] == "mismatch" and doc["status"] == "fail", output
+    fid = doc["attacks"][0]["fidelity"]
+    assert fid["verdict"] == "mismatch" and fid["max_gap"] > 0.02
+    assert "mismatch" in output
+
+
+def test_int8_verdict_follows_from_the_statistics(engines, tmp_path):
+    """The stored verdict is what the tolerances say of the stored eps* (recomputed here), whatever it is."""
+    twin, files = engines
+    out = tmp_path / "int8"
+    code, _ = audit_cli("--engine", files["twin-int8"], "--twin", twin, "--attack", "pgd-linf@0.3",
+                        "--attack", "fmn-l2@3", *SMALL, "--out", out)
+    doc = read(out)
+    assert doc["engine"]["precision"] == "int8"
+    tol = A.Tolerances(**doc["tolerances"])
+    for rec in doc["attacks"]:
+        as_inf = lambda v: [math.inf if e is None else e for e in v]  # noqa: E731
+        again = A.fidelity(as_inf(rec["twin"]["eps_star"]), as_inf(rec["engine"]["eps_star"]), rec["eps_max"], tol)
+        assert again == rec["fidelity"]
+        sig = [g > tol.curve and p < tol.alpha for g, p in
+               zip(np.abs(np.subtract(rec["engine"]["accuracy"], rec["twin"]["accuracy"])), rec["fidelity"]["mcnemar_p"])]
+        expect = "mismatch" if abs(again["auac_gap"]) > tol.auac or any(sig) else "match"
+        assert rec["fidelity"]["verdict"] == expect
+    clean_ok = doc["clean"]["top1_agreement"] >= tol.agreement
+    assert doc["verdict"] == ("match" if clean_ok and all(r["fidelity"]["verdict"] == "match"
+                                                          for r in doc["attacks"]) else "mismatch")
+    assert code == (0 if doc["status"] == "pass" else 1)
+
+
+def test_interrupted_audit_leaves_no_report_and_resumes(engines, tmp_path, monkeypatch):
+    twin, files = engines
+    args = ["--engine", files["twin-fp32"], "--twin", twin, "--attack", "pgd-linf@0.3", "--attack", "fmn-linf@0.3",
+            *SMALL]
+    full = tmp_path / "full"
+    assert audit_cli(*args, "--min-auac", "pgd-linf=0.05", "--out", full)[0] == 0
+    out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "report.json").write_text((full / "report.json").read_text())  # an old, complete report
+    real, calls = A.twin_guided_search, []
+
+    def interrupted(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 3:  # pgd-linf's 2 batches done, fmn-linf's first batch interrupted
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(A, "twin_guided_search", interrupted)
+    code, _ = audit_cli(*args, "--out", out)
+    assert code != 0 and not (out / "report.json").exists() and not (out / "report.md").exists()
+    assert sorted(p.name for p in (out / A.STATE_DIR).glob("*.npz")) == ["pgd-linf.000000.npz",
+                                                                           "pgd-linf.000001.npz"]
+    monkeypatch.setattr(A, "twin_guided_search", real)
+    calls.clear()
+    code, output = audit_cli(*args, "--min-auac", "pgd-linf=0.05", "--resume", "--out", out)
+    assert code == 0, output
+    a, b = read(full), read(out)
+    assert [r["twin"]["eps_star"] for r in a["attacks"]] == [r["twin"]["eps_star"] for r in b["attacks"]]
+    assert [r["engine"]["eps_star"] for r in a["attacks"]] == [r["engine"]["eps_star"] for r in b["attacks"]]
+    # a changed configuration cannot resume
+    (out / A.STATE_DIR).mkdir()
+    (out / A.STATE_DIR / "key.json").write_text(json.dumps({"rungs": 99}))
+    code, output = audit_cli(*args, "--resume", "--out", out)
+    assert code == 2 and "changed" in output
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--attack", "pgd-linf@-0.1"], "eps_max must be a positive"),
+    (["--attack", "nope@0.1"], "unknown attack"),
+    (["--attack", "pgd-linf@0.3", "--min-auac", "pgd-linf"], "bad gate"),
+    (["--attack", "pgd-linf@0.3", "--min-auac", "fmn-l2=0.2"], "not audited"),
+    (["--attack", "pgd-linf@0.3", "--data", "digits:8"], "takes 1x16x16"),
+    (["--attack", "pgd-linf@0.3", "--resume"], "nothing to resume"),
+])
+def test_user_errors_exit_2_with_one_line(engines, tmp_path, extra, message):
+    twin, files = engines
+    code, output = audit_cli("--engine", files["twin-fp32"], "--twin", twin, *extra, "--out", tmp_path / "o")
+    assert code == 2 and message in output and output.strip().count("\n") == 0, output
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_bad_engine_files_exit_2(engines, tmp_path):
+    twin, _ = engines
+    corrupt = tmp_path / "bad.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage")
+    for engine in (corrupt, tmp_path / "missing.onnx"):
+        code, output = audit_cli("--engine", engine, "--twin", twin, "--attack", "pgd-linf@0.3", "--out", tmp_path / "o")
+        assert code == 2 and output.startswith("Error:") and output.strip().count("\n") == 0, output
