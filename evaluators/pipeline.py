@@ -228,6 +228,7 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
                      "twin_auac": {r["name"]: r["twin"]["auac"] for r in doc["attacks"]},
                      "flags": len(doc["checks"]), "report": str(out / "report.md"), "artifact": str(exp.path),
                      "sha256": exp.sha256})
+    rows.sort(key=lambda r: r["status"] == "skipped")  # audited artifacts first, in format order
     audited = [r for r in rows if r["status"] != "skipped"]
     summary = {
         "run": str(folder),

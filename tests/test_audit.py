@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from evaluators import audit as A
 from exporters.engines import TorchEngine, load_engine
 from exporters.onnx import torch_to_onnx, write_onnx_export
+from kit.attacks.search import SearchResult
 from kit.checkpoint import load_twin
 from kit.cli import cli
 from kit.data import load_dataset
@@ -209,6 +210,25 @@ def test_interrupted_audit_leaves_no_report_and_resumes(engines, tmp_path, monke
     (out / A.STATE_DIR / "key.json").write_text(json.dumps({"rungs": 99}))
     code, output = audit_cli(*args, "--resume", "--out", out)
     assert code == 2 and "changed" in output
+
+
+def test_black_box_check_catches_a_blind_twin_guided_search(engines, tmp_path, monkeypatch):
+    """If the twin-guided search finds nothing, Square on the engine does: the flag says so, and since the engine is
+    the twin's exact export, it says the adversarials fool the twin too (a weak attack, not an unfaithful twin)."""
+    twin, files = engines
+
+    def blind(name, twin_model, engine, x, y, eps_max, **kw):
+        none = SearchResult(torch.full((len(x),), math.inf, dtype=torch.float64), x.clone(),
+                            torch.zeros(len(x), dtype=torch.long), torch.zeros(len(x), dtype=torch.long))
+        return none, none, 0
+
+    monkeypatch.setattr(A, "twin_guided_search", blind)
+    out = tmp_path / "blind"
+    code, output = audit_cli("--engine", files["twin-fp32"], "--twin", twin, "--attack", "pgd-linf@0.3", *SMALL,
+                             "--out", out)
+    flags = [f for f in read(out)["checks"] if f["id"] == "black-box-beats-white-box"]
+    assert code == 0 and len(flags) == 1, output  # the curves still match: both sides saw the same (blind) search
+    assert "fool the twin as well" in flags[0]["message"] and "fool only the engine" not in flags[0]["message"]
 
 
 @pytest.mark.parametrize("extra,message", [
