@@ -33,3 +33,14 @@ def digits_model(tmp_path_factory):
     cfg = TrainConfig(defense="standard", arch="cnn-small", data="digits:16", epochs=5, seed=0)
     result = train(cfg, out)
     return out, result
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small tensors and many tiny ops run faster, and steadier on a shared machine.
+    Modules that want it everywhere say ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+

@@ -16,13 +16,7 @@ F64 = torch.float64
 TOL = 1e-6  # the agreement required after convergence (relative and absolute)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one thread is as fast, and far steadier on a busy machine than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cloud(n: int, d: int = 3, *, seed: int, shift: float = 0.0, batch: int | None = None) -> torch.Tensor:

@@ -28,13 +28,7 @@ from kit.errors import UserError
 from tests.test_data import make_cifar10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models and many small ops: one thread is faster, and steadier on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedules_match_closed_forms():

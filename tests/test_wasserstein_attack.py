@@ -13,16 +13,7 @@ from kit.data import load_dataset
 from kit.errors import UserError
 from kit.ot.local import exact_local_wasserstein
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors and many tiny ops: one thread is faster (and steadier on a shared machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ CIFAR_LEVELS = [0.01, 0.015, 0.0225, 0.03375, 0.050625, 0.0759375, 0.11390625, 0
                 0.384433593750]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small tensor ops (the projection): one thread is faster, and steadier on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(params: dict, channels: int = 1):
