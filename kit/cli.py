@@ -59,7 +59,7 @@ def dependency_versions() -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {"otkit": kit.__version__, "python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("onnx", "onnxruntime", "onnxruntime-gpu", "pot", "numpy", "click", "safetensors"):
+    for dist in ("onnx", "onnxruntime", "onnxruntime-gpu", "pot", "numpy", "click", "safetensors", "jsonschema"):
         v = _dist_version(dist)
         if v is not None or dist in ("onnx", "onnxruntime", "pot"):
             out[dist] = v
