@@ -71,31 +71,41 @@ class Engine(ABC):
         -------
         torch.Tensor
             float32 logits (N, num_classes) on ``x.device``.
+
+        Notes
+        -----
+        Only the type, shape and dtype are checked, in Python on the tensor's metadata: the runner's per-call cost is
+        measured against a bare backend call (``bench/engines.py``, target <= 1.05), so no check reads the pixels.
+        The [0, 1] range is the caller's contract (the attacks clamp to it) and is not verified per call: a scan for
+        it (min/max or isfinite) would cost a pass over the batch on every call.
         """
-        self._check(x)
-        n = int(x.shape[0])
-        if n == 0:
-            return torch.empty(0, self.num_classes, dtype=torch.float32, device=x.device)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name} expects a torch.Tensor, got {type(x).__name__}")
+        shape = x.shape
+        if len(shape) != 4 or shape[1:] != self.input_shape or not x.is_floating_point():
+            self._reject(x)
+        n = shape[0]
         if n <= self.max_batch:  # the common case, kept lean: the runner's overhead is measured per call
+            if n == 0:
+                return torch.empty(0, self.num_classes, dtype=torch.float32, device=x.device)
             out = self._run(x)
         else:
             out = torch.cat([self._run(x[i:i + self.max_batch]) for i in range(0, n, self.max_batch)])
-        if out.device != x.device or out.dtype != torch.float32:
+        # is_cpu is a cheap flag; comparing torch.device objects costs about a microsecond per call
+        if out.dtype is not torch.float32 or (not (out.is_cpu and x.is_cpu) and out.device != x.device):
             out = out.to(device=x.device, dtype=torch.float32)
         return out
 
     @abstractmethod
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of one batch of at most ``max_batch`` inputs (any device); subclasses implement it."""
+        """Logits of one batch of 1 to ``max_batch`` inputs (any device, any float dtype); subclasses implement it."""
 
-    def _check(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{self.name} expects a torch.Tensor, got {type(x).__name__}")
+    def _reject(self, x: torch.Tensor) -> None:
+        """Raise the error that says why ``x`` is not a batch this engine takes."""
         if x.dim() != 4 or x.shape[1:] != self.input_shape:
             c, h, w = self.input_shape
             raise ValueError(f"{self.name} takes batches of shape (N, {c}, {h}, {w}), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{self.name} takes floating-point pixels in [0, 1], got dtype {x.dtype}")
+        raise ValueError(f"{self.name} takes floating-point pixels in [0, 1], got dtype {x.dtype}")
 
     def describe(self) -> dict[str, Any]:
         """What the engine is, JSON-ready."""
@@ -142,6 +152,7 @@ class TorchEngine(Engine):
         self.max_batch = _check_max_batch(max_batch)
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
+        self._cpu = self.device.type == "cpu"
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
             first.dtype if first is not None else torch.float32, "fp32")
 
@@ -156,8 +167,10 @@ class TorchEngine(Engine):
                    max_batch=max_batch)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32 or not (self._cpu and x.is_cpu):
+            x = x.to(self.device, torch.float32)  # a no-op .to() still costs microseconds: skip it when it is one
         with torch.no_grad():
-            return self.model(x.to(self.device, torch.float32))
+            return self.model(x)
 
 
 def load_engine(

@@ -17,12 +17,14 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from exporters.engines import Engine, TorchEngine, check_compatible, load_engine
 from exporters.formats import Precision
@@ -100,6 +102,114 @@ def test_load_engine_chooses_by_file_type(digits_onnx, tmp_path):
         load_engine(path, providers=["cpu"])
     with pytest.raises(UserError, match="not found"):
         load_engine(tmp_path / "missing.onnx")
+
+
+def _bare_session(engine: OnnxRuntimeEngine, x: torch.Tensor) -> torch.Tensor:
+    """The reference: the engine's ONNX Runtime session called through its public API on a contiguous numpy copy."""
+    name, out = engine.io_names
+    arr = np.ascontiguousarray(x.detach().to(torch.float32).numpy())
+    return torch.from_numpy(engine.session.run([out], {name: arr})[0])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_io_binding_fast_path_matches_the_bare_session(digits_onnx, precision):
+    """The runner binds torch memory by address; whatever the layout of the caller's tensor, it must read the same
+    pixels and give the same logits as session.run on a numpy copy (same kernels: bitwise equal)."""
+    _, _, _, files = digits_onnx
+    engine = OnnxRuntimeEngine(files[precision])
+    assert engine.io_binding and engine._fast is not None
+    data = load_dataset("digits:16", "test").x[:64]
+    cases = {
+        "batch of 1": data[:1],
+        "contiguous": data[:16],
+        "view with a storage offset": data[5:21],
+        "strided (every other image)": data[::2],
+        "channels_last": data[:8].contiguous(memory_format=torch.channels_last),
+        "transposed view": data[:8].transpose(2, 3),
+        "float64": data[:8].double(),
+        "requires_grad": data[:8].clone().requires_grad_(True),
+    }
+    for what, x in cases.items():
+        got = engine(x)
+        assert got.shape == (len(x), 10) and got.dtype == torch.float32 and not got.requires_grad, what
+        assert torch.equal(got, _bare_session(engine, x)), what
+    a = engine(data[:4])
+    a_copy = a.clone()
+    b = engine(data[4:8])  # each call returns its own tensor: a later call does not overwrite an earlier result
+    assert torch.equal(a, a_copy) and not torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+def test_fast_path_and_public_fallback_agree(digits_onnx, monkeypatch):
+    """Without ONNX Runtime's C-level binding the runner falls back to InferenceSession.run, with identical logits."""
+    import exporters.onnx as onnx_module
+
+    _, model, _, files = digits_onnx
+    x = load_dataset("digits:16", "test").x[:40]
+    fast = OnnxRuntimeEngine(files["fp32"], max_batch=16)
+
+    class NoCLevelSession:  # what a session object without the private `_sess` looks like to the probe
+        pass
+
+    assert onnx_module._cpu_binding(NoCLevelSession(), fast._io) is None
+    monkeypatch.setattr(onnx_module, "_cpu_binding", lambda session, io: None)
+    slow = OnnxRuntimeEngine(files["fp32"], max_batch=16)
+    assert slow._fast is None and not slow.io_binding
+    assert torch.equal(fast(x), slow(x))
+    assert torch.equal(fast(x[::3]), slow(x[::3]))
+    with torch.no_grad():
+        torch.testing.assert_close(slow(x), model(x), atol=1e-4 * float(model(x).abs().max()), rtol=0)
+
+
+def test_concurrent_callers_get_their_own_logits(digits_onnx):
+    """One IO binding per thread: callers in parallel threads must not read each other's inputs or outputs."""
+    _, _, _, files = digits_onnx
+    engine = OnnxRuntimeEngine(files["fp32"])
+    data = load_dataset("digits:16", "test").x
+    batches = [data[i * 7:i * 7 + 1 + i % 5] for i in range(24)]
+    expected = [_bare_session(engine, b) for b in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda b: [engine(b) for _ in range(5)], batches))
+    for got, ref in zip(results, expected):
+        assert all(torch.equal(g, ref) for g in got)
+
+
+def test_float16_interface_is_bound_as_float16(tmp_path):
+    """A graph whose input and output are float16 (not an otkit export, whose I/O stays float32): the runner binds
+    half-precision buffers and returns float32 logits equal to the closed form x.flatten() @ W computed in float16."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 3)).astype(np.float16)
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "w"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "half", [helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["batch", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", 3])],
+        [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    engine = OnnxRuntimeEngine(path)
+    assert engine.io_binding and engine.input_shape == (1, 4, 4) and engine.num_classes == 3
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    got = engine(x)
+    assert got.dtype == torch.float32 and got.shape == (5, 3)
+    half = x.to(torch.float16).reshape(5, 16).numpy()
+    expected = (half.astype(np.float32) @ w.astype(np.float32)).astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_torch_engine_converts_only_when_needed(digits_onnx):
+    _, model, _, _ = digits_onnx
+    twin = TorchEngine(model, (1, 16, 16), 10, "-")
+    x = load_dataset("digits:16", "test").x[:12]
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.equal(twin(x), expected)
+    out = twin(x.double().requires_grad_(True))  # converted to float32, no graph kept
+    assert out.dtype == torch.float32 and not out.requires_grad
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"\(N, 1, 16, 16\)"):
+        twin(x[0])
+    with pytest.raises(TypeError, match="expects a torch.Tensor"):
+        twin(x.numpy())
 
 
 def test_check_compatible(digits_onnx):
