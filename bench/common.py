@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,3 +41,58 @@ def timed(fn: Callable[[], object], repeat: int = 3) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS does not report them)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def device_description(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU model and its logical CPU count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
+
+
+def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of ``repeat`` calls (seconds) after ``warmup`` calls, and all the times (synchronising CUDA)."""
+    t = median_times(fn, repeat, warmup)
+    return t["wall_s"], t["wall_all_s"]
+
+
+def median_times(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict[str, float | list[float]]:
+    """Median wall time and median CPU time of this process over ``repeat`` calls (seconds), with all of them.
+
+    On a shared, loaded machine the wall time includes the time spent waiting for a core; the process CPU time
+    (``time.process_time``, all threads) does not, so with one thread it is close to what an idle core would take
+    (cache and memory-bandwidth contention still count). With CUDA the device is synchronised around each call.
+    """
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
+            "wall_all_s": [round(v, 5) for v in wall], "cpu_all_s": [round(v, 5) for v in cpu]}
