@@ -338,7 +338,8 @@ def test_converged_examples_leave_the_batch():
 
 @pytest.mark.parametrize("bad", [
     dict(x=-0.1), dict(x=1.5), dict(kernel_size=4), dict(eps=-0.1), dict(w=float("nan")), dict(reg=0.0),
-    dict(reg_scale="pixels"), dict(max_iter=0), dict(eps=float("inf")), dict(shape=True)])
+    dict(reg_scale="pixels"), dict(max_iter=0), dict(eps=float("inf")), dict(shape=True), dict(ztol=0.0),
+    dict(relax=2.0)])
 def test_bad_input_is_a_user_error(bad):
     x, w, _ = _images(1, 1, 6, seed=0)
     kwargs = {}
@@ -348,8 +349,108 @@ def test_bad_input_is_a_user_error(bad):
         w[0, 0, 0, 0] = bad["w"]
     if "shape" in bad:
         w = w[:, :, :5]
-    for key in ("kernel_size", "reg", "reg_scale", "max_iter"):
+    for key in ("kernel_size", "reg", "reg_scale", "max_iter", "ztol", "relax"):
         if key in bad:
             kwargs[key] = bad[key]
     with pytest.raises(UserError):
         project_wasserstein(w, x, bad.get("eps", 0.1), **kwargs)
+
+
+# ---------------------------------------------------------------- the warm-started Lambert W of the beta step
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_warm_started_log_lambert_w_matches_scipy_from_any_start(dtype, rtol):
+    from kit.ot.projection import _log_w
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.cat([torch.linspace(-60, 60, 4001, dtype=torch.float64), torch.tensor([-1e4, 300.0, 2e5])]).to(dtype)
+    inside = L.double().abs() <= 700  # where e^L is a float64: scipy; beyond, the identity y + e^y = L checks it
+    exact = np.log(special.lambertw(np.exp(L.double().clamp(-700, 700).numpy())).real)
+    y_ref = torch.where(inside, torch.tensor(exact, dtype=torch.float64), log_lambertw_exp(L.double()))
+    assert torch.allclose(y_ref[~inside] + torch.exp(y_ref[~inside]), L.double()[~inside], rtol=1e-15)
+    starts = {
+        "close": y_ref.to(dtype) + (1e-3 * torch.randn(L.shape, generator=g, dtype=torch.float64)).to(dtype),
+        "moved": y_ref.to(dtype) + (0.7 * torch.randn(L.shape, generator=g, dtype=torch.float64)).to(dtype),
+        "far above": y_ref.to(dtype) + 40.0,  # Newton crawls down by about 1 per step: the full solver takes over
+        "none": torch.where(torch.rand(L.shape, generator=g) < 0.3, float("nan"), y_ref).to(dtype),
+    }
+    for name, y0 in starts.items():
+        y = _log_w(L, y0)
+        assert y.dtype == dtype and torch.isfinite(y).all(), name
+        np.testing.assert_allclose(torch.exp(y).double().numpy(), torch.exp(y_ref).numpy(), rtol=rtol, err_msg=name)
+        # each element depends only on its own values: a slice gives the same bits
+        assert torch.equal(_log_w(L[1000:1100], y0[1000:1100]), y[1000:1100]), name
+
+
+# ---------------------------------------------------------------- the duality-gap certificate (ztol)
+
+
+def _entropic_projection(x: np.ndarray, w: np.ndarray, eps: float, lam: float, k: int = 3) -> np.ndarray:
+    """The exact minimiser of the regularised unit-mass problem of kit.ot.projection, by SLSQP on the plan entries:
+    min lam/2 |w^ - z|^2 + sum P log P  s.t.  rows = x^, <P, C> <= eps, z = P^T 1 <= 1/m. Returns z (unit mass)."""
+    h, wd = x.shape
+    m = x.sum()
+    xh, wh = x.reshape(-1) / m, w.reshape(-1) / m
+    cost = local_cost(k, 2, dtype=torch.float64).numpy()
+    valid = valid_offsets(h, wd, k).numpy()
+    src, dst, cst = [], [], []
+    for o in range(k * k):
+        di, dj = o // k - k // 2, o % k - k // 2
+        for i in range(h):
+            for j in range(wd):
+                if valid[o, i, j]:
+                    src.append(i * wd + j)
+                    dst.append((i + di) * wd + j + dj)
+                    cst.append(cost[o])
+    src, dst, cst = np.array(src), np.array(dst), np.array(cst)
+    rows = np.zeros((h * wd, len(src)))
+    rows[src, np.arange(len(src))] = 1
+    cols = np.zeros((h * wd, len(src)))
+    cols[dst, np.arange(len(src))] = 1
+
+    def f(p):
+        r = wh - cols @ p
+        return 0.5 * lam * r @ r + np.sum(p * np.log(p))
+
+    def jac(p):
+        return -lam * cols.T @ (wh - cols @ p) + np.log(p) + 1.0
+
+    p0 = xh[src] / np.bincount(src)[src]
+    res = optimize.minimize(f, p0, jac=jac, method="SLSQP", bounds=[(1e-14, None)] * len(src),
+                            constraints=[dict(type="eq", fun=lambda p: rows @ p - xh, jac=lambda p: rows),
+                                         dict(type="ineq", fun=lambda p: eps - cst @ p, jac=lambda p: -cst[None]),
+                                         dict(type="ineq", fun=lambda p: 1.0 / m - cols @ p, jac=lambda p: -cols)],
+                            options=dict(maxiter=2000, ftol=1e-15))
+    p = res.x
+    assert np.abs(rows @ p - xh).max() < 1e-9 and cst @ p <= eps + 1e-9, res.message
+    return (cols @ p).reshape(h, wd)
+
+
+@pytest.mark.slow  # two SLSQP solves of the entropic problem: about 10 s
+def test_certified_error_bound_holds_against_an_independent_solver():
+    """z_error_bound (from the duality gap) bounds the RMS distance to the exact regularised projection, which SLSQP
+    computes independently here; with the defaults every example converges with a bound <= ztol, and a tighter ztol
+    gives a tighter bound and a closer output."""
+    rng = np.random.default_rng(3)
+    cases = [(rng.uniform(0.1, 1.0, (3, 3)), rng.uniform(0.0, 1.0, (3, 3)), 0.05),  # far: the radius binds
+             (rng.uniform(0.1, 0.9, (3, 3)), None, 0.02)]  # a small L-inf step
+    reg = 20.0
+    for x, w, eps in cases:
+        if w is None:
+            w = x + 0.05 * np.sign(rng.standard_normal(x.shape))
+        m = x.sum()
+        z_ref = _entropic_projection(x, w, eps, reg * m) * m
+        xt, wt = torch.tensor(x)[None, None], torch.tensor(w)[None, None]
+        for ztol in (2e-3, 2e-4):
+            r = project_wasserstein(wt, xt, eps, kernel_size=3, reg=reg, ztol=ztol, check_inside=False)
+            assert r.converged.all()
+            bound = r.z_error_bound.item()
+            rms = float(np.sqrt(np.mean((r.z[0, 0].numpy() - z_ref) ** 2)))
+            assert rms <= bound * (1 + 1e-6) + 1e-7, (eps, ztol, rms, bound)
+            assert bound <= max(ztol, 2e-3), (eps, ztol, bound)
+        assert rms <= 2e-4 + 1e-7
+    # in float32 too (the gap is summed in float64)
+    r32 = project_wasserstein(wt.float(), xt.float(), eps, kernel_size=3, reg=reg, check_inside=False)
+    rms32 = float(np.sqrt(np.mean((r32.z[0, 0].double().numpy() - z_ref) ** 2)))
+    assert r32.converged.all() and rms32 <= r32.z_error_bound.item() * (1 + 1e-3) + 1e-6

@@ -29,21 +29,22 @@ which is the paper's Equation (6) multiplied by :math:`\lambda` plus the box :ma
 :math:`\Pi_{ij} = e^{\alpha_i + \beta_j - \psi C_{ij} - 1}`, :math:`z = \Pi^\top\mathbf 1` (Lemma 2).
 
 **Iteration** (block coordinate ascent on :math:`g`, all in the log domain; after one initial α step each iteration
-runs the β, α and ψ steps in that order, the α step and the per-offset masses of step 3 sharing one pass of
-exponentials over the k*k shifted views of the image; exponentials below the smallest normal number are floored, a
-relative 1e-35 in float32, because subnormal results are an order of magnitude slower on CPUs):
+runs the β, α and ψ steps in that order):
 
-1. :math:`\alpha_i = \log \hat x_i - \log\sum_j e^{\beta_j - \psi C_{ij} - 1}` (Sinkhorn's row update; ``-inf`` where
+1. :math:`\alpha_i = \log \hat x_i - \log\sum_j e^{\beta_j - \psi C_{ij} - 1}` (Sinkhorn's row update; "log 0" where
    :math:`\hat x_i = 0`);
 2. with :math:`\log s_j = \log\sum_i e^{\alpha_i - \psi C_{ij} - 1}` and :math:`L_j = \log\lambda + \lambda\hat w_j +
    \log s_j`, the paper's Lambert-W step :math:`\beta_j = \lambda\hat w_j - W(e^{L_j})` is evaluated as
    :math:`\beta_j = \log W(e^{L_j}) - \log\lambda - \log s_j` (the same number, by :math:`W + \log W = L`, without the
-   cancellation of two numbers of size :math:`\lambda\hat w_j` and without forming :math:`e^{L_j}`:
-   :func:`~kit.ot.lambertw.log_lambertw_exp`). Then :math:`z_j = e^{\beta_j}s_j = W(e^{L_j})/\lambda`. **Box
-   (deviation from the paper, which clamps after the projection and so loses mass and breaks the radius):**
-   :math:`z_j = e^{\beta_j}s_j` increases with :math:`\beta_j` while :math:`\hat w_j - \beta_j/\lambda` decreases, so
-   the box-constrained maximiser is the Lambert-W solution unless it puts :math:`z_j` above :math:`u_j`, in which case
-   :math:`\beta_j = \log(u_j/s_j)`: :math:`\log z_j = \min(\log W(e^{L_j}), \log \lambda u_j) - \log\lambda`;
+   cancellation of two numbers of size :math:`\lambda\hat w_j` and without forming :math:`e^{L_j}`). Then
+   :math:`z_j = e^{\beta_j}s_j = W(e^{L_j})/\lambda`. **Box (deviation from the paper, which clamps after the
+   projection and so loses mass and breaks the radius):** :math:`z_j = e^{\beta_j}s_j` increases with
+   :math:`\beta_j` while :math:`\hat w_j - \beta_j/\lambda` decreases, so the box-constrained maximiser is the
+   Lambert-W solution unless it puts :math:`z_j` above :math:`u_j`, in which case :math:`\beta_j = \log(u_j/s_j)`:
+   :math:`\log z_j = \min(\log W(e^{L_j}), \log \lambda u_j) - \log\lambda`. :math:`y = \log W(e^{L})` comes from
+   three Newton steps on :math:`e^y + y - L` started at the previous iteration's :math:`y` (:func:`_log_w`; more
+   steps for the few pixels that moved further, and :func:`~kit.ot.lambertw.log_lambertw_exp` from scratch after a
+   change of λ), exact to a few ulps like the cold solver and a third of its work;
 3. :math:`\psi`: the paper takes one Newton step on :math:`\partial g/\partial\psi` with a halving line search keeping
    :math:`\psi \ge 0`. **Deviation:** we maximise :math:`g` over :math:`\psi \ge 0` exactly. With
    :math:`A_o = \sum_{c,i} e^{\alpha_i + \beta_{i+o} - 1}` (one number per offset), :math:`g(\psi) = -\psi\varepsilon -
@@ -53,16 +54,38 @@ relative 1e-35 in float32, because subnormal results are an order of magnitude s
    :math:`\psi \ge 0` on (N, k*k) numbers only. This is still block coordinate ascent and makes each iteration a little
    more effective than a single Newton step.
 
+**Cost of an iteration.** The two log-sum-exps over the k*k window are the work: each is five vectorised passes over
+one (n, k, k, C, H, W + 2r) buffer that is reused for the whole call (:meth:`_Geometry.lse`: the shifted values, read
+without copies from a strided view of the padded image in which each offset's window is one contiguous run, their
+maximum over the window, then in place the shift, the exponential and the sum; exponentials are floored at a
+relative 1e-35 in float32, because ``exp`` of ``-inf`` and subnormal results take paths an order of magnitude slower
+on CPUs). The α step's exponentials also give the plan of
+exact rows, :math:`\Pi_{i,o} = \hat x_i t_{o,i}/\sum_{o'} t_{o',i}`, so the per-offset masses of step 3 are one
+batched matrix-vector product. "log 0" (empty source pixels, outside the image) is the finite ``_NEG_BIG`` inside
+the iteration, so the per-pixel arithmetic needs no masks: on CPUs ``torch.where``, comparisons and ``isfinite`` cost
+ten times an addition. Everything per example: an example's iterates do not depend on the rest of the batch.
+
 **Over-relaxation (deviation, ``relax``).** Sinkhorn on local kernels is slow at the large λ we want (below), so the α
 and β updates are over-relaxed, :math:`\alpha \leftarrow \alpha + \omega(\alpha^{new} - \alpha)` and the same for
-β, with ω = 1.6 by default (Thibault, Chizat, Dossal & Papadakis 2017, "Overrelaxed Sinkhorn-Knopp algorithm"): it
-roughly halves the iterations on our tests. Safeguard: an example whose dual objective ever decreases continues with
-ω = 1 (plain block ascent, monotone). ``relax=1`` is the paper's iteration.
+β, with ω = 1.8 by default (Thibault, Chizat, Dossal & Papadakis 2017, "Overrelaxed Sinkhorn-Knopp algorithm"); at
+the final λ of a dense target it cuts the iterations about fivefold against ω = 1. Safeguards: an iteration whose
+dual objective decreases halves ω - 1 for that example, and every iteration without a decrease lets it grow back by
+0.01 up to ``relax``; an iteration that produces a non-finite dual is undone and the example continues with ω = 1;
+the first annealing stage of a cold start, far from the solution, runs with ω = 1 (over-relaxing there oscillates
+and costs three times the iterations). ``relax=1`` is the paper's iteration.
 
-Convergence is judged per example on the dual: an example has converged when, in an iteration of its final
-regularisation stage, its dual objective rose by at most ``tol * max(1, |g|)`` and the β step moved its row sums by at
-most ``marginal_tol`` (L1, unit mass). Converged examples leave the active batch, so they stop costing work.
-``max_iter`` is a hard bound.
+**Convergence** is judged per example in its final regularisation stage. With ``ztol`` (the default, 2e-3): when the
+dual objective rose by at most ``tol * max(1, |g|)`` in the last iteration and the row error (the L1 change the β step
+made to the row sums, unit mass) is below ``10 * marginal_tol``, the output plan is built (below) and its primal
+objective :math:`P` evaluated; the **duality gap** :math:`P - g` bounds the distance of the output to the exact
+solution :math:`z^\star` of the regularised problem: the objective is λ-strongly convex in :math:`z`, so
+:math:`\tfrac{\lambda}{2}\|z - z^\star\|^2 \le P - P^\star \le P - g`, i.e. a root-mean-square error per pixel (original
+scale) of at most :math:`m\sqrt{2(P - g)/\lambda}/\sqrt{CHW}` (``z_error_bound``, reported for every output). The
+example has converged when that bound is ``<= ztol``, or when the gap is down to rounding (100 ulps of :math:`P`:
+small λ in float32 cannot certify a small ``ztol``) and the row error is ``<= marginal_tol``. The next check is
+scheduled where the geometric decay of the bound between the last two checks predicts success (2 to 20 iterations
+later). With ``ztol=None``, the row error ``<= marginal_tol`` and the dual rise decide, as the paper's iterate
+tolerance would. Converged examples leave the active batch, so they stop costing work. ``max_iter`` is a hard bound.
 
 **Regularisation.** The entropic projection is biased: its plan spreads mass (the entropy term), spends budget on
 moving mass back and forth, and its output differs from the input even inside the ball. The bias shrinks as
@@ -78,8 +101,13 @@ forth. ``reg=100`` gives about 1.0 and 0.65 on those two, ``reg=1000`` about 1.0
 500 (figures in ``bench/ot_projection.py``). Large :math:`\lambda` makes Sinkhorn slow,
 so a cold start anneals :math:`\lambda` (epsilon scaling): it starts at ``reg_start`` (same scale) and multiplies by
 ``reg_factor`` whenever the stage's marginal error is ``<= stage_tol`` or the stage used its share of
-``max_iter``, rescaling :math:`\beta, \psi` (which grow like :math:`\lambda`). A warm start (``warm=``, the duals of a
-previous call) starts at the final :math:`\lambda` directly.
+``max_iter``. **How the duals follow (deviation):** :math:`\beta_j = \lambda(\hat w_j - z_j)` grows like
+:math:`\lambda` at a fixed output, but :math:`\psi` does so only where the plan is nearly a linear program's (a far,
+dense target: ψ went from 4 to 310 while λ grew 500-fold) and hardly at all where the entropy dominates (a small
+step: 6 to 10); scaling ψ with λ there overshoots it 15-fold, and the next stages spent hundreds of iterations
+bringing it back. So at each advance both candidates, (β, ψ) kept and (β, ψ) scaled by the λ ratio, get one α and one
+exact ψ step, and the one with the higher dual objective at the new λ is kept, per example. A warm start
+(``warm=``, the duals of a previous call) starts at the final :math:`\lambda` directly.
 
 **Already inside** (``check_inside``). Where ``w`` has the channel masses of ``x`` and lies in [0, 1] it may be in
 the ball already, and then the answer is ``w`` itself, which the entropic problem misses by its bias. Those examples
@@ -112,12 +140,28 @@ import torch.nn.functional as F
 
 from kit.errors import UserError
 from kit.ot.lambertw import log_lambertw_exp
-from kit.ot.local import check_kernel_size, local_cost, neighbours, plan_cost, target_marginal
+from kit.ot.local import check_kernel_size, local_cost, target_marginal, valid_offsets
 
 __all__ = ["ProjectionConvergenceWarning", "ProjectionDuals", "ProjectionResult", "dual_objective",
            "primal_objective", "project_wasserstein"]
 
 _NEG = float("-inf")
+# Stands for log 0 inside the iteration: empty source pixels (alpha) and the padding outside the image. Finite, so
+# that the hot loop needs no masks (comparisons, ``torch.where`` and ``isfinite`` are an order of magnitude slower
+# than arithmetic on CPUs): e^(_NEG_BIG + anything of the problem's size) is clamped to the exp floor like e^-inf.
+_NEG_BIG = -1e30
+# A cold start anneals lambda; at each advance the new (beta, psi) is the old one scaled by ratio**p for the p of this
+# tuple whose dual objective (after one alpha and one psi step) is the highest, per example (module docstring).
+_ADVANCE_POWERS = (0.0, 1.0)
+# The duality-gap certificate (ztol) is evaluated once the row error is below _CERT_GATE * marginal_tol (before that
+# the gap cannot be small enough), then again where the bound's decay predicts success, 2 to 4 * _CERT_EVERY
+# iterations later (_CERT_EVERY when there is no decay to go by).
+_CERT_EVERY = 5
+_CERT_GATE = 10.0
+# A duality gap below this many ulps of the primal is rounding: then the row error decides instead (module docstring).
+_GAP_ROUNDING = 100.0
+# Over-relaxation safeguard: a dual decrease halves omega - 1; every iteration without one regrows it by this much.
+_OMEGA_REGROW = 0.01
 
 
 class ProjectionConvergenceWarning(RuntimeWarning):
@@ -162,7 +206,9 @@ class ProjectionResult:
     iterations : (N,) int64 tensor
         Iterations run (all regularisation stages together).
     converged : (N,) bool tensor
-        The dual settled (relative rise ``<= tol``) before ``max_iter``.
+        Before ``max_iter``, in the final stage, the dual settled (relative rise ``<= tol``) and the certificate
+        ``z_error_bound <= ztol`` held (or, where the duality gap is down to rounding, the row error was
+        ``<= marginal_tol``); with ``ztol=None``, the row error ``<= marginal_tol`` decides (module docstring).
     dual : (N,) tensor
         The last dual objective :math:`g` (λ-scaled, unit-mass problem).
     marginal_error : (N,) tensor
@@ -175,6 +221,11 @@ class ProjectionResult:
     plan : (N, C, k*k, H, W) tensor or None
         With ``return_plan=True``: the plan in the unit-mass scale; ``source_marginal(plan) * m == x`` and
         ``target_marginal(plan) * m == z`` (to rounding).
+    z_error_bound : (N,) tensor or None
+        Certified bound on the root-mean-square distance per pixel (original [0, 1] scale) between ``z`` and the
+        exact solution of the regularised problem at the λ the example ended with: :math:`m\\sqrt{2\\,(P - g)/
+        \\lambda}/\\sqrt{CHW}` from the duality gap of the returned plan (module docstring). NaN for examples
+        returned without iterating (``w`` already in the ball, ``x`` itself, ``eps = 0``).
     """
 
     z: torch.Tensor
@@ -186,57 +237,7 @@ class ProjectionResult:
     duals: ProjectionDuals
     mass: torch.Tensor
     plan: torch.Tensor | None = None
-
-
-class _Geometry:
-    """Offsets of a k x k window and their costs; shifted views of ``-inf``-padded images (no mass outside)."""
-
-    def __init__(self, h: int, w: int, k: int, p: float, device: torch.device, dtype: torch.dtype) -> None:
-        self.k, self.kk, self.centre = k, k * k, (k * k) // 2
-        self.cost = local_cost(k, p, device=device, dtype=dtype)  # (kk,)
-        self.cost5 = self.cost.view(1, 1, -1, 1, 1)
-        self.log_cost = torch.log(self.cost)  # -inf at the centre
-        self.offsets = [(o // k, o % k) for o in range(k * k)]  # top-left corner of each shifted view
-
-    def pad(self, v: torch.Tensor) -> torch.Tensor:
-        """(n, c, H, W) -> (n, c, H + 2r, W + 2r) padded with ``-inf`` (no mass outside the image)."""
-        r = self.k // 2
-        return F.pad(v, (r, r, r, r), value=_NEG)
-
-    def shifted(self, vp: torch.Tensor, o: int) -> torch.Tensor:
-        """View of ``v[i + d(o)]`` for every pixel i, from the padded ``vp`` (``-inf`` where it leaves the image)."""
-        a, b = self.offsets[o]
-        return vp[:, :, a:a + vp.shape[2] - self.k + 1, b:b + vp.shape[3] - self.k + 1]
-
-    def nb(self, vp: torch.Tensor) -> torch.Tensor:
-        """Masked neighbours from the padded ``vp``: (n, c, kk, H, W), ``-inf`` where the offset leaves the image."""
-        return torch.stack([self.shifted(vp, o) for o in range(self.kk)], 2)
-
-    def lse_window(self, vp: torch.Tensor, psi: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        r""":math:`\log\sum_o e^{v_{i + d(o)} - \psi C_o}` for every pixel i: (n, c, H, W).
-
-        A log-domain "convolution" over the window, in two passes over the k*k shifted views (exact maximum
-        :math:`m_i`, then the shifted sum) without stacking an (n, c, k*k, H, W) tensor. Because the cost and the
-        validity of an offset are symmetric, the sum over the sources j of a target i is this same sum. Returns
-        (lse, terms, m) with the list of :math:`e^{v_{i+d(o)} - \psi C_o - m_i}` per offset.
-        """
-        pc = psi.view(-1, 1, 1, 1) * self.cost  # (n, 1, 1, kk)
-        shifted = [self.shifted(vp, o) - pc[..., o:o + 1] for o in range(self.kk)]
-        m = shifted[0]
-        for t in shifted[1:]:
-            m = torch.maximum(m, t)
-        m0 = m
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        # Terms below e^floor of the largest are raised to e^floor (a relative 1e-35 in float32, 1e-304 in float64):
-        # harmless, and exp then never produces subnormal numbers, which are ~40x slower on CPUs.
-        floor = _exp_floor(m.dtype)
-        terms = [torch.sub(t, m).clamp_(min=floor).exp_() for t in shifted]
-        acc = terms[0].clone()
-        for t in terms[1:]:
-            acc += t
-        # where no offset holds any mass (every term was -inf, now e^floor) the sum is -inf
-        lse = torch.where(torch.isfinite(m0), m + torch.log(acc), m0)
-        return lse, terms, m
+    z_error_bound: torch.Tensor | None = None
 
 
 def _exp_floor(dtype: torch.dtype) -> float:
@@ -244,81 +245,219 @@ def _exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 8.0
 
 
+class _Geometry:
+    r"""The k x k window of every pixel as strided views of padded images, the offset costs, and a work buffer.
+
+    Window tensors have the layout (n, k, k, C, H, W): entry ``[n, a, b, c, i, j]`` belongs to pixel (i, j) and
+    offset :math:`o = a k + b`, i.e. the displacement :math:`(a - r, b - r)`, :math:`r = \lfloor k/2 \rfloor` (the
+    offset order of :mod:`kit.ot.local`). :meth:`public` turns a plan into the kit's (n, C, k*k, H, W) layout.
+    Putting the offsets outside the pixels makes every pass over the window one vectorised operation over the
+    whole batch and lets :func:`torch.bmm` contract the pixels.
+
+    The hot path (:meth:`lse`) works on *extended rows*: the image padded to width :math:`W_p = W + 2r` and flattened,
+    so that the window of offset (a, b) is one contiguous run of :math:`H W_p` values starting at :math:`a W_p + b`
+    (the 2r extra values per row are computed and ignored). Every pass then runs over long contiguous rows; on the
+    (n, k, k, C, H, W) view the innermost run is one image row, and a pass costs several times more.
+    """
+
+    def __init__(self, c: int, h: int, w: int, k: int, p: float, device: torch.device, dtype: torch.dtype) -> None:
+        self.c, self.h, self.w = c, h, w
+        self.k, self.kk, self.r = k, k * k, k // 2
+        self.centre = self.kk // 2
+        self.cost = local_cost(k, p, device=device, dtype=dtype)  # (kk,)
+        self.log_cost = torch.log(self.cost)  # -inf at the centre
+        self.valid6 = valid_offsets(h, w, k, device=device).to(dtype).view(1, k, k, 1, h, w)
+        self.wp = w + 2 * self.r  # extended rows (class docstring)
+        self.ext = h * self.wp
+        self.cost5 = self.cost.view(1, k, k, 1, 1)
+        self.floor = _exp_floor(dtype)
+        self._buf: torch.Tensor | None = None
+
+    def pad(self, v: torch.Tensor, value: float = _NEG_BIG) -> torch.Tensor:
+        """(n, C, H, W) -> (n, C, H + 2r, W + 2r); "log 0" (``_NEG_BIG``) by default: no mass outside the image."""
+        r = self.r
+        return F.pad(v, (r, r, r, r), value=value)
+
+    def window(self, vp: torch.Tensor) -> torch.Tensor:
+        """``v[i + d(o)]`` for every pixel i and offset o, from the padded ``vp``: an (n, k, k, C, H, W) view."""
+        return vp.unfold(2, self.k, 1).unfold(3, self.k, 1).permute(0, 4, 5, 1, 2, 3)
+
+    def workspace(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """An (n, k, k, C, H * W_p) scratch tensor (extended rows), reused between calls (fresh pages cost more than
+        the arithmetic)."""
+        buf = self._buf
+        if buf is None or buf.shape[0] < n:
+            buf = self._buf = torch.empty(n, self.k, self.k, self.c, self.ext, device=like.device, dtype=like.dtype)
+        return buf[:n]
+
+    def hw(self, v: torch.Tensor) -> torch.Tensor:
+        """Extended rows (n, C, H * W_p) -> the image (n, C, H, W), contiguous."""
+        return v.view(v.shape[0], self.c, self.h, self.wp)[..., :self.w].contiguous()
+
+    def extend(self, v: torch.Tensor) -> torch.Tensor:
+        """The image (n, C, H, W) -> extended rows (n, C * H * W_p), zero on the extra values."""
+        return F.pad(v, (0, 2 * self.r)).view(v.shape[0], self.c * self.ext)
+
+    def lse(self, v: torch.Tensor, psi: torch.Tensor, out: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r""":math:`\log\sum_o e^{v_{i + d(o)} - \psi C_o}` for every pixel i, (n, C, H, W).
+
+        Five passes over the window: the shifted values, their maximum :math:`m_i` over the offsets, and in place
+        :math:`t_{o,i} = e^{\max(v_{i+d(o)} - \psi C_o - m_i,\ f)}` with the floor :math:`f` of
+        :func:`_exp_floor` (a relative 1e-35 in float32: harmless, and exp then never takes the slow paths of
+        ``-inf`` or of subnormal results, an order of magnitude slower on CPUs), then their sum. Because the cost
+        and the validity of an offset are symmetric, the sum over the sources j of a target i is this same sum.
+        ``v`` must be finite (log 0 is ``_NEG_BIG``; a window without mass gives about ``_NEG_BIG``). Returns
+        (lse, t, acc): ``lse`` and :math:`acc_i = \sum_o t_{o,i} \ge 1` as (n, C, H, W) images, ``t`` as
+        (n, k, k, C, H * W_p) extended rows (class docstring) in the workspace, or in ``out``.
+        """
+        n, k, r, c = v.shape[0], self.k, self.r, self.c
+        vp = F.pad(v, (r, r, r, r + 1), value=_NEG_BIG)  # one more row: the last window run ends 2r - 1 past
+        hp = self.h + 2 * r + 1
+        win = vp.as_strided((n, k, k, c, self.ext), (c * hp * self.wp, self.wp, 1, hp * self.wp, 1),
+                            vp.storage_offset())
+        t = self.workspace(n, v) if out is None else out
+        torch.sub(win, psi.view(-1, 1, 1, 1, 1) * self.cost5, out=t)
+        m = t.amax((1, 2))
+        t.sub_(m[:, None, None]).clamp_(min=self.floor).exp_()
+        acc = t.sum((1, 2))
+        return self.hw(m + torch.log(acc)), t, self.hw(acc)
+
+    def colsum(self, plan: torch.Tensor) -> torch.Tensor:
+        """Target marginal of a window-layout plan: :math:`z_j = \\sum_o \\Pi_{j - d(o), o}`, (n, C, H, W)."""
+        n, r, h, w = plan.shape[0], self.r, self.h, self.w
+        zp = plan.new_zeros(n, self.c, h + 2 * r, w + 2 * r)
+        for a in range(self.k):
+            for b in range(self.k):
+                zp[:, :, a:a + h, b:b + w] += plan[:, a, b]
+        return zp[:, :, r:r + h, r:r + w]
+
+    def public(self, plan: torch.Tensor) -> torch.Tensor:
+        """(n, k, k, C, H, W) -> the kit's (n, C, k*k, H, W) plan layout (a copy)."""
+        return plan.permute(0, 3, 1, 2, 4, 5).reshape(plan.shape[0], self.c, self.kk, self.h, self.w)
+
+
 def _h_beta(beta: torch.Tensor, wh: torch.Tensor, u: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """:math:`\\sum_j h_j(\\beta_j)` per example (the box-constrained conjugate term of the dual)."""
-    zt = wh - beta / lam
-    inside = beta * wh - beta * beta / (2 * lam)
-    above = lam / 2 * (wh - u) ** 2 + beta * u
-    below = lam / 2 * wh * wh
-    return torch.where(zt > u, above, torch.where(zt < 0, below, inside)).sum((1, 2, 3))
+    r""":math:`\sum_j h_j(\beta_j)` per example (the box-constrained conjugate term of the dual), in float64:
+    :math:`h_j(\beta) = \frac{\lambda}{2}(\hat w_j - \tilde z_j)^2 + \beta\tilde z_j` at its minimiser
+    :math:`\tilde z_j = \min(\max(\hat w_j - \beta/\lambda, 0), u_j)` (the three cases of the module docstring)."""
+    zt = (wh - beta / lam).clamp_min(0.0).minimum(u)
+    d = wh - zt
+    return (lam / 2 * d * d + beta * zt).sum((1, 2, 3), dtype=torch.float64)
 
 
 def _lam5(lam: torch.Tensor) -> torch.Tensor:
     return lam.view(-1, 1, 1, 1)
 
 
-def _alpha_step(geo: _Geometry, bp: torch.Tensor, psi: torch.Tensor, logx: torch.Tensor, xpos: torch.Tensor,
-                xh: torch.Tensor, alpha_prev: torch.Tensor | None = None, omega: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Row update from the padded beta ``bp``, and the per-offset masses for the ψ step, from the same exponentials.
+def _log_w(log_x: torch.Tensor, y0: torch.Tensor | None, steps: int = 3) -> torch.Tensor:
+    r""":math:`y = \log W(e^{L})` by Newton's iteration on :math:`e^y + y - L` from the previous iteration's values.
 
-    Returns (alpha, log_a, r): :math:`r_i = \log\sum_o e^{\beta_{i+o} - \psi C_o - 1}`, the row update
-    :math:`\alpha_i = \log\hat x_i - r_i` (over-relaxed from ``alpha_prev`` by ``omega`` per example when given), and
-    :math:`\log A_o = \log\sum_{c,i} e^{\alpha_i + \beta_{i+o} - 1}` (n, kk) for that alpha. Without relaxation the
-    plan has exact rows, :math:`\Pi_{i,o} = \hat x_i\, t_{i,o} / \sum_{o'} t_{i,o'}` with the terms
-    :math:`t_{i,o}` of :meth:`_Geometry.lse_window`, so :math:`A_o = e^{\psi C_o}\sum_i \Pi_{i,o}` needs no further
-    exponentials; relaxation rescales row i by :math:`e^{\alpha_i - \alpha^{new}_i}`.
+    Between two iterations of the projection :math:`L` changes little, so ``steps`` Newton steps (quadratic
+    convergence; :math:`f(y) = e^y + y - L` is convex and increasing) from ``y0`` reach float precision almost
+    everywhere; elements whose last step is still above 8 ulp take up to 8 more, each frozen once its step is below
+    that. Elements without a finite ``y0``, or still moving after that (a start far above the root, where Newton
+    advances by about 1 per step), are recomputed by :func:`~kit.ot.lambertw.log_lambertw_exp` (Halley from an
+    initial guess, exact to rounding). Every element's result depends only on its own values (no batch effects).
     """
-    lse, terms, m = geo.lse_window(bp, psi)
-    alpha = torch.where(xpos, logx - (lse - 1.0), _NEG)
-    acc = torch.exp(lse - m)  # sum_o t_io, in [1, kk] wherever the window holds any mass
-    weight = torch.where(acc > 0, xh / acc.clamp_min(1.0), torch.zeros_like(xh))
-    if omega is not None and alpha_prev is not None:
-        relaxed = torch.where(xpos, alpha_prev + omega.view(-1, 1, 1, 1) * (alpha - alpha_prev), alpha)
-        weight = weight * torch.where(xpos, torch.exp(relaxed - alpha), torch.zeros_like(xh))
-        alpha = relaxed
-    moved = torch.stack([(t * weight).flatten(1).sum(1) for t in terms], 1)  # (n, kk): mass per offset
+    if y0 is None:
+        return log_lambertw_exp(log_x)
+    y = y0
+    floor = _exp_floor(y.dtype)
+    tol = 8 * torch.finfo(y.dtype).eps
+    step = y
+    for _ in range(steps):
+        ey = torch.exp(y.clamp_min(floor))
+        step = (ey + y - log_x) / (ey + 1.0)
+        y = y - step
+    # a few elements moved further: more steps, each element frozen (multiplied by 0) once its step is below tol;
+    # masks as floats, because comparisons and indexing cost an order of magnitude more than arithmetic on CPUs
+    live = (step.abs() > tol * (1.0 + y.abs())).to(y.dtype)  # 0 for NaN (no finite start)
+    for _ in range(8):
+        if not bool(live.max() > 0):
+            break
+        ey = torch.exp(y.clamp_min(floor))
+        step = (ey + y - log_x) / (ey + 1.0) * live
+        y = y - step
+        live = live * (step.abs() > tol * (1.0 + y.abs())).to(y.dtype)
+    if bool(live.max() > 0) or not bool(torch.isfinite(y.sum())):  # the full solver where Newton did not settle
+        bad = (live > 0) | ~torch.isfinite(y)
+        y = y.clone()
+        y[bad] = log_lambertw_exp(log_x[bad])
+    return y
+
+
+def _alpha_step(geo: _Geometry, beta: torch.Tensor, psi: torch.Tensor, logx: torch.Tensor, xh: torch.Tensor,
+                alpha_prev: torch.Tensor | None = None, omega: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    r"""Row update and the per-offset masses for the ψ step, from one :meth:`_Geometry.lse` pass.
+
+    ``logx`` is :math:`\log\hat x` with ``_NEG_BIG`` for empty pixels; their alphas stay about ``_NEG_BIG``, so no
+    mask is needed.
+
+    Returns (alpha, log_a, err): the row update :math:`\alpha_i = \log\hat x_i - r_i` with
+    :math:`r_i = \log\sum_o e^{\beta_{i+o} - \psi C_o - 1}` (over-relaxed from ``alpha_prev`` by ``omega`` per
+    example when given), :math:`\log A_o = \log\sum_{c,i} e^{\alpha_i + \beta_{i+o} - 1}` (n, kk) for that alpha, and
+    (with ``alpha_prev``) the L1 error of the rows of ``alpha_prev`` per example. The plan of exact rows is
+    :math:`\Pi_{i,o} = \hat x_i\, t_{o,i} / acc_i` with the terms of :meth:`_Geometry.lse`, so
+    :math:`A_o = e^{\psi C_o}\sum_i \Pi_{i,o}` is one batched matrix-vector product, without further exponentials;
+    relaxation rescales row i by :math:`e^{\alpha_i - \alpha^{new}_i}`.
+    """
+    lse, terms, acc = geo.lse(beta, psi)
+    r = lse - 1.0
+    alpha = logx - r  # log 0 stays about _NEG_BIG
+    weight = xh / acc  # the plan of exact rows is terms * weight
+    err = None
+    if alpha_prev is not None:
+        err = (torch.exp((alpha_prev + r).clamp_min(geo.floor)) - xh).abs().sum((1, 2, 3))
+        if omega is not None:
+            relaxed = alpha_prev + _lam5(omega) * (alpha - alpha_prev)
+            weight = weight * torch.exp(relaxed - alpha)
+            alpha = relaxed
+    n = xh.shape[0]
+    moved = torch.bmm(terms.view(n, geo.kk, geo.c * geo.ext), geo.extend(weight).unsqueeze(2)).view(n, geo.kk)
     log_a = torch.log(moved) + psi[:, None] * geo.cost
-    return alpha, log_a, lse - 1.0
-
-
-def _row_error(alpha_old: torch.Tensor, r: torch.Tensor, xh: torch.Tensor, xpos: torch.Tensor) -> torch.Tensor:
-    """L1 error of the rows of the plan (alpha_old, beta, psi) before the row update, per example (unit mass)."""
-    return torch.where(xpos, (torch.exp(alpha_old + r) - xh).abs(), torch.zeros_like(xh)).sum((1, 2, 3))
+    return alpha, log_a, err
 
 
 def _beta_step(geo: _Geometry, alpha: torch.Tensor, psi: torch.Tensor, wh: torch.Tensor, u: torch.Tensor,
-               lam: torch.Tensor) -> torch.Tensor:
-    """Box-constrained Lambert-W column update (see the module docstring)."""
-    log_s = geo.lse_window(geo.pad(alpha), psi)[0] - 1.0
+               lam: torch.Tensor, reach: torch.Tensor, y_prev: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-constrained Lambert-W column update (module docstring); returns (beta, log W) for the next warm start.
+
+    ``reach`` is 1.0 where some source pixel with mass lies in the window, else 0.0: a pixel no source mass can reach
+    gets z = 0, and any beta >= lam * w is then optimal (we take lam * w). Its log s is about ``_NEG_BIG``, which
+    keeps every intermediate finite."""
+    log_s = geo.lse(alpha, psi)[0] - 1.0
     lam4 = _lam5(lam)
     log_lam = torch.log(lam4)
-    reached = torch.isfinite(log_s)
-    log_s0 = torch.where(reached, log_s, torch.zeros_like(log_s))
-    y = log_lambertw_exp(log_lam + lam4 * wh + log_s0)
+    y = _log_w(log_lam + lam4 * wh + log_s, y_prev)
     log_z = torch.minimum(y, torch.log(lam4 * u)) - log_lam
-    # a pixel no source mass can reach gets z = 0; any beta >= lam * w is then optimal
-    return torch.where(reached, log_z - log_s0, lam4 * wh)
+    return reach * (log_z - log_s) + (1.0 - reach) * (lam4 * wh), y
 
 
-def _log_offset_mass(geo: _Geometry, alpha: torch.Tensor, bp: torch.Tensor) -> torch.Tensor:
+def _log_offset_mass(geo: _Geometry, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """:math:`\\log A_o = \\log\\sum_{c,i} e^{\\alpha_i + \\beta_{i+o} - 1}` per example and offset: (n, kk)."""
-    return torch.stack([torch.logsumexp((alpha + geo.shifted(bp, o)).flatten(1), 1) for o in range(geo.kk)], 1) - 1.0
+    n = alpha.shape[0]
+    t = geo.window(geo.pad(beta)) + alpha[:, None, None]
+    return torch.logsumexp(t.reshape(n, geo.kk, -1), 2) - 1.0
 
 
 def _psi_step(geo: _Geometry, log_a: torch.Tensor, psi: torch.Tensor, eps: torch.Tensor, max_newton: int = 50
               ) -> torch.Tensor:
     """Exact maximisation of g over psi >= 0 given alpha, beta (safeguarded Newton on log cost(psi) = log eps)."""
-    lc0 = torch.logsumexp(log_a + geo.log_cost, 1)  # log cost at psi = 0
+    lw0 = log_a + geo.log_cost  # log of the cost carried by each offset at psi = 0, (n, kk)
     log_eps = torch.log(eps)
-    active = lc0 > log_eps
+    active = torch.logsumexp(lw0, 1) > log_eps
     p = torch.where(active, psi, torch.zeros_like(psi))
     rtol = 64 * torch.finfo(psi.dtype).eps
     for _ in range(max_newton):
-        lw = log_a + geo.log_cost - p[:, None] * geo.cost  # (n, kk)
-        lc = torch.logsumexp(lw, 1)
-        mean_c = (torch.softmax(lw, 1) * geo.cost).sum(1)  # -d log cost / d psi
-        step = (lc - log_eps) / mean_c.clamp_min(torch.finfo(psi.dtype).tiny)
+        lw = lw0 - p[:, None] * geo.cost
+        mx = lw.amax(1, keepdim=True)
+        e = torch.exp(lw - mx)
+        s0 = e.sum(1)
+        lc = mx.squeeze(1) + torch.log(s0)  # log cost(psi)
+        step = (lc - log_eps) * s0 / (e @ geo.cost)  # Newton on log cost; -d log cost / d psi = E[C]
         p_new = torch.where(active & torch.isfinite(step), (p + step).clamp_min(0.0), p)
         active = active & ((p_new - p).abs() > rtol * (1.0 + p))  # settled examples stop (batch independence)
         p = p_new
@@ -328,10 +467,10 @@ def _psi_step(geo: _Geometry, log_a: torch.Tensor, psi: torch.Tensor, eps: torch
 
 
 def _dual(geo: _Geometry, alpha, beta, psi, log_a, xh, wh, u, lam, eps) -> torch.Tensor:
-    """g(alpha, beta, psi) per example, from the per-offset masses log_a of (alpha, beta)."""
-    ax = torch.where(xh > 0, alpha * xh, torch.zeros_like(xh)).sum((1, 2, 3))
-    total = torch.exp(torch.logsumexp(log_a - psi[:, None] * geo.cost, 1))
-    return -psi * eps + ax + _h_beta(beta, wh, u, _lam5(lam)) - total
+    """g(alpha, beta, psi) per example (float64), from the per-offset masses log_a of (alpha, beta)."""
+    ax = (alpha * xh).sum((1, 2, 3), dtype=torch.float64)  # alpha is finite (log 0 = _NEG_BIG) where xh = 0
+    total = torch.exp(torch.logsumexp(log_a - psi[:, None] * geo.cost, 1)).double()
+    return -psi.double() * eps.double() + ax + _h_beta(beta, wh, u, _lam5(lam)) - total
 
 
 def _check_inputs(x: torch.Tensor, w: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -361,60 +500,82 @@ def _check_inputs(x: torch.Tensor, w: torch.Tensor, eps) -> tuple[torch.Tensor, 
     return x.detach(), w, e
 
 
-def _rows_exact_plan(geo: _Geometry, bp: torch.Tensor, psi: torch.Tensor, xh: torch.Tensor, logx: torch.Tensor,
-                     xpos: torch.Tensor) -> torch.Tensor:
-    """The plan of the duals after an alpha step, with row sums exactly ``xh``: the stay-in-place entry of each row
-    takes what the moves leave (which also absorbs rounding)."""
-    cen = geo.centre
-    t = geo.nb(bp) - psi.view(-1, 1, 1, 1, 1) * geo.cost5 - 1.0
-    alpha = torch.where(xpos, logx - torch.logsumexp(t, 2), _NEG)
-    plan = torch.exp(alpha.unsqueeze(2) + t)
-    plan[:, :, cen] = 0.0
-    off = plan.sum(2)
-    tiny = torch.finfo(xh.dtype).tiny
-    plan = plan * torch.where(off > xh, xh / off.clamp_min(tiny), torch.ones_like(xh)).unsqueeze(2)
-    plan[:, :, cen] = (xh - plan.sum(2)).clamp_min(0.0)
-    return plan
-
-
 def _cap_columns(geo: _Geometry, plan: torch.Tensor, cap: torch.Tensor, passes: int = 50) -> torch.Tensor:
-    """Box repair: where a column exceeds ``cap``, take the excess proportionally from the mass moved *into* that
-    pixel and leave it at its source pixel instead. Rows are unchanged, the cost can only decrease. Returns the plan;
-    a column may still exceed its cap after ``passes`` passes (the caller checks)."""
-    cen = geo.centre
+    r"""Box repair of a window-layout plan, in place: where a column exceeds ``cap``, take the excess proportionally
+    from the mass moved *into* that pixel and leave it at its source pixel instead. Rows are unchanged, the cost can
+    only decrease. Returns the columns :math:`z = \Pi^\top\mathbf 1`; one may still exceed its cap after
+    ``passes`` passes (the caller checks)."""
+    r = geo.r
+    centre = plan[:, r, r]
     tiny = torch.finfo(plan.dtype).tiny
     slack = 4 * torch.finfo(plan.dtype).eps
+    z = geo.colsum(plan)
     for _ in range(passes):
-        z = target_marginal(plan)
         excess = z - cap
         over = excess > slack * cap
         if not bool(over.any()):
             break
-        inflow = z - plan[:, :, cen]
+        inflow = z - centre
         keep = torch.where(over, (1.0 - excess / inflow.clamp_min(tiny)).clamp(0.0, 1.0), torch.ones_like(z))
-        moved = plan * (1.0 - neighbours(keep, geo.k))
-        moved[:, :, cen] = 0.0
-        plan = plan - moved
-        plan[:, :, cen] += moved.sum(2)
-    return plan
+        moved = plan * (1.0 - geo.window(geo.pad(keep, 1.0)))
+        moved[:, r, r] = 0.0
+        plan.sub_(moved)
+        centre += moved.sum((1, 2))
+        z = geo.colsum(plan)
+    return z
 
 
-def _finalise(geo: _Geometry, bp: torch.Tensor, psi: torch.Tensor, xh: torch.Tensor, u: torch.Tensor,
-              eps: torch.Tensor, logx: torch.Tensor, xpos: torch.Tensor) -> torch.Tensor:
-    """Feasible plan (n, c, kk, H, W) from final duals: exact rows, box repair, budget repair (module docstring)."""
-    plan = _cap_columns(geo, _rows_exact_plan(geo, bp, psi, xh, logx, xpos), u)
-    cost = plan_cost(plan, geo.cost)
-    shrink = torch.where(cost > eps, eps / cost.clamp_min(torch.finfo(xh.dtype).tiny), torch.ones_like(cost))
+def _finalise(geo: _Geometry, beta: torch.Tensor, psi: torch.Tensor, xh: torch.Tensor, u: torch.Tensor,
+              eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Feasible plan (n, k, k, C, H, W) from final duals, its cost and its columns: exact rows, box repair, budget
+    repair.
+
+    The rows: :math:`\Pi_{i,o} = \hat x_i t_{o,i}/acc_i` (the α step's plan), zero at offsets that leave the
+    image, and the stay-in-place entry of each row takes what the moves leave (which also absorbs rounding).
+    """
+    n, r = beta.shape[0], geo.r
+    tiny = torch.finfo(xh.dtype).tiny
+    _, terms, acc = geo.lse(beta, psi)
+    plan = terms.view(n, geo.k, geo.k, geo.c, geo.h, geo.wp)[..., :geo.w].contiguous()
+    plan.mul_((xh / acc)[:, None, None]).mul_(geo.valid6)
+    centre = plan[:, r, r]
+    centre.zero_()
+    off = plan.sum((1, 2))
+    plan.mul_(torch.where(off > xh, xh / off.clamp_min(tiny), torch.ones_like(xh))[:, None, None])
+    centre.copy_((xh - plan.sum((1, 2))).clamp_min(0.0))
+    z = _cap_columns(geo, plan, u)
+    cost = plan.sum((3, 4, 5)).reshape(n, geo.kk) @ geo.cost
+    shrink = torch.where(cost > eps, eps / cost.clamp_min(tiny), torch.ones_like(cost))
     if bool((shrink < 1).any()):  # mix with the identity plan: rows and box kept, cost scaled to eps
-        plan = plan * shrink.view(-1, 1, 1, 1, 1)
-        plan[:, :, geo.centre] = 0.0
-        plan[:, :, geo.centre] = (xh - plan.sum(2)).clamp_min(0.0)
-    return plan
+        s4 = shrink.view(-1, 1, 1, 1)
+        stay = centre.clone()
+        plan.mul_(shrink.view(-1, 1, 1, 1, 1, 1))
+        centre.zero_()
+        centre.copy_((xh - plan.sum((1, 2))).clamp_min(0.0))
+        z = s4 * (z - stay) + centre  # the moves shrink, the stay entries take the rest
+        cost = plan.sum((3, 4, 5)).reshape(n, geo.kk) @ geo.cost
+    return plan, cost, z
+
+
+def _primal(geo: _Geometry, plan: torch.Tensor, z: torch.Tensor, wh: torch.Tensor, lam: torch.Tensor
+            ) -> torch.Tensor:
+    r""":math:`\frac{\lambda}{2}\|\hat w - z\|^2 + \sum\Pi\log\Pi` (float64) of a window-layout plan with columns
+    ``z``."""
+    quad = ((wh - z) ** 2).sum((1, 2, 3), dtype=torch.float64) * lam.double() / 2
+    return quad + torch.special.xlogy(plan, plan).sum((1, 2, 3, 4, 5), dtype=torch.float64)
+
+
+def _z_bound(primal: torch.Tensor, dual: torch.Tensor, lam: torch.Tensor, mass: torch.Tensor, npix: int
+             ) -> torch.Tensor:
+    r"""RMS distance bound per pixel (original scale) from the gap: :math:`m\sqrt{2(P - g)/\lambda}/\sqrt{npix}`."""
+    gap = (primal - dual).clamp_min(0.0)
+    return mass.double() * torch.sqrt(2.0 * gap / lam.double()) / math.sqrt(npix)
 
 
 def _certify_inside(geo: _Geometry, xh: torch.Tensor, wh: torch.Tensor, u: torch.Tensor, m4: torch.Tensor,
-                    eps: torch.Tensor, logx: torch.Tensor, xpos: torch.Tensor, max_iter: int, atol: float,
-                    omega: float = 1.8, check_every: int = 25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    eps: torch.Tensor, logx: torch.Tensor, reach: torch.Tensor, max_iter: int, atol: float,
+                    omega: float = 1.8, check_every: int = 25
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Try to show that ``wh`` (with the channel masses of ``xh``) lies in the ball, i.e. find a plan from ``xh`` to
     (within ``atol`` in original pixels of) ``wh`` with cost at most ``eps``.
 
@@ -425,40 +586,41 @@ def _certify_inside(geo: _Geometry, xh: torch.Tensor, wh: torch.Tensor, u: torch
     Thibault et al. 2017, "Overrelaxed Sinkhorn-Knopp"), which cuts the iterations several-fold here. Nothing is
     trusted from the iteration itself: every ``check_every`` iterations and at the end the plan is made feasible
     exactly like a projection's (:func:`_finalise`: exact rows, box, budget), and an example is certified when that
-    plan's target is within ``atol`` of ``w`` everywhere. Returns (certified (n,) bool, plan, iterations (n,)).
+    plan's target is within ``atol`` of ``w`` everywhere. Returns (certified (n,) bool, plan (window layout), its
+    cost, its columns, iterations (n,)).
     """
     dt = xh.dtype
     n = xh.shape[0]
     log_w = torch.log(wh.clamp_min(torch.finfo(dt).tiny))
     psi = torch.zeros(n, device=xh.device, dtype=dt)
-    bp = geo.pad(torch.zeros_like(xh))
+    beta = torch.zeros_like(xh)
     iters = torch.zeros(n, dtype=torch.long, device=xh.device)
-    alpha = _alpha_step(geo, bp, psi, logx, xpos, xh)[0]
-    beta = None
+    alpha = _alpha_step(geo, beta, psi, logx, xh)[0]
+    first = True
 
-    def check() -> tuple[torch.Tensor, torch.Tensor]:
-        ok = torch.isfinite(psi) & torch.isfinite(alpha).logical_or(~xpos).flatten(1).all(1)
-        safe = torch.where(ok, psi, torch.zeros_like(psi))
-        plan = _finalise(geo, torch.where(ok.view(-1, 1, 1, 1), bp, geo.pad(torch.zeros_like(xh))), safe, xh, u, eps,
-                         logx, xpos)
-        dev = ((target_marginal(plan) - wh) * m4).abs().amax((1, 2, 3))
-        return ok & (dev <= atol), plan
+    def check() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        ok = torch.isfinite(psi) & torch.isfinite(alpha).flatten(1).all(1) & torch.isfinite(beta).flatten(1).all(1)
+        safe_psi = torch.where(ok, psi, torch.zeros_like(psi))
+        safe_beta = torch.where(ok.view(-1, 1, 1, 1), beta, torch.zeros_like(beta))
+        plan, cost, z = _finalise(geo, safe_beta, safe_psi, xh, u, eps)
+        dev = ((z - wh) * m4).abs().amax((1, 2, 3))
+        return ok & (dev <= atol), plan, cost, z
 
     for it in range(1, max_iter + 1):
-        log_s = geo.lse_window(geo.pad(alpha), psi)[0] - 1.0
-        beta_new = log_w - torch.where(torch.isfinite(log_s), log_s, torch.zeros_like(log_s))
-        beta = beta_new if beta is None else beta + omega * (beta_new - beta)
-        bp = geo.pad(beta)
-        alpha_new, log_a, _ = _alpha_step(geo, bp, psi, logx, xpos, xh)
-        alpha = torch.where(xpos, alpha + omega * (alpha_new - alpha), alpha_new)
+        log_s = geo.lse(alpha, psi)[0] - 1.0
+        beta_new = reach * (log_w - log_s)  # 0 where no source mass reaches (log s about _NEG_BIG there)
+        beta = beta_new if first else beta + omega * (beta_new - beta)
+        first = False
+        alpha_new, log_a, _ = _alpha_step(geo, beta, psi, logx, xh)
+        alpha = alpha + omega * (alpha_new - alpha)
         psi = _psi_step(geo, log_a, psi, eps)
         iters += 1
         if not bool(torch.isfinite(psi).all()):
             break
         if it % check_every == 0 and bool(check()[0].all()):
             break
-    certified, plan = check()
-    return certified, plan, iters
+    certified, plan, cost, z = check()
+    return certified, plan, cost, z, iters
 
 
 @torch.no_grad()
@@ -476,8 +638,9 @@ def project_wasserstein(
     max_iter: int = 2000,
     tol: float = 1e-5,
     marginal_tol: float = 1e-3,
+    ztol: float | None = 2e-3,
     stage_tol: float = 1e-2,
-    relax: float = 1.6,
+    relax: float = 1.8,
     warm: ProjectionDuals | None = None,
     check_inside: bool = True,
     inside_atol: float = 1e-3,
@@ -505,10 +668,14 @@ def project_wasserstein(
         ``reg_start=None`` runs at ``reg`` from the start.
     max_iter : int
         Hard bound on the iterations of every example (all stages).
-    tol, marginal_tol : float
-        Convergence: in one iteration the dual objective rose by at most ``tol * max(1, |g|)`` and the β step moved
-        the row sums by at most ``marginal_tol`` (L1, unit mass). The second guard matters at large λ, where the
-        dual is flat and rises slowly long before the plan is right.
+    tol, marginal_tol, ztol : float
+        Convergence, judged in the final stage (module docstring): the dual objective rose by at most
+        ``tol * max(1, |g|)`` in the last iteration, and the duality gap certifies that the output is within
+        ``ztol`` of the exact solution of the regularised problem (root-mean-square per pixel, original [0, 1]
+        scale; checked once the row error, the L1 change of the row sums made by the β step in unit mass, is below
+        ``10 * marginal_tol``). Where the gap is down to rounding, a row error ``<= marginal_tol`` suffices.
+        ``ztol=None`` turns the certificate off: then the row error ``<= marginal_tol`` decides (a guard that
+        matters at large λ, where the dual is flat and rises slowly long before the plan is right).
     stage_tol : float
         An intermediate annealing stage ends when its marginal error is ``<= stage_tol``.
     relax : float
@@ -537,7 +704,8 @@ def project_wasserstein(
     if isinstance(relax, bool) or not isinstance(relax, (int, float)) or not 1.0 <= relax < 2.0:
         raise UserError(f"relax must be a number in [1, 2), got {relax!r}")
     for name, v, low in (("reg", reg, 0.0), ("reg_factor", reg_factor, 1.0), ("tol", tol, 0.0),
-                         ("reg_start", 1.0 if reg_start is None else reg_start, 0.0)):
+                         ("reg_start", 1.0 if reg_start is None else reg_start, 0.0),
+                         ("ztol", 1.0 if ztol is None else ztol, 0.0)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= low:
             raise UserError(f"{name} must be a finite number > {low:g}, got {v!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -548,7 +716,8 @@ def project_wasserstein(
         x, w, eps_v = x.float(), w.float(), eps_v.float()
     dt, dev = x.dtype, x.device
     n, c, h, wd = x.shape
-    geo = _Geometry(h, wd, k, p, dev, dt)
+    npix = c * h * wd
+    geo = _Geometry(c, h, wd, k, p, dev, dt)
 
     mass = x.sum((1, 2, 3))
     m4 = mass.clamp_min(torch.finfo(dt).tiny).view(-1, 1, 1, 1)
@@ -564,14 +733,29 @@ def project_wasserstein(
     converged = torch.zeros(n, dtype=torch.bool, device=dev)
     dual_out = torch.full((n,), float("nan"), device=dev, dtype=dt)
     err_out = torch.zeros(n, device=dev, dtype=dt)
+    bound_out = torch.full((n,), float("nan"), device=dev, dtype=dt)
     lam_out = lam_final.clone()
-    plan_out = torch.zeros(n, c, geo.kk, h, wd, device=dev, dtype=dt)
+    z_out = x.clone()
+    cost_out = torch.zeros(n, device=dev, dtype=dt)
+    plan_out = None
+    if return_plan:
+        plan_out = torch.zeros(n, c, geo.kk, h, wd, device=dev, dtype=dt)
+
+    def store(out: torch.Tensor, plan: torch.Tensor, cost: torch.Tensor, z: torch.Tensor) -> None:
+        """Outputs of the examples ``out`` from their feasible window-layout plans and columns."""
+        z_out[out] = (z * m4[out]).clamp(0.0, 1.0)
+        cost_out[out] = cost
+        if plan_out is not None:
+            plan_out[out] = geo.public(plan)
+
+    # 1.0 where some pixel with mass lies in the window (a column the plan can reach), else 0.0
+    reach_all = geo.window(geo.pad((x > 0).to(dt), 0.0)).amax((1, 2))
 
     # trivial examples: empty image, zero radius, or w == x: the answer is x with the identity plan
     trivial = (mass <= 0) | (eps_v <= 0) | (w == x).flatten(1).all(1)
-    inside = torch.zeros_like(trivial)
     converged |= trivial
-    plan_out[:, :, geo.centre] = torch.where(trivial.view(-1, 1, 1, 1), xh_all, torch.zeros_like(xh_all))
+    if plan_out is not None:
+        plan_out[:, :, geo.centre] = torch.where(trivial.view(-1, 1, 1, 1), xh_all, torch.zeros_like(xh_all))
 
     if warm is not None:
         if (warm.beta.shape != x.shape or warm.psi.shape != (n,) or warm.lam.shape != (n,)):
@@ -598,99 +782,171 @@ def project_wasserstein(
         if cand.numel():
             xc = xh_all[cand]
             xpos_c = xc > 0
-            logx_c = torch.where(xpos_c, torch.log(xc.clamp_min(torch.finfo(dt).tiny)), _NEG)
-            ok, plan_c, it_c = _certify_inside(geo, xc, wh_all[cand], u_all[cand], m4[cand], eps_v[cand], logx_c,
-                                               xpos_c, min(max_iter, 200), inside_atol)
+            logx_c = torch.where(xpos_c, torch.log(xc.clamp_min(torch.finfo(dt).tiny)), _NEG_BIG)
+            ok, plan_c, cost_c, zc, it_c = _certify_inside(geo, xc, wh_all[cand], u_all[cand], m4[cand], eps_v[cand],
+                                                       logx_c, reach_all[cand], min(max_iter, 200), inside_atol)
             iters[cand] += it_c
             hit = cand[ok]
-            plan_out[hit] = plan_c[ok]
+            store(hit, plan_c[ok], cost_c[ok], zc[ok])
             converged[hit] = True
             trivial = trivial.clone()
             trivial[hit] = True
-            inside = torch.zeros_like(trivial)
-            inside[hit] = True
 
     idx = (~trivial).nonzero().squeeze(1)
     xh, wh, u, eps_a = xh_all[idx], wh_all[idx], u_all[idx], eps_v[idx]
-    lam, lam_f = lam0[idx].clone(), lam_final[idx]
+    lam, lam_f, mass_a = lam0[idx].clone(), lam_final[idx], mass[idx]
     xpos = xh > 0
-    logx = torch.where(xpos, torch.log(xh.clamp_min(torch.finfo(dt).tiny)), _NEG)
+    logx = torch.where(xpos, torch.log(xh.clamp_min(torch.finfo(dt).tiny)), _NEG_BIG)
+    reach = reach_all[idx]
     beta, psi = beta0[idx].clone(), psi0[idx].clone()
-    bp = geo.pad(beta)
-    alpha = _alpha_step(geo, bp, psi, logx, xpos, xh)[0] if idx.numel() else torch.full_like(xh, _NEG)
-    g_prev = torch.full((idx.numel(),), float("nan"), device=dev, dtype=dt)
+    alpha = _alpha_step(geo, beta, psi, logx, xh)[0]
+    g_prev = torch.full((idx.numel(),), float("nan"), device=dev, dtype=torch.float64)
     g = g_prev.clone()
-    err = g_prev.clone()
+    err = g_prev.to(dt)
     stage_it = torch.zeros(idx.numel(), dtype=torch.long, device=dev)
-    stage_cap = stage_cap_all
     relaxed = relax != 1.0
     omega_n = torch.full((idx.numel(),), float(relax), device=dev, dtype=dt)
+    first_stage = (lam < lam_f) & torch.full_like(lam, warm is None, dtype=torch.bool)
+    y_lw: torch.Tensor | None = None  # log W of the last beta step (warm start of the next one)
+    certify = ztol is not None
+    # certificate schedule per example: next stage iteration to check at, last bound and when it was computed
+    cert_next = torch.zeros(idx.numel(), dtype=torch.long, device=dev)
+    cert_last = torch.full((idx.numel(),), float("nan"), device=dev, dtype=torch.float64)
+    cert_last_it = torch.zeros(idx.numel(), dtype=torch.long, device=dev)
 
-    def retire(sel: torch.Tensor, ok: torch.Tensor) -> None:
-        """Finalise the examples ``sel`` (a bool mask over the active batch) into the outputs."""
+    def retire(sel: torch.Tensor, ok: torch.Tensor, ready: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Write the examples ``sel`` (a bool mask over the active batch) into the outputs; ``ready`` holds their
+        (plan, cost, z, bound) when the certificate already computed them."""
         out = idx[sel]
-        plan = _finalise(geo, bp[sel], psi[sel], xh[sel], u[sel], eps_a[sel], logx[sel], xpos[sel])
-        plan_out[out] = plan
-        alpha_out[out], beta_out[out], psi_out[out] = alpha[sel], beta[sel], psi[sel]
+        if ready is None:
+            plan, cost, z = _finalise(geo, beta[sel], psi[sel], xh[sel], u[sel], eps_a[sel])
+            bound = _z_bound(_primal(geo, plan, z, wh[sel], lam[sel]), g[sel], lam[sel], mass_a[sel], npix)
+        else:
+            plan, cost, z, bound = ready
+        store(out, plan, cost, z)
+        bound_out[out] = bound.to(dt)
+        alpha_out[out] = torch.where(xpos[sel], alpha[sel], _NEG)
+        beta_out[out], psi_out[out] = beta[sel], psi[sel]
         lam_out[out] = lam[sel]  # the stage it reached (below lam_final when max_iter cut the annealing short)
         converged[out] = ok[sel]
-        dual_out[out] = g[sel]
+        dual_out[out] = g[sel].to(dt)
         err_out[out] = err[sel]
 
     while idx.numel():
-        beta_new = _beta_step(geo, alpha, psi, wh, u, lam)
-        beta = beta + omega_n.view(-1, 1, 1, 1) * (beta_new - beta) if relaxed else beta_new
-        bp = geo.pad(beta)
-        alpha_old = alpha
-        alpha, log_a, r = _alpha_step(geo, bp, psi, logx, xpos, xh, alpha_old, omega_n if relaxed else None)
-        err = _row_error(alpha_old, r, xh, xpos)
+        keep_state = (alpha, beta, psi)
+        # the first stage of a cold start runs plain block ascent: far from the solution over-relaxation oscillates
+        om = torch.where(first_stage, torch.ones_like(omega_n), omega_n) if relaxed else None
+        beta_new, y_lw = _beta_step(geo, alpha, psi, wh, u, lam, reach, y_lw)
+        beta = beta + _lam5(om) * (beta_new - beta) if relaxed else beta_new
+        alpha, log_a, err = _alpha_step(geo, beta, psi, logx, xh, alpha, om)
         psi = _psi_step(geo, log_a, psi, eps_a)
         g = _dual(geo, alpha, beta, psi, log_a, xh, wh, u, lam, eps_a)
+        bad = ~torch.isfinite(g)
+        if bool(bad.any()):  # an over-relaxed step blew up: undo it and continue with plain block ascent
+            b4 = bad.view(-1, 1, 1, 1)
+            alpha = torch.where(b4, keep_state[0], alpha)
+            beta = torch.where(b4, keep_state[1], beta)
+            psi = torch.where(bad, keep_state[2], psi)
+            y_lw = torch.where(b4, torch.full_like(y_lw, float("nan")), y_lw)
+            omega_n = torch.where(bad, torch.ones_like(omega_n), omega_n)
+            g = torch.where(bad, g_prev, g)
+            err = torch.where(bad, torch.full_like(err, float("inf")), err)
         iters[idx] += 1
         stage_it += 1
         rise = (g - g_prev).abs() / g.abs().clamp_min(1.0)
-        settled = torch.isfinite(rise) & torch.isfinite(g)
+        settled = torch.isfinite(rise) & (rise <= tol)
         final = lam >= lam_f
-        done = final & settled & (rise <= tol) & (err <= marginal_tol)
-        advance = ~final & ((err <= stage_tol) | (stage_it >= stage_cap[idx]))
+        # without the certificate: the row error; with it, the certificate below decides
+        done = final & settled & (err <= marginal_tol) if not certify else torch.zeros_like(settled)
+        advance = ~final & ((err <= stage_tol) | (stage_it >= stage_cap_all[idx]))
         out_of_budget = iters[idx] >= max_iter
-        # over-relaxation safeguard: an example whose dual went down continues with plain block ascent
-        omega_n = torch.where(g < g_prev - 1e-6 * g.abs(), torch.ones_like(omega_n), omega_n)
+        if relaxed:  # safeguard: a dual decrease halves omega - 1, a rise lets it grow back slowly
+            dec = g < g_prev - 1e-6 * g.abs()
+            omega_n = torch.where(dec, 1.0 + (omega_n - 1.0) * 0.5, (omega_n + _OMEGA_REGROW).clamp_max(relax))
         g_prev = g
+        if certify:
+            cand = final & settled & (err <= _CERT_GATE * marginal_tol) & (stage_it >= cert_next)
+            if bool(cand.any()):
+                plan_c, cost_c, z_c = _finalise(geo, beta[cand], psi[cand], xh[cand], u[cand], eps_a[cand])
+                primal_c = _primal(geo, plan_c, z_c, wh[cand], lam[cand])
+                b_c = _z_bound(primal_c, g[cand], lam[cand], mass_a[cand], npix)
+                # certified; or the gap is down to rounding (small lambda in float32 cannot certify a small ztol)
+                # and the rows are right
+                ulps = _GAP_ROUNDING * torch.finfo(dt).eps
+                at_rounding = (primal_c - g[cand]) <= ulps * primal_c.abs().clamp_min(1.0)
+                ok_c = (b_c <= ztol) | (at_rounding & (err[cand] <= marginal_tol))
+                # next check: when the geometric decay of the bound since the last check predicts success
+                prev, gap_it = cert_last[cand], (stage_it[cand] - cert_last_it[cand]).double()
+                rate = torch.where(prev > b_c, (b_c / prev).log() / gap_it, torch.zeros_like(b_c))
+                wait = torch.where(rate < 0, (math.log(ztol) - b_c.log()) / rate, torch.full_like(b_c, _CERT_EVERY))
+                cert_next[cand] = stage_it[cand] + wait.nan_to_num(_CERT_EVERY).clamp(2, 4 * _CERT_EVERY).long()
+                cert_last[cand], cert_last_it[cand] = b_c, stage_it[cand]
+                if bool(ok_c.any()):
+                    hit = cand.clone()
+                    hit[cand] = ok_c
+                    retire(hit, hit, (plan_c[ok_c], cost_c[ok_c], z_c[ok_c], b_c[ok_c]))
+                    done = done & ~hit
+                    out_of_budget = out_of_budget & ~hit
+                    gone = hit
+                else:
+                    gone = torch.zeros_like(done)
+            else:
+                gone = torch.zeros_like(done)
+        else:
+            gone = torch.zeros_like(done)
         leave = done | out_of_budget
         if bool(leave.any()):
             retire(leave, done)
+        leave = leave | gone
+        if bool(leave.any()):
             keep = ~leave
             idx = idx[keep]
             xh, wh, u, eps_a, lam, lam_f = xh[keep], wh[keep], u[keep], eps_a[keep], lam[keep], lam_f[keep]
-            xpos, logx, beta, psi, alpha, bp = xpos[keep], logx[keep], beta[keep], psi[keep], alpha[keep], bp[keep]
+            xpos, logx, beta, psi, alpha, mass_a = xpos[keep], logx[keep], beta[keep], psi[keep], alpha[keep], \
+                mass_a[keep]
+            reach = reach[keep]
             g_prev, g, err, stage_it, advance = g_prev[keep], g[keep], err[keep], stage_it[keep], advance[keep]
-            omega_n = omega_n[keep]
+            omega_n, y_lw, first_stage = omega_n[keep], y_lw[keep], first_stage[keep]
+            cert_next, cert_last, cert_last_it = cert_next[keep], cert_last[keep], cert_last_it[keep]
         if bool(advance.any()):
-            new_lam = torch.where(advance, torch.minimum(lam * reg_factor, lam_f), lam)
-            ratio = new_lam / lam
-            beta = beta * _lam5(ratio)
-            psi = psi * ratio
-            lam = new_lam
-            bp = geo.pad(beta)
-            alpha = torch.where(advance.view(-1, 1, 1, 1), _alpha_step(geo, bp, psi, logx, xpos, xh)[0], alpha)
-            g_prev = torch.where(advance, torch.full_like(g_prev, float("nan")), g_prev)
-            stage_it = torch.where(advance, torch.zeros_like(stage_it), stage_it)
+            # next stage: lambda *= reg_factor; beta and psi scaled by ratio**p with the best p (module docstring)
+            sub = advance.nonzero().squeeze(1)
+            new_lam = torch.minimum(lam[sub] * reg_factor, lam_f[sub])
+            ratio = new_lam / lam[sub]
+            xs, ws, us, es, lxs = xh[sub], wh[sub], u[sub], eps_a[sub], logx[sub]
+            best: list[torch.Tensor] = []
+            for pw in _ADVANCE_POWERS:
+                rp = ratio ** pw
+                b_c = beta[sub] * _lam5(rp)
+                a_c, la_c, _ = _alpha_step(geo, b_c, psi[sub] * rp, lxs, xs)
+                p_c = _psi_step(geo, la_c, psi[sub] * rp, es)
+                g_c = _dual(geo, a_c, b_c, p_c, la_c, xs, ws, us, new_lam, es)
+                if not best:
+                    best = [g_c, a_c, b_c, p_c]
+                else:
+                    better = g_c > best[0]
+                    b4 = better.view(-1, 1, 1, 1)
+                    best = [torch.where(better, g_c, best[0]), torch.where(b4, a_c, best[1]),
+                            torch.where(b4, b_c, best[2]), torch.where(better, p_c, best[3])]
+            alpha[sub], beta[sub], psi[sub] = best[1], best[2], best[3]
+            lam[sub] = new_lam
+            g_prev[sub] = float("nan")
+            stage_it[sub] = 0
+            y_lw[sub] = float("nan")
+            first_stage[sub] = False
 
     bad = ~converged
     if bool(bad.any()):
         warnings.warn(f"projected Sinkhorn did not converge for {int(bad.sum())} of {n} example(s) within "
-                      f"max_iter={max_iter} iterations (tol={tol:g}); the outputs are feasible but further from the "
-                      f"projection: raise `max_iter` (or `tol`, or lower `reg`)", ProjectionConvergenceWarning,
+                      f"max_iter={max_iter} iterations (tol={tol:g}, ztol={ztol}); the outputs are feasible but "
+                      f"further from the projection: raise `max_iter` (or `ztol`, `tol`, or lower `reg`)",
+                      ProjectionConvergenceWarning,
                       stacklevel=2)
 
-    z = (target_marginal(plan_out) * m4).clamp(0.0, 1.0)
-    z = torch.where((trivial & ~inside).view(-1, 1, 1, 1), x, z)
-    cost = plan_cost(plan_out, geo.cost)
     duals = ProjectionDuals(alpha_out, beta_out, psi_out, lam_out)
-    return ProjectionResult(z=z.to(orig_dtype), cost=cost.to(orig_dtype), iterations=iters, converged=converged,
-                            dual=dual_out, marginal_error=err_out, duals=duals, mass=mass,
-                            plan=plan_out if return_plan else None)
+    return ProjectionResult(z=z_out.to(orig_dtype), cost=cost_out.to(orig_dtype), iterations=iters,
+                            converged=converged, dual=dual_out, marginal_error=err_out, duals=duals, mass=mass,
+                            plan=plan_out, z_error_bound=bound_out)
 
 
 def dual_objective(x: torch.Tensor, w: torch.Tensor, eps: float | torch.Tensor, duals: ProjectionDuals, *,
@@ -701,12 +957,13 @@ def dual_objective(x: torch.Tensor, w: torch.Tensor, eps: float | torch.Tensor, 
     diagnostics: by weak duality it is at most :func:`primal_objective` of any feasible plan.
     """
     x, w, e = _check_inputs(x, w, eps)
-    geo = _Geometry(x.shape[2], x.shape[3], check_kernel_size(kernel_size), p, x.device, x.dtype)
+    geo = _Geometry(x.shape[1], x.shape[2], x.shape[3], check_kernel_size(kernel_size), p, x.device, x.dtype)
     m4 = x.sum((1, 2, 3)).view(-1, 1, 1, 1)
     xh, wh = x / m4, w / m4
     u = (1.0 / m4).expand_as(x)
-    log_a = _log_offset_mass(geo, duals.alpha, geo.pad(duals.beta))
-    return _dual(geo, duals.alpha, duals.beta, duals.psi, log_a, xh, wh, u, duals.lam, e)
+    alpha = torch.where(x > 0, duals.alpha, _NEG_BIG)  # -inf (empty pixels) -> the finite log 0 of the iteration
+    log_a = _log_offset_mass(geo, alpha, duals.beta)
+    return _dual(geo, alpha, duals.beta, duals.psi, log_a, xh, wh, u, duals.lam, e).to(x.dtype)
 
 
 def primal_objective(x: torch.Tensor, w: torch.Tensor, plan: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
