@@ -96,3 +96,17 @@ def median_times(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> 
         cpu.append(time.process_time() - c0)
     return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
             "wall_all_s": [round(v, 5) for v in wall], "cpu_all_s": [round(v, 5) for v in cpu]}
+
+
+def emit(doc: object, json_path: Path | None = None) -> None:
+    """Print a benchmark's JSON document on stdout and, if asked, write it to ``json_path`` atomically."""
+    import json
+
+    from kit.io import atomic_write
+
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if json_path:
+        with atomic_write(json_path, "w") as f:
+            f.write(text)
+

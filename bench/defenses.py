@@ -56,7 +56,7 @@ from kit.checkpoint import load_twin, read_checkpoint  # noqa: E402
 from kit.data import Dataset, load_dataset  # noqa: E402
 from kit.defenses import create_defense, list_defenses  # noqa: E402
 from kit.defenses.base import Defense  # noqa: E402
-from kit.defenses.trainer import TrainConfig, accuracy, sidecar, train  # noqa: E402
+from kit.defenses.trainer import Optimizer, TrainConfig, accuracy, sidecar, train  # noqa: E402
 from kit.errors import UserError  # noqa: E402
 from kit.io import atomic_write  # noqa: E402
 
@@ -87,7 +87,7 @@ class Recipe:
     params: dict[str, Any] = field(default_factory=dict)
     epochs: int = 30
     arch: str = "cnn-small"
-    optimizer: str = "sgd"
+    optimizer: str = Optimizer.SGD.value
     lr: float = 0.05
     eval_adv_samples: int = 128  # held-out examples attacked after every epoch (the plateau check)
     note: str = ""
@@ -116,10 +116,11 @@ RECIPES: dict[str, Recipe] = {r.defense: r for r in (
     Recipe("atda", _linf(), note="PGD-7, lambda 1/3"),
     Recipe("sat", _linf(), note="PGD-7, entropic Sinkhorn divergence, sigma 1, 50 iterations"),
     Recipe("trades", _linf(), note="KL-PGD-10 (default), step 0.223*eps, beta 6"),
-    Recipe("otc", arch="otc", optimizer="adam", lr=1e-3,
+    Recipe("otc", arch="otc", optimizer=Optimizer.ADAM.value, lr=1e-3,
            note="Adam lr 1e-3 (the paper's Algorithm 1; SGD at 0.05 was at chance after 2 epochs), 4-d latent, "
                 "critic clip 0.01"),
-    Recipe("otc-adv", _linf(), arch="otc", optimizer="adam", lr=1e-3, note="otc on PGD-7 examples, Adam lr 1e-3"),
+    Recipe("otc-adv", _linf(), arch="otc", optimizer=Optimizer.ADAM.value, lr=1e-3,
+           note="otc on PGD-7 examples, Adam lr 1e-3"),
     Recipe("got-pgd", _linf(steps=10, rel_step=0.25, beta=1.0),
            note="beta 1 instead of the paper's 10 (10 collapses to chance from scratch here), PGD-10 instead of 20 "
                 "(same 2.5*eps path), theta 0.1, -S variant"),
@@ -235,7 +236,8 @@ class _Stepper:
         self.defense.start_epoch(cfg.epochs - 1, cfg.epochs)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # tiny learning rates: the weights stay where training left them while they are timed
-        self.opt = (torch.optim.Adam(params, lr=1e-6, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam"
+        adam = cfg.optimizer == Optimizer.ADAM.value
+        self.opt = (torch.optim.Adam(params, lr=1e-6, weight_decay=cfg.weight_decay) if adam
                     else torch.optim.SGD(params, lr=1e-4, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
         self.loader = train_set.loader(cfg.batch_size, shuffle=True, seed=EVAL_SEED)
         self.batches = iter(self.loader)

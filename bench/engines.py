@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from exporters.engines import Engine, TorchEngine  # noqa: E402
 from exporters.onnx import OnnxRuntimeEngine, torch_to_onnx, write_onnx_export  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 from kit.io import atomic_write  # noqa: E402
 
 TARGET = 1.05
@@ -279,17 +280,6 @@ def bench(arch: str, shape: tuple[int, int, int], batches: list[int], cuda: bool
                                   for k, v in row["vs"].items())
                       + f"  calls {row['calls']}  load {row['load_1min']}", file=sys.stderr, flush=True)
     return rows
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

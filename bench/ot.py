@@ -19,7 +19,6 @@ stderr, the JSON document to stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,8 +33,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from bench import ot_projection, ot_sinkhorn  # noqa: E402
-from bench.common import cpu_model, device_description, load_average  # noqa: E402
-from kit.io import atomic_write  # noqa: E402
+from bench.common import cpu_model, device_description, emit, load_average  # noqa: E402
 
 
 def _log(message: str) -> None:
@@ -121,11 +119,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the document here (atomically)")
     args = ap.parse_args()
     doc = run(quick=args.quick, exact=not args.no_exact, sizes=tuple(args.sizes.split(",")), repeat=args.repeat)
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.json:
-        with atomic_write(args.json, "w") as f:
-            f.write(text)
+    emit(doc, args.json)
 
 
 if __name__ == "__main__":

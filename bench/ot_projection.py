@@ -33,7 +33,6 @@ Run: ``python bench/ot_projection.py [--quick] [--json out.json]``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -49,8 +48,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from bench.common import device_description, load_average, median_times  # noqa: E402
-from kit.io import atomic_write  # noqa: E402
+from bench.common import device_description, emit, load_average, median_times  # noqa: E402
 from kit.ot.local import exact_local_wasserstein  # noqa: E402
 from kit.ot.projection import ProjectionConvergenceWarning, project_wasserstein  # noqa: E402
 
@@ -226,11 +224,7 @@ def main() -> None:
            "sizes": run(tuple(args.sizes.split(",")), batch=args.batch, device=device, quick=args.quick,
                         exact=not args.no_exact, repeat=args.repeat,
                         log=lambda m: print(m, file=sys.stderr, flush=True))}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        with atomic_write(args.json, "w") as f:
-            f.write(text)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

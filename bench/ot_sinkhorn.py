@@ -19,7 +19,6 @@ Run: ``python bench/ot_sinkhorn.py [--threads 1] [--json out.json]``. Uses the G
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -33,8 +32,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 import ot  # noqa: E402  (POT)
 
-from bench.common import device_description, load_average, median_times  # noqa: E402
-from kit.io import atomic_write  # noqa: E402
+from bench.common import device_description, emit, load_average, median_times  # noqa: E402
 from kit.ot.sinkhorn import sinkhorn_divergence  # noqa: E402
 
 
@@ -98,11 +96,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = run(args.points, args.dim, args.iters, args.reg, device, args.repeat)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        with atomic_write(args.json, "w") as f:
-            f.write(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
