@@ -245,10 +245,8 @@ def test_dual_objective_gradients_match_finite_differences_and_close_the_gap():
 # ---------------------------------------------------------------- against the exact Euclidean projection
 
 
-def _exact_projection(x: np.ndarray, w: np.ndarray, eps: float, k: int = 3) -> np.ndarray:
-    """min 1/2 |w - z|^2 over local plans P from x (original scale), cost(P) <= eps * m, z = P^T 1 <= 1 (SLSQP)."""
-    h, wd = x.shape
-    m = x.sum()
+def _local_pairs(h: int, wd: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (source pixel, target pixel, cost) of a k x k local plan on an h x wd image, flat pixel indices."""
     cost = local_cost(k, 2, dtype=torch.float64).numpy()
     valid = valid_offsets(h, wd, k).numpy()
     src, dst, cst = [], [], []
@@ -260,7 +258,14 @@ def _exact_projection(x: np.ndarray, w: np.ndarray, eps: float, k: int = 3) -> n
                     src.append(i * wd + j)
                     dst.append((i + di) * wd + j + dj)
                     cst.append(cost[o])
-    src, dst, cst = np.array(src), np.array(dst), np.array(cst)
+    return np.array(src), np.array(dst), np.array(cst)
+
+
+def _exact_projection(x: np.ndarray, w: np.ndarray, eps: float, k: int = 3) -> np.ndarray:
+    """min 1/2 |w - z|^2 over local plans P from x (original scale), cost(P) <= eps * m, z = P^T 1 <= 1 (SLSQP)."""
+    h, wd = x.shape
+    m = x.sum()
+    src, dst, cst = _local_pairs(h, wd, k)
     npix, npairs = h * wd, len(src)
     rows = np.zeros((npix, npairs))
     rows[src, np.arange(npairs)] = 1
@@ -392,18 +397,7 @@ def _entropic_projection(x: np.ndarray, w: np.ndarray, eps: float, lam: float, k
     h, wd = x.shape
     m = x.sum()
     xh, wh = x.reshape(-1) / m, w.reshape(-1) / m
-    cost = local_cost(k, 2, dtype=torch.float64).numpy()
-    valid = valid_offsets(h, wd, k).numpy()
-    src, dst, cst = [], [], []
-    for o in range(k * k):
-        di, dj = o // k - k // 2, o % k - k // 2
-        for i in range(h):
-            for j in range(wd):
-                if valid[o, i, j]:
-                    src.append(i * wd + j)
-                    dst.append((i + di) * wd + j + dj)
-                    cst.append(cost[o])
-    src, dst, cst = np.array(src), np.array(dst), np.array(cst)
+    src, dst, cst = _local_pairs(h, wd, k)
     rows = np.zeros((h * wd, len(src)))
     rows[src, np.arange(len(src))] = 1
     cols = np.zeros((h * wd, len(src)))
