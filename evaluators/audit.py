@@ -235,7 +235,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
-def _finite_or_inf(v: torch.Tensor | np.ndarray) -> np.ndarray:
+def _as_float_array(v: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else v, dtype=float)
 
 
@@ -250,7 +250,7 @@ def fidelity(eps_twin: Any, eps_engine: Any, eps_max: float, tolerances: Toleran
     ``reason``. ``mismatch`` when ``|auac_gap| > tolerances.auac``, or where a curve gap above ``tolerances.curve`` is
     significant (McNemar p < ``tolerances.alpha``).
     """
-    t, e = _finite_or_inf(eps_twin), _finite_or_inf(eps_engine)
+    t, e = _as_float_array(eps_twin), _as_float_array(eps_engine)
     if t.shape != e.shape or t.ndim != 1 or t.size == 0:
         raise ValueError("eps_twin and eps_engine must be paired non-empty 1-D arrays")
     grid = eps_grid(eps_max, points)
@@ -289,7 +289,7 @@ def fidelity(eps_twin: Any, eps_engine: Any, eps_max: float, tolerances: Toleran
 
 def side_record(eps_star: Any, eps_max: float, points: int, seed: int) -> dict[str, Any]:
     """Accuracy on the grid, exact AUAC with its bootstrap interval, and eps* (``None`` for never fooled)."""
-    a = _finite_or_inf(eps_star)
+    a = _as_float_array(eps_star)
     lo, hi = auac_bootstrap_ci(a, eps_max, seed=seed)
     return {
         "accuracy": [float(v) for v in accuracy_at(a, eps_grid(eps_max, points))],
