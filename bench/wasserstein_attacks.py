@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 from bench.common import device_description, digits_model, emit, load_average, timed  # noqa: E402
 from kit.attacks.registry import ATTACKS  # noqa: E402
+from kit.attacks.unbalanced import UnbalancedAttackResult  # noqa: E402
 from kit.data import load_dataset  # noqa: E402
 from kit.ot.local import exact_local_wasserstein  # noqa: E402
 
@@ -64,7 +67,7 @@ def true_radii(x: torch.Tensor, x_adv: torch.Tensor, reported: torch.Tensor, foo
 
 
 def run(samples: int = 100, eps_grid: tuple[float, ...] = EPS, names: tuple[str, ...] = NAMES, n_exact: int = 3,
-        log=None) -> dict:
+        log: Callable[[str], None] | None = None) -> dict:
     """Every figure of the module docstring, as a JSON-able dict."""
     model = digits_model("standard")
     ds = load_dataset("digits:16", "test")
@@ -86,22 +89,23 @@ def run(samples: int = 100, eps_grid: tuple[float, ...] = EPS, names: tuple[str,
             seconds = time.perf_counter() - t0
             passes = int(r.backwards.sum())
             fooled = r.success
-            rows[str(eps)] = {
+            row: dict[str, Any] = {
                 "success": round(float(fooled.float().mean()), 4),
                 "seconds": round(seconds, 3),
                 "gradient_passes": passes,
                 "cost_per_pass_over_model_fb": round(seconds / max(passes, 1) / fb, 2),
                 "reported_radius_over_eps_max": round(float((r.norm[fooled] / eps).max()), 5) if fooled.any() else None,
             }
-            if getattr(r, "mass_change", None) is not None:
+            if isinstance(r, UnbalancedAttackResult) and r.mass_change is not None and r.balanced_bound is not None:
                 # an unbalanced plan creates and destroys mass: no balanced distance to check with POT; the attack's
                 # own figures say how far from a balanced transport its outputs are
-                rows[str(eps)]["mass_change_max"] = round(float(r.mass_change[fooled].max()), 5) if fooled.any() \
-                    else None
-                rows[str(eps)]["balanced_bound_over_eps_max"] = (
-                    round(float((r.balanced_bound[fooled] / eps).max()), 3) if fooled.any() else None)
+                any_fooled = bool(fooled.any())
+                row["mass_change_max"] = round(float(r.mass_change[fooled].max()), 5) if any_fooled else None
+                row["balanced_bound_over_eps_max"] = (round(float((r.balanced_bound[fooled] / eps).max()), 3)
+                                                      if any_fooled else None)
             else:
-                rows[str(eps)]["true_radius"] = true_radii(x, r.x_adv, r.norm, fooled, n_exact)
+                row["true_radius"] = true_radii(x, r.x_adv, r.norm, fooled, n_exact)
+            rows[str(eps)] = row
         out["attacks"][name] = {"config": spec.config(), "by_eps": rows}
     return out
 

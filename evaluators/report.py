@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import hashlib
 import html
 import io
 import json
@@ -128,6 +129,8 @@ def _plain(obj: Any, path: list[Any], source: str) -> Any:
 def _check_consistency(doc: dict[str, Any], source: str) -> None:
     """What JSON Schema cannot say: lengths that must agree, ordered grids and intervals, and honest verdicts."""
     n = doc["data"]["n"]
+    if doc["artifacts"]["adversarials"] is None and "adversarials_sha256" in doc["artifacts"]:
+        raise _fail(source, ["artifacts", "adversarials_sha256"], "a hash of adversarials that were not stored")
     names: set[str] = set()
     for i, a in enumerate(doc["attacks"]):
         at = ["attacks", i]
@@ -326,6 +329,8 @@ def _provenance_rows(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
         rows.append(("command", p["command"], True))
     adv = doc["artifacts"]["adversarials"]
     rows.append(("adversarials", adv or "not stored", False))
+    if "adversarials_sha256" in doc["artifacts"]:
+        rows.append(("adversarials sha256", doc["artifacts"]["adversarials_sha256"], True))
     return rows
 
 
@@ -619,8 +624,9 @@ def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str],
     Parameters
     ----------
     doc : dict
-        The ``otkit.report/1`` document. Its ``artifacts.adversarials`` is set here: ``"adversarials.npz"`` when
-        ``adversarials`` is given, else ``None`` (the caller's dict is not modified).
+        The ``otkit.report/1`` document. Its ``artifacts`` are set here: ``adversarials`` is ``"adversarials.npz"``
+        and ``adversarials_sha256`` the sha256 of that file's bytes when ``adversarials`` is given, else
+        ``adversarials`` is ``None`` (the caller's dict is not modified).
     out_dir : str or Path
         The report folder (created if missing).
     adversarials : dict, optional
@@ -641,9 +647,14 @@ def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str],
     ValueError
         Adversarial arrays of the wrong shape, or for an attack not in the report (a bug in the caller).
     """
-    doc = {**doc, "artifacts": {"adversarials": REPORT_FILES[0] if adversarials else None}}
-    doc = validate_report(doc)
-    flat = _check_adversarials(adversarials, doc) if adversarials else None
+    doc = validate_report({**doc, "artifacts": {"adversarials": REPORT_FILES[0] if adversarials else None}})
+    npz_bytes = None
+    if adversarials:
+        flat = _check_adversarials(adversarials, doc)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **flat)  # type: ignore[arg-type]  # numpy stubs: **kwds may hold allow_pickle
+        npz_bytes = buf.getvalue()  # hashed as written: `otkit verify` recomputes it from the file
+        doc["artifacts"]["adversarials_sha256"] = "sha256:" + hashlib.sha256(npz_bytes).hexdigest()
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -653,9 +664,9 @@ def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str],
     with contextlib.suppress(FileNotFoundError):
         report_json.unlink()  # a stale report.json must not outlive a failed rewrite
     written = []
-    if flat is not None:
+    if npz_bytes is not None:
         with atomic_write(npz) as f:
-            np.savez_compressed(f, **flat)  # type: ignore[arg-type]  # numpy stubs: **kwds may hold allow_pickle
+            f.write(npz_bytes)
         written.append(npz)
     else:
         with contextlib.suppress(FileNotFoundError):

@@ -20,7 +20,7 @@ __all__ = ["ReportFormat", "VERIFY_EXIT_STATUSES", "report", "verify"]
 
 VERIFY_EXIT_STATUSES = """\b
 Exit statuses:
-  0  every hash (and every rechecked adversarial) matches the report
+  0  every hash checked (and every rechecked adversarial) matches the report
   1  a hash or a rechecked adversarial differs (each named on stderr)
   2  usage or input error (missing file, corrupt adversarials.npz, report not otkit.report/1)"""
 
@@ -184,7 +184,8 @@ def _recheck(engine_path: Path, npz_path: Path, budget: int, device: Any) -> lis
 @click.pass_context
 def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: Path | None, recheck: int,
            as_json: bool) -> None:
-    """Check that a report describes these exact files: sha256 of the engine (and twin), and optionally predictions.
+    """Check that a report describes these exact files: sha256 of the engine (and twin, and adversarials.npz when it
+    lies beside the report), and optionally predictions.
 
     Every input is checked before any hash is compared (a missing file is exit status 2, not a mismatch).
     """
@@ -196,9 +197,9 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     require_file(engine_path, "engine file")
     if twin_path is not None:
         require_file(twin_path, "twin checkpoint")
+    stored = doc["artifacts"]["adversarials"]
     npz_path = None
     if recheck:
-        stored = doc["artifacts"]["adversarials"]
         if stored is None:
             raise UserError(f"{rpath} stores no adversarials (artifacts.adversarials is null): nothing to recheck")
         npz_path = require_file(rpath.parent / stored, "adversarials file")
@@ -209,6 +210,14 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         if not row["match"]:
             row["note"] = _twin_hint(twin_path, doc["twin"]["weights_sha256"])
         hashes.append(row)
+    adv_sha = doc["artifacts"].get("adversarials_sha256")  # absent in reports written before it was recorded
+    if stored is not None and adv_sha is not None:
+        adv_file = rpath.parent / stored
+        if adv_file.is_file():
+            hashes.append(_hash_row("adversarials sha256", adv_file, adv_sha))
+        else:  # a report published without its adversarials: nothing to compare, and not a difference
+            hashes.append({"item": "adversarials sha256", "file": str(adv_file), "expected": adv_sha, "actual": None,
+                           "match": None, "note": "not beside the report: not checked"})
     rechecked: list[dict[str, Any]] = []
     if npz_path is not None:
         from kit.runtime import resolve_device
@@ -218,7 +227,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
 
     problems = []
     for h in hashes:
-        if not h["match"]:
+        if h["match"] is False:
             note = f" ({h['note']})" if h.get("note") else ""
             problems.append(f"{h['item']} differs: {h['file']} is {h['actual']}, the report says {h['expected']}{note}")
     for r in rechecked:
@@ -230,7 +239,8 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         _emit_json({"report": str(rpath), "match": ok, "hashes": hashes, "recheck": rechecked, "problems": problems})
     else:
         rows = [{"item": h["item"], "file": os.path.basename(h["file"]), "report says": _short(h["expected"]),
-                 "found": _short(h["actual"]), "result": "match" if h["match"] else "DIFFERS"} for h in hashes]
+                 "found": "absent" if h["actual"] is None else _short(h["actual"]),
+                 "result": {True: "match", False: "DIFFERS", None: "not checked"}[h["match"]]} for h in hashes]
         rows += [{"item": f"recheck {r['attack']}", "file": npz_path.name if npz_path else "",
                   "report says": f"{r['checked']} adversarial(s)",
                   "found": f"{r['pred_match']} same pred, {r['still_adversarial']} still adversarial",

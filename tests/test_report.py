@@ -186,6 +186,7 @@ _DELETE = object()
     ("attacks/0/twin/eps_star/2", -0.5, "attacks/0/twin/eps_star/2", "less than the minimum"),
     ("engine/sha256", "abc", "engine/sha256", "does not match"),
     ("artifacts/adversarials", "../secrets.npz", "artifacts/adversarials", "is not one of"),
+    ("artifacts/adversarials_sha256", "sha256:xyz", "artifacts/adversarials_sha256", "does not match"),
     ("provenance/started", "yesterday", "provenance/started", "does not match"),
     ("attacks/0/twin/auac", float("nan"), "attacks/0/twin/auac", "not a finite number"),
     # what the schema cannot say
@@ -196,6 +197,7 @@ _DELETE = object()
     ("attacks/0/eps_grid/0", 0.01, "attacks/0/eps_grid/0", "start at 0"),
     ("attacks/0/twin/auac_ci", [0.9, 0.1], "attacks/0/twin/auac_ci", "lower bound above"),
     ("gates/0/attack", "fgsm", "gates/0/attack", "no attack named 'fgsm'"),
+    ("artifacts/adversarials_sha256", "sha256:" + "0" * 64, "artifacts/adversarials_sha256", "were not stored"),
     ("status", "pass", "status", "is pass but the verdict is mismatch"),
     ("verdict", "match", "verdict", "is match but pgd-l2 mismatch"),
 ])
@@ -443,7 +445,8 @@ def test_write_report_writes_json_last_and_round_trips(doc, tmp_path, monkeypatc
     assert [p.name for p in paths] == list(R.REPORT_FILES) and all(p.parent == tmp_path / "out" for p in paths)
     paths = {p.suffix[1:]: p for p in paths}
     written = R.load_report(tmp_path / "out")
-    assert written == {**doc, "artifacts": {"adversarials": "adversarials.npz"}}
+    npz_sha = "sha256:" + hashlib.sha256(paths["npz"].read_bytes()).hexdigest()  # the hash of the bytes written
+    assert written == {**doc, "artifacts": {"adversarials": "adversarials.npz", "adversarials_sha256": npz_sha}}
     assert paths["md"].read_text() == R.render_markdown(written)
     assert paths["png"].read_bytes().startswith(PNG_MAGIC)
     assert base64.b64encode(paths["png"].read_bytes()).decode() in paths["html"].read_text()
@@ -664,6 +667,7 @@ def test_verify_recheck_with_a_real_engine(audited):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["match"] is True and out["problems"] == []
+    assert [(h["item"], h["match"]) for h in out["hashes"]] == [("engine sha256", True), ("adversarials sha256", True)]
     checked = {row["attack"]: row["checked"] for row in out["recheck"]}
     assert checked == {"pgd-linf": 4, "pgd-l2": 3}  # spread across attacks
     assert all(row["pred_match"] == row["checked"] == row["still_adversarial"] for row in out["recheck"])
@@ -685,9 +689,18 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     tampered["pgd-l2"]["pred"][0] = (tampered["pgd-l2"]["pred"][0] + 1) % 10
     flat = {f"{k}/{f}": v for k, a in tampered.items() for f, v in a.items()}
     np.savez(work / "adversarials.npz", **flat)
+    # the stored hash catches the edit without running anything
+    r = run("verify", work, "--engine", onnx_path, "--json")
+    assert r.exit_code == 1, r.output
+    out = json.loads(r.stdout)
+    assert [(h["item"], h["match"]) for h in out["hashes"]] == [("engine sha256", True),
+                                                                ("adversarials sha256", False)]
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("verify: adversarials sha256 differs: ") and "adversarials.npz" in line
     r = run("verify", work, "--engine", onnx_path, "--recheck", "6")
     assert r.exit_code == 1, r.output
-    (line,) = r.stderr.strip().splitlines()
+    hash_line, line = r.stderr.strip().splitlines()
+    assert hash_line.startswith("verify: adversarials sha256 differs")
     idx = int(adversarials["pgd-l2"]["index"][0])
     assert line.startswith(f"verify: recheck pgd-l2 example {idx}: prediction changed")
     assert re.search(r"recheck pgd-l2 .*DIFFERS", r.stdout) and re.search(r"recheck pgd-linf .*match", r.stdout)
@@ -704,3 +717,7 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     assert_user_error(run("verify", work, "--engine", onnx_path, "--recheck", "6"), "adversarials.npz")
     (work / "adversarials.npz").unlink()
     assert_user_error(run("verify", work, "--engine", onnx_path, "--recheck", "6"), "adversarials file not found")
+    # a report published without its adversarials still verifies; the row says the file was not checked
+    r = run("verify", work, "--engine", onnx_path)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"adversarials sha256\s+adversarials.npz\s+sha256:\S+\s+absent\s+not checked", r.stdout)
