@@ -375,6 +375,21 @@ def _attack_names() -> list[str]:
     return list_attacks()
 
 
+class ListedOption(click.Option):
+    """A ``click.Option`` whose help ends with "One of: ..." from a registry, loaded only when that help is shown:
+    importing the CLI (``otkit --help``, every command) does not import the registry and torch behind it."""
+
+    def __init__(self, *args: Any, listed: Callable[[], list[str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._listed: Callable[[], list[str]] | None = listed
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        if self._listed is not None:
+            self.help = f"{self.help or ''} One of: {', '.join(self._listed())}.".lstrip()
+            self._listed = None
+        return super().get_help_record(ctx)
+
+
 def load_model_and_data(ckpt: Path, spec: str, split: str, samples: int | None, seed: int, device: Any):
     """The twin and the evaluation tensors, after checking that they fit each other."""
     from kit.checkpoint import load_twin
@@ -396,8 +411,8 @@ def load_model_and_data(ckpt: Path, spec: str, split: str, samples: int | None, 
 @click.option("--model", "ckpt", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint.")
 @click.option("--data", "data_spec", default="digits", help="Dataset spec (otkit data --help).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
-@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]",
-              help=f"Attack, repeatable; NAME@EPS_MAX overrides --eps-max for it. One of: {', '.join(_attack_names())}.")
+@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]", cls=ListedOption,
+              listed=_attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max for it.")
 @click.option("--eps-max", type=float, default=None, help="Largest epsilon of the curves, in [0, 1] pixel units.")
 @click.option("--samples", type=click.IntRange(min=1), default=500, help="Test examples evaluated (seeded subset).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)

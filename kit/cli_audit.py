@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-from kit.cli import _PROVIDERS, _attack_names, _device, _emit_json, _table, cli, dependency_versions
+from kit.cli import (_PROVIDERS, ListedOption, _attack_names, _device, _emit_json, _table, cli,
+                     dependency_versions)
 from kit.errors import UserError
 
 AUDIT_EXIT = """\b
@@ -67,8 +68,8 @@ def print_audit(doc: dict[str, Any]) -> None:
               help="The PyTorch checkpoint the engine was exported from.")
 @click.option("--data", "data_spec", default=None, help="Dataset spec (default: the one the twin was trained on).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
-@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]",
-              help=f"Attack, repeatable; NAME@EPS_MAX overrides --eps-max. One of: {', '.join(_attack_names())}.")
+@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]", cls=ListedOption,
+              listed=_attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max.")
 @click.option("--eps-max", type=float, default=None, help="Largest epsilon of the curves (pixels in [0, 1]; "
               "unit-mass transport cost for Wasserstein attacks).")
 @click.option("--samples", type=click.IntRange(min=1), default=500, help="Examples audited (seeded subset).")
