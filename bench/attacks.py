@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from bench.common import digits_model, timed  # noqa: E402
+from bench.common import digits_model, forward_backward_seconds, timed  # noqa: E402
 from evaluators.curves import accuracy_at, auac, auac_trapezoid  # noqa: E402
 from kit.attacks import APGD, FMN, PGD, Square, TrustRegion, min_eps_search  # noqa: E402
 from kit.attacks.search import SearchResult  # noqa: E402
@@ -35,11 +35,7 @@ def step_cost(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
     keep = model(x).argmax(1) == y
     x, y = x[keep], y[keep]
 
-    def fb() -> None:
-        xg = x.clone().requires_grad_(True)
-        torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
-
-    t_fb = timed(fb)
+    t_fb = forward_backward_seconds(model, x, y)
     attack = PGD(model, eps=1e-6, steps=steps, random_start=False)
     t_pgd = timed(lambda: attack(x, y))
     # the attack also spends one clean forward and one final forward: subtract them at forward-only cost

@@ -36,7 +36,13 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # bench/ot.py would shadow POT
 sys.path.insert(0, str(_HERE.parent))
 
-from bench.common import device_description, digits_model, emit, load_average, timed  # noqa: E402
+from bench.common import (  # noqa: E402
+    device_description,
+    digits_model,
+    emit,
+    forward_backward_seconds,
+    load_average,
+)
 from kit.attacks.registry import ATTACKS  # noqa: E402
 from kit.attacks.unbalanced import UnbalancedAttackResult  # noqa: E402
 from kit.data import load_dataset  # noqa: E402
@@ -44,16 +50,6 @@ from kit.ot.local import exact_local_wasserstein  # noqa: E402
 
 NAMES = ("wasserstein-pgd", "unbalanced-sinkhorn", "fw-wasserstein")
 EPS = (0.02, 0.05, 0.1, 0.2)
-
-
-def forward_backward_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Best-of-3 seconds of one forward + backward (input gradient) of the whole batch, per example."""
-
-    def fb() -> None:
-        xg = x.clone().requires_grad_(True)
-        torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
-
-    return timed(fb) / len(x)
 
 
 def true_radii(x: torch.Tensor, x_adv: torch.Tensor, reported: torch.Tensor, fooled: torch.Tensor,
@@ -80,7 +76,7 @@ def step_cost(arch: str = "resnet20", shape: tuple[int, int, int] = (3, 32, 32),
     x = torch.rand(batch, *shape)
     with torch.no_grad():
         y = model(x).argmax(1)  # the model's own labels: every example starts correctly classified
-    fb = forward_backward_seconds(model, x, y)
+    fb = forward_backward_seconds(model, x, y) / len(x)  # per example
     out: dict = {"model": f"{arch}, random weights, {batch} x {'x'.join(map(str, shape))}", "steps": steps,
                  "eps": eps, "forward_backward_s_per_example": fb, "attacks": {}}
     for name in names:
@@ -104,7 +100,7 @@ def run(samples: int = 100, eps_grid: tuple[float, ...] = EPS, names: tuple[str,
     with torch.no_grad():
         correct = model(ds.x).argmax(1) == ds.y
     x, y = ds.x[correct][:samples], ds.y[correct][:samples]
-    fb = forward_backward_seconds(model, x, y)
+    fb = forward_backward_seconds(model, x, y) / len(x)  # per example
     out: dict = {"model": "cnn-small, standard, 10 epochs, digits:16", "examples": len(x),
                  "forward_backward_s_per_example": fb, "attacks": {}}
     for name in names:
