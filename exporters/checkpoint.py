@@ -83,6 +83,7 @@ def export_checkpoint(
     timing_cache: str | Path | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    arch: str | None = None,
 ) -> CheckpointExport:
     """Export ``checkpoint`` to ``fmt`` at ``out``, checked against the twin on ``samples`` test examples.
 
@@ -97,15 +98,20 @@ def export_checkpoint(
         TensorRT precision; the ONNX formats imply theirs.
     data_spec : str, optional
         Dataset of the parity check (test split) and int8 calibration (train split); default: the checkpoint's.
+    arch : str, optional
+        ``FILE.py:NAME`` for a checkpoint whose architecture is a user's Python file (``--arch``): imported only when
+        named here and matching the checkpoint's record; see :func:`kit.checkpoint.load_twin`.
 
     Raises
     ------
     UserError
-        Bad options, data that does not fit the model, TensorRT or a GPU missing for a TensorRT export.
+        Bad options, data that does not fit the model, TensorRT or a GPU missing for a TensorRT export, a file
+        architecture without a matching ``arch``.
     exporters.parity.ParityError
         An FP32 export beyond tolerance from its twin (nothing is written).
     """
     from kit.checkpoint import load_twin
+    from kit.runtime import phase
 
     prec = resolve_precision(fmt, precision)
     trt = ExportFormat(fmt) is ExportFormat.TENSORRT
@@ -119,7 +125,7 @@ def export_checkpoint(
         from exporters.tensorrt import require_tensorrt
 
         require_tensorrt(device)  # TensorRT, a GPU and a CUDA device, before any work
-    model, info = load_twin(checkpoint, device=device)
+    model, info = load_twin(checkpoint, device=device, arch=arch)
     spec = data_spec or info.dataset.get("spec")
     if not spec:
         raise UserError(f"{checkpoint} records no dataset; pass --data SPEC for the parity check")
@@ -134,15 +140,17 @@ def export_checkpoint(
     if trt:
         from exporters.tensorrt import export_tensorrt
 
-        result: Any = export_tensorrt(model, out, test.x, workspace_mib=workspace_mib, timing_cache=timing_cache,
-                                      device=device, **kwargs)
+        with phase(f"export {out.name}: ONNX, TensorRT build, checks and parity"):
+            result: Any = export_tensorrt(model, out, test.x, workspace_mib=workspace_mib,
+                                          timing_cache=timing_cache, device=device, **kwargs)
         reports = [(result.onnx.path.name, result.onnx.exporter, result.onnx.parity),
                    (out.name, "tensorrt " + result.sidecar["tensorrt_version"], result.parity)]
         sha = result.sidecar["engine_sha256"]
     else:
         from exporters.onnx import export_onnx
 
-        result = export_onnx(model, out, test.x, **kwargs)
+        with phase(f"export {out.name}: ONNX {prec.value}, checks and parity"):
+            result = export_onnx(model, out, test.x, **kwargs)
         reports = [(out.name, result.exporter, result.parity)]
         sha = result.sha256
     return CheckpointExport(path=out, format=ExportFormat(fmt).value, precision=prec.value, sha256=sha,

@@ -158,11 +158,15 @@ class TorchEngine(Engine):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        max_batch: int = DEFAULT_MAX_BATCH) -> TorchEngine:
-        """The twin a checkpoint describes (``kit.checkpoint.load_twin``) as an engine."""
+                        max_batch: int = DEFAULT_MAX_BATCH, *, arch: str | None = None) -> TorchEngine:
+        """The twin a checkpoint describes (``kit.checkpoint.load_twin``) as an engine.
+
+        ``arch`` (``FILE.py:NAME``) is needed for a checkpoint whose architecture is a user's Python file: nothing is
+        imported unless the caller names it and it matches the checkpoint's record.
+        """
         from kit.checkpoint import load_twin
 
-        model, info = load_twin(path, device=device)
+        model, info = load_twin(path, device=device, arch=arch)
         return cls(model, info.input_shape, info.num_classes, info.weights_sha256, name=Path(path).name,
                    max_batch=max_batch)
 
@@ -181,6 +185,7 @@ def load_engine(
     *,
     providers: Sequence[str] | None = None,
     max_batch: int | None = None,
+    arch: str | None = None,
 ) -> Engine:
     """Open a checkpoint (``.safetensors``/``.pt``), an ONNX file or a TensorRT engine as an :class:`Engine`.
 
@@ -195,6 +200,9 @@ def load_engine(
         ONNX Runtime providers by short name (``cpu``, ``cuda``, ``tensorrt``); ONNX files only.
     max_batch : int, optional
         Override of the largest batch per backend call (default: what the file records, else 256).
+    arch : str, optional
+        ``FILE.py:NAME`` for a checkpoint whose architecture is a user's Python file (``--arch``): it is imported only
+        when named here and matching the checkpoint's record (:func:`kit.arch.rebuild_model`). Other files ignore it.
 
     Raises
     ------
@@ -210,7 +218,7 @@ def load_engine(
     if providers is not None and kind != "onnx":
         raise UserError(f"{path}: providers apply to ONNX files only")
     if kind == "torch":
-        return TorchEngine.from_checkpoint(path, dev, max_batch=max_batch or DEFAULT_MAX_BATCH)
+        return TorchEngine.from_checkpoint(path, dev, max_batch=max_batch or DEFAULT_MAX_BATCH, arch=arch)
     if kind == "onnx":
         from exporters.onnx import OnnxRuntimeEngine
 

@@ -2,9 +2,17 @@
 
 A checkpoint is one ``.safetensors`` file: the weights, and in its metadata (``__metadata__``, text only) a JSON record
 under the key ``otkit`` with the architecture, classes, input shape, normalisation, dataset fingerprint, defense and
-training configuration, kit version and the sha256 of the weights. Loading never executes a pickle: safetensors holds
-no code, and a ``.pt`` file is read only with ``torch.load(weights_only=True)``, which refuses anything but tensors and
-plain containers.
+training configuration, kit version, the sha256 of the weights (``weights_sha256``) and ``checkpoint_sha256``, a sha256
+over the record's canonical JSON and the weights hash together, so that neither the metadata nor the weights can change
+unnoticed (integrity, not authenticity: anyone who edits the file can recompute the hash).
+
+Loading never executes code the caller did not name: safetensors holds no code, a ``.pt`` file is read only with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers, and an architecture defined
+in a user's Python file is imported only when the caller names that file again (``arch=``, ``--arch`` on the command
+line) and its sha256 matches the record (:func:`kit.arch.rebuild_model`).
+
+Checkpoints written before ``checkpoint_sha256`` existed (format ``otkit.checkpoint/1``) are still read, with a warning
+that their metadata is not covered by any hash.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -26,7 +35,11 @@ from kit.arch import arch_name, rebuild_model
 from kit.errors import UserError
 from kit.io import atomic_write, require_file
 
-FORMAT = "otkit.checkpoint/1"
+log = logging.getLogger(__name__)
+
+FORMAT = "otkit.checkpoint/2"
+#: Formats read: /1 has no ``checkpoint_sha256`` (its metadata is not hashed), /2 has it.
+LEGACY_FORMAT = "otkit.checkpoint/1"
 
 
 @dataclass
@@ -45,6 +58,7 @@ class CheckpointInfo:
     weights_sha256: str = ""
     created: str = ""
     format: str = FORMAT
+    checkpoint_sha256: str = ""
 
     @property
     def arch_name(self) -> str:
@@ -59,7 +73,34 @@ class CheckpointInfo:
         missing = {"arch", "num_classes", "class_names", "input_shape", "normalization"} - d.keys()
         if missing:
             raise UserError(f"{source}: checkpoint metadata lacks {', '.join(sorted(missing))}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        info = cls(**{k: v for k, v in d.items() if k in names})
+        info._check_types(source)
+        return info
+
+    def _check_types(self, source: str) -> None:
+        """Refuse metadata whose fields have the wrong JSON types (metadata is anyone's text)."""
+
+        def bad(name: str, want: str) -> UserError:
+            return UserError(f"{source}: checkpoint metadata field {name!r} must be {want}, got "
+                             f"{type(getattr(self, name)).__name__}")
+
+        def count(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        for name in ("arch", "normalization", "dataset", "train_config"):
+            if not isinstance(getattr(self, name), dict):
+                raise bad(name, "an object")
+        for name in ("defense", "kit_version", "weights_sha256", "checkpoint_sha256", "created", "format"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "text")
+        if not count(self.num_classes):
+            raise bad("num_classes", "an integer >= 1")
+        if not (isinstance(self.class_names, list) and all(isinstance(c, str) for c in self.class_names)
+                and len(self.class_names) == self.num_classes):
+            raise bad("class_names", f"a list of {self.num_classes} names")
+        if not (isinstance(self.input_shape, list) and len(self.input_shape) == 3
+                and all(count(v) for v in self.input_shape)):
+            raise bad("input_shape", "a list of 3 positive integers (C, H, W)")
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -69,6 +110,23 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
         t = state[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode()
+
+
+def checkpoint_sha256(record: dict[str, Any], weights_hash: str) -> str:
+    """sha256 over a metadata record (without its ``checkpoint_sha256`` key) as canonical JSON, and ``weights_hash``.
+
+    The record must be JSON-shaped (what ``json.loads`` gives): :func:`save_checkpoint` hashes the record after a JSON
+    round trip, :func:`read_checkpoint` the record as read.
+    """
+    body = {k: v for k, v in record.items() if k != "checkpoint_sha256"}
+    h = hashlib.sha256(b"otkit.checkpoint_sha256/1\n")
+    h.update(_canonical(body))
+    h.update(b"\n" + weights_hash.encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -85,13 +143,21 @@ def save_checkpoint(model: nn.Module, path: str | Path, info: CheckpointInfo) ->
     if path.suffix != ".safetensors":
         raise UserError(f"checkpoint path must end in .safetensors: {path}")
     state = _plain_state(model)
+    weights = weights_sha256(state)
     info = dataclasses.replace(
         info,
-        weights_sha256=weights_sha256(state),
+        weights_sha256=weights,
         created=info.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         kit_version=kit.__version__,
+        format=FORMAT,
+        checkpoint_sha256="",
     )
-    blob = save(state, metadata={"format": FORMAT, "otkit": json.dumps(info.to_dict(), sort_keys=True)})
+    try:
+        record = json.loads(json.dumps(info.to_dict(), sort_keys=True))  # the record exactly as it will be read
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot write {path}: its metadata is not JSON ({e})") from e
+    info.checkpoint_sha256 = record["checkpoint_sha256"] = checkpoint_sha256(record, weights)
+    blob = save(state, metadata={"format": FORMAT, "otkit": json.dumps(record, sort_keys=True)})
     with atomic_write(path) as f:
         f.write(blob)
     return info
@@ -113,10 +179,10 @@ def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's own message ends with advice to load the file unsafely; ours must not pass that on.
         raise UserError(
             f"refusing to load {path}: it holds objects other than tensors (possibly code), "
-            f"and weights are only read with torch.load(weights_only=True) [{first}]"
+            "and weights are only read with torch.load(weights_only=True)"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable PyTorch file: {str(e).splitlines()[0] if str(e) else e}") from e
@@ -133,13 +199,17 @@ def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """Read weights and metadata without building the model; verify the weights' sha256.
+    """Read weights and metadata without building the model (nothing is imported); verify their hashes.
+
+    ``checkpoint_sha256`` must match the metadata and weights together, and ``weights_sha256`` the weights. A
+    checkpoint older than ``checkpoint_sha256`` (format ``otkit.checkpoint/1``, no such field) is read with a logged
+    warning: its metadata is not covered by any hash.
 
     Raises
     ------
     UserError
-        Missing or unreadable file, missing metadata, a weights hash that does not match the metadata, or a ``.pt``
-        pickle holding anything but tensors.
+        Missing or unreadable file, missing metadata, metadata or weights that do not match their hashes, an unknown
+        format, or a ``.pt`` pickle holding anything but tensors.
     """
     path = require_file(path, "checkpoint")
     if path.suffix in (".pt", ".pth"):
@@ -155,18 +225,46 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
             raise UserError(f"{path} has no otkit metadata: it was not written by otkit")
         try:
             meta = json.loads(raw["otkit"])
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: otkit metadata is not valid JSON ({e})") from e
-    info = CheckpointInfo.from_dict(meta, str(path))
+        except (ValueError, RecursionError) as e:  # bad JSON, a 5000-digit integer, nesting deeper than Python's stack
+            raise UserError(f"{path}: otkit metadata is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from e
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: otkit metadata is not a JSON object")
+    fmt = meta.get("format", LEGACY_FORMAT)
+    if fmt not in (FORMAT, LEGACY_FORMAT):
+        raise UserError(f"{path}: unknown checkpoint format {fmt!r} (this otkit reads {LEGACY_FORMAT} and {FORMAT})")
     actual = weights_sha256(state)
-    if info.weights_sha256 and info.weights_sha256 != actual:
+    if meta.get("weights_sha256") and meta["weights_sha256"] != actual:
         raise UserError(f"{path}: weights do not match their recorded sha256 (file modified or corrupt)")
+    recorded = meta.get("checkpoint_sha256")
+    if recorded:
+        try:
+            expected = checkpoint_sha256(meta, actual)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: otkit metadata is not plain JSON ({e})") from e
+        if recorded != expected:
+            raise UserError(f"{path}: metadata or weights modified since the checkpoint was written "
+                            "(checkpoint_sha256 does not match; file modified or corrupt)")
+    else:
+        log.warning("%s records no checkpoint_sha256 (format %s: written before metadata was hashed): its weights "
+                    "are checked but its metadata is not covered by any hash", path, fmt)
+    info = CheckpointInfo.from_dict(meta, str(path))
     info.weights_sha256 = actual
     return state, info
 
 
-def load_twin(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
+def load_twin(path: str | Path, device: str | torch.device = "cpu", *,
+              arch: str | None = None) -> tuple[nn.Module, CheckpointInfo]:
     """Rebuild the model a checkpoint describes, load its weights (strictly) and return it in eval mode.
+
+    Parameters
+    ----------
+    path : path
+        The checkpoint.
+    device : str or torch.device
+    arch : str, optional
+        ``FILE.py:NAME`` for a checkpoint whose architecture is a user's Python file: the caller names the file to
+        import (``--arch``), and it must match the record (callable name, sha256) before it is imported. Nothing is
+        imported without it; it is ignored for zoo architectures.
 
     Returns
     -------
@@ -176,7 +274,7 @@ def load_twin(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.
     """
     path = Path(path)
     state, info = read_checkpoint(path)
-    model = rebuild_model(info.arch, search_dirs=(path.parent,))
+    model = rebuild_model(info.arch, arch=arch, source=str(path))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

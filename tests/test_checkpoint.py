@@ -150,7 +150,9 @@ def test_user_architecture_file_is_recorded_and_rebuilt(tmp_path):
     out = tmp_path / "user.safetensors"
     cfg = TrainConfig(arch=f"{arch_file}:Net", data="digits", epochs=2, arch_kwargs={"hidden": 16})
     result = train(cfg, out)
-    twin, info = load_twin(out)
+    with pytest.raises(UserError, match="--arch"):  # the file is imported only when the caller names it
+        load_twin(out)
+    twin, info = load_twin(out, arch=f"{arch_file}:Net")
     assert info.arch["kind"] == "file" and info.arch["spec"] == f"{arch_file}:Net"
     assert info.arch["kwargs"] == {"hidden": 16}
     x = load_dataset("digits", "test").x[:8]
