@@ -212,6 +212,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: deeper than any report (about 5 levels): validators and renderers recurse, so deeper text is refused up front
+MAX_NESTING = 32
+
+
+def _nesting(obj: Any) -> int:
+    """Nesting depth of JSON data, counted without recursion (a hostile file may nest thousands deep)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_NESTING:
+                break
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a report: ``DIR/report.json`` for a folder, else the file itself.
 
@@ -233,6 +250,10 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"{p} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from None
     except ValueError as e:
         raise UserError(f"{p} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise UserError(f"{p} is not a report: JSON nested deeper than Python can read") from None
+    if _nesting(doc) > MAX_NESTING:
+        raise UserError(f"{p} is not a report: JSON nested deeper than {MAX_NESTING} levels")
     if not isinstance(doc, dict):
         raise UserError(f"{p} is not a report: expected a JSON object, got {type(doc).__name__}")
     schema = doc.get("schema")
@@ -594,6 +615,11 @@ def load_adversarials(path: str | os.PathLike[str]) -> dict[str, dict[str, np.nd
         m = len(arrays["x"]) if arrays["x"].ndim else -1
         if arrays["x"].ndim != 4 or any(arrays[k].shape != (m,) for k in ("y", "index", "eps", "pred")):
             raise UserError(f"{p}: arrays of attack {name!r} have inconsistent shapes")
+        for k, dt in ADVERSARIAL_FIELDS.items():  # integers where integers belong, floats where floats do
+            want = np.dtype(dt).kind in "iu"
+            if arrays[k].dtype.kind not in ("iu" if want else "f"):
+                raise UserError(f"{p}: array {name}/{k} has dtype {arrays[k].dtype}, expected "
+                                f"{'integers' if want else 'floats'}")
     return out
 
 

@@ -54,7 +54,9 @@ __all__ = [
     "OnnxGraph",
     "OnnxRuntimeEngine",
     "describe_onnx",
+    "engine_sha256",
     "export_onnx",
+    "external_data_files",
     "load_onnx",
     "read_metadata",
     "torch_to_onnx",
@@ -250,13 +252,16 @@ def read_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
         if p.key.startswith(META_PREFIX):
             try:
                 out[p.key[len(META_PREFIX):]] = json.loads(p.value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, an integer beyond str's digit limit, or nested too deep
                 out[p.key[len(META_PREFIX):]] = p.value
     return out
 
 
-def validate_onnx(proto: onnx.ModelProto) -> onnx.ModelProto:
+def validate_onnx(proto: onnx.ModelProto, path: str | Path | None = None) -> onnx.ModelProto:
     """``onnx.checker.check_model(full_check=True)`` and strict shape inference with type checks.
+
+    ``path`` is the file ``proto`` was read from: a model with external data is checked from its file, so that the
+    checker finds the data files beside it whatever the current folder.
 
     Returns
     -------
@@ -268,7 +273,10 @@ def validate_onnx(proto: onnx.ModelProto) -> onnx.ModelProto:
     onnx.checker.ValidationError, onnx.shape_inference.InferenceError
         On an invalid graph.
     """
-    onnx.checker.check_model(proto, full_check=True)
+    if path is not None and _uses_external_data(proto):
+        onnx.checker.check_model(str(path), full_check=True)
+    else:
+        onnx.checker.check_model(proto, full_check=True)
     return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
 
 
@@ -447,6 +455,10 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
 def load_onnx(source: str | Path | bytes, what: str = "ONNX file") -> tuple[onnx.ModelProto, bytes, str]:
     """Read and parse an ONNX file (or bytes).
 
+    The tensors a file keeps in external data files are not read into the returned proto; those files must lie in the
+    model's folder or below it (a location that leads elsewhere is refused), and they are found from the model's
+    folder, not from the current one.
+
     Returns
     -------
     proto : onnx.ModelProto
@@ -458,8 +470,10 @@ def load_onnx(source: str | Path | bytes, what: str = "ONNX file") -> tuple[onnx
     Raises
     ------
     UserError
-        A missing file, or bytes that do not parse as an ONNX model (corrupt or truncated).
+        A missing file, bytes that do not parse as an ONNX model (corrupt or truncated), bytes with external data (they
+        have no folder to find it in), a missing external data file or one outside the model's folder.
     """
+    path = None
     if isinstance(source, (bytes, bytearray)):
         data, label = bytes(source), "<bytes>"
     else:
@@ -471,11 +485,100 @@ def load_onnx(source: str | Path | bytes, what: str = "ONNX file") -> tuple[onnx
         raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): {_first_line(e)}") from e
     if not proto.HasField("graph") or not len(proto.graph.node) or not len(proto.graph.output):
         raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): it holds no complete graph")
+    external = _uses_external_data(proto)
+    if external and path is None:
+        raise UserError(f"{label} keeps tensors in external data files: load it from its file, not from bytes")
+    if external and path is not None:
+        external_data_files(proto, path)  # refuses locations outside the model's folder and missing files
     try:
-        onnx.checker.check_model(proto)
+        # with external data, the checker must see the file's path: it finds (and checks) the data files from it
+        onnx.checker.check_model(str(path) if external else proto)
     except onnx.checker.ValidationError as e:
         raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): {_first_line(e)}") from e
     return proto, data, label
+
+
+def _external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return (t for t in _get_all_tensors(proto) if uses_external_data(t))
+
+
+def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    return next(_external_tensors(proto), None) is not None
+
+
+def external_data_files(proto: onnx.ModelProto, path: str | Path) -> list[tuple[str, Path]]:
+    """The external data files of the model read from ``path``: sorted, unique ``(location, file)`` pairs.
+
+    ``location`` is the tensor's ``location`` entry as written in the model (a path relative to the model's folder);
+    ``file`` the file it names. Empty for a model without external data.
+
+    Raises
+    ------
+    UserError
+        A tensor without a location, a location that is absolute or leads outside the model's folder (``..``, a
+        symbolic link), or a missing file.
+    """
+    base = Path(path).resolve().parent
+    found: dict[str, Path] = {}
+    for t in _external_tensors(proto):
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        if location in found:
+            continue
+        rel = Path(location)
+        target = (base / rel).resolve()
+        if not location or rel.is_absolute() or ".." in rel.parts or not target.is_relative_to(base):
+            raise UserError(f"{path}: tensor {t.name!r} keeps its data in {location!r}, outside the model's folder "
+                            "(refused)")
+        if not target.is_file():
+            raise UserError(f"{path}: external data file {location!r} of tensor {t.name!r} not found beside the model")
+        found[location] = target
+    return sorted(found.items())
+
+
+def _combined_sha256(data: bytes, files: Sequence[tuple[str, Path]]) -> str:
+    """``"sha256:<hex>"`` of a model's bytes, alone, or with its external data files (see :func:`engine_sha256`)."""
+    from kit.io import sha256_file
+
+    own = hashlib.sha256(data).hexdigest()
+    if not files:
+        return "sha256:" + own
+    h = hashlib.sha256(b"otkit.onnx-external-data/1\n")
+    h.update(f"{own}\n".encode())
+    for location, file in files:
+        h.update(f"{location}\t{sha256_file(file)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def engine_sha256(path: str | Path) -> str:
+    """``"sha256:<hex>"`` identity of an engine file, covering every byte the runtime will read.
+
+    The plain sha256 of the file's bytes, except for an ONNX file that keeps tensors in external data files: then the
+    sha256 of the text ``"otkit.onnx-external-data/1\n"``, the model file's hex sha256 and a newline, then, per
+    external data file in sorted order of its location, ``"<location>\t<hex sha256>\n"``. Editing the weights in
+    an external data file thus changes the hash, while the hash of a self-contained file stays what
+    ``sha256sum`` prints.
+
+    A file that does not parse as ONNX gets its plain sha256 too (loading it fails; hashing it need not).
+
+    Raises
+    ------
+    UserError
+        A missing file; for ONNX, a missing external data file or one outside the model's folder.
+    """
+    from exporters.formats import engine_kind
+    from kit.io import sha256_file
+
+    p = require_file(path, "engine file")
+    if engine_kind(p) != "onnx":
+        return "sha256:" + sha256_file(p)
+    data = p.read_bytes()
+    try:
+        proto = onnx.load_model_from_string(data)
+    except _decode_errors():
+        return _combined_sha256(data, [])  # no model, so no external data: the file's bytes are all there is
+    return _combined_sha256(data, external_data_files(proto, p) if _uses_external_data(proto) else [])
 
 
 @dataclass(frozen=True)
@@ -486,6 +589,18 @@ class _Interface:
     output_dtype: Any
     input_shape: tuple[int, int, int]
     num_classes: int
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _elem_type_name(t: int) -> str:
+    """ONNX element type name, or the raw number for a value no ONNX version defines (a corrupt file)."""
+    try:
+        return onnx.TensorProto.DataType.Name(t)
+    except ValueError:
+        return f"element type {t}"
 
 
 def _interface(proto: onnx.ModelProto, label: str, meta: dict[str, Any]) -> _Interface:
@@ -507,21 +622,25 @@ def _interface(proto: onnx.ModelProto, label: str, meta: dict[str, Any]) -> _Int
     in_type, out_type = inp.type.tensor_type.elem_type, outp.type.tensor_type.elem_type
     if in_type not in _ONNX_FLOAT_TYPES or out_type not in _ONNX_FLOAT_TYPES:
         raise UserError(f"{label}: input and output must be float32 or float16 tensors, got "
-                        f"{onnx.TensorProto.DataType.Name(in_type)} and {onnx.TensorProto.DataType.Name(out_type)}")
+                        f"{_elem_type_name(in_type)} and {_elem_type_name(out_type)}")
     dims = [_static_dim(inp, a) for a in (1, 2, 3)]
     recorded = meta.get("input_shape")
     if any(d is None for d in dims):
-        if not (isinstance(recorded, list) and len(recorded) == 3):
+        if not (isinstance(recorded, list) and len(recorded) == 3 and all(_positive_int(v) for v in recorded)):
             raise UserError(f"{label}: input {inp.name!r} has shape {_shape_text(inp)} with unknown (C, H, W), and no "
-                            "otkit.input_shape metadata says what it takes")
+                            "otkit.input_shape metadata (three positive integers) says what it takes")
         dims = [int(v) for v in recorded]
     c, h, w = (int(d) for d in dims if d is not None)
+    if min(c, h, w) < 1:
+        raise UserError(f"{label}: input {inp.name!r} has shape {_shape_text(inp)}; (C, H, W) must be positive")
     k = _static_dim(outp, 1)
     if k is None:
-        if not isinstance(meta.get("num_classes"), int):
+        if not _positive_int(meta.get("num_classes")):
             raise UserError(f"{label}: output {outp.name!r} has shape {_shape_text(outp)} with an unknown class count, "
-                            "and no otkit.num_classes metadata")
+                            "and no otkit.num_classes metadata (a positive integer)")
         k = int(meta["num_classes"])
+    if k < 1:
+        raise UserError(f"{label}: output {outp.name!r} has shape {_shape_text(outp)}; the class count must be positive")
     return _Interface(inp.name, outp.name, _ONNX_FLOAT_TYPES[in_type], _ONNX_FLOAT_TYPES[out_type], (c, h, w), k)
 
 
@@ -634,6 +753,8 @@ class OnnxRuntimeEngine(Engine):
         import onnxruntime as ort
 
         proto, data, label = load_onnx(source)
+        external = [] if isinstance(source, (bytes, bytearray)) or not _uses_external_data(proto) else \
+            external_data_files(proto, source)
         self.metadata = read_metadata(proto)
         self._io = _interface(proto, label, self.metadata)
         self.device = torch.device(device)
@@ -664,7 +785,8 @@ class OnnxRuntimeEngine(Engine):
         so = ort.SessionOptions()
         so.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(data, sess_options=so, providers=wanted,
+            # a model with external data is opened from its path: ONNX Runtime finds the data from the model's folder
+            self._session = ort.InferenceSession(str(source) if external else data, sess_options=so, providers=wanted,
                                                  provider_options=[options[p] for p in wanted])
         except _ort_errors() as e:
             raise UserError(f"ONNX Runtime cannot open {label}: {_first_line(e)}") from e
@@ -680,7 +802,7 @@ class OnnxRuntimeEngine(Engine):
         self.input_shape = self._io.input_shape
         self.num_classes = self._io.num_classes
         self.precision = str(self.metadata.get("precision") or _infer_precision(proto))
-        self.sha256 = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.sha256 = _combined_sha256(data, external)  # engine_sha256: external data files included
         recorded = self.metadata.get("max_batch")
         default = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else DEFAULT_MAX_BATCH
         self.max_batch = _check_max_batch(max_batch if max_batch is not None else default)
@@ -795,12 +917,14 @@ def describe_onnx(path: str | Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     proto, data, label = load_onnx(path)
+    external = external_data_files(proto, path) if _uses_external_data(proto) else []
     checks: dict[str, str] = {}
     try:
-        validate_onnx(proto)
+        validate_onnx(proto, path)
         checks["checker_full"] = "pass"
         checks["strict_shape_inference"] = "pass"
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
+        # ValueError: the full check's shape inference on an element type no ONNX version defines (a corrupt file)
         checks["checker_full"] = f"fail: {_first_line(e)}"
     meta = read_metadata(proto)
     try:
@@ -813,15 +937,16 @@ def describe_onnx(path: str | Path) -> dict[str, Any]:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
 
     def value(v: onnx.ValueInfoProto) -> dict[str, Any]:
-        return {"name": v.name, "type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower(),
+        return {"name": v.name, "type": _elem_type_name(v.type.tensor_type.elem_type).lower(),
                 "shape": _shape_text(v)}
 
     initializers = {i.name for i in proto.graph.initializer}
     return {
         "path": label,
         "format": "onnx",
-        "sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
+        "sha256": _combined_sha256(data, external),
         "size_bytes": len(data),
+        "external_data": [{"location": loc, "size_bytes": f.stat().st_size} for loc, f in external],
         "ir_version": proto.ir_version,
         "opset": {(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
         "producer": f"{proto.producer_name} {proto.producer_version}".strip(),

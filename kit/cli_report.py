@@ -16,13 +16,25 @@ import click
 
 from kit.errors import UserError
 
-__all__ = ["ReportFormat", "VERIFY_EXIT_STATUSES", "report", "verify"]
+__all__ = ["DEFAULT_RECHECK", "ReportFormat", "VERIFY_EXIT_STATUSES", "WAIVABLE", "report", "verify"]
+
+#: Stored adversarials ``otkit verify`` re-runs on the engine unless told otherwise.
+DEFAULT_RECHECK = 16
+
+#: What ``otkit verify --waive`` can excuse: the twin not given, no adversarials.npz, no recheck.
+WAIVABLE = ("twin", "adversarials", "recheck")
 
 VERIFY_EXIT_STATUSES = """\b
 Exit statuses:
-  0  every hash checked (and every rechecked adversarial) matches the report
-  1  a hash or a rechecked adversarial differs (each named on stderr)
-  2  usage or input error (missing file, corrupt adversarials.npz, report not otkit.report/1)"""
+  0  everything checked matches: the engine sha256 (ONNX external data included),
+     the twin sha256, adversarials.npz (sha256 and content), the rechecked
+     adversarials, and every figure re-derived from the per-example eps*
+     (curves, AUACs, intervals, fidelity, verdicts, gates, status); only
+     what --waive names may be left unchecked
+  1  a difference (each named on stderr), or the twin, adversarials.npz or
+     the recheck missing without --waive
+  2  usage or input error (missing report, engine or twin, corrupt
+     adversarials.npz, report not otkit.report/1)"""
 
 
 class ReportFormat(str, Enum):
@@ -98,8 +110,8 @@ def _short(digest: str) -> str:
     return digest[:19] + "..." if len(digest) > 22 else digest
 
 
-def _hash_row(item: str, path: Path, expected: str) -> dict[str, Any]:
-    actual = _sha256(path)
+def _hash_row(item: str, path: Path, expected: str, actual: str | None = None) -> dict[str, Any]:
+    actual = actual or _sha256(path)
     return {"item": item, "file": str(path), "expected": expected, "actual": actual, "match": actual == expected}
 
 
@@ -136,19 +148,18 @@ def _spread(sizes: dict[str, int], budget: int) -> dict[str, list[int]]:
     return out
 
 
-def _recheck(engine_path: Path, npz_path: Path, budget: int, device: Any) -> list[dict[str, Any]]:
+def _recheck(engine_path: Path, npz_path: Path, stored: dict[str, dict[str, Any]], budget: int,
+             device: Any, *, arch: str | None = None) -> list[dict[str, Any]]:
     """Run the engine on up to ``budget`` stored adversarials; per attack, the ones whose prediction changed."""
     import numpy as np
     import torch
 
-    from evaluators.report import load_adversarials
     from exporters.engines import load_engine
 
-    stored = load_adversarials(npz_path)
-    if not stored:
-        raise UserError(f"{npz_path} holds no adversarials to recheck")
-    engine = load_engine(engine_path, device)
     picks = _spread({name: len(a["x"]) for name, a in stored.items()}, budget)
+    if not picks:
+        return []
+    engine = load_engine(engine_path, device, arch=arch)
     rows = []
     for name, pos in picks.items():
         a = stored[name]
@@ -171,82 +182,159 @@ def _recheck(engine_path: Path, npz_path: Path, budget: int, device: Any) -> lis
     return rows
 
 
+def _engine_row(engine_path: Path, expected: str) -> dict[str, Any]:
+    """The engine's hash row: :func:`exporters.onnx.engine_sha256` (an ONNX file's external data included)."""
+    from exporters.onnx import engine_sha256
+
+    row = _hash_row("engine sha256", engine_path, expected, engine_sha256(engine_path))
+    if not row["match"] and row["actual"] != _sha256(engine_path) and _sha256(engine_path) == expected:
+        row["note"] = "the report's hash is of the model file alone; it does not cover the external data files"
+    return row
+
+
 @click.command("verify", epilog=VERIFY_EXIT_STATUSES)
 @click.argument("report_file", metavar="REPORT.json|DIR", type=click.Path(path_type=Path))
 @click.option("--engine", "engine_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The engine file the report says it audited (.onnx, .engine, or a checkpoint).")
+              help="The engine file the report says it audited (.onnx, .engine, or a checkpoint). An ONNX file's "
+                   "external data files are hashed with it.")
 @click.option("--twin", "twin_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The twin checkpoint; its file sha256 is checked too.")
-@click.option("--recheck", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-              help="Also run the engine on up to N stored adversarials (adversarials.npz beside the report, spread "
-                   "across attacks): each must still get the stored prediction, and not its true label.")
+              help="The twin checkpoint; its file sha256 is checked too. Required unless --waive twin.")
+@click.option("--recheck", type=click.IntRange(min=0), default=DEFAULT_RECHECK, show_default=True, metavar="N",
+              help="Run the engine on up to N stored adversarials (adversarials.npz beside the report, spread across "
+                   "attacks): each must still get the stored prediction, and not its true label. 0 skips the "
+                   "recheck, which then needs --waive recheck.")
+@click.option("--waive", "waived", multiple=True, type=click.Choice(WAIVABLE),
+              help="Accept a check left undone (repeatable): twin (no --twin), adversarials (no adversarials.npz: its "
+                   "hash, content and the recheck), recheck (no recheck: the engine is not run). Waived checks are "
+                   "listed in the output.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--arch", "arch", default=None, metavar="FILE.py:NAME",
+              help="With --recheck of a checkpoint engine whose architecture is your own Python file: that file, "
+                   "imported (its code runs) only if NAME and its sha256 match the checkpoint. Never imported without "
+                   "it.")
 @click.pass_context
 def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: Path | None, recheck: int,
-           as_json: bool) -> None:
-    """Check that a report describes these exact files: sha256 of the engine (and twin, and adversarials.npz when it
-    lies beside the report), and optionally predictions.
+           waived: tuple[str, ...], as_json: bool, arch: str | None = None) -> None:
+    """Check a report against the files it names and against its own per-example results.
+
+    The sha256 of the engine (with an ONNX file's external data files), of the twin and of adversarials.npz must be
+    the report's; adversarials.npz must hold exactly the engine-side adversarials the report describes; up to N of
+    them must still fool the engine as stored (--recheck); and every figure derived from the per-example eps* (curves,
+    AUACs and intervals, fidelity statistics and verdicts, gates, verdict, status) must recompute to the report's.
+    A check that cannot run (no --twin, no adversarials.npz, --recheck 0) fails unless --waive names it.
 
     Every input is checked before any hash is compared (a missing file is exit status 2, not a mismatch).
     """
-    from evaluators.report import load_report
+    from evaluators.recompute import check_adversarials, recompute_report
+    from evaluators.report import load_adversarials, load_report
     from kit.io import require_file
 
+    waive = [w for w in WAIVABLE if w in waived]
     doc = load_report(report_file)
     rpath = _report_path(report_file)
     require_file(engine_path, "engine file")
     if twin_path is not None:
         require_file(twin_path, "twin checkpoint")
-    stored = doc["artifacts"]["adversarials"]
-    npz_path = None
-    if recheck:
-        if stored is None:
-            raise UserError(f"{rpath} stores no adversarials (artifacts.adversarials is null): nothing to recheck")
-        npz_path = require_file(rpath.parent / stored, "adversarials file")
+    stored_name = doc["artifacts"]["adversarials"]
+    npz_path = rpath.parent / stored_name if stored_name is not None else None
+    stored = load_adversarials(npz_path) if npz_path is not None and npz_path.is_file() else None
+    problems: list[str] = []
 
-    hashes = [_hash_row("engine sha256", engine_path, doc["engine"]["sha256"])]
+    hashes = [_engine_row(engine_path, doc["engine"]["sha256"])]
     if twin_path is not None:
         row = _hash_row("twin sha256", twin_path, doc["twin"]["sha256"])
         if not row["match"]:
             row["note"] = _twin_hint(twin_path, doc["twin"]["weights_sha256"])
         hashes.append(row)
+    else:
+        hashes.append({"item": "twin sha256", "file": "", "expected": doc["twin"]["sha256"], "actual": None,
+                       "match": None, "note": "no --twin: waived" if "twin" in waive else "no --twin"})
+        if "twin" not in waive:
+            problems.append("twin not checked: give --twin CHECKPOINT (or --waive twin)")
+
     adv_sha = doc["artifacts"].get("adversarials_sha256")  # absent in reports written before it was recorded
-    if stored is not None and adv_sha is not None:
-        adv_file = rpath.parent / stored
-        if adv_file.is_file():
-            hashes.append(_hash_row("adversarials sha256", adv_file, adv_sha))
-        else:  # a report published without its adversarials: nothing to compare, and not a difference
-            hashes.append({"item": "adversarials sha256", "file": str(adv_file), "expected": adv_sha, "actual": None,
-                           "match": None, "note": "not beside the report: not checked"})
+    content: list[str] = []
+    if stored is not None and npz_path is not None:  # a stored file implies its path
+        if adv_sha is not None:
+            hashes.append(_hash_row("adversarials sha256", npz_path, adv_sha))
+        content = check_adversarials(doc, stored, npz_path.name)
+    else:
+        why = ("the report stores no adversarials" if npz_path is None
+               else f"{npz_path} is not beside the report")
+        hashes.append({"item": "adversarials sha256", "file": str(npz_path or ""), "expected": adv_sha or "",
+                       "actual": None, "match": None,
+                       "note": f"{why}: waived" if "adversarials" in waive else why})
+        if "adversarials" not in waive:
+            problems.append(f"adversarials not checked: {why} (or --waive adversarials)")
+
     rechecked: list[dict[str, Any]] = []
-    if npz_path is not None:
+    recheck_note = ""
+    if "recheck" in waive:
+        recheck_note = "waived"
+    elif recheck == 0:
+        recheck_note = "--recheck 0"
+        problems.append("recheck skipped (--recheck 0): give --recheck N (or --waive recheck)")
+    elif stored is None or npz_path is None:
+        # already a problem above, unless waived there
+        recheck_note = "no adversarials: waived" if "adversarials" in waive else "no adversarials"
+    elif not any(len(a["x"]) for a in stored.values()):
+        recheck_note = "no stored adversarial (the engine was never fooled)"
+    else:
         from kit.runtime import resolve_device
 
         obj = ctx.find_root().obj or {}
-        rechecked = _recheck(engine_path, npz_path, recheck, resolve_device(obj.get("device", "auto")))
+        rechecked = _recheck(engine_path, npz_path, stored, recheck, resolve_device(obj.get("device", "auto")),
+                             arch=arch)
 
-    problems = []
+    differences = recompute_report(doc)
+
     for h in hashes:
         if h["match"] is False:
             note = f" ({h['note']})" if h.get("note") else ""
             problems.append(f"{h['item']} differs: {h['file']} is {h['actual']}, the report says {h['expected']}{note}")
+    problems += content
     for r in rechecked:
         for b in r["failures"]:
             problems.append(f"recheck {r['attack']} example {b['index']}: {b['why']} (stored pred {b['stored_pred']}, "
                             f"engine now {b['pred']}, label {b['y']}, logit margin {b['margin']:.3g})")
+    problems += differences
     ok = not problems
     if as_json:
-        _emit_json({"report": str(rpath), "match": ok, "hashes": hashes, "recheck": rechecked, "problems": problems})
+        _emit_json({"report": str(rpath), "match": ok, "hashes": hashes,
+                    "adversarials": None if stored is None else {"file": str(npz_path), "match": not content,
+                                                                 "problems": content},
+                    "recheck": rechecked, "recheck_note": recheck_note,
+                    "recomputed": {"match": not differences, "differences": differences},
+                    "waived": waive, "problems": problems})
     else:
-        rows = [{"item": h["item"], "file": os.path.basename(h["file"]), "report says": _short(h["expected"]),
-                 "found": "absent" if h["actual"] is None else _short(h["actual"]),
-                 "result": {True: "match", False: "DIFFERS", None: "not checked"}[h["match"]]} for h in hashes]
+        def result(h: dict[str, Any]) -> str:
+            if h["match"] is None:
+                return "waived" if str(h.get("note", "")).endswith("waived") else "NOT CHECKED"
+            return "match" if h["match"] else "DIFFERS"
+
+        rows = [{"item": h["item"], "file": os.path.basename(h["file"]), "report says": _short(h["expected"] or "-"),
+                 "found": "absent" if h["actual"] is None else _short(h["actual"]), "result": result(h)}
+                for h in hashes]
+        if stored is not None:
+            n_adv = sum(len(a["x"]) for a in stored.values())
+            rows.append({"item": "adversarials content", "file": npz_path.name if npz_path else "",
+                         "report says": "engine eps* per example", "found": f"{n_adv} adversarial(s)",
+                         "result": "match" if not content else "DIFFERS"})
         rows += [{"item": f"recheck {r['attack']}", "file": npz_path.name if npz_path else "",
                   "report says": f"{r['checked']} adversarial(s)",
                   "found": f"{r['pred_match']} same pred, {r['still_adversarial']} still adversarial",
                   "result": "match" if r["match"] else "DIFFERS"} for r in rechecked]
+        if not rechecked:
+            rows.append({"item": "recheck", "file": "", "report says": "-", "found": recheck_note or "-",
+                         "result": "waived" if recheck_note.endswith("waived") else
+                         ("NOT CHECKED" if recheck_note in ("--recheck 0", "no adversarials") else "nothing to run")})
+        rows.append({"item": "derived figures", "file": rpath.name, "report says": "curves, AUACs, fidelity, gates",
+                     "found": "recomputed equal" if not differences else f"{len(differences)} field(s) differ",
+                     "result": "match" if not differences else "DIFFERS"})
         click.echo(_table(rows, ["item", "file", "report says", "found", "result"]))
     for line in problems:
         click.echo(f"verify: {line}", err=True)
+    if waive:
+        click.echo(f"verify: waived: {', '.join(waive)}", err=True)
     if not ok:
         ctx.exit(1)

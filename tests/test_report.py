@@ -104,6 +104,19 @@ def make_doc(attacks: list[dict], n: int, gates: list[dict] | None = None, check
     }
 
 
+def honest(doc: dict) -> dict:
+    """``doc`` with every figure that `otkit verify` re-derives set as :func:`evaluators.recompute.rederive` does, for
+    the tests of hashes and rechecks (the re-derivation itself is tested in tests/test_verify_forgery.py)."""
+    from evaluators.recompute import rederive
+
+    r = rederive(doc)
+    for a, ra in zip(doc["attacks"], r["attacks"]):
+        a.update({k: ra[k] for k in ("eps_grid", "twin", "engine", "fidelity")})
+    doc["clean"]["verdict"] = r["clean"]["verdict"]
+    doc.update({k: r[k] for k in ("gates", "verdict", "status")})
+    return doc
+
+
 @pytest.fixture(scope="module")
 def eps_pairs():
     """Two attacks' per-example eps* (twin, engine) on 80 examples; the L2 engine curve deliberately differs."""
@@ -588,34 +601,39 @@ def test_cli_verify_hashes(eps_pairs, tmp_path):
     engine.write_bytes(b"engine bytes")
     twin.write_bytes(b"twin bytes")
     sha = lambda p: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    d = make_doc([attack_entry("pgd-linf", "linf", 0.15, t1, e1)], n, engine_sha=sha(engine), twin_sha=sha(twin))
+    d = honest(make_doc([attack_entry("pgd-linf", "linf", 0.15, t1, e1)], n, engine_sha=sha(engine),
+                        twin_sha=sha(twin)))
     R.write_report(d, tmp_path / "rep", None)
-    r = run("verify", tmp_path / "rep" / "report.json", "--engine", engine, "--twin", twin)
+    no_adv = ("--waive", "adversarials")  # this report stores none (and so nothing to recheck)
+    r = run("verify", tmp_path / "rep" / "report.json", "--engine", engine, "--twin", twin, *no_adv)
     assert r.exit_code == 0, r.output
     assert re.search(r"engine sha256\s+model.onnx\s+sha256:\S+\s+sha256:\S+\s+match", r.stdout)
-    assert re.search(r"twin sha256\s+model.safetensors\s+.*match", r.stdout) and r.stderr == ""
-    r = run("verify", tmp_path / "rep", "--engine", engine, "--json")
+    assert re.search(r"twin sha256\s+model.safetensors\s+.*match", r.stdout)
+    assert r.stderr == "verify: waived: adversarials\n"
+    r = run("verify", tmp_path / "rep", "--engine", engine, "--json", *no_adv, "--waive", "twin")
     out = json.loads(r.stdout)
     assert r.exit_code == 0 and out["match"] is True and out["hashes"][0]["actual"] == sha(engine)
+    assert out["waived"] == ["twin", "adversarials"]
 
     engine.write_bytes(b"engine bytes, patched")
-    r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin)
+    r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin, *no_adv)
     assert r.exit_code == 1
     assert "DIFFERS" in r.stdout
-    (line,) = r.stderr.strip().splitlines()
+    line, waived = r.stderr.strip().splitlines()
     assert line.startswith("verify: engine sha256 differs: ") and str(engine) in line and sha(engine) in line
+    assert waived == "verify: waived: adversarials"
     twin.write_bytes(b"other twin")
-    r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin, "--json")
+    r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin, "--json", *no_adv)
     assert r.exit_code == 1
     out = json.loads(r.stdout)
-    assert out["match"] is False and [h["match"] for h in out["hashes"]] == [False, False]
-    assert len(r.stderr.strip().splitlines()) == 2 and "twin sha256 differs" in r.stderr
+    assert out["match"] is False and [h["match"] for h in out["hashes"]] == [False, False, None]
+    assert len(r.stderr.strip().splitlines()) == 3 and "twin sha256 differs" in r.stderr
     assert "not a valid checkpoint" in r.stderr  # the hint: not even a checkpoint
 
     assert_user_error(run("verify", tmp_path / "none.json", "--engine", engine), "report not found")
     assert_user_error(run("verify", tmp_path / "rep", "--engine", tmp_path / "gone.onnx"), "engine file not found")
-    assert_user_error(run("verify", tmp_path / "rep", "--engine", engine, "--recheck", "3"),
-                      "stores no adversarials")
+    r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin, "--recheck", "3")
+    assert r.exit_code == 1 and "verify: adversarials not checked: the report stores no adversarials" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------------- recheck
@@ -646,15 +664,17 @@ def audited(digits_model, tmp_path_factory):
         logits = engine(res.x_adv)
         pred = logits.argmax(1)
         top2 = torch.topk(logits, 2, dim=1).values
-        eps_t = torch.where(res.success, res.norm.double(), torch.inf).numpy()
+        eps_t = torch.where(res.success, res.norm.double().clamp(max=eps_max), torch.inf).numpy()
         fooled = res.success & (res.norm > 0) & (pred != ds.y)
         keep = (fooled & (top2[:, 0] - top2[:, 1] > 1e-3)).nonzero().flatten()
         assert len(keep) >= 8, f"{name}: only {len(keep)} adversarials to store"
-        eps_e = np.where((pred != ds.y).numpy(), eps_t, np.inf)
+        # the engine side: fooled on the stored adversarials (as an audit stores every one the engine falls for)
+        eps_e = np.full(len(ds), np.inf)
+        eps_e[keep.numpy()] = eps_t[keep.numpy()]
         attacks.append(attack_entry(name, norm, eps_max, eps_t, eps_e, tol_auac=1.0, tol_curve=1.0))
         adversarials[name] = {"x": res.x_adv[keep].numpy(), "y": ds.y[keep].numpy(), "index": keep.numpy(),
                               "eps": eps_t[keep.numpy()], "pred": pred[keep].numpy()}
-    doc = make_doc(attacks, len(ds), engine_sha=engine.sha256)
+    doc = honest(make_doc(attacks, len(ds), engine_sha=engine.sha256))
     doc["engine"]["path"] = str(onnx_path)
     R.write_report(doc, folder / "report", adversarials)
     return folder / "report", onnx_path, adversarials
@@ -663,19 +683,25 @@ def audited(digits_model, tmp_path_factory):
 @pytest.mark.slow  # trains the session's digits model (shared with other files)
 def test_verify_recheck_with_a_real_engine(audited):
     rep, onnx_path, adversarials = audited
-    r = run("verify", rep, "--engine", onnx_path, "--recheck", "7", "--json")
+    no_twin = ("--waive", "twin")
+    r = run("verify", rep, "--engine", onnx_path, "--recheck", "7", "--json", *no_twin)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["match"] is True and out["problems"] == []
-    assert [(h["item"], h["match"]) for h in out["hashes"]] == [("engine sha256", True), ("adversarials sha256", True)]
+    assert out["match"] is True and out["problems"] == [] and out["waived"] == ["twin"]
+    assert [(h["item"], h["match"]) for h in out["hashes"]] == [("engine sha256", True), ("twin sha256", None),
+                                                                ("adversarials sha256", True)]
+    assert out["adversarials"]["match"] is True and out["recomputed"]["match"] is True
     checked = {row["attack"]: row["checked"] for row in out["recheck"]}
     assert checked == {"pgd-linf": 4, "pgd-l2": 3}  # spread across attacks
     assert all(row["pred_match"] == row["checked"] == row["still_adversarial"] for row in out["recheck"])
+    r = run("verify", rep, "--engine", onnx_path, "--json", *no_twin)  # the default: 16
+    assert r.exit_code == 0 and sum(row["checked"] for row in json.loads(r.stdout)["recheck"]) == 16
     total = sum(len(a["y"]) for a in adversarials.values())
-    r = run("verify", rep, "--engine", onnx_path, "--recheck", "1000")
+    r = run("verify", rep, "--engine", onnx_path, "--recheck", "1000", *no_twin)
     assert r.exit_code == 0, r.output
     assert re.search(r"recheck pgd-linf\s+adversarials.npz\s+\d+ adversarial\(s\)", r.stdout)
-    assert sum(int(m) for m in re.findall(r"(\d+) adversarial\(s\)", r.stdout)) == total
+    rows = re.findall(r"recheck \S+\s+adversarials.npz\s+(\d+) adversarial\(s\)", r.stdout)
+    assert sum(int(m) for m in rows) == total
 
 
 @pytest.mark.slow  # trains the session's digits model (shared with other files)
@@ -683,6 +709,7 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     import shutil
 
     rep, onnx_path, adversarials = audited
+    no_twin = ("--waive", "twin")
     work = tmp_path / "rep"
     shutil.copytree(rep, work)
     tampered = {k: {f: v.copy() for f, v in a.items()} for k, a in adversarials.items()}
@@ -690,34 +717,39 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     flat = {f"{k}/{f}": v for k, a in tampered.items() for f, v in a.items()}
     np.savez(work / "adversarials.npz", **flat)
     # the stored hash catches the edit without running anything
-    r = run("verify", work, "--engine", onnx_path, "--json")
+    r = run("verify", work, "--engine", onnx_path, "--json", "--recheck", "0", "--waive", "recheck", *no_twin)
     assert r.exit_code == 1, r.output
     out = json.loads(r.stdout)
-    assert [(h["item"], h["match"]) for h in out["hashes"]] == [("engine sha256", True),
+    assert [(h["item"], h["match"]) for h in out["hashes"]] == [("engine sha256", True), ("twin sha256", None),
                                                                 ("adversarials sha256", False)]
-    (line,) = r.stderr.strip().splitlines()
+    line, waived = r.stderr.strip().splitlines()
     assert line.startswith("verify: adversarials sha256 differs: ") and "adversarials.npz" in line
-    r = run("verify", work, "--engine", onnx_path, "--recheck", "6")
+    assert waived == "verify: waived: twin, recheck"
+    r = run("verify", work, "--engine", onnx_path, "--recheck", "6", *no_twin)
     assert r.exit_code == 1, r.output
-    hash_line, line = r.stderr.strip().splitlines()
+    hash_line, line, _ = r.stderr.strip().splitlines()
     assert hash_line.startswith("verify: adversarials sha256 differs")
     idx = int(adversarials["pgd-l2"]["index"][0])
     assert line.startswith(f"verify: recheck pgd-l2 example {idx}: prediction changed")
     assert re.search(r"recheck pgd-l2 .*DIFFERS", r.stdout) and re.search(r"recheck pgd-linf .*match", r.stdout)
-    # a stored "adversarial" the engine classifies correctly is a failure too
+    # a stored "adversarial" the engine classifies correctly is a failure too (and the content check says so)
     tampered = {k: {f: v.copy() for f, v in a.items()} for k, a in adversarials.items()}
     tampered["pgd-linf"]["y"][0] = tampered["pgd-linf"]["pred"][0]
     np.savez(work / "adversarials.npz", **{f"{k}/{f}": v for k, a in tampered.items() for f, v in a.items()})
-    r = run("verify", work, "--engine", onnx_path, "--recheck", "6", "--json")
+    r = run("verify", work, "--engine", onnx_path, "--recheck", "6", "--json", *no_twin)
     assert r.exit_code == 1
-    assert json.loads(r.stdout)["recheck"][0]["failures"][0]["why"] == "classified correctly"
+    out = json.loads(r.stdout)
+    assert out["recheck"][0]["failures"][0]["why"] == "classified correctly"
+    assert "prediction is their label" in out["adversarials"]["problems"][0]
     # a corrupt archive is an input error
     data = (rep / "adversarials.npz").read_bytes()
     (work / "adversarials.npz").write_bytes(data[:100])
-    assert_user_error(run("verify", work, "--engine", onnx_path, "--recheck", "6"), "adversarials.npz")
+    assert_user_error(run("verify", work, "--engine", onnx_path, "--recheck", "6", *no_twin), "adversarials.npz")
+    # a report published without its adversarials fails, unless the missing file is waived (and then says so)
     (work / "adversarials.npz").unlink()
-    assert_user_error(run("verify", work, "--engine", onnx_path, "--recheck", "6"), "adversarials file not found")
-    # a report published without its adversarials still verifies; the row says the file was not checked
-    r = run("verify", work, "--engine", onnx_path)
+    r = run("verify", work, "--engine", onnx_path, "--recheck", "6", *no_twin)
+    assert r.exit_code == 1 and "verify: adversarials not checked: " in r.stderr
+    r = run("verify", work, "--engine", onnx_path, *no_twin, "--waive", "adversarials")
     assert r.exit_code == 0, r.output
-    assert re.search(r"adversarials sha256\s+adversarials.npz\s+sha256:\S+\s+absent\s+not checked", r.stdout)
+    assert re.search(r"adversarials sha256\s+adversarials.npz\s+sha256:\S+\s+absent\s+waived", r.stdout)
+    assert r.stderr == "verify: waived: twin, adversarials\n"
