@@ -26,7 +26,7 @@ import torch
 
 from exporters.formats import ExportFormat
 from kit.errors import UserError
-from kit.io import atomic_write
+from kit.io import atomic_write, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,44 @@ class RunConfig:
 
         return {**dataclasses.asdict(self), "train": TrainConfig.from_dict(dict(self.train)).to_dict()}
 
+    def train_config(self, seed: int = 0, source: str = "[train]") -> Any:
+        """The :class:`~kit.defenses.trainer.TrainConfig` of the run (``seed`` unless the table sets one), checked."""
+        from kit.defenses.trainer import TrainConfig
+
+        cfg = TrainConfig.from_dict({"seed": seed, **self.train}, source)
+        cfg.validate()  # the defense and its parameters included
+        return cfg
+
+    def audit_config(self, seed: int = 0) -> Any:
+        """The :class:`~evaluators.audit.AuditConfig` of every audit of the run (attacks, radii, gates), checked."""
+        from evaluators.audit import AuditConfig, Gate, Tolerances
+        from evaluators.evaluate import AttackRequest
+
+        a = self.audit
+        if not a.attacks:
+            raise UserError("[audit] attacks is empty")
+        return AuditConfig(attacks=[AttackRequest.parse(s, a.eps_max) for s in a.attacks], batch_size=a.batch_size,
+                           rungs=a.rungs, seed=seed, blackbox_samples=a.blackbox_samples,
+                           tolerances=Tolerances(auac=a.tol_auac, curve=a.tol_curve, agreement=a.min_agreement,
+                                                 alpha=a.alpha),
+                           gates=[Gate.parse(f"{k}={v}") for k, v in a.gates.items()])
+
+    def validate(self, source: str = "the run") -> None:
+        """Check the whole resolved run before any work: the training options and the defense's parameters, the
+        export formats, the attacks and their radii, the gates. Raises :class:`UserError` naming ``source``."""
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise UserError(f"{source}: name must be a plain folder name, got {self.name!r}")
+        for fmt in self.export.formats:
+            if fmt not in _ARTIFACT_NAMES:
+                raise UserError(f"{source}: unknown export format {fmt!r}; known: {', '.join(_ARTIFACT_NAMES)}")
+        for what, check in (("[train]", lambda: self.train_config(0, f"{source} [train]")),
+                            ("[audit]", lambda: self.audit_config(0))):
+            try:
+                check()
+            except UserError as e:
+                msg = str(e)
+                raise UserError(msg if msg.startswith(source) else f"{source} {what}: {msg}") from e
+
 
 def _section(cls: type, table: Any, where: str, source: str) -> Any:
     if not isinstance(table, dict):
@@ -97,6 +135,21 @@ def _section(cls: type, table: Any, where: str, source: str) -> Any:
         ok = isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))
         if not ok or isinstance(v, bool) != isinstance(default, bool):
             raise UserError(f"{source}: [{where}] {f.name} must be {type(default).__name__}, got {v!r}")
+        if isinstance(default, list) and not all(isinstance(e, str) for e in v):
+            raise UserError(f"{source}: [{where}] {f.name} must be a list of names, got {v!r}")
+        if isinstance(default, dict) and not all(isinstance(k, str) and isinstance(e, (int, float))
+                                                 and not isinstance(e, bool) for k, e in v.items()):
+            raise UserError(f"{source}: [{where}] {f.name} must map names to numbers, got {v!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and v < (0 if default == 0 or
+                                                                                   f.name.startswith("blackbox")
+                                                                                   else 1):
+            raise UserError(f"{source}: [{where}] {f.name} must be at least "
+                            f"{0 if f.name.startswith('blackbox') else 1}, got {v!r}")
+    for f in dataclasses.fields(cls):  # optional numbers (default None) must be numbers when given
+        v = getattr(obj, f.name)
+        if getattr(cls(), f.name) is None and v is not None and (isinstance(v, bool) or
+                                                                  not isinstance(v, (int, float))):
+            raise UserError(f"{source}: [{where}] {f.name} must be a number, got {v!r}")
     return obj
 
 
@@ -116,16 +169,37 @@ def parse_run_config(doc: dict[str, Any], source: str = "run.toml") -> RunConfig
     train = doc.get("train", {})
     if not isinstance(train, dict):
         raise UserError(f"{source}: [train] must be a table")
-    TrainConfig.from_dict(dict(train), f"{source} [train]").validate()  # fail now, not after minutes of work
+    TrainConfig.from_dict(dict(train), f"{source} [train]")  # names and types first, with the file's wording
     cfg = RunConfig(name=name, out=out, train=dict(train),
                     export=_section(ExportSection, doc.get("export", {}), "export", source),
                     audit=_section(AuditSection, doc.get("audit", {}), "audit", source))
-    for fmt in cfg.export.formats:
-        if fmt not in _ARTIFACT_NAMES:
-            raise UserError(f"{source}: unknown export format {fmt!r}; known: {', '.join(_ARTIFACT_NAMES)}")
-    if not cfg.audit.attacks:
-        raise UserError(f"{source}: [audit] attacks is empty")
+    cfg.validate(source)  # the whole run, before any work
     return cfg
+
+
+def overlay_run_doc(base: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """A run file's document over the embedded default's: what the file sets wins, key by key within each table.
+
+    A sub-table the file sets (``[train.defense_params]``, ``[train.arch_kwargs]``, ``[audit.gates]``) replaces the
+    default's whole. Defaults that belong to a choice the file changes are dropped: the default's ``defense_params``
+    when the file names another ``defense``, its ``arch_kwargs`` for another ``arch``, its gates when the file lists
+    its own ``attacks``. An empty file is the embedded default.
+    """
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in doc.items():
+        if key in ("train", "export", "audit") and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            table = merged[key]
+            if key == "train":
+                if "defense" in value and value["defense"] != table.get("defense"):
+                    table.pop("defense_params", None)
+                if "arch" in value and value["arch"] != table.get("arch"):
+                    table.pop("arch_kwargs", None)
+            if key == "audit" and "attacks" in value:
+                table.pop("gates", None)
+            table.update(value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def default_run_text() -> str:
@@ -134,9 +208,10 @@ def default_run_text() -> str:
 
 
 def load_run_config(path: str | Path | None) -> RunConfig:
-    """Read a run file; ``None`` gives the embedded default."""
+    """Read a run file, laid over the embedded default (:func:`overlay_run_doc`); ``None`` gives the default."""
+    default = tomllib.loads(default_run_text())
     if path is None:
-        return parse_run_config(tomllib.loads(default_run_text()), "the embedded default run")
+        return parse_run_config(default, "the embedded default run")
     p = Path(path)
     if not p.is_file():
         raise UserError(f"run file not found: {p}")
@@ -144,7 +219,9 @@ def load_run_config(path: str | Path | None) -> RunConfig:
         doc = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p} is not valid TOML: {e}") from None
-    return parse_run_config(doc, str(p))
+    except RecursionError:
+        raise UserError(f"{p} is not a run file: tables or arrays nested deeper than Python can read") from None
+    return parse_run_config(overlay_run_doc(default, doc), str(p))
 
 
 def _tensorrt_unavailable(device: torch.device) -> str | None:
@@ -162,36 +239,54 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
     """Run the whole job; return the summary (also written to ``summary.json`` in the run folder).
 
     ``resume`` continues the training from its last epoch and each audit from its last batch. The summary's
-    ``status`` is ``fail`` when any audit failed (a gate, or the verdict ``mismatch``).
+    ``status`` is ``fail`` when any audit failed (a gate, or the verdict ``mismatch``). The whole configuration and,
+    with ``resume``, the saved states are checked before anything is written; the run folder is locked
+    (:func:`kit.io.folder_lock`) while the run works in it.
     """
-    from evaluators.audit import AuditConfig, Gate, Tolerances, finish, load_audit_inputs, run_audit
-    from evaluators.evaluate import AttackRequest
-    from evaluators.report import remove_report, write_report
+    cfg.validate()
+    audit_cfg = cfg.audit_config(seed)
+    train_cfg = cfg.train_config(seed)
+    if resume:
+        from evaluators.audit import check_resumable
+
+        for fmt in cfg.export.formats:  # a changed [audit] is refused now, not after the training and the exports
+            check_resumable(cfg.folder / "audit" / fmt, audit_cfg)
+    with folder_lock(cfg.folder, "--name or --out", command=command or None):
+        return _run_locked(cfg, audit_cfg, train_cfg, device=device, seed=seed, resume=resume, command=command,
+                           versions=versions)
+
+
+def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, *, device: torch.device, seed: int, resume: bool,
+                command: str, versions: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`run_pipeline`'s work, checked and with the run folder locked."""
+    from evaluators.audit import finish, load_audit_inputs, run_audit
+    from evaluators.report import write_report
     from exporters.checkpoint import export_checkpoint
-    from kit.defenses.trainer import TrainConfig, train
+    from kit.arch import is_file_arch
+    from kit.defenses.trainer import train
 
     t0 = time.perf_counter()
     a = cfg.audit
-    audit_cfg = AuditConfig(attacks=[AttackRequest.parse(s, a.eps_max) for s in a.attacks], batch_size=a.batch_size,
-                            rungs=a.rungs, seed=seed, blackbox_samples=a.blackbox_samples,
-                            tolerances=Tolerances(auac=a.tol_auac, curve=a.tol_curve, agreement=a.min_agreement,
-                                                  alpha=a.alpha),
-                            gates=[Gate.parse(f"{k}={v}") for k, v in a.gates.items()])
-    train_cfg = TrainConfig.from_dict({"seed": seed, **cfg.train})
     folder = cfg.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / "run-config.json", "w") as f:
-        json.dump({**cfg.to_dict(), "train": train_cfg.to_dict(), "seed": seed, "device": str(device)}, f, indent=2)
+
+    def write_run_config() -> None:  # once the training's own checks passed: a refused --resume writes nothing
+        with atomic_write(folder / "run-config.json", "w") as f:
+            json.dump({**cfg.to_dict(), "train": train_cfg.to_dict(), "seed": seed, "device": str(device)}, f,
+                      indent=2)
 
     # 1. train
     ckpt = folder / "model.safetensors"
     resume_train = resume and ckpt.with_suffix(".resume.pt").exists()
     log.info("[1/3] training %s with %s on %s for %d epochs", train_cfg.arch, train_cfg.defense, train_cfg.data,
              train_cfg.epochs)
-    trained = train(train_cfg, ckpt, device=device, resume=resume_train,
+    # a run re-run without --resume replaces its training (the old files stay until the first epoch replaces them)
+    trained = train(train_cfg, ckpt, device=device, resume=resume_train, overwrite=not resume_train,
+                    on_start=write_run_config,
                     on_epoch=lambda r: log.info("  epoch %d  loss %.4f  held-out acc %.4f", r["epoch"], r["loss"],
                                                 r["test_acc"]))
     clean_acc = trained.final.get("test_acc")
+    # the run file's [train] arch was named by the user: a file architecture may be imported again to reload the twin
+    arch = train_cfg.arch if is_file_arch(train_cfg.arch) else None
 
     # 2. export
     (folder / "export").mkdir(exist_ok=True)
@@ -206,7 +301,8 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
                 continue
         log.info("[2/3] exporting %s", out.name)
         exp = export_checkpoint(ckpt, fmt, out, max_batch=cfg.export.max_batch, samples=cfg.export.samples,
-                                calibration_samples=cfg.export.calibration_samples, device=device, seed=seed)
+                                calibration_samples=cfg.export.calibration_samples, device=device, seed=seed,
+                                arch=arch)
         parity = exp.reports[-1][2]
         artifacts.append((fmt, exp, parity))
 
@@ -215,9 +311,8 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
         out = folder / "audit" / fmt
         out.mkdir(parents=True, exist_ok=True)
         log.info("[3/3] auditing %s against the twin", exp.path.name)
-        inputs = load_audit_inputs(exp.path, ckpt, None, "test", a.samples, seed, device)
-        remove_report(out)
-        doc, adversarials = run_audit(inputs, audit_cfg, out, resume=resume and (out / ".audit-state").exists(),
+        inputs = load_audit_inputs(exp.path, ckpt, None, "test", a.samples, seed, device, arch=arch)
+        doc, adversarials = run_audit(inputs, audit_cfg, out, resume=resume and (out / ".audit-state" / "key.json").exists(),
                                       command=command, versions=versions)
         write_report(doc, out, adversarials)
         finish(out)

@@ -32,6 +32,23 @@ class Defense(ABC):
         if unknown:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise UserError(f"defense {self.name!r} has no parameter(s) {', '.join(sorted(unknown))}; known: {known}")
+        for key, value in params.items():  # the kind of value its default shows, before any work (ranges: setup)
+            default = self.defaults[key]
+            if default is None or value is None:
+                continue
+            number = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif number:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    isinstance(value, int) or not isinstance(default, int) or float(value).is_integer())
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                want = "true or false" if isinstance(default, bool) else (
+                    "an integer" if isinstance(default, int) and number else
+                    "a number" if number else type(default).__name__)
+                raise UserError(f"defense {self.name!r} parameter {key} must be {want}, got {value!r}")
         self.params: dict[str, Any] = {**self.defaults, **params}
 
     def setup(self, model: nn.Module) -> None:

@@ -2,8 +2,9 @@
 
 Every epoch is seeded from ``(seed, epoch)`` alone (the shuffle, the defense's random draws, the augmentation), and the
 defense is told the epoch before it starts (:meth:`kit.defenses.base.Defense.start_epoch`), so a run resumed from its
-epoch checkpoint ends with exactly the weights an uninterrupted run would have. After each epoch the loop writes,
-atomically:
+epoch checkpoint ends with exactly the weights an uninterrupted run would have. After each epoch the loop writes
+four files, committed together (each written to a temporary first, then all renamed; a failure while writing leaves
+the previous epoch's four files as they were):
 
 - ``OUT`` (``.safetensors``): the twin, with its metadata (see :mod:`kit.checkpoint`);
 - ``OUT`` with suffix ``.resume.pt``: optimiser, defense and gradient-scaler state for ``--resume`` (read with
@@ -13,6 +14,10 @@ atomically:
 - ``OUT`` with suffix ``.config.json``: the resolved training configuration (``augment="auto"`` and ``amp`` resolved
   for the data and device, the defense's parameters with its defaults filled in).
 
+The checkpoint is renamed into place last: a checkpoint on disk always has its resume state beside it. An existing
+``OUT`` is continued (``resume``) or replaced (``overwrite``), never silently; while a run trains, the hidden lock
+``.OUT.lock`` beside it keeps a second run away (:func:`kit.io.file_lock`).
+
 A run's options can come from the ``[train]`` table of a TOML file (:func:`load_train_config`; ``docs/train.md``).
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -43,7 +49,7 @@ from kit.checkpoint import CheckpointInfo, read_checkpoint, save_checkpoint
 from kit.data import Dataset, load_dataset
 from kit.defenses.base import Defense, create_defense
 from kit.errors import UserError
-from kit.io import atomic_write, require_file
+from kit.io import atomic_files, file_lock, require_file
 from kit.runtime import progress
 
 log = logging.getLogger(__name__)
@@ -120,6 +126,7 @@ class TrainConfig:
             raise UserError(f"eval adversarial samples must be >= 0, got {self.eval_adv_samples}")
         if self.augment not in {a.value for a in Augment}:
             raise UserError(f"unknown augment {self.augment!r}; known: {', '.join(a.value for a in Augment)}")
+        create_defense(self.defense, **self.defense_params)  # an unknown defense or parameter name, before any work
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -397,6 +404,8 @@ def train(
     device: torch.device | str = "cpu",
     resume: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
+    on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``cfg.arch`` on ``cfg.data`` with ``cfg.defense``; write the checkpoint and its sidecars to ``out``.
 
@@ -412,8 +421,14 @@ def train(
     device : torch.device or str
     resume : bool
         Continue from ``out``'s ``.resume.pt`` state (same configuration, ``epochs`` may be raised to train longer).
+    overwrite : bool
+        Replace an existing ``out`` (and its sidecars). Without ``resume`` or ``overwrite``, an existing ``out`` is a
+        :class:`UserError`. The old files stay until the first epoch's files replace them all at once.
     on_epoch : callable, optional
         Called with each epoch's metrics record (the CLI prints them).
+    on_start : callable, optional
+        Called once every check passed (options, ``out``, the resume state), before the first epoch: a caller that
+        writes files of its own beside the run writes them here, so that a refused run writes nothing.
 
     Returns
     -------
@@ -424,12 +439,37 @@ def train(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors: {out}")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
-    device = torch.device(device)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other: continue the training or replace it")
+    _check_out(out, resume, overwrite)  # before the lock creates anything: an error here leaves the disk as it was
+    with file_lock(out, "--out"):
+        _check_out(out, resume, overwrite)  # again, now that no other process can write it
+        return _train_locked(cfg, out, torch.device(device), resume, on_epoch, on_start)
 
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} exists and is not a file")
+    resume_path = sidecar(out, "resume.pt")
+    if resume:
+        if not resume_path.exists():
+            raise UserError(f"nothing to resume: {resume_path} does not exist (train without --resume first)")
+        return
+    if not overwrite:
+        there = [p for p in (out, resume_path, sidecar(out, "metrics.jsonl"), sidecar(out, "config.json"))
+                 if p.exists()]
+        if there:
+            raise UserError(f"{there[0]} already exists: give --resume to continue its training or --overwrite to "
+                            "replace it")
+
+
+def _train_locked(cfg: TrainConfig, out: Path, device: torch.device, resume: bool,
+                  on_epoch: Callable[[dict[str, Any]], None] | None,
+                  on_start: Callable[[], None] | None = None) -> TrainResult:
+    """:func:`train`'s work, with ``out`` locked and checked."""
     train_set = load_dataset(cfg.data, "train", seed=cfg.data_seed)
-    held_out = load_dataset(cfg.data, "test", seed=cfg.data_seed).subset(cfg.eval_samples, seed=cfg.data_seed)
+    held_out = load_dataset(cfg.data, "test", seed=cfg.data_seed).subset(cfg.eval_samples, seed=cfg.data_seed,
+                                                                         notice=False)  # eval_samples is a cap
     augment = resolve_augment(cfg.augment, train_set.input_shape)
     use_amp = bool(cfg.amp) and device.type == "cuda"
     if cfg.amp and not use_amp:
@@ -454,8 +494,6 @@ def train(
     start_epoch, history = 0, []
     resume_path, metrics_path = sidecar(out, "resume.pt"), sidecar(out, "metrics.jsonl")
     if resume:
-        if not resume_path.exists():
-            raise UserError(f"nothing to resume: {resume_path} does not exist (train without --resume first)")
         state = _load_resume(resume_path)
         saved = json.loads(state["config"])
         fresh = _jsonable(TrainConfig().to_dict())
@@ -473,11 +511,7 @@ def train(
         history = json.loads(state["history"])
         if start_epoch >= cfg.epochs:
             log.info("%s already trained for %d epochs; nothing to do", out, start_epoch)
-    else:
-        metrics_path.unlink(missing_ok=True)
 
-    with atomic_write(sidecar(out, "config.json"), "w") as f:
-        json.dump(cfg_dict, f, indent=2)
     info = CheckpointInfo(
         arch=arch_record,
         num_classes=train_set.num_classes,
@@ -489,6 +523,8 @@ def train(
         train_config=cfg_dict,
     )
     n_adv = min(cfg.eval_adv_samples, len(held_out))
+    if on_start is not None:
+        on_start()
     adv_x, adv_y = held_out.x[:n_adv].to(device), held_out.y[:n_adv].to(device)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -534,10 +570,7 @@ def train(
             record["test_adv_attack"] = type(attack).__name__
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
-        with atomic_write(metrics_path, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in history))
         info.train_config = {**cfg_dict, "epochs_done": epoch + 1}
-        info = save_checkpoint(model, out, info)
         state = {
             "epoch": epoch + 1,
             "model": model.state_dict(),
@@ -548,8 +581,17 @@ def train(
             "data_fingerprint": train_set.fingerprint,
             "history": json.dumps(history),
         }
-        with atomic_write(resume_path) as f:
-            torch.save(state, f)
+        # The epoch's four files together or not at all; the checkpoint, the file that looks usable, comes last.
+        with atomic_files() as files:
+            with files.open(resume_path) as f:
+                buf = io.BytesIO()
+                torch.save(state, buf)  # in memory first: a full disk is then a plain OSError from write()
+                f.write(buf.getbuffer())
+            with files.open(metrics_path, "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in history))
+            with files.open(sidecar(out, "config.json"), "w") as f:
+                json.dump(cfg_dict, f, indent=2)
+            info = save_checkpoint(model, files.temp(out), info)
         if on_epoch is not None:
             on_epoch(record)
 
