@@ -23,7 +23,8 @@ The method (``docs/audit.md`` explains it at length):
    ``mismatch`` or a gate failed (``otkit audit`` exits 1), else ``pass``.
 
 Long audits keep per-batch state under ``OUT/.audit-state/`` and resume from it (:func:`run_audit` ``resume=True``);
-the report files are removed when an audit starts and written (report.json last) only when it completed.
+the report files are removed when an audit starts (after the resume state was checked) and written (report.json last)
+only when it completed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from kit.attacks.registry import get_attack
 from kit.attacks.search import SearchResult, min_eps_search
 from kit.errors import UserError
 from kit.io import atomic_write
-from kit.runtime import progress
+from kit.runtime import open_bar, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -164,20 +165,33 @@ class EngineJudge:
 
 
 class EngineModule(nn.Module):
-    """An engine as a parameter-free, gradient-free module, for forward-only attacks (Square) and checks."""
+    """An engine as a parameter-free, gradient-free module, for forward-only attacks (Square) and checks.
+
+    ``on_forward`` (settable) is called after every call, e.g. to move a progress bar by one query."""
 
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self.engine = engine
+        self.on_forward: Callable[[], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.engine(x.detach())
+            out = self.engine(x.detach())
+        if self.on_forward is not None:
+            self.on_forward()
+        return out
 
 
 @torch.no_grad()
-def _predict(fn: Any, x: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else x.new_zeros(0)
+def _predict(fn: Any, x: torch.Tensor, batch: int, desc: str | None = None) -> torch.Tensor:
+    if not len(x):
+        return x.new_zeros(0)
+    parts = []
+    with progress_bar(desc or "predict", total=len(x), unit="ex") as bar:
+        for i in range(0, len(x), batch):
+            parts.append(fn(x[i : i + batch]))
+            bar.advance(len(parts[-1]))
+    return torch.cat(parts)
 
 
 def _merge(own: SearchResult, other_eps: torch.Tensor, other_x: torch.Tensor, fooled: torch.Tensor) -> SearchResult:
@@ -189,8 +203,8 @@ def _merge(own: SearchResult, other_eps: torch.Tensor, other_x: torch.Tensor, fo
 
 
 def twin_guided_search(attack_name: str, twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor,
-                       eps_max: float, *, seed: int = 0, rungs: int = 8, tol: float | None = None
-                       ) -> tuple[SearchResult, SearchResult, int]:
+                       eps_max: float, *, seed: int = 0, rungs: int = 8, tol: float | None = None,
+                       on_step: Callable[[float], None] | None = None) -> tuple[SearchResult, SearchResult, int]:
     """eps* per example on the twin and on the engine, every candidate crafted with the twin's gradients.
 
     Parameters
@@ -204,6 +218,8 @@ def twin_guided_search(attack_name: str, twin: nn.Module, engine: Engine, x: tor
     x : (N, C, H, W) tensor in [0, 1]
     y : (N,) int64 tensor
     eps_max : float
+    on_step : callable, optional
+        Progress of the two searches together, a fraction in [0, 1] (see :func:`kit.attacks.search.min_eps_search`).
 
     Returns
     -------
@@ -212,11 +228,13 @@ def twin_guided_search(attack_name: str, twin: nn.Module, engine: Engine, x: tor
         number of engine forward passes (images) spent.
     """
     spec = get_attack(attack_name)
-    res_t = min_eps_search(spec.build(twin, seed=seed), x, y, eps_max, rungs, tol)
+    half = (lambda f: on_step(f / 2)) if on_step is not None else None
+    res_t = min_eps_search(spec.build(twin, seed=seed), x, y, eps_max, rungs, tol, on_step=half)
     judge = EngineJudge(engine)
     attack_e = spec.build(twin, seed=seed)
     attack_e.judge = judge
-    res_e = min_eps_search(attack_e, x, y, eps_max, rungs, tol)
+    rest = (lambda f: on_step(0.5 + f / 2)) if on_step is not None else None
+    res_e = min_eps_search(attack_e, x, y, eps_max, rungs, tol, on_step=rest)
     # cross-evaluation: each side's adversarials on the other side
     engine_fooled = judge(res_t.x_adv, y)
     with torch.no_grad():
@@ -299,29 +317,75 @@ def side_record(eps_star: Any, eps_max: float, points: int, seed: int) -> dict[s
     }
 
 
+def clean_verdict(top1_agreement: float, tolerances: Tolerances) -> str:
+    """The clean comparison's verdict: ``match`` when the top-1 agreement is at least ``tolerances.agreement``."""
+    return Verdict.MATCH if top1_agreement >= tolerances.agreement else Verdict.MISMATCH
+
+
+def decide(clean: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gates: Sequence[Gate]
+           ) -> tuple[str, list[dict[str, Any]], str]:
+    """The audit's verdict, gate records and status from its parts (:func:`run_audit`; ``otkit verify`` re-derives).
+
+    The verdict is ``match`` only when the clean comparison and every attack's fidelity match; a gate passes when the
+    engine's AUAC under its attack is at least ``min_auac``; the status is ``pass`` when the verdict is ``match`` and
+    every gate passed, else ``fail``.
+    """
+    verdict = Verdict.MATCH
+    if clean["verdict"] == Verdict.MISMATCH or any(r["fidelity"]["verdict"] == Verdict.MISMATCH for r in records):
+        verdict = Verdict.MISMATCH
+    engine_auac = {r["name"]: r["engine"]["auac"] for r in records}
+    out = [{"attack": g.attack, "min_auac": g.min_auac, "engine_auac": engine_auac[g.attack],
+            "passed": engine_auac[g.attack] >= g.min_auac} for g in gates]
+    status = "pass" if verdict == Verdict.MATCH and all(g["passed"] for g in out) else "fail"
+    return verdict, out, status
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # per-batch state, for --resume
 
 
 class _State:
-    """Per (attack, batch) results under ``OUT/.audit-state/``, each file written atomically."""
+    """Per (attack, batch) results under ``OUT/.audit-state/``, each file written atomically.
+
+    Creating it only checks (``resume``: the state exists, is readable and has the same key); :meth:`start` is the
+    first write. A refused resume thus leaves the folder, its report included, as it was.
+    """
 
     def __init__(self, out: Path, key: dict[str, Any], resume: bool) -> None:
+        self.out = out
         self.dir = out / STATE_DIR
         self.key = key
+        self.resume = resume
         meta = self.dir / "key.json"
-        if resume:
-            if not meta.exists():
-                raise UserError(f"nothing to resume in {out}: no {STATE_DIR}/ (run without --resume first)")
+        if not resume:
+            return
+        if not meta.exists():
+            if (out / "report.json").exists():
+                raise UserError(f"nothing to resume in {out}: its audit is complete (report.json); run without "
+                                "--resume to audit again")
+            raise UserError(f"nothing to resume in {out}: no {STATE_DIR}/ (run without --resume first)")
+        try:
             saved = json.loads(meta.read_text())
-            differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
-            if differ:
-                raise UserError(f"cannot resume the audit in {out}: {', '.join(differ)} changed since it started")
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir.mkdir(parents=True)
-            with atomic_write(meta, "w") as f:
-                json.dump(key, f, indent=1)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot resume the audit in {out}: {meta} is unreadable ({e})") from e
+        if not isinstance(saved, dict):
+            raise UserError(f"cannot resume the audit in {out}: {meta} is not a key record")
+        differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+        if differ:
+            raise UserError(f"cannot resume the audit in {out}: {', '.join(differ)} changed since it started")
+
+    def start(self) -> None:
+        """Begin writing: remove the old report (report.json first: an interrupted audit never looks complete) and,
+        unless resuming, any old state; record the key."""
+        from evaluators.report import remove_report
+
+        remove_report(self.out)
+        if self.resume:
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        with atomic_write(self.dir / "key.json", "w") as f:
+            json.dump(self.key, f, indent=1)
 
     def path(self, attack: str, batch: int) -> Path:
         return self.dir / f"{attack}.{batch:06d}.npz"
@@ -339,6 +403,24 @@ class _State:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_resumable(out: Path, cfg: AuditConfig) -> None:
+    """Refuse now, before any work, an audit state in ``out`` that ``cfg`` could not resume (its configuration part of
+    the key differs; the engine, twin and data parts are checked when the audit starts). No state: nothing to check."""
+    meta = out / STATE_DIR / "key.json"
+    if not meta.exists():
+        return
+    try:
+        saved = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot resume the audit in {out}: {meta} is unreadable ({e})") from e
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot resume the audit in {out}: {meta} is not a key record")
+    key = cfg.key()
+    differ = sorted(k for k in key if saved.get(k) != key[k])
+    if differ:
+        raise UserError(f"cannot resume the audit in {out}: {', '.join(differ)} changed since it started")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,14 +442,18 @@ class AuditInputs:
 
 
 def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None, split: str, samples: int, seed: int,
-                      device: Any, providers: tuple[str, ...] = ()) -> AuditInputs:
-    """Load and cross-check the engine, the twin and the data (everything a user can get wrong, before any work)."""
+                      device: Any, providers: tuple[str, ...] = (), *, arch: str | None = None) -> AuditInputs:
+    """Load and cross-check the engine, the twin and the data (everything a user can get wrong, before any work).
+
+    ``arch`` (``FILE.py:NAME``, the user's ``--arch``) is needed for a twin (or checkpoint engine) whose architecture
+    is a Python file: nothing is imported unless named here and matching the checkpoint's record.
+    """
     from exporters.engines import check_compatible, load_engine
     from exporters.formats import engine_kind
     from kit.checkpoint import load_twin
     from kit.data import load_dataset
 
-    twin, info = load_twin(twin_path, device=device)
+    twin, info = load_twin(twin_path, device=device, arch=arch)
     spec = data_spec or (info.dataset or {}).get("spec")
     if not spec:
         raise UserError(f"{twin_path} does not record its dataset: give --data")
@@ -375,7 +461,7 @@ def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None,
     if list(ds.input_shape) != list(info.input_shape) or ds.num_classes != info.num_classes:
         raise UserError(f"{twin_path} takes {'x'.join(map(str, info.input_shape))} inputs and {info.num_classes} "
                         f"classes but {spec} has {'x'.join(map(str, ds.input_shape))} and {ds.num_classes}")
-    engine = load_engine(engine_path, device, providers=list(providers) or None)
+    engine = load_engine(engine_path, device, providers=list(providers) or None, arch=arch)
     check_compatible(engine, ds.input_shape, ds.num_classes, spec)
     ds = ds.subset(samples, seed=seed)
     data = {"spec": spec, "split": split, "fingerprint": ds.fingerprint, "n": len(ds), "seed": seed}
@@ -392,29 +478,31 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     ``out/.audit-state/`` while the audit runs; ``resume=True`` reuses the batches already done (the engine, twin,
     data and configuration must be the same).
     """
+    from exporters.onnx import engine_sha256
     from kit.io import sha256_file
 
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     engine, twin, x, y = inp.engine, inp.twin.eval(), inp.x, inp.y
     tols = cfg.tolerances
-    engine_sha = "sha256:" + sha256_file(inp.engine_path)
+    engine_sha = engine_sha256(inp.engine_path)  # an ONNX file's external data files included
     twin_sha = "sha256:" + sha256_file(inp.twin_path)
     key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"]}
+    state = _State(out, key, resume)  # checks only: a refused resume changes nothing on disk
     out.mkdir(parents=True, exist_ok=True)
-    state = _State(out, key, resume)
+    state.start()
     bs = cfg.batch_size
 
     # 1. clean twins check
-    twin_logits = _predict(twin, x, bs)
-    engine_logits = _predict(engine, x, bs)
+    twin_logits = _predict(twin, x, bs, "clean: twin")
+    engine_logits = _predict(engine, x, bs, "clean: engine")
     parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y)
     clean = {
         "twin_accuracy": parity.twin_accuracy,
         "engine_accuracy": parity.engine_accuracy,
         "top1_agreement": parity.top1_agreement,
         "max_logit_gap": parity.max_abs_diff,
-        "verdict": Verdict.MATCH if parity.top1_agreement >= tols.agreement else Verdict.MISMATCH,
+        "verdict": clean_verdict(parity.top1_agreement, tols),
     }
 
     # 2. sweeps, batch by batch (each batch independent of the others, resumable)
@@ -428,12 +516,15 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     for req in cfg.attacks:
         name, eps_max = req.spec.name, req.eps_max
         parts = []
-        for b, i in enumerate(progress(starts, desc=name, total=len(starts))):
+        bar = open_bar(name, total=len(x), unit="ex")  # moves within a batch, as its searches advance
+        for b, i in enumerate(starts):
+            bar.set(i)
             saved = state.load(name, b)
             if saved is None:
                 xb, yb = x[i : i + bs], y[i : i + bs]
                 rt, re_, nfe = twin_guided_search(name, twin, engine, xb, yb, eps_max, seed=cfg.seed,
-                                                  rungs=cfg.rungs, tol=cfg.tol)
+                                                  rungs=cfg.rungs, tol=cfg.tol,
+                                                  on_step=lambda f, i=i, m=len(xb): bar.set(i + f * m))
                 saved = {
                     "eps_twin": rt.eps_star.cpu().numpy(), "eps_engine": re_.eps_star.cpu().numpy(),
                     "x_twin": rt.x_adv.cpu().float().numpy(), "x_engine": re_.x_adv.cpu().float().numpy(),
@@ -443,6 +534,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                 }
                 state.save(name, b, saved)
             parts.append(saved)
+        bar.close()
         cat = {k: np.concatenate([p[k] for p in parts]) for k in ("eps_twin", "eps_engine", "x_twin", "x_engine",
                                                                   "fwd", "bwd")}
         engine_fwd = sum(int(p["engine_fwd"]) for p in parts)
@@ -486,7 +578,10 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         eps_max = max(e for e, _ in items)
         best = torch.stack([e for _, e in items]).min(0).values[:n_bb]
         square = get_attack(f"square-{norm.value}").build(engine_mod, seed=cfg.seed, queries=cfg.blackbox_queries)
+        bar = open_bar(f"black box: square-{norm.value}", total=2 * (cfg.blackbox_queries + 1), unit="query")
+        engine_mod.on_forward = bar.advance  # one engine call per Square query (on the examples still robust)
         for eps in (eps_max / 2, eps_max):
+            bar.set(0 if eps < eps_max else cfg.blackbox_queries + 1)
             sq = square(x[:n_bb], y[:n_bb], eps=eps)
             f = C.check_fixed_eps("black-box-beats-white-box", "Square on the engine", eps, sq.success, best,
                                   attack=f"square-{norm.value}")
@@ -505,15 +600,11 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                                "there)")
                 flags.append(C.Flag(f.id, f.severity, f.attack, f.message + "; " + "; ".join(why)))
                 break
+        engine_mod.on_forward = None
+        bar.close()
 
-    # 4. verdict and gates
-    verdict = Verdict.MATCH
-    if clean["verdict"] == Verdict.MISMATCH or any(r["fidelity"]["verdict"] == Verdict.MISMATCH for r in records):
-        verdict = Verdict.MISMATCH
-    engine_auac = {r["name"]: r["engine"]["auac"] for r in records}
-    gates = [{"attack": g.attack, "min_auac": g.min_auac, "engine_auac": engine_auac[g.attack],
-              "passed": engine_auac[g.attack] >= g.min_auac} for g in cfg.gates]
-    status = "pass" if verdict == Verdict.MATCH and all(g["passed"] for g in gates) else "fail"
+    # 4. verdict and gates (the same function re-derives them in `otkit verify`)
+    verdict, gates, status = decide(clean, records, cfg.gates)
 
     info = inp.twin_info
     doc = {
@@ -530,6 +621,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         "attacks": records,
         "checks": [f.to_dict() for f in flags],
         "gates": gates,
+        "statistics": {"points": cfg.points, "n_boot": cfg.n_boot},
         "artifacts": {"adversarials": "adversarials.npz" if adversarials else None},
         "provenance": {"kit_version": kit.__version__, "versions": dict(versions or {}), "device": str(x.device),
                        "seed": cfg.seed, "command": command, "started": started,

@@ -27,7 +27,7 @@ from kit.attacks.registry import AttackSpec, get_attack
 from kit.attacks.search import SearchResult, min_eps_search
 from kit.errors import UserError
 from kit.io import atomic_write
-from kit.runtime import progress
+from kit.runtime import progress_bar
 
 log = logging.getLogger(__name__)
 SCHEMA = "otkit.curves/1"
@@ -55,7 +55,39 @@ class AttackRequest:
             value = default_eps_max
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"eps_max must be a positive finite number, got {value} for {name}")
+        if spec.norm is Norm.LINF and value > 1:
+            raise UserError(f"eps_max {value:g} for {name} is beyond 1, the largest L-inf distance between two images "
+                            "with pixels in [0, 1]: every example would count as fooled and the AUAC would say nothing")
         return cls(spec, value)
+
+    def check_radius(self, input_shape: Sequence[int]) -> None:
+        """Refuse an eps_max beyond :func:`largest_radius` for images of ``input_shape`` (C, H, W)."""
+        bound = largest_radius(self.spec.norm, input_shape)
+        if self.eps_max > bound:
+            shape = "x".join(map(str, input_shape))
+            raise UserError(f"eps_max {self.eps_max:g} for {self.spec.name} is beyond {bound:.4g}, the largest "
+                            f"{self.spec.norm.value} distance between two {shape} images with pixels in [0, 1]: the "
+                            "curve would end in a ball holding every image and the AUAC would say nothing")
+
+
+def largest_radius(norm: Norm, input_shape: Sequence[int]) -> float:
+    r"""The largest distance between two images of ``input_shape`` (C, H, W) with pixels in [0, 1] under ``norm``.
+
+    L-inf: 1. L2: :math:`\sqrt{CHW}`. Wasserstein (unit-mass images, Euclidean pixel distance as ground cost, see
+    :mod:`kit.ot.local`): no unit of mass moves farther than the image's diagonal, :math:`\sqrt{(H-1)^2 + (W-1)^2}`.
+    """
+    c, h, w = (int(v) for v in input_shape)
+    if norm is Norm.LINF:
+        return 1.0
+    if norm is Norm.L2:
+        return math.sqrt(c * h * w)
+    return math.hypot(h - 1, w - 1)
+
+
+def check_radii(requests: Sequence[AttackRequest], input_shape: Sequence[int]) -> None:
+    """:meth:`AttackRequest.check_radius` for every request (before any work)."""
+    for r in requests:
+        r.check_radius(input_shape)
 
 
 def run_search(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_max: float, *, seed: int,
@@ -63,9 +95,11 @@ def run_search(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
     """Minimum-epsilon search for one attack over ``x`` in batches (results concatenated in order)."""
     attack = spec.build(model, seed=seed)
     parts = []
-    starts = range(0, len(x), batch_size)
-    for i in progress(starts, desc=desc or spec.name, total=len(starts)):
-        parts.append(min_eps_search(attack, x[i : i + batch_size], y[i : i + batch_size], eps_max, rungs, tol))
+    with progress_bar(desc or spec.name, total=len(x), unit="ex") as bar:
+        for i in range(0, len(x), batch_size):
+            m = len(x[i : i + batch_size])
+            parts.append(min_eps_search(attack, x[i : i + batch_size], y[i : i + batch_size], eps_max, rungs, tol,
+                                        on_step=lambda f, i=i, m=m: bar.set(i + f * m)))
     return SearchResult(
         torch.cat([p.eps_star for p in parts]), torch.cat([p.x_adv for p in parts]),
         torch.cat([p.forwards for p in parts]), torch.cat([p.backwards for p in parts]),

@@ -5,6 +5,7 @@ Messages for people go to stderr; results go to stdout (a table, or JSON with ``
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import importlib.util
 import json
@@ -12,6 +13,7 @@ import logging
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +29,23 @@ Exit statuses:
   0  success
   1  a check failed: an audit's gate or fidelity verdict (audit, run), a hash or
      recheck (verify), an FP32 parity check (export)
-  2  usage or input error (bad option, missing or malformed file, unknown name)
-  130 interrupted"""
+  2  usage or input error (bad option, missing or malformed file, unknown name,
+     a folder in use, a write the disk refused), always one line "Error: ..."
+  130 interrupted (Ctrl-C); train, audit and run continue with --resume"""
+
+
+EXIT_INTERRUPTED = 130
+
+#: errno values that mean "the disk or folder refused a write" (reported as ``cannot write PATH: reason``)
+_WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
+
+_interrupt_hint: str | None = None
+
+
+def set_interrupt_hint(hint: str | None) -> None:
+    """What the one line printed on Ctrl-C tells the user to do next (e.g. how to resume); ``None``: nothing to do."""
+    global _interrupt_hint
+    _interrupt_hint = hint
 
 
 class _UserFacing(click.ClickException):
@@ -37,14 +54,59 @@ class _UserFacing(click.ClickException):
     exit_code = 2
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for a failed read or write: the file, and the system's reason in its own words."""
+    where = e.filename if e.filename is not None else "a file"
+    reason = e.strerror or type(e).__name__
+    verb = "cannot write" if e.errno in _WRITE_ERRNOS else "cannot use"
+    return f"{verb} {where}: {reason}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 class KitGroup(click.Group):
-    """A click group that turns :class:`kit.UserError` from any subcommand into exit status 2 and one line."""
+    """A click group whose every failure is one line on stderr with a documented exit status.
+
+    :class:`kit.UserError` and operating-system errors (a full disk, a read-only folder) from any subcommand become
+    ``Error: ...`` and exit status 2; a usage error is one ``Error:`` line too (click's usage banner and "Try --help"
+    lines are left out), exit status 2; Ctrl-C is ``Interrupted: ...`` (with how to resume, where the command can)
+    and exit status 130. Python warnings from the libraries underneath are silenced unless ``--verbose``.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except UserError as e:
             raise _UserFacing(str(e)) from e
+        except OSError as e:
+            raise _UserFacing(os_error_message(e)) from e
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        set_interrupt_hint(None)
+        try:
+            with warnings.catch_warnings():
+                if "-v" not in (args or sys.argv[1:]) and "--verbose" not in (args or sys.argv[1:]):
+                    warnings.simplefilter("ignore")
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"Error: {_one_line(e.format_message())}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            tail = f"; {_interrupt_hint}" if _interrupt_hint else ""
+            click.echo(f"Interrupted{tail}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _dist_version(name: str) -> str | None:
@@ -126,7 +188,29 @@ def _emit_json(obj: Any) -> None:
 def _device(ctx: click.Context):  # noqa: ANN202
     from kit.runtime import resolve_device
 
-    return resolve_device(ctx.obj["device"])
+    return resolve_device(ctx.find_root().obj["device"])
+
+
+def seed_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--seed N`` on a command: every random choice it makes (subsets, attack restarts, training)."""
+    return click.option("--seed", "seed", type=int, default=None, show_default="0",
+                        help="Seed for every random choice of this command.")(f)
+
+
+def _seed(ctx: click.Context, seed: int | None) -> int:
+    """The command's ``--seed``, else the (hidden, older) global ``otkit --seed N``, else 0."""
+    return int(seed) if seed is not None else int(ctx.find_root().obj["seed"])
+
+
+class AliasOption(click.Option):
+    """An option with old spellings kept working but left out of ``--help`` (only the first name is shown)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        shown = self.opts[0] + (f" {self.make_metavar(ctx)}" if not self.is_flag else "")
+        return shown, record[1]
 
 
 @click.group(cls=KitGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
@@ -134,7 +218,8 @@ def _device(ctx: click.Context):  # noqa: ANN202
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the kit's version and its dependencies', then exit.")
 @click.option("--device", default="auto", metavar="auto|cpu|cuda[:N]", help="Where models and attacks run.")
-@click.option("--seed", type=int, default=0, help="Seed for every random choice.")
+@click.option("--seed", type=int, default=0, hidden=True,
+              help="Seed for every random choice (kept for old scripts: each command takes --seed).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status messages.")
 @click.option("--verbose", "-v", is_flag=True, help="Log debugging detail to stderr.")
 @click.pass_context
@@ -190,15 +275,16 @@ def data() -> None:
 
 @data.command("inspect")
 @click.argument("spec")
+@seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
-def data_inspect(ctx: click.Context, spec: str, as_json: bool) -> None:
+def data_inspect(ctx: click.Context, spec: str, seed: int | None, as_json: bool) -> None:
     """Size, shape, classes and fingerprint of each split of SPEC."""
     from kit.data import load_dataset
 
     rows = []
     for split in ("train", "test"):
-        ds = load_dataset(spec, split, seed=ctx.obj["seed"])
+        ds = load_dataset(spec, split, seed=_seed(ctx, seed))
         rows.append({
             "split": split, "n": len(ds), "shape": "x".join(map(str, ds.input_shape)), "classes": ds.num_classes,
             "fingerprint": ds.fingerprint, "class_names": list(ds.class_names),
@@ -343,18 +429,22 @@ def _train_config(ctx: click.Context, values: dict[str, Any], config: Path | Non
               help="Of those, how many are attacked each epoch with the defense's adversary (0: none).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Defense parameter, repeatable (e.g. --param eps=0.1); VALUE is read as JSON, else as text.")
-@click.option("--seed", type=int, default=None, help="Training seed (default: the global --seed).")
+@click.option("--seed", type=int, default=None, show_default="0", help="Seed for every random choice of training.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a line of text.")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .resume.pt state (raise --epochs to train longer).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (without --resume or --overwrite, an existing "
+              "OUT is an error).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint (.safetensors).")
 @click.pass_context
-def train(ctx: click.Context, config: Path | None, params: tuple[str, ...], resume: bool, out: Path,
-          **values: Any) -> None:
+def train(ctx: click.Context, config: Path | None, params: tuple[str, ...], resume: bool, overwrite: bool, out: Path,
+          as_json: bool, **values: Any) -> None:
     """Train a (defended) network and write a checkpoint every epoch."""
     from kit.defenses.trainer import train as run_training
 
     cfg = _train_config(ctx, values, config, params)
     quiet = ctx.obj["quiet"]
+    set_interrupt_hint(f"every finished epoch is saved in {out}: add --resume to the same command to continue")
 
     def on_epoch(rec: dict[str, Any]) -> None:
         if not quiet:
@@ -362,10 +452,17 @@ def train(ctx: click.Context, config: Path | None, params: tuple[str, ...], resu
             click.echo(f"epoch {rec['epoch']:>3}/{cfg.epochs}  loss {rec['loss']:.4f}  "
                        f"held-out acc {rec['test_acc']:.4f}{adv}  {rec['seconds']:.1f}s", err=True)
 
-    result = run_training(cfg, out, device=_device(ctx), resume=resume, on_epoch=on_epoch)
-    _emit_json({"checkpoint": str(result.path), "weights_sha256": result.info.weights_sha256,
-                "epochs": len(result.history) and result.history[-1]["epoch"],
-                "test_acc": result.final.get("test_acc"), "test_adv_acc": result.final.get("test_adv_acc")})
+    result = run_training(cfg, out, device=_device(ctx), resume=resume, overwrite=overwrite, on_epoch=on_epoch)
+    doc = {"checkpoint": str(result.path), "weights_sha256": result.info.weights_sha256,
+           "epochs": len(result.history) and result.history[-1]["epoch"],
+           "test_acc": result.final.get("test_acc"), "test_adv_acc": result.final.get("test_adv_acc")}
+    if as_json:
+        _emit_json(doc)
+        return
+    adv = "" if doc["test_adv_acc"] is None else f", held-out adversarial accuracy {doc['test_adv_acc']:.4f}"
+    acc = "n/a" if doc["test_acc"] is None else f"{doc['test_acc']:.4f}"
+    click.echo(f"{doc['checkpoint']}: {doc['epochs']} epochs, held-out accuracy {acc}{adv}, "
+               f"weights {doc['weights_sha256']}")
 
 
 # ------------------------------------------------------------------------------------------------------------ evaluate
@@ -390,12 +487,27 @@ class ListedOption(click.Option):
         return super().get_help_record(ctx)
 
 
-def load_model_and_data(ckpt: Path, spec: str, split: str, samples: int | None, seed: int, device: Any):
-    """The twin and the evaluation tensors, after checking that they fit each other."""
+def arch_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--arch FILE.py:NAME``: the one way a command may import a checkpoint's architecture file (docs/train.md)."""
+    return click.option(
+        "--arch", "arch", default=None, metavar="FILE.py:NAME",
+        help="For a checkpoint whose architecture is your own Python file: that file, which is imported (its code "
+             "runs) only if NAME and its sha256 match the checkpoint. Never imported without it.")(f)
+
+
+def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int | None, seed: int, device: Any, *,
+                        arch: str | None = None):
+    """The twin and the evaluation tensors, after checking that they fit each other.
+
+    ``spec`` None: the dataset the checkpoint records (as ``otkit audit`` does). ``arch``: the user's ``--arch`` for a
+    file architecture (:func:`kit.checkpoint.load_twin`)."""
     from kit.checkpoint import load_twin
     from kit.data import load_dataset
 
-    model, info = load_twin(ckpt, device=device)
+    model, info = load_twin(ckpt, device=device, arch=arch)
+    spec = spec or (info.dataset or {}).get("spec")
+    if not spec:
+        raise UserError(f"{ckpt} does not record its dataset: give --data")
     ds = load_dataset(spec, split, seed=0)
     if list(ds.input_shape) != list(info.input_shape):
         raise UserError(f"{ckpt} takes inputs {'x'.join(map(str, info.input_shape))} but {spec} has "
@@ -408,8 +520,10 @@ def load_model_and_data(ckpt: Path, spec: str, split: str, samples: int | None, 
 
 
 @cli.command()
-@click.option("--model", "ckpt", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint.")
-@click.option("--data", "data_spec", default="digits", help="Dataset spec (otkit data --help).")
+@click.option("--twin", "--model", "ckpt", cls=AliasOption, required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The checkpoint evaluated.")
+@click.option("--data", "data_spec", default=None,
+              help="Dataset spec (otkit data --help); default: the one the checkpoint was trained on.")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
 @click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]", cls=ListedOption,
               listed=_attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max for it.")
@@ -420,21 +534,25 @@ def load_model_and_data(ckpt: Path, spec: str, split: str, samples: int | None, 
 @click.option("--checks/--no-checks", default=True, help="Run the validity checks (docs/checks.md).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for curves.json and curves.png.")
+@seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print curves.json to stdout instead of a table.")
+@arch_option
 @click.pass_context
-def evaluate(ctx: click.Context, ckpt: Path, data_spec: str, split: str, attacks: tuple[str, ...],
+def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, attacks: tuple[str, ...],
              eps_max: float | None, samples: int, batch_size: int, rungs: int, checks: bool, out: Path,
-             as_json: bool) -> None:
+             seed: int | None, as_json: bool, arch: str | None = None) -> None:
     """Accuracy-vs-epsilon curves and AUAC of a checkpoint under attack, with validity checks."""
     import torch
 
-    from evaluators.evaluate import AttackRequest, write_outputs
+    from evaluators.evaluate import AttackRequest, check_radii, write_outputs
     from evaluators.evaluate import evaluate as run_evaluation
 
     requests = [AttackRequest.parse(a, eps_max) for a in attacks]  # validate everything before any work
     device = _device(ctx)
-    seed = ctx.obj["seed"]
-    model, info, ds = load_model_and_data(ckpt, data_spec, split, samples, seed, device)
+    seed = _seed(ctx, seed)
+    model, info, ds = load_model_and_data(ckpt, data_spec, split, samples, seed, device, arch=arch)
+    check_radii(requests, info.input_shape)
+    data_spec = ds.spec
     torch.manual_seed(seed)
     doc = run_evaluation(model, ds.x.to(device), ds.y.to(device), requests, seed=seed, batch_size=batch_size,
                          rungs=rungs, checks=checks)
@@ -507,11 +625,13 @@ _PARITY_COLUMNS = ["file", "engine", "precision", "exporter", "samples", "max|dl
               help="TensorRT timing cache file (default: one per GPU under ~/.cache/otkit/tensorrt).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output file: .onnx, or .engine for TensorRT (its ONNX file and .engine.json sidecar go beside).")
+@seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the parity table.")
+@arch_option
 @click.pass_context
 def export(ctx: click.Context, checkpoint: Path, fmt: str, precision: str | None, max_batch: int,
            data_spec: str | None, samples: int, calibration_samples: int, opset: int, workspace_mib: int,
-           timing_cache: Path | None, out: Path, as_json: bool) -> None:
+           timing_cache: Path | None, out: Path, seed: int | None, as_json: bool, arch: str | None = None) -> None:
     """Export a checkpoint to ONNX (fp32, fp16, int8) or TensorRT, checked against the twin on real samples.
 
     Each export is checked (onnx.checker full check, strict shape inference) and compared with the twin on test
@@ -525,7 +645,7 @@ def export(ctx: click.Context, checkpoint: Path, fmt: str, precision: str | None
         exp = export_checkpoint(checkpoint, fmt, out, precision=precision, max_batch=max_batch, data_spec=data_spec,
                                 samples=samples, calibration_samples=calibration_samples, opset=opset,
                                 workspace_mib=workspace_mib, timing_cache=timing_cache, device=_device(ctx),
-                                seed=ctx.obj["seed"])
+                                seed=_seed(ctx, seed), arch=arch)
         result, reports = exp.result, exp.reports
     except ParityError as e:
         if as_json:
@@ -605,25 +725,28 @@ def engine_info(ctx: click.Context, path: Path, as_json: bool) -> None:
 @click.option("--twin", "twin_ckpt", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint to compare against (logit gap, top-1 agreement; exit 1 if an FP32 engine is beyond "
                    "tolerance).")
+@seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@arch_option
 @click.pass_context
 def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, samples: int, batch_size: int | None,
-               providers: tuple[str, ...], twin_ckpt: Path | None, as_json: bool) -> None:
+               providers: tuple[str, ...], twin_ckpt: Path | None, seed: int | None, as_json: bool,
+               arch: str | None = None) -> None:
     """Run an engine on a dataset: accuracy and images/s, and parity against its twin with --twin."""
     import time
 
     from exporters.engines import check_compatible, load_engine
 
     device = _device(ctx)
-    eng = load_engine(path, device, providers=list(providers) or None, max_batch=batch_size)
+    eng = load_engine(path, device, providers=list(providers) or None, max_batch=batch_size, arch=arch)
     twin = None
     if twin_ckpt is not None:
-        twin = load_engine(twin_ckpt, device, max_batch=batch_size)
+        twin = load_engine(twin_ckpt, device, max_batch=batch_size, arch=arch)
         check_compatible(twin, eng.input_shape, eng.num_classes, str(path))
     from exporters.checkpoint import fitting_dataset
 
     ds = fitting_dataset(data_spec, split, list(eng.input_shape), eng.num_classes, eng.name, samples,
-                          ctx.obj["seed"])
+                          _seed(ctx, seed))
     x = ds.x.to(device)
     t0 = time.perf_counter()
     logits = eng(x)

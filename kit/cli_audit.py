@@ -12,15 +12,17 @@ from typing import Any
 
 import click
 
-from kit.cli import (_PROVIDERS, ListedOption, _attack_names, _device, _emit_json, _table, cli,
-                     dependency_versions)
+from kit.cli import (_PROVIDERS, ListedOption, _attack_names, _device, _emit_json, _seed, _table, arch_option, cli,
+                     dependency_versions, seed_option, set_interrupt_hint)
 from kit.errors import UserError
 
 AUDIT_EXIT = """\b
 Exit statuses:
   0  pass: the engine matches its twin and every gate holds
   1  fail: verdict mismatch, or a --min-auac gate failed (the report says which)
-  2  usage or input error; no report is written"""
+  2  usage or input error, --out in use by another run, or a refused write; no
+     report is written and nothing on disk changes
+  130 interrupted (Ctrl-C): finished batches are kept, --resume continues"""
 
 
 def _fmt_ci(ci: list[float]) -> str:
@@ -89,12 +91,15 @@ def print_audit(doc: dict[str, Any]) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted audit in --out.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for report.json, report.md, report.html, curves.png, adversarials.npz.")
+@seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@arch_option
 @click.pass_context
 def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str | None, split: str,
           attacks: tuple[str, ...], eps_max: float | None, samples: int, batch_size: int, rungs: int,
           tol_auac: float, tol_curve: float, min_agreement: float, alpha: float, gates: tuple[str, ...], blackbox_samples: int,
-          providers: tuple[str, ...], resume: bool, out: Path, as_json: bool) -> None:
+          providers: tuple[str, ...], resume: bool, out: Path, seed: int | None, as_json: bool,
+          arch: str | None = None) -> None:
     """Audit a deployed engine against its PyTorch twin and write the AUAC robustness report.
 
     Every candidate is crafted with the twin's gradients and judged by both the twin and the engine; the curves,
@@ -104,25 +109,27 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     import torch
 
     from evaluators.audit import AuditConfig, Gate, Tolerances, finish, load_audit_inputs, run_audit
-    from evaluators.evaluate import AttackRequest
-    from evaluators.report import remove_report, write_report
+    from evaluators.evaluate import AttackRequest, check_radii
+    from evaluators.report import write_report
+    from kit.io import folder_lock
 
-    seed = ctx.obj["seed"]
+    seed = _seed(ctx, seed)
     cfg = AuditConfig(attacks=[AttackRequest.parse(a, eps_max) for a in attacks], batch_size=batch_size,
                       rungs=rungs, seed=seed, gates=[Gate.parse(g) for g in gates],
                       tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
                       blackbox_samples=blackbox_samples)
     device = _device(ctx)
-    inputs = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_report(out)  # an interrupted audit must never leave an old, complete-looking report behind
-    torch.manual_seed(seed)
-    doc, adversarials = run_audit(inputs, cfg, out, resume=resume, versions=dependency_versions(),
-                                  command=shlex.join(["otkit", *sys.argv[1:]]))
-    paths = write_report(doc, out, adversarials)
-    finish(out)
+    inputs = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers, arch=arch)
+    check_radii(cfg.attacks, inputs.engine.input_shape)
+    command = shlex.join(["otkit", *sys.argv[1:]])
+    with folder_lock(out, "--out", command=command):  # one process per report folder, for the whole audit
+        torch.manual_seed(seed)
+        set_interrupt_hint(f"finished batches are kept in {out}: add --resume to the same command to continue")
+        # run_audit checks the resume state before it removes the old report (an exit 2 changes nothing on disk)
+        doc, adversarials = run_audit(inputs, cfg, out, resume=resume, versions=dependency_versions(),
+                                      command=command)
+        paths = write_report(doc, out, adversarials)
+        finish(out)
     if as_json:
         _emit_json(doc)
     else:
@@ -136,7 +143,8 @@ RUN_EXIT = """\b
 Exit statuses:
   0  every artifact passed its audit
   1  an audit failed (verdict mismatch or a gate); the summary says which
-  2  usage or input error (bad run file, missing data)"""
+  2  usage or input error (bad run file, missing data), or a refused write
+  130 interrupted (Ctrl-C): --resume continues"""
 
 
 @cli.command(epilog=RUN_EXIT)
@@ -147,10 +155,11 @@ Exit statuses:
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs; overrides [train].")
 @click.option("--print-config", is_flag=True, help="Print the resolved run configuration (JSON) and exit.")
 @click.option("--resume", is_flag=True, help="Continue the training and the audits where they stopped.")
+@seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @click.pass_context
 def run(ctx: click.Context, run_file: Path | None, name: str | None, out_dir: Path | None, epochs: int | None,
-        print_config: bool, resume: bool, as_json: bool) -> None:
+        print_config: bool, resume: bool, seed: int | None, as_json: bool) -> None:
     """The main job: train, export (ONNX fp32/fp16/int8, TensorRT where available), audit each artifact, report.
 
     RUN_FILE is a TOML run description (docs/run.md); without it the embedded default runs: SAT on digits with a
@@ -172,7 +181,8 @@ def run(ctx: click.Context, run_file: Path | None, name: str | None, out_dir: Pa
     if print_config:
         _emit_json(cfg.to_dict())
         return
-    summary = run_pipeline(cfg, device=_device(ctx), seed=ctx.obj["seed"], resume=resume,
+    set_interrupt_hint("finished steps are kept in the run folder: add --resume to the same command to continue")
+    summary = run_pipeline(cfg, device=_device(ctx), seed=_seed(ctx, seed), resume=resume,
                            command=shlex.join(["otkit", *sys.argv[1:]]), versions=dependency_versions())
     if as_json:
         _emit_json(summary)

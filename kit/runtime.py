@@ -5,10 +5,13 @@ Progress bars go to stderr and are silent when stdout or stderr is not a termina
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +41,84 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, leave: 
     from tqdm.auto import tqdm
 
     return iter(tqdm(iterable, desc=desc, total=total, leave=leave, file=sys.stderr, dynamic_ncols=True))
+
+
+class ProgressBar:
+    """A bar that the caller moves: :meth:`advance` by a count, or :meth:`set` to a (possibly fractional) position.
+
+    Made by :func:`progress_bar`; where no person would see it (not a terminal, or quiet) every method does nothing.
+    """
+
+    def __init__(self, bar: Any = None) -> None:
+        self._bar = bar
+        self._last = 0.0
+
+    def advance(self, n: float = 1) -> None:
+        if self._bar is not None:
+            self.set(self._bar.n + n)
+
+    def set(self, value: float) -> None:
+        """Move the bar to ``value`` (clipped to its total); redrawn at most ten times a second."""
+        if self._bar is None:
+            return
+        total = self._bar.total
+        self._bar.n = min(value, total) if total is not None else value
+        now = time.monotonic()
+        if now - self._last > 0.1:
+            self._last = now
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def open_bar(desc: str, total: float | None, unit: str = "it") -> ProgressBar:
+    """A :class:`ProgressBar` on stderr (a do-nothing one when :func:`progress_enabled` is false); the caller closes
+    it. For work that advances in uneven steps, e.g. examples of a batch part-way through their search."""
+    if not progress_enabled():
+        return ProgressBar()
+    from tqdm.auto import tqdm
+
+    return ProgressBar(tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}]"
+                            if total is not None else None))
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, total: float | None, unit: str = "it") -> Iterator[ProgressBar]:
+    """:func:`open_bar` for the duration of a ``with`` block."""
+    bar = open_bar(desc, total, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def phase(desc: str) -> Iterator[None]:
+    """A line on stderr naming a step that has nothing to count (an export, a check) with its running time,
+    refreshed twice a second until the step ends; nothing when :func:`progress_enabled` is false."""
+    if not progress_enabled():
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, desc=desc, leave=False, file=sys.stderr, bar_format="{desc}: {elapsed}")
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

@@ -124,12 +124,13 @@ def test_models_show(digits_model):
 
 def test_train_command_writes_a_checkpoint(tmp_path):
     out = tmp_path / "m.safetensors"
-    r = run("--quiet", "train", "--arch", "cnn-small", "--data", "digits", "--epochs", "2", "--out", str(out))
+    r = run("--quiet", "train", "--arch", "cnn-small", "--data", "digits", "--epochs", "2", "--json",
+            "--out", str(out))
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["weights_sha256"] == read_checkpoint(out)[1].weights_sha256 and summary["epochs"] == 2
     resumed = run("--quiet", "train", "--arch", "cnn-small", "--data", "digits", "--epochs", "3", "--resume",
-                  "--out", str(out))
+                  "--json", "--out", str(out))
     assert resumed.exit_code == 0 and json.loads(resumed.stdout)["epochs"] == 3
 
 

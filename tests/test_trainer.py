@@ -360,7 +360,7 @@ def test_every_defense_trains_resumes_and_loads_from_the_cli(defense, tiny_cifar
     first = _cli(*common, "--epochs", "1")
     assert first.exit_code == 0, first.output
     assert read_checkpoint(out)[1].train_config["epochs_done"] == 1
-    second = _cli(*common, "--epochs", "2", "--resume")
+    second = _cli(*common, "--epochs", "2", "--resume", "--json")
     assert second.exit_code == 0, second.output
     assert json.loads(second.stdout)["epochs"] == 2
     lines = [json.loads(line) for line in sidecar(out, "metrics.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ verified adversarial found: 0 if the example is misclassified clean, +inf if it 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,7 @@ def min_eps_search(
     rungs: int = 8,
     tol: float | None = None,
     warm_start: bool = True,
+    on_step: Callable[[float], None] | None = None,
 ) -> SearchResult:
     """Smallest epsilon per example at which a fixed-budget attack fools the model, up to ``eps_max``.
 
@@ -86,6 +88,9 @@ def min_eps_search(
         Bisection stops when the interval is this narrow; default ``eps_max / 256``.
     warm_start : bool
         Start each rung from the previous rung's last iterate, and each bisection step from the smallest adversarial.
+    on_step : callable, optional
+        Called after every attack run with the estimated fraction of the search done (in [0, 1], 1 at the end), for
+        progress bars within a batch.
 
     Returns
     -------
@@ -101,7 +106,13 @@ def min_eps_search(
     if tol <= 0:
         raise UserError(f"tolerance must be positive, got {tol}")
     if attack.minimum_norm:
-        return from_attack_result(attack(x, y, eps=eps_max), x, eps_max)
+        out = from_attack_result(attack(x, y, eps=eps_max), x, eps_max)
+        if on_step is not None:
+            on_step(1.0)
+        return out
+    # attack runs of a full search: the ladder, then about log2(rung width / tol) bisection steps
+    expected = rungs + max(1, math.ceil(math.log2(max(eps_max / rungs / tol, 1.0)))) + 1
+    done = [0]
 
     n = x.shape[0]
     dev = x.device
@@ -125,6 +136,9 @@ def min_eps_search(
             better = found < eps_star[hit]
             eps_star[hit[better]] = found[better]
             x_best[hit[better]] = res.x_adv[res.success][better]
+        if on_step is not None:
+            done[0] += 1
+            on_step(min(done[0] / expected, 0.99))
         return res
 
     # Ladder: each example climbs until fooled (the first rung's clean check finds the misclassified ones: eps* = 0).
@@ -155,4 +169,6 @@ def min_eps_search(
         found = eps_star[idx].to(x.dtype)
         hi[idx] = torch.where(fooled, torch.minimum(mid, found), hi[idx])
         lo[idx] = torch.where(fooled, lo[idx], mid)
+    if on_step is not None:
+        on_step(1.0)
     return SearchResult(eps_star, x_best, fwd, bwd)
