@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Property-based fuzzing of every loader under the long profile (tests/test_fuzz.py; `make test` runs the same
+# properties with a small, derandomized budget). Failing examples are kept in .hypothesis/ and replayed first.
+# OTKIT_FUZZ_SCALE=0.5 halves the example counts (about 10 minutes at 1 on a 2-core machine).
+fuzz: $(STAMP)
+	OTKIT_FUZZ_PROFILE=long $(BIN)/python -m pytest -q -p no:cacheprovider -m fuzz --hypothesis-show-statistics \
+		--durations=0 tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

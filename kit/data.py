@@ -28,11 +28,13 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import logging
 import pickle
 import re
 import struct
 import sys
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,6 +83,8 @@ _IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg"})
 # Pillow modes kept as one grey channel; every other mode is converted to RGB.
 _GREY_MODES: frozenset[str] = frozenset({"L", "1"})
 _FINGERPRINT_TAG = "otkit.data.fingerprint/v1"
+# Most classes an npz without ``class_names`` may imply by its largest label (names "0".."N-1" are generated).
+_MAX_INFERRED_CLASSES = 100_000
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,7 +171,7 @@ class Dataset:
         assert self._fingerprint is not None  # for type checkers; set just above
         return self._fingerprint
 
-    def subset(self, n: int, seed: int = 0) -> Dataset:
+    def subset(self, n: int, seed: int = 0, notice: bool = True) -> Dataset:
         """The first ``n`` images of a seeded random permutation.
 
         Parameters
@@ -176,6 +180,9 @@ class Dataset:
             Number of images to keep; ``n >= len(self)`` returns ``self`` unchanged.
         seed : int, optional
             Seed of the permutation (``numpy.random.default_rng``), by default 0.
+        notice : bool, optional
+            Log a notice when ``n`` exceeds the dataset (a request larger than the data is stated, not silently
+            shrunk); ``False`` where ``n`` is documented as a cap.
 
         Returns
         -------
@@ -190,6 +197,9 @@ class Dataset:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise UserError(f"subset size must be an integer >= 1, got {n!r} (dataset {self.spec})")
         _check_seed(seed)
+        if n > len(self) and notice:  # a stated notice, never a silent change of what was asked
+            logger.warning("note: %d examples requested but %s (%s split) has %d; using all %d", n, self.spec,
+                           self.split, len(self), len(self))
         if n >= len(self):
             return self
         perm = np.random.default_rng(int(seed)).permutation(len(self))[: int(n)]
@@ -559,7 +569,8 @@ def _pickle_allowlist() -> dict[tuple[str, str], Any]:
     scalar = _numpy_attr(multiarray, "scalar")
     frombuffer = _numpy_attr(numeric, "_frombuffer")
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
+        # Only as the first argument of _reconstruct: calling it from a pickle would allocate any shape it names.
+        ("numpy", "ndarray"): _NDARRAY,
         ("numpy", "dtype"): np.dtype,
         ("builtins", "dict"): dict,
         ("builtins", "list"): list,
@@ -567,13 +578,41 @@ def _pickle_allowlist() -> dict[tuple[str, str], Any]:
         ("__builtin__", "list"): list,
     }
     for mod in multiarray:
-        allowed[(mod, "_reconstruct")] = reconstruct
+        allowed[(mod, "_reconstruct")] = functools.partial(_bounded_reconstruct, reconstruct)
         allowed[(mod, "scalar")] = scalar
     for mod in numeric:  # protocol-5 pickles of arrays (a batch re-saved by a recent Python)
         allowed[(mod, "_frombuffer")] = frombuffer
     # Python 3 writes bytes at protocol <= 2 as _codecs.encode(text, "latin1"); only that encoding is honoured.
     allowed[("_codecs", "encode")] = _latin1_encode
     return allowed
+
+
+class _NdarrayToken:
+    """Stands for ``numpy.ndarray`` in a CIFAR pickle: accepted as the class :func:`_bounded_reconstruct` builds, and
+    not callable (a pickle that calls ``numpy.ndarray(shape)`` directly is refused)."""
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayToken()
+
+
+def _bounded_reconstruct(reconstruct: Any, subtype: Any, shape: Any, dtype: Any, *, limit: int = 0) -> Any:
+    """numpy's ``_reconstruct`` for plain arrays only, refusing a shape larger than the pickle that declares it.
+
+    A real batch reconstructs ``ndarray((0,), 'b')`` and fills it from bytes stored in the file, so its arrays are
+    never larger than the file; a crafted pickle could otherwise name a shape of gigabytes.
+    """
+    if subtype is not _NDARRAY:
+        raise pickle.UnpicklingError(f"refusing to reconstruct a {subtype!r}; only numpy.ndarray is allowed")
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise pickle.UnpicklingError(f"array shape {shape!r} is not a tuple of sizes")
+    itemsize = np.dtype(dtype).itemsize
+    if int(np.prod(dims, dtype=object)) * max(itemsize, 1) > limit:
+        raise pickle.UnpicklingError(f"array shape {dims} declares more data than the file holds")
+    return reconstruct(np.ndarray, dims, dtype)
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -586,9 +625,10 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals a CIFAR batch holds (NumPy array reconstruction, dict, list)."""
 
-    def __init__(self, file: Any, source: Path) -> None:
+    def __init__(self, file: Any, source: Path, size: int) -> None:
         super().__init__(file, encoding="bytes")
         self._source = source
+        self._size = size
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle's hook
         obj = _pickle_allowlist().get((module, name))
@@ -596,14 +636,17 @@ class _CifarUnpickler(pickle.Unpickler):
             raise UserError(
                 f"refusing to unpickle {self._source}: it references {module}.{name}, which a CIFAR batch never holds"
             )
+        if isinstance(obj, functools.partial) and obj.func is _bounded_reconstruct:
+            return functools.partial(obj, limit=self._size)
         return obj
 
 
 def _unpickle_cifar(path: Path) -> dict[Any, Any]:
     require_file(path, "CIFAR file")
     try:
-        with open(path, "rb") as f:
-            obj = _CifarUnpickler(f, path).load()
+        # From memory: a length field of a crafted pickle can then never make a read allocate more than the file.
+        data = path.read_bytes()
+        obj = _CifarUnpickler(io.BytesIO(data), path, len(data)).load()
     except UserError:
         raise
     except Exception as e:  # any failure of untrusted pickle data is the file's fault
@@ -773,6 +816,11 @@ def _load_npz(path: Path, split: str, seed: int) -> tuple[torch.Tensor, torch.Te
     if names is None:
         if int(all_y.min()) < 0:
             raise UserError(f"{path}: label {int(all_y.min())} is negative; labels must be class indices 0, 1, ...")
+        if int(all_y.max()) >= _MAX_INFERRED_CLASSES:
+            raise UserError(
+                f"{path}: label {int(all_y.max())} implies more than {_MAX_INFERRED_CLASSES} classes; "
+                "store a 'class_names' array if there really are that many"
+            )
         names = tuple(str(i) for i in range(int(all_y.max()) + 1))
     _check_label_range(all_y, len(names), path)
     xt = _u8_to_tensor(x) if x.dtype == np.uint8 else torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
@@ -803,18 +851,26 @@ def _class_files(split_dir: Path, class_names: Sequence[str]) -> list[tuple[Path
 
 
 def _image_header(path: Path) -> tuple[tuple[int, int], str]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            return im.size, im.mode
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from e
+        with warnings.catch_warnings():  # a size over Pillow's limit is refused just below, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size, mode = im.size, im.mode
+    except Exception as e:  # Pillow's decoders raise many types on crafted bytes: any of them is the file's fault
+        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:  # Pillow only warns up to twice its limit
+        raise UserError(
+            f"image {path} is {size[0]}x{size[1]}, more than Pillow's limit of {limit} pixels (a decompression bomb?)"
+        )
+    return size, mode
 
 
 def _image_pixels(path: Path, grey: bool) -> np.ndarray:
     """(C, H, W) uint8 pixels; C = 1 when ``grey``, else 3 (grey images are replicated, as Pillow's RGB would)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -823,8 +879,8 @@ def _image_pixels(path: Path, grey: bool) -> np.ndarray:
                 a = np.asarray(im.convert("L"), dtype=np.uint8)
                 return a[None] if grey else np.repeat(a[None], 3, axis=0)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from e
+    except Exception as e:  # Pillow's decoders raise many types on crafted bytes: any of them is the file's fault
+        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def _load_folder(root: Path, split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
