@@ -364,15 +364,8 @@ class _State:
                 raise UserError(f"nothing to resume in {out}: its audit is complete (report.json); run without "
                                 "--resume to audit again")
             raise UserError(f"nothing to resume in {out}: no {STATE_DIR}/ (run without --resume first)")
-        try:
-            saved = json.loads(meta.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot resume the audit in {out}: {meta} is unreadable ({e})") from e
-        if not isinstance(saved, dict):
-            raise UserError(f"cannot resume the audit in {out}: {meta} is not a key record")
-        differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
-        if differ:
-            raise UserError(f"cannot resume the audit in {out}: {', '.join(differ)} changed since it started")
+        saved = _saved_key(out)
+        _refuse_changed(out, saved, key, sorted(set(saved) | set(key)))
 
     def start(self) -> None:
         """Begin writing: remove the old report (report.json first: an interrupted audit never looks complete) and,
@@ -408,17 +401,26 @@ class _State:
 def check_resumable(out: Path, cfg: AuditConfig) -> None:
     """Refuse now, before any work, an audit state in ``out`` that ``cfg`` could not resume (its configuration part of
     the key differs; the engine, twin and data parts are checked when the audit starts). No state: nothing to check."""
-    meta = out / STATE_DIR / "key.json"
-    if not meta.exists():
+    if not (out / STATE_DIR / "key.json").exists():
         return
+    key = cfg.key()
+    _refuse_changed(out, _saved_key(out), key, sorted(key))
+
+
+def _saved_key(out: Path) -> dict[str, Any]:
+    """The key record of the audit state in ``out`` (which exists)."""
+    meta = out / STATE_DIR / "key.json"
     try:
         saved = json.loads(meta.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot resume the audit in {out}: {meta} is unreadable ({e})") from e
     if not isinstance(saved, dict):
         raise UserError(f"cannot resume the audit in {out}: {meta} is not a key record")
-    key = cfg.key()
-    differ = sorted(k for k in key if saved.get(k) != key[k])
+    return saved
+
+
+def _refuse_changed(out: Path, saved: dict[str, Any], key: dict[str, Any], fields: list[str]) -> None:
+    differ = [k for k in fields if saved.get(k) != key.get(k)]
     if differ:
         raise UserError(f"cannot resume the audit in {out}: {', '.join(differ)} changed since it started")
 

@@ -221,18 +221,8 @@ def folder_lock(path: str | os.PathLike[str], option: str = "--out", *, command:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path} exists and is not a folder")
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {path}: {e.strerror or e}") from e
-    try:
-        with _locked(path / LOCK_NAME, path, option, command):
-            yield path
-    finally:
-        if created:
-            with contextlib.suppress(OSError):
-                path.rmdir()  # only if empty
+    with _locked_in(path, path / LOCK_NAME, path, option, command):
+        yield path
 
 
 @contextlib.contextmanager
@@ -241,18 +231,26 @@ def file_lock(path: str | os.PathLike[str], option: str = "--out", *, command: s
     ``.NAME.lock`` beside ``path`` (its folder is created if missing, and removed again if left empty)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    created = not parent.exists()
+    with _locked_in(parent, path.with_name(f".{path.name}.lock"), path, option, command):
+        yield path
+
+
+@contextlib.contextmanager
+def _locked_in(folder: Path, lock: Path, shown: Path, option: str, command: str | None) -> Iterator[None]:
+    """:func:`_locked` on ``lock`` inside ``folder``, created if missing and removed again if the block leaves it
+    empty (it failed before writing anything)."""
+    created = not folder.exists()
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {parent}: {e.strerror or e}") from e
+        raise UserError(f"cannot create {folder}: {e.strerror or e}") from e
     try:
-        with _locked(path.with_name(f".{path.name}.lock"), path, option, command):
-            yield path
+        with _locked(lock, shown, option, command):
+            yield
     finally:
         if created:
             with contextlib.suppress(OSError):
-                parent.rmdir()  # only if empty
+                folder.rmdir()  # only if empty
 
 
 def require_file(path: str | os.PathLike[str], what: str = "file") -> Path:

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 
 from kit.checkpoint import CheckpointInfo, load_twin, read_checkpoint, save_checkpoint
-from kit.cli import cli
 from kit.errors import UserError
+from tests.clitools import assert_user_error, run
 
 DATA = "digits:8"
 SHAPE = (1, 8, 8)
@@ -90,21 +89,6 @@ def env(tmp_path, monkeypatch):
     _save(ckpt, "net.py:Net", _sha(arch))
     assert not marker.exists()
     return {"tmp": tmp_path, "ckpt": ckpt, "arch": arch, "marker": marker, "out": out}
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_user_error(result, *needles: str) -> str:
-    """Exit status 2, exactly one line on stderr starting with 'Error:', nothing on stdout, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output and result.stdout == ""
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _commands(ckpt: Path, out: Path, arch: tuple[str, ...] = ()) -> dict[str, list[str]]:

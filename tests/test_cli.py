@@ -10,25 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import models as zoo
 from kit.checkpoint import read_checkpoint
-from kit.cli import cli
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def assert_user_error(result, *needles: str):
-    """Exit status 2, exactly one line on stderr starting with 'Error:', nothing on stdout, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output and result.stdout == ""
-    for n in needles:
-        assert n in lines[0], lines[0]
+from tests.clitools import assert_user_error, run
 
 
 def test_help_documents_exit_statuses_and_commands():

@@ -13,25 +13,27 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import kit.runtime as runtime
-from kit.cli import cli
+from tests.clitools import assert_user_error
+from tests.clitools import run as invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+@pytest.fixture(scope="module")
+def onnx_engine(digits_model, tmp_path_factory):
+    """(twin checkpoint, its fp32 ONNX export)."""
+    from exporters.onnx import torch_to_onnx, write_onnx_export
+    from kit.checkpoint import load_twin
+    from kit.data import load_dataset
 
-
-def one_error_line(result, code: int = 2) -> str:
-    """The result exited ``code`` with exactly one line on stderr, 'Error: ...', and no traceback anywhere."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output and "Warning" not in result.stderr
-    return lines[0]
+    path, _ = digits_model
+    model, info = load_twin(path)
+    test = load_dataset("digits:16", "test").subset(16, seed=0)
+    out = tmp_path_factory.mktemp("engine") / "m.onnx"
+    graph = torch_to_onnx(model, info.input_shape, dynamo=False)
+    return path, write_onnx_export(graph, out, model, test.x, info=info, parity_y=test.y).path
 
 
 # ----------------------------------------------------------------------------------------------- 8. usage: one line
@@ -43,7 +45,7 @@ def one_error_line(result, code: int = 2) -> str:
     (["data", "inspect"], "Missing argument"),
 ])
 def test_usage_errors_are_one_line_exit_2(args, needle):
-    line = one_error_line(invoke(*args))
+    line = assert_user_error(invoke(*args))
     assert needle in line and "--help" in line  # where to look next, in the same line
     assert not line.startswith("Usage")
 
@@ -53,7 +55,7 @@ def test_refused_pickle_does_not_quote_torchs_unsafe_advice(tmp_path):
     import torch
 
     torch.save({"state_dict": {"w": torch.zeros(1)}, "otkit": {"x": print}}, evil)  # a pickle naming a callable
-    line = one_error_line(invoke("models", "show", evil))
+    line = assert_user_error(invoke("models", "show", evil))
     assert "refusing to load" in line
     for advice in ("weights_only=False", "weights_only` to `False", "trusted source", "unsafe"):
         assert advice not in line
@@ -68,7 +70,7 @@ def test_write_failure_is_one_line_exit_2(digits_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(E, "write_outputs", full_disk)
     path, _ = digits_model
-    line = one_error_line(invoke("-q", "evaluate", "--twin", path, "--attack", "pgd-linf@0.1", "--samples", "8",
+    line = assert_user_error(invoke("-q", "evaluate", "--twin", path, "--attack", "pgd-linf@0.1", "--samples", "8",
                                  "--out", tmp_path / "ev"))
     assert line == f"Error: cannot write {tmp_path / 'ev' / 'curves.json'}: No space left on device"
 
@@ -77,23 +79,16 @@ def test_unreadable_output_folder_is_one_line(digits_model, tmp_path):
     path, _ = digits_model
     blocker = tmp_path / "file"
     blocker.write_text("x")  # a file where a folder is needed: a real OSError from the system, not a simulation
-    line = one_error_line(invoke("-q", "evaluate", "--twin", path, "--attack", "pgd-linf@0.1", "--samples", "8",
+    line = assert_user_error(invoke("-q", "evaluate", "--twin", path, "--attack", "pgd-linf@0.1", "--samples", "8",
                                  "--out", blocker / "sub"))
     assert str(blocker) in line
 
 
 # ------------------------------------------------------------------------------------------------ 7. Ctrl-C: 130
-def test_interrupted_audit_exits_130_with_how_to_resume(digits_model, tmp_path, monkeypatch):
+def test_interrupted_audit_exits_130_with_how_to_resume(onnx_engine, tmp_path, monkeypatch):
     import evaluators.audit as A
-    from exporters.onnx import torch_to_onnx, write_onnx_export
-    from kit.checkpoint import load_twin
-    from kit.data import load_dataset
 
-    path, _ = digits_model
-    model, info = load_twin(path)
-    test = load_dataset("digits:16", "test").subset(16, seed=0)
-    onnx = write_onnx_export(torch_to_onnx(model, info.input_shape, dynamo=False), tmp_path / "m.onnx", model, test.x,
-                             info=info, parity_y=test.y).path
+    path, onnx = onnx_engine
 
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
@@ -144,7 +139,7 @@ def test_sigint_during_training_exits_130(tmp_path):
 ])
 def test_radius_beyond_the_image_box_is_refused(digits_model, tmp_path, attack, needle):
     path, _ = digits_model
-    line = one_error_line(invoke("-q", "evaluate", "--twin", path, "--attack", attack, "--samples", "4",
+    line = assert_user_error(invoke("-q", "evaluate", "--twin", path, "--attack", attack, "--samples", "4",
                                  "--out", tmp_path / "ev"))
     assert needle in line
     assert not (tmp_path / "ev").exists()
@@ -240,17 +235,10 @@ class _RecordingBar(runtime.ProgressBar):
         self.positions.append("closed")
 
 
-def test_audit_progress_moves_inside_a_batch_and_in_every_phase(digits_model, tmp_path, monkeypatch):
+def test_audit_progress_moves_inside_a_batch_and_in_every_phase(onnx_engine, tmp_path, monkeypatch):
     import evaluators.audit as A
-    from exporters.onnx import torch_to_onnx, write_onnx_export
-    from kit.checkpoint import load_twin
-    from kit.data import load_dataset
 
-    path, _ = digits_model
-    model, info = load_twin(path)
-    test = load_dataset("digits:16", "test").subset(16, seed=0)
-    onnx = write_onnx_export(torch_to_onnx(model, info.input_shape, dynamo=False), tmp_path / "m.onnx", model, test.x,
-                             info=info, parity_y=test.y).path
+    path, onnx = onnx_engine
     rec = _Recorder()
     monkeypatch.setattr(A, "open_bar", rec)
     monkeypatch.setattr(runtime, "open_bar", rec)  # progress_bar() resolves it here
@@ -280,6 +268,6 @@ def test_progress_is_off_without_a_terminal(capsys):
                                            ("attack_eval_mode=3", "true or false")])
 def test_defense_parameter_of_the_wrong_kind_is_refused_before_any_work(tmp_path, param, needle):
     out = tmp_path / "sub" / "m.safetensors"
-    line = one_error_line(invoke("train", "--defense", "madry", "--param", param, "--data", "digits:8",
+    line = assert_user_error(invoke("train", "--defense", "madry", "--param", param, "--data", "digits:8",
                                  "--epochs", "1", "--out", out))
     assert needle in line and not (tmp_path / "sub").exists()
