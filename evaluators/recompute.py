@@ -10,8 +10,8 @@ uses (:func:`evaluators.audit.side_record`, :func:`evaluators.audit.fidelity`, :
 ``adversarials.npz`` holds exactly the engine-side adversarials the report describes.
 
 What cannot be re-derived from the report alone: the eps* themselves and the clean accuracies (they need the models
-and the data; ``otkit verify --recheck`` re-runs the engine on stored adversarials), the ``reason`` texts (wording), the
-checks, the pass counts and the provenance.
+and the data: :mod:`evaluators.replay` checks what those allow, and ``otkit verify --recheck`` re-runs the engine on
+stored adversarials), the ``reason`` texts (wording), the checks, the pass counts and the provenance.
 """
 
 from __future__ import annotations

@@ -21,18 +21,20 @@ __all__ = ["DEFAULT_RECHECK", "ReportFormat", "VERIFY_EXIT_STATUSES", "WAIVABLE"
 #: Stored adversarials ``otkit verify`` re-runs on the engine unless told otherwise.
 DEFAULT_RECHECK = 16
 
-#: What ``otkit verify --waive`` can excuse: the twin not given, no adversarials.npz, no recheck.
-WAIVABLE = ("twin", "adversarials", "recheck")
+#: What ``otkit verify --waive`` can excuse: the twin not given, no adversarials.npz, no recheck, no data replay.
+WAIVABLE = ("twin", "adversarials", "recheck", "data")
 
 VERIFY_EXIT_STATUSES = """\b
 Exit statuses:
   0  everything checked matches: the engine sha256 (ONNX external data included),
      the twin sha256, adversarials.npz (sha256 and content), the rechecked
-     adversarials, and every figure re-derived from the per-example eps*
-     (curves, AUACs, intervals, fidelity, verdicts, gates, status); only
-     what --waive names may be left unchecked
-  1  a difference (each named on stderr), or the twin, adversarials.npz or
-     the recheck missing without --waive
+     adversarials, the audited examples replayed (fingerprint, clean
+     accuracies, eps* = 0 sets, adversarial distances, radii), and every
+     figure re-derived from the per-example eps* (curves, AUACs, intervals,
+     fidelity, verdicts, gates, status); only what --waive names may be
+     left unchecked
+  1  a difference (each named on stderr), or the twin, adversarials.npz,
+     the recheck or the data missing without --waive
   2  usage or input error (missing report, engine or twin, corrupt
      adversarials.npz, report not otkit.report/1)"""
 
@@ -148,18 +150,14 @@ def _spread(sizes: dict[str, int], budget: int) -> dict[str, list[int]]:
     return out
 
 
-def _recheck(engine_path: Path, npz_path: Path, stored: dict[str, dict[str, Any]], budget: int,
-             device: Any, *, arch: str | None = None) -> list[dict[str, Any]]:
+def _recheck(engine: Any, npz_path: Path, stored: dict[str, dict[str, Any]], budget: int) -> list[dict[str, Any]]:
     """Run the engine on up to ``budget`` stored adversarials; per attack, the ones whose prediction changed."""
     import numpy as np
     import torch
 
-    from exporters.engines import load_engine
-
     picks = _spread({name: len(a["x"]) for name, a in stored.items()}, budget)
     if not picks:
         return []
-    engine = load_engine(engine_path, device, arch=arch)
     rows = []
     for name, pos in picks.items():
         a = stored[name]
@@ -205,8 +203,12 @@ def _engine_row(engine_path: Path, expected: str) -> dict[str, Any]:
                    "recheck, which then needs --waive recheck.")
 @click.option("--waive", "waived", multiple=True, type=click.Choice(WAIVABLE),
               help="Accept a check left undone (repeatable): twin (no --twin), adversarials (no adversarials.npz: its "
-                   "hash, content and the recheck), recheck (no recheck: the engine is not run). Waived checks are "
-                   "listed in the output.")
+                   "hash, content and the recheck), recheck (no recheck of stored adversarials), data (the audited examples "
+                   "are not drawn again: clean accuracies, eps* = 0 sets and adversarial distances unchecked). Waived "
+                   "checks are listed in the output.")
+@click.option("--data", "data_spec", default=None, metavar="SPEC",
+              help="Where the report's dataset lies here, if not at its recorded spec (the drawn examples must have "
+                   "the report's fingerprint).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--arch", "arch", default=None, metavar="FILE.py:NAME",
               help="With --recheck of a checkpoint engine whose architecture is your own Python file: that file, "
@@ -214,14 +216,18 @@ def _engine_row(engine_path: Path, expected: str) -> dict[str, Any]:
                    "it.")
 @click.pass_context
 def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: Path | None, recheck: int,
-           waived: tuple[str, ...], as_json: bool, arch: str | None = None) -> None:
+           waived: tuple[str, ...], data_spec: str | None, as_json: bool, arch: str | None = None) -> None:
     """Check a report against the files it names and against its own per-example results.
 
     The sha256 of the engine (with an ONNX file's external data files), of the twin and of adversarials.npz must be
     the report's; adversarials.npz must hold exactly the engine-side adversarials the report describes; up to N of
-    them must still fool the engine as stored (--recheck); and every figure derived from the per-example eps* (curves,
-    AUACs and intervals, fidelity statistics and verdicts, gates, verdict, status) must recompute to the report's.
-    A check that cannot run (no --twin, no adversarials.npz, --recheck 0) fails unless --waive names it.
+    them must still fool the engine as stored (--recheck); the audited examples, drawn again from the report's data,
+    must have its fingerprint, the engine's (and twin's) clean accuracy on them must be the report's, eps* must be 0
+    exactly where a model misclassifies clean, and each stored L-inf/L2 adversarial must lie at its stored eps* from
+    its example; every eps_max must lie within its norm's largest distance; and every figure derived from the
+    per-example eps* (curves, AUACs and intervals, fidelity statistics and verdicts, gates, verdict, status) must
+    recompute to the report's. A check that cannot run (no --twin, no adversarials.npz, --recheck 0 or nothing to
+    recheck, no data) fails unless --waive names it.
 
     Every input is checked before any hash is compared (a missing file is exit status 2, not a mismatch).
     """
@@ -230,6 +236,22 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     from kit.io import require_file
 
     waive = [w for w in WAIVABLE if w in waived]
+    loaded: dict[str, Any] = {}
+
+    def _device() -> Any:
+        from kit.runtime import resolve_device
+
+        if "device" not in loaded:
+            loaded["device"] = resolve_device((ctx.find_root().obj or {}).get("device", "auto"))
+        return loaded["device"]
+
+    def _engine() -> Any:  # loaded once, when a check needs to run it
+        from exporters.engines import load_engine
+
+        if "engine" not in loaded:
+            loaded["engine"] = load_engine(engine_path, _device(), arch=arch)
+        return loaded["engine"]
+
     doc = load_report(report_file)
     rpath = _report_path(report_file)
     require_file(engine_path, "engine file")
@@ -278,13 +300,24 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         # already a problem above, unless waived there
         recheck_note = "no adversarials: waived" if "adversarials" in waive else "no adversarials"
     elif not any(len(a["x"]) for a in stored.values()):
-        recheck_note = "no stored adversarial (the engine was never fooled)"
+        recheck_note = "no stored adversarial to run"
+        problems.append("recheck had nothing to run: adversarials.npz holds no adversarial (or --waive recheck)")
     else:
-        from kit.runtime import resolve_device
+        rechecked = _recheck(_engine(), npz_path, stored, recheck)
 
-        obj = ctx.find_root().obj or {}
-        rechecked = _recheck(engine_path, npz_path, stored, recheck, resolve_device(obj.get("device", "auto")),
-                             arch=arch)
+    replayed: list[str] = []
+    if "data" in waive:
+        replay_note = "waived"
+    else:
+        from evaluators.replay import replay_report
+
+        replay_note = "replayed"
+        twin = None
+        if twin_path is not None:
+            from kit.checkpoint import load_twin
+
+            twin = load_twin(twin_path, device=_device(), arch=arch)[0]
+        replayed = replay_report(doc, _engine(), twin, _device(), stored=stored, spec=data_spec)
 
     differences = recompute_report(doc)
 
@@ -297,6 +330,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         for b in r["failures"]:
             problems.append(f"recheck {r['attack']} example {b['index']}: {b['why']} (stored pred {b['stored_pred']}, "
                             f"engine now {b['pred']}, label {b['y']}, logit margin {b['margin']:.3g})")
+    problems += replayed
     problems += differences
     ok = not problems
     if as_json:
@@ -305,6 +339,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                                                                  "problems": content},
                     "recheck": rechecked, "recheck_note": recheck_note,
                     "recomputed": {"match": not differences, "differences": differences},
+                    "replayed": {"note": replay_note, "match": not replayed, "differences": replayed},
                     "waived": waive, "problems": problems})
     else:
         def result(h: dict[str, Any]) -> str:
@@ -327,7 +362,11 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         if not rechecked:
             rows.append({"item": "recheck", "file": "", "report says": "-", "found": recheck_note or "-",
                          "result": "waived" if recheck_note.endswith("waived") else
-                         ("NOT CHECKED" if recheck_note in ("--recheck 0", "no adversarials") else "nothing to run")})
+                         "NOT CHECKED"})
+        rows.append({"item": "audited examples", "file": "", "report says": "clean accuracy, eps* = 0, distances",
+                     "found": "waived" if replay_note == "waived" else
+                     ("replayed equal" if not replayed else f"{len(replayed)} difference(s)"),
+                     "result": "waived" if replay_note == "waived" else ("match" if not replayed else "DIFFERS")})
         rows.append({"item": "derived figures", "file": rpath.name, "report says": "curves, AUACs, fidelity, gates",
                      "found": "recomputed equal" if not differences else f"{len(differences)} field(s) differ",
                      "result": "match" if not differences else "DIFFERS"})

@@ -604,16 +604,18 @@ def test_cli_verify_hashes(eps_pairs, tmp_path):
     d = honest(make_doc([attack_entry("pgd-linf", "linf", 0.15, t1, e1)], n, engine_sha=sha(engine),
                         twin_sha=sha(twin)))
     R.write_report(d, tmp_path / "rep", None)
-    no_adv = ("--waive", "adversarials")  # this report stores none (and so nothing to recheck)
+    # this report stores no adversarials (so nothing to recheck) and its engine and twin are stand-in bytes: the
+    # audited examples cannot be replayed on them
+    no_adv = ("--waive", "adversarials", "--waive", "data")
     r = run("verify", tmp_path / "rep" / "report.json", "--engine", engine, "--twin", twin, *no_adv)
     assert r.exit_code == 0, r.output
     assert re.search(r"engine sha256\s+model.onnx\s+sha256:\S+\s+sha256:\S+\s+match", r.stdout)
     assert re.search(r"twin sha256\s+model.safetensors\s+.*match", r.stdout)
-    assert r.stderr == "verify: waived: adversarials\n"
+    assert r.stderr == "verify: waived: adversarials, data\n"
     r = run("verify", tmp_path / "rep", "--engine", engine, "--json", *no_adv, "--waive", "twin")
     out = json.loads(r.stdout)
     assert r.exit_code == 0 and out["match"] is True and out["hashes"][0]["actual"] == sha(engine)
-    assert out["waived"] == ["twin", "adversarials"]
+    assert out["waived"] == ["twin", "adversarials", "data"]
 
     engine.write_bytes(b"engine bytes, patched")
     r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin, *no_adv)
@@ -621,7 +623,7 @@ def test_cli_verify_hashes(eps_pairs, tmp_path):
     assert "DIFFERS" in r.stdout
     line, waived = r.stderr.strip().splitlines()
     assert line.startswith("verify: engine sha256 differs: ") and str(engine) in line and sha(engine) in line
-    assert waived == "verify: waived: adversarials"
+    assert waived == "verify: waived: adversarials, data"
     twin.write_bytes(b"other twin")
     r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin, "--json", *no_adv)
     assert r.exit_code == 1
@@ -632,7 +634,7 @@ def test_cli_verify_hashes(eps_pairs, tmp_path):
 
     assert_user_error(run("verify", tmp_path / "none.json", "--engine", engine), "report not found")
     assert_user_error(run("verify", tmp_path / "rep", "--engine", tmp_path / "gone.onnx"), "engine file not found")
-    r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin, "--recheck", "3")
+    r = run("verify", tmp_path / "rep", "--engine", engine, "--twin", twin, "--recheck", "3", "--waive", "data")
     assert r.exit_code == 1 and "verify: adversarials not checked: the report stores no adversarials" in r.stderr
 
 
@@ -683,11 +685,11 @@ def audited(digits_model, tmp_path_factory):
 @pytest.mark.slow  # trains the session's digits model (shared with other files)
 def test_verify_recheck_with_a_real_engine(audited):
     rep, onnx_path, adversarials = audited
-    no_twin = ("--waive", "twin")
+    no_twin = ("--waive", "twin", "--waive", "data")  # a report made here, not by an audit: no data to replay
     r = run("verify", rep, "--engine", onnx_path, "--recheck", "7", "--json", *no_twin)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["match"] is True and out["problems"] == [] and out["waived"] == ["twin"]
+    assert out["match"] is True and out["problems"] == [] and out["waived"] == ["twin", "data"]
     assert [(h["item"], h["match"]) for h in out["hashes"]] == [("engine sha256", True), ("twin sha256", None),
                                                                 ("adversarials sha256", True)]
     assert out["adversarials"]["match"] is True and out["recomputed"]["match"] is True
@@ -709,7 +711,7 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     import shutil
 
     rep, onnx_path, adversarials = audited
-    no_twin = ("--waive", "twin")
+    no_twin = ("--waive", "twin", "--waive", "data")  # a report made here, not by an audit: no data to replay
     work = tmp_path / "rep"
     shutil.copytree(rep, work)
     tampered = {k: {f: v.copy() for f, v in a.items()} for k, a in adversarials.items()}
@@ -724,7 +726,7 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
                                                                 ("adversarials sha256", False)]
     line, waived = r.stderr.strip().splitlines()
     assert line.startswith("verify: adversarials sha256 differs: ") and "adversarials.npz" in line
-    assert waived == "verify: waived: twin, recheck"
+    assert waived == "verify: waived: twin, recheck, data"
     r = run("verify", work, "--engine", onnx_path, "--recheck", "6", *no_twin)
     assert r.exit_code == 1, r.output
     hash_line, line, _ = r.stderr.strip().splitlines()
@@ -752,4 +754,4 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     r = run("verify", work, "--engine", onnx_path, *no_twin, "--waive", "adversarials")
     assert r.exit_code == 0, r.output
     assert re.search(r"adversarials sha256\s+adversarials.npz\s+sha256:\S+\s+absent\s+waived", r.stdout)
-    assert r.stderr == "verify: waived: twin, adversarials\n"
+    assert r.stderr == "verify: waived: twin, adversarials, data\n"

@@ -1,7 +1,8 @@
 """`otkit verify` against forged reports: every derived figure is recomputed, adversarials.npz is checked for content,
 an ONNX engine's hash covers its external data, and checks left undone fail unless waived.
 
-One real audit (the digits twin, an fp32 ONNX export whose weights live in an external data file, PGD on 24 examples,
+One real audit (the digits twin, an fp32 ONNX export whose weights live in an external data file, PGD on the 449 test examples (a few of
+which the model gets wrong clean),
 a gate the engine fails) is forged in the ways a release could be: the tests copy its folder and edit it.
 """
 
@@ -54,11 +55,12 @@ def audited(digits_model, tmp_path_factory):
     engine = _export_external(twin, folder)
     with contextlib.chdir(folder):  # the audit itself needs no fix of the loader: it runs beside the file
         code, out, err = run("audit", "--engine", "model.onnx", "--twin", twin, "--attack", "pgd-linf@0.3",
-                             "--samples", "24", "--batch-size", "24", "--rungs", "2", "--blackbox-samples", "0",
+                             "--samples", "449", "--batch-size", "449", "--rungs", "2", "--blackbox-samples", "0",
                              "--min-auac", "pgd-linf=0.99", "--out", folder / "rep")
     assert code == 1, out + err  # the gate fails: status fail
     doc = json.loads((folder / "rep" / "report.json").read_text())
     assert doc["status"] == "fail" and doc["verdict"] == "match" and not doc["gates"][0]["passed"]
+    assert doc["clean"]["engine_accuracy"] < 1  # some examples wrong clean: what a 'perfect' forgery must hide
     return folder / "rep", engine, twin
 
 
@@ -285,3 +287,103 @@ def test_external_data_outside_the_model_folder_is_refused(audited, tmp_path):
     for fn in (load_engine, engine_sha256):
         with pytest.raises(UserError, match="outside the model's folder"):
             fn(tmp_path / "sub" / "evil.onnx")
+
+
+# ------------------------------------------------------------------------------ forgeries consistent in themselves
+def _consistent(work: Path, d: dict, z: dict[str, np.ndarray]) -> None:
+    """Write a forged report whose every derived figure, and adversarials.npz with its hash, agree with its eps*:
+    what a forger does who has the kit (recompute finds nothing; only the data and the models can)."""
+    from evaluators.recompute import rederive
+
+    r = rederive(d)
+    for a, ra in zip(d["attacks"], r["attacks"]):
+        a["eps_grid"] = ra["eps_grid"]
+        for side in ("twin", "engine"):
+            a[side].update({k: ra[side][k] for k in ("accuracy", "auac", "auac_ci")})
+        a["fidelity"].update({k: ra["fidelity"][k] for k in ("max_gap", "max_gap_eps", "auac_gap", "auac_gap_ci",
+                                                              "mcnemar_p", "verdict")})
+    d["clean"]["verdict"] = r["clean"]["verdict"]
+    d["gates"] = [dict(g, engine_auac=rg["engine_auac"], passed=rg["passed"]) for g, rg in zip(d["gates"], r["gates"])]
+    d["verdict"], d["status"] = r["verdict"], r["status"]
+    np.savez(work / "adversarials.npz", **z)
+    d["artifacts"]["adversarials_sha256"] = _sha(work / "adversarials.npz")
+    (work / "report.json").write_text(json.dumps(d, indent=1))
+
+
+def _keep(z: dict[str, np.ndarray], name: str, eps_by_index: dict[int, float]) -> None:
+    keep = np.array([int(i) in eps_by_index for i in z[f"{name}/index"]], dtype=bool)
+    for k in ("x", "y", "index", "eps", "pred"):
+        z[f"{name}/{k}"] = z[f"{name}/{k}"][keep]
+    z[f"{name}/eps"] = np.array([eps_by_index[int(i)] for i in z[f"{name}/index"]], dtype=np.float64)
+
+
+def _perfect(d: dict, z: dict) -> None:
+    """Every example robust and every clean prediction right: AUAC 1, the gate passes."""
+    a = d["attacks"][0]
+    for side in ("twin", "engine"):
+        a[side]["eps_star"] = [None] * len(a[side]["eps_star"])
+    _keep(z, a["name"], {})
+    d["clean"].update(twin_accuracy=1.0, engine_accuracy=1.0)
+
+
+def _inflate(d: dict, z: dict) -> None:
+    """Every eps* tripled (below eps_max), the stored eps with it: the adversarials are kept, now 'smaller'."""
+    a = d["attacks"][0]
+    for side in ("twin", "engine"):
+        a[side]["eps_star"] = [v if not v else min(3 * v, 0.999 * a["eps_max"]) for v in a[side]["eps_star"]]
+    _keep(z, a["name"], {i: v for i, v in enumerate(a["engine"]["eps_star"]) if v is not None})
+
+
+def _beyond_the_box(d: dict, z: dict) -> None:
+    """An L-inf curve out to eps 50 on [0, 1] pixels (the audit refuses it; a forger need not ask)."""
+    a = d["attacks"][0]
+    a["eps_max"] = 50.0
+
+
+@pytest.mark.parametrize("forge,named", [
+    (_perfect, "misclassified clean by the engine but stored with eps* > 0"),
+    (_inflate, "lie at another distance from their clean example than their stored eps*"),
+    (_beyond_the_box, "attacks[pgd-linf].eps_max: 50 is beyond 1"),
+])
+def test_a_forgery_consistent_in_itself_is_caught_on_the_data(copy, forge, named):
+    from evaluators.recompute import recompute_report
+
+    work, doc, _, engine, twin = copy
+    z = dict(np.load(work / "adversarials.npz"))
+    forge(doc, z)
+    _consistent(work, doc, z)
+    assert recompute_report(json.loads((work / "report.json").read_text())) == []  # nothing left to recompute
+    code, out, err = verify(work, engine, "--twin", twin)
+    assert code == 1, out + err
+    assert named in err
+    assert "audited examples" in out and "DIFFERS" in out
+
+
+def test_perfect_forgery_states_the_real_clean_accuracy(copy):
+    work, doc, _, engine, twin = copy
+    real = doc["clean"]["engine_accuracy"]
+    z = dict(np.load(work / "adversarials.npz"))
+    _perfect(doc, z)
+    _consistent(work, doc, z)
+    _, _, err = verify(work, engine, "--twin", twin)
+    assert f"clean.engine_accuracy: report says 1.0, the engine classifies" in err and f"({real:.4f})" in err
+
+
+def test_other_data_is_refused_and_data_can_be_waived(copy):
+    work, doc, save, engine, twin = copy
+    doc["data"]["fingerprint"] = "sha256:" + "0" * 64
+    save(doc)
+    code, _, err = verify(work, engine, "--twin", twin)
+    assert code == 2 and "fingerprint" in err  # other data is an input error: nothing to compare against
+    code, out, err = verify(work, engine, "--twin", twin, "--waive", "data")
+    assert code == 0, out + err
+    assert "verify: waived: data" in err
+
+
+def test_nothing_to_recheck_is_not_a_pass(copy):
+    work, doc, _, engine, twin = copy
+    z = dict(np.load(work / "adversarials.npz"))
+    _keep(z, doc["attacks"][0]["name"], {})
+    np.savez(work / "adversarials.npz", **z)
+    code, _, err = verify(work, engine, "--twin", twin, "--waive", "data")
+    assert code == 1 and "recheck had nothing to run" in err

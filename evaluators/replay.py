@@ -1,0 +1,153 @@
+"""Replay what an audit report says about the audited examples themselves, with the engine (and twin) at hand.
+
+:mod:`evaluators.recompute` re-derives every figure that follows from the stored eps*; this module checks the eps*
+and the stored adversarials against the data and the models, at the cost of one clean forward pass per model:
+
+- **The examples.** The report names its dataset (spec, split), the subset's size and seed, and the subset's sha256
+  fingerprint: the same subset is drawn again and must have that fingerprint.
+- **Clean predictions.** The engine's (and the twin's, when given) accuracy on those examples must be the stored one,
+  and an example's eps* on a side must be 0 exactly where that side misclassifies it clean: an example a model gets
+  wrong without any perturbation cannot be robust, and one it gets right was not fooled at radius 0.
+- **Radii.** Every attack's eps_max lies within the largest distance two images can have under its norm
+  (:func:`evaluators.evaluate.largest_radius`).
+- **Adversarials.** Each stored L-inf / L2 adversarial has the stored label, and its distance to its clean example is
+  the stored eps* (eps* is the measured norm of the adversarial found). A Wasserstein radius is the cost of a
+  transport plan that is not stored, so only the label is checked for those.
+
+What still cannot be checked without running the attacks again: that an example the report calls robust up to
+eps_max really resisted them (``otkit verify`` re-runs stored adversarials, not the search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluators.evaluate import largest_radius
+from kit.attacks.base import LP_NORMS, Norm, lp_norm
+from kit.errors import UserError
+
+__all__ = ["audited_examples", "replay_report"]
+
+#: relative (and absolute) slack between a stored distance and the one measured again (float32 pixels)
+DISTANCE_TOLERANCE = 1e-5
+
+
+def audited_examples(doc: Mapping[str, Any], spec: str | None = None) -> Any:
+    """The audited examples, drawn again from the report's dataset (or ``spec``, the same data elsewhere).
+
+    Raises
+    ------
+    UserError
+        The dataset cannot be read here, or the drawn subset's fingerprint is not the report's.
+    """
+    from kit.data import load_dataset
+
+    data = doc["data"]
+    source = spec or data["spec"]
+    ds = load_dataset(source, data["split"], seed=0).subset(int(data["n"]), seed=int(data["seed"]), notice=False)
+    if ds.fingerprint != data["fingerprint"] or len(ds) != data["n"]:
+        raise UserError(f"the {data['n']} examples drawn from {source} ({data['split']} split, seed {data['seed']}) "
+                        f"have fingerprint {ds.fingerprint}, the report says {data['fingerprint']}: other data")
+    return ds
+
+
+@torch.no_grad()
+def _predictions(model: Any, x: torch.Tensor, device: torch.device, batch: int = 256) -> np.ndarray:
+    out = [model(x[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def _side(doc: Mapping[str, Any], side: str, pred: np.ndarray, y: np.ndarray, out: list[str]) -> None:
+    """Stored clean accuracy and eps* = 0 against one model's clean predictions."""
+    wrong = pred != y
+    n = len(y)
+    stored = doc["clean"][f"{side}_accuracy"]
+    acc = float((~wrong).sum()) / n
+    if stored is None or abs(float(stored) - acc) > 0.5 / n:
+        out.append(f"clean.{side}_accuracy: report says {stored}, the {side} classifies {int((~wrong).sum())} of {n} "
+                   f"audited examples correctly ({acc:.4f})")
+    for a in doc["attacks"]:
+        eps = np.array([np.inf if v is None else float(v) for v in a[side]["eps_star"]])
+        robust_but_wrong = np.flatnonzero(wrong & (eps > 0))
+        zero_but_right = np.flatnonzero(~wrong & (eps == 0))
+        for idx, what in ((robust_but_wrong, f"misclassified clean by the {side} but stored with eps* > 0"),
+                          (zero_but_right, f"classified correctly by the {side} but stored with eps* = 0")):
+            if idx.size:
+                shown = ", ".join(map(str, idx[:5].tolist())) + (" ..." if idx.size > 5 else "")
+                out.append(f"attacks[{a['name']}].{side}.eps_star: {idx.size} example(s) {what} ({shown})")
+
+
+def _adversarials(doc: Mapping[str, Any], stored: Mapping[str, Mapping[str, np.ndarray]], x: torch.Tensor,
+                  y: np.ndarray, out: list[str]) -> None:
+    norms = {a["name"]: Norm(a["norm"]) for a in doc["attacks"]}
+    for name, arrays in stored.items():
+        if name not in norms or not len(arrays["x"]):
+            continue
+        index = arrays["index"].astype(np.int64)
+        if (index < 0).any() or (index >= len(y)).any():
+            continue  # reported by the content check
+        labels = np.flatnonzero(arrays["y"].astype(np.int64) != y[index])
+        if labels.size:
+            out.append(f"adversarials {name}: {labels.size} stored label(s) differ from the audited examples' "
+                       f"(first at example {int(index[labels[0]])})")
+        if norms[name] not in LP_NORMS:
+            continue
+        adv = torch.from_numpy(np.ascontiguousarray(arrays["x"], dtype=np.float32))
+        if tuple(adv.shape[1:]) != tuple(x.shape[1:]):
+            out.append(f"adversarials {name}: images of shape {tuple(adv.shape[1:])}, the data's are "
+                       f"{tuple(x.shape[1:])}")
+            continue
+        dist = lp_norm(adv - x[torch.from_numpy(index)], norms[name]).double().numpy()
+        eps = arrays["eps"].astype(np.float64)
+        off = np.flatnonzero(np.abs(dist - eps) > DISTANCE_TOLERANCE * np.maximum(1.0, eps))
+        if off.size:
+            j = int(off[0])
+            out.append(f"adversarials {name}: {off.size} adversarial(s) lie at another distance from their clean "
+                       f"example than their stored eps* (example {int(index[j])}: stored {eps[j]:.6g}, measured "
+                       f"{dist[j]:.6g})")
+
+
+def replay_report(doc: Mapping[str, Any], engine: Any, twin: Any | None, device: torch.device, *,
+                  stored: Mapping[str, Mapping[str, np.ndarray]] | None = None, spec: str | None = None
+                  ) -> list[str]:
+    """Check a report's examples, clean figures, eps* = 0 sets, radii and stored adversarials against the data and
+    the models (see the module's docstring); return one line per difference (empty: all agree).
+
+    Parameters
+    ----------
+    doc : dict
+        A validated ``otkit.report/1`` document.
+    engine : callable
+        The audited engine (:class:`exporters.engines.Engine`), taking (N, C, H, W) pixels in [0, 1].
+    twin : nn.Module or None
+        The twin, when given; its side is then checked too.
+    device : torch.device
+    stored : dict, optional
+        ``adversarials.npz`` as :func:`evaluators.report.load_adversarials` reads it.
+    spec : str, optional
+        Where the report's dataset lies on this machine, if not at its recorded spec.
+
+    Raises
+    ------
+    UserError
+        The dataset cannot be read, or it is other data than the report's (fingerprint).
+    """
+    ds = audited_examples(doc, spec)
+    out: list[str] = []
+    shape = tuple(ds.input_shape)
+    for a in doc["attacks"]:
+        bound = largest_radius(Norm(a["norm"]), shape)
+        if a["eps_max"] > bound:
+            out.append(f"attacks[{a['name']}].eps_max: {a['eps_max']:g} is beyond {bound:.4g}, the largest "
+                       f"{a['norm']} distance between two {'x'.join(map(str, shape))} images in [0, 1]")
+    y = ds.y.numpy().astype(np.int64)
+    _side(doc, "engine", _predictions(engine, ds.x, device), y, out)
+    if twin is not None:
+        _side(doc, "twin", _predictions(twin, ds.x, device), y, out)
+    if stored:
+        _adversarials(doc, stored, ds.x, y, out)
+    return out
