@@ -154,9 +154,11 @@ def rebuild_model(record: dict[str, Any], arch: str | None = None, source: str =
             raise UserError(f"{source}: its architecture record names no file spec and sha256 that could be checked")
         if not spec.isprintable():  # metadata is anyone's text: no terminal control characters in the message
             spec = ascii(spec)
-        if arch is None:
-            raise UserError(f"{source} builds its model from the Python file {spec}; importing it runs its code: "
-                            f"if you trust it, pass --arch {spec} (sha256 {expected})")
+        if arch is None:  # no path from the metadata is offered as advice: the user names their own copy
+            want = spec.rpartition(":")[2] if spec.rpartition(":")[2].isidentifier() else "NAME"
+            raise UserError(f"{source} builds its model from a Python file (recorded as {spec}); importing it runs "
+                            f"its code, so nothing was imported: if you have that file and trust it, name it yourself "
+                            f"with --arch PATH/TO/FILE.py:{want} (it must have sha256 {expected})")
         want_name, got_name = spec.rpartition(":")[2], arch.rpartition(":")[2]
         if not is_file_arch(arch) or got_name != want_name:
             raise UserError(f"--arch {arch} does not match {source}, built from {spec}: give its file and "

@@ -39,13 +39,20 @@ EXIT_INTERRUPTED = 130
 #: errno values that mean "the disk or folder refused a write" (reported as ``cannot write PATH: reason``)
 _WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
 
-_interrupt_hint: str | None = None
+_interrupt_hint: str | Callable[[], str | None] | None = None
 
 
-def set_interrupt_hint(hint: str | None) -> None:
-    """What the one line printed on Ctrl-C tells the user to do next (e.g. how to resume); ``None``: nothing to do."""
+def set_interrupt_hint(hint: str | Callable[[], str | None] | None) -> None:
+    """What the one line printed on Ctrl-C tells the user to do next (e.g. how to resume); ``None``: nothing to do.
+
+    A callable is asked at the moment of the interruption (e.g. whether an epoch has been saved yet)."""
     global _interrupt_hint
     _interrupt_hint = hint
+
+
+def _current_hint() -> str | None:
+    hint = _interrupt_hint
+    return hint() if callable(hint) else hint
 
 
 class _UserFacing(click.ClickException):
@@ -101,7 +108,8 @@ class KitGroup(click.Group):
             click.echo(f"Error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
-            tail = f"; {_interrupt_hint}" if _interrupt_hint else ""
+            hint = _current_hint()
+            tail = f"; {hint}" if hint else ""
             click.echo(f"Interrupted{tail}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except click.exceptions.Exit as e:
@@ -440,11 +448,14 @@ def _train_config(ctx: click.Context, values: dict[str, Any], config: Path | Non
 def train(ctx: click.Context, config: Path | None, params: tuple[str, ...], resume: bool, overwrite: bool, out: Path,
           as_json: bool, **values: Any) -> None:
     """Train a (defended) network and write a checkpoint every epoch."""
+    from kit.defenses.trainer import sidecar
     from kit.defenses.trainer import train as run_training
 
     cfg = _train_config(ctx, values, config, params)
     quiet = ctx.obj["quiet"]
-    set_interrupt_hint(f"every finished epoch is saved in {out}: add --resume to the same command to continue")
+    resume_state = sidecar(out, "resume.pt")
+    set_interrupt_hint(lambda: f"every finished epoch is saved in {out}: add --resume to the same command to continue"
+                       if resume_state.exists() else None)
 
     def on_epoch(rec: dict[str, Any]) -> None:
         if not quiet:

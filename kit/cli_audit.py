@@ -119,10 +119,13 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
                       tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
                       blackbox_samples=blackbox_samples)
     device = _device(ctx)
-    inputs = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers, arch=arch)
-    check_radii(cfg.attacks, inputs.engine.input_shape)
     command = shlex.join(["otkit", *sys.argv[1:]])
-    with folder_lock(out, "--out", command=command):  # one process per report folder, for the whole audit
+    # one process per report folder, for the whole audit; taken first, so a second audit is refused at once (a
+    # folder the lock creates is removed again if the audit fails before writing anything)
+    with folder_lock(out, "--out", command=command):
+        inputs = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers,
+                                   arch=arch)
+        check_radii(cfg.attacks, inputs.engine.input_shape)
         torch.manual_seed(seed)
         set_interrupt_hint(f"finished batches are kept in {out}: add --resume to the same command to continue")
         # run_audit checks the resume state before it removes the old report (an exit 2 changes nothing on disk)

@@ -239,7 +239,11 @@ def file_lock(path: str | os.PathLike[str], option: str = "--out", *, command: s
 def _locked_in(folder: Path, lock: Path, shown: Path, option: str, command: str | None) -> Iterator[None]:
     """:func:`_locked` on ``lock`` inside ``folder``, created if missing and removed again if the block leaves it
     empty (it failed before writing anything)."""
-    created = not folder.exists()
+    created = []  # the folders this call creates, deepest first (runs/NAME, then runs/)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        created.append(p)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -248,9 +252,11 @@ def _locked_in(folder: Path, lock: Path, shown: Path, option: str, command: str 
         with _locked(lock, shown, option, command):
             yield
     finally:
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty
+        for p in created:
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                break
 
 
 def require_file(path: str | os.PathLike[str], what: str = "file") -> Path:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from models import small as _small  # noqa: F401, I001  (registers cnn-small, cnn-cw, otc)
 from models import resnet as _resnet  # noqa: F401  (registers resnet20, resnet18, wrn-D-W)
 from models.base import Classifier, Normalize
-from models.registry import create, describe, from_config, list_models, register, register_pattern
+from models.registry import check_options, create, describe, from_config, list_models, register, register_pattern
 from models.resnet import CifarResNet, WideResNet
 from models.small import CNNCarliniWagner, CNNSmall, OTClassifier
 
@@ -36,6 +36,7 @@ __all__ = [
     "Normalize",
     "OTClassifier",
     "WideResNet",
+    "check_options",
     "create",
     "describe",
     "from_config",

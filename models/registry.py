@@ -172,6 +172,30 @@ def _check_kwargs(entry: _Entry, name: str, kwargs: Mapping[str, Any], encoded: 
         )
 
 
+def check_options(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse, without building anything, a name or options that :func:`create` would refuse for any data.
+
+    Checks the name, the option names, and that ``mean`` / ``std`` are a number or a list of numbers (``std`` > 0);
+    what depends on the data (their length against the channels, an input too small) is checked by :func:`create`.
+
+    Raises
+    ------
+    ValueError
+        One line naming the model and the problem.
+    """
+    entry, encoded, canonical = _resolve(name)
+    _check_kwargs(entry, canonical, kwargs, encoded)
+    for key in ("mean", "std"):
+        if key not in kwargs or kwargs[key] is None:
+            continue
+        v = kwargs[key]
+        values = v if isinstance(v, (list, tuple)) else [v]
+        if not values or not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+            raise ValueError(f"model '{canonical}': {key} must be a number or a list of numbers, got {v!r}")
+        if key == "std" and not all(e > 0 for e in values):
+            raise ValueError(f"model '{canonical}': std must be positive, got {v!r}")
+
+
 def create(name: str, num_classes: int, input_shape: tuple[int, int, int], **kwargs: Any) -> Classifier:
     """Build a registered model.
 

@@ -122,6 +122,7 @@ def test_metadata_naming_another_file_never_imports_it(env, where):
     for name, args in _commands(bad, env["out"]).items():
         line = assert_user_error(run(*args), "--arch", "runs its code")
         assert not marker.exists(), f"{name} imported the file the metadata names ({line})"
+        assert f"--arch {spec}" not in line  # the attacker's path is never offered as advice to copy
     with pytest.raises(UserError, match="--arch"):
         load_twin(bad)
     assert not marker.exists()
@@ -157,12 +158,12 @@ def test_verify_recheck_of_a_tampered_checkpoint_engine_never_imports(env, zoo_r
 def test_file_checkpoint_without_arch_is_refused_and_says_how_to_trust_it(env):
     ckpt, marker = env["ckpt"], env["marker"]
     for name, args in _commands(ckpt, env["out"]).items():
-        line = assert_user_error(run(*args), str(ckpt), "net.py:Net", "--arch net.py:Net", _sha(env["arch"]))
+        line = assert_user_error(run(*args), str(ckpt), "net.py:Net", "--arch PATH/TO/FILE.py:Net", _sha(env["arch"]))
         assert not marker.exists(), f"{name} imported the architecture without --arch ({line})"
 
 
 def test_verify_recheck_without_arch_is_refused(env, zoo_report):
-    assert_user_error(run("verify", zoo_report, "--engine", env["ckpt"], "--recheck", "2"), "--arch net.py:Net")
+    assert_user_error(run("verify", zoo_report, "--engine", env["ckpt"], "--recheck", "2"), "--arch PATH/TO/FILE.py:Net")
     assert not env["marker"].exists()
     zoo = env["tmp"] / "zoo.safetensors"  # a zoo architecture runs no user code: it needs no --arch
     r = run("verify", zoo_report, "--engine", zoo, "--twin", zoo, "--recheck", "2")
@@ -230,7 +231,7 @@ def test_train_and_resume_with_a_file_arch(tmp_path, monkeypatch):
     _, info = read_checkpoint(tmp_path / "m.safetensors")
     assert info.train_config["epochs_done"] == 2 and info.checkpoint_sha256.startswith("sha256:")
     marker.unlink()
-    assert_user_error(run("engine", "run", "m.safetensors", "--data", DATA, "--samples", "16"), "--arch net.py:Net")
+    assert_user_error(run("engine", "run", "m.safetensors", "--data", DATA, "--samples", "16"), "--arch PATH/TO/FILE.py:Net")
     assert not marker.exists()
     r = run("engine", "run", "m.safetensors", "--data", DATA, "--samples", "16", "--arch", "net.py:Net")
     assert r.exit_code == 0, r.output
@@ -267,7 +268,7 @@ blackbox_samples = 0
     summary = json.loads((tmp_path / "runs" / "filearch" / "summary.json").read_text())
     assert [a["format"] for a in summary["artifacts"]] == ["onnx"] and summary["artifacts"][0]["verdict"]
     marker.unlink()
-    assert_user_error(run("export", "runs/filearch/model.safetensors", "--out", "x.onnx"), "--arch net.py:Net")
+    assert_user_error(run("export", "runs/filearch/model.safetensors", "--out", "x.onnx"), "--arch PATH/TO/FILE.py:Net")
     assert not marker.exists()
 
 

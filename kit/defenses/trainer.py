@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import models
 from kit.arch import build_model, is_file_arch
 from kit.attacks.base import Attack
 from kit.checkpoint import CheckpointInfo, read_checkpoint, save_checkpoint
@@ -127,6 +128,13 @@ class TrainConfig:
         if self.augment not in {a.value for a in Augment}:
             raise UserError(f"unknown augment {self.augment!r}; known: {', '.join(a.value for a in Augment)}")
         create_defense(self.defense, **self.defense_params)  # an unknown defense or parameter name, before any work
+        if not isinstance(self.arch_kwargs, dict):
+            raise UserError(f"arch_kwargs must be a table of options, got {self.arch_kwargs!r}")
+        if not is_file_arch(self.arch):  # a user file is imported only when training starts
+            try:
+                models.check_options(self.arch, self.arch_kwargs)
+            except ValueError as e:
+                raise UserError(str(e)) from e
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
