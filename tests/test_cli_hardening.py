@@ -271,3 +271,28 @@ def test_defense_parameter_of_the_wrong_kind_is_refused_before_any_work(tmp_path
     line = assert_user_error(invoke("train", "--defense", "madry", "--param", param, "--data", "digits:8",
                                  "--epochs", "1", "--out", out))
     assert needle in line and not (tmp_path / "sub").exists()
+
+
+def test_ctrl_c_before_the_first_epoch_gives_no_resume_hint(tmp_path, monkeypatch):
+    import kit.defenses.trainer as T
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "build_model", ctrl_c)  # interrupted while setting up: nothing saved yet
+    out = tmp_path / "m.safetensors"
+    r = invoke("-q", "train", "--data", "digits:8", "--epochs", "1", "--out", out)
+    assert r.exit_code == 130, r.output
+    assert r.stderr.strip().splitlines()[-1] == "Interrupted"  # no advice to --resume what does not exist
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("table, needle", [("bogus = 1", "has no option(s) bogus"),
+                                           ('mean = "x"', "mean must be a number or a list of numbers"),
+                                           ("std = [0.0]", "std must be positive")])
+def test_run_file_arch_options_are_checked_before_any_work(tmp_path, monkeypatch, table, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.toml").write_text(f'[train]\ndata = "digits:8"\nepochs = 1\n[train.arch_kwargs]\n{table}\n')
+    assert needle in assert_user_error(invoke("run", "run.toml", "--print-config"))
+    assert needle in assert_user_error(invoke("-q", "run", "run.toml"))
+    assert list(tmp_path.iterdir()) == [tmp_path / "run.toml"]  # no runs/ folder left behind
