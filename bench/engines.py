@@ -48,9 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 from exporters.engines import Engine, TorchEngine  # noqa: E402
 from exporters.onnx import OnnxRuntimeEngine, torch_to_onnx, write_onnx_export  # noqa: E402
-from bench.common import cpu_model  # noqa: E402
 from kit.io import atomic_write  # noqa: E402
 
 TARGET = 1.05
@@ -230,7 +230,8 @@ def build_runners(arch: str, shape: tuple[int, int, int], folder: Path, cuda: bo
             out.append(Runner(f"onnx {p} cuda", engine, ort_baselines(engine)))
     else:
         notes["onnxruntime_cuda"] = "skipped: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
-    from exporters.tensorrt import TensorRTEngine, export_tensorrt, tensorrt_version
+    from exporters.checkpoint import export_tensorrt
+    from exporters.tensorrt import TensorRTEngine, tensorrt_version
 
     if tensorrt_version() is None:
         notes["tensorrt"] = "skipped: TensorRT is not installed"
@@ -274,7 +275,6 @@ def bench(arch: str, shape: tuple[int, int, int], batches: list[int], cuda: bool
                     "vs": {name: compare(ours, t) for name, t in times.items()},
                 }
                 rows.append(row)
-                first = next(iter(row["vs"].values()))
                 print(f"{arch:10s} {runner.label:16s} b{b:<4d} {row['ours_median_us']:>10.1f} us  "
                       + "  ".join(f"{k} x{v['ratio']:.3f} {v['ratio_ci95']} +{v['added_us']}us"
                                   for k, v in row["vs"].items())

@@ -1,4 +1,5 @@
-r"""The audit report files: schema validation, Markdown / HTML / PNG renderers, and atomic writing.
+r"""The audit report files: schema validation, loading, the adversarials archive, and atomic writing (the Markdown /
+HTML / PNG renderers are :mod:`evaluators.render`).
 
 An audit (:mod:`evaluators.audit`) produces one document, schema ``otkit.report/1``
 (``evaluators/schemas/report.schema.json``; every field is explained in ``docs/audit.md``, section "The report"). This
@@ -19,17 +20,14 @@ of the SAT paper (``000_e2e3710bc929b9d7.txt``, Section IV), :math:`\frac{1}{\va
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import hashlib
-import html
 import io
 import json
 import logging
 import math
 import os
-import re
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -39,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluators.render import plot_png, render_html, render_markdown
 from kit.errors import UserError
 from kit.io import atomic_write, require_file
 
@@ -71,7 +70,6 @@ ADVERSARIAL_FIELDS: dict[str, Any] = {
     "x": np.float32, "y": np.int64, "index": np.int64, "eps": np.float64, "pred": np.int64,
 }
 
-_NORM_LABEL = {"linf": "L-inf", "l2": "L2", "wasserstein": "Wasserstein"}
 
 
 # ---------------------------------------------------------------------------------------------------------- schema
@@ -263,302 +261,6 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     return validate_report(doc, source=str(p))
 
 
-# ------------------------------------------------------------------------------------------------------ formatting
-def _num(v: float, spec: str = ".4f") -> str:
-    return format(v, spec)
-
-
-def _ci(ci: list[float], spec: str = ".4f") -> str:
-    return f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"
-
-
-def _basename(path: str) -> str:
-    return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path
-
-
-def _attack_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
-    rows = []
-    for a in doc["attacks"]:
-        f = a["fidelity"]
-        rows.append({
-            "attack": a["name"],
-            "norm": a["norm"],
-            "eps_max": _num(a["eps_max"], ".4g"),
-            "twin AUAC [95% CI]": f"{_num(a['twin']['auac'])} {_ci(a['twin']['auac_ci'])}",
-            "engine AUAC [95% CI]": f"{_num(a['engine']['auac'])} {_ci(a['engine']['auac_ci'])}",
-            "AUAC gap [95% CI]": f"{_num(f['auac_gap'], '+.4f')} {_ci(f['auac_gap_ci'], '+.4f')}",
-            "max curve gap": f"{_num(f['max_gap'])} at eps {_num(f['max_gap_eps'], '.4g')}",
-            "verdict": f["verdict"],
-        })
-    return rows
-
-
-def _gate_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"attack": g["attack"], "min AUAC": _num(g["min_auac"]), "engine AUAC": _num(g["engine_auac"]),
-             "result": "pass" if g["passed"] else "FAIL"} for g in doc["gates"]]
-
-
-def _title(doc: dict[str, Any]) -> str:
-    return f"Audit report: verdict {doc['verdict']}, status {doc['status']}"
-
-
-def _summary(doc: dict[str, Any]) -> str:
-    e, t, d, tol = doc["engine"], doc["twin"], doc["data"], doc["tolerances"]
-    providers = f", {', '.join(e['providers'])}" if e["providers"] else ""
-    k = len(doc["attacks"])
-    matched = sum(a["fidelity"]["verdict"] == "match" for a in doc["attacks"])
-    gates = doc["gates"]
-    passed = sum(g["passed"] for g in gates)
-    gate_text = f"{passed} of {len(gates)} AUAC gate(s) passed." if gates else "No AUAC gate was set."
-    return (f"The engine {_basename(e['path'])} ({e['format']}, {e['precision']}{providers}) was audited against its "
-            f"PyTorch twin {_basename(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
-            f"{d['spec']} (seed {d['seed']}). {k} attack(s) driven by the twin's gradients were evaluated on both "
-            f"models: {matched} of {k} accuracy curve(s) match within tolerance (AUAC gap at most {tol['auac']:g}; "
-            f"curve gaps above {tol['curve']:g} count where McNemar p is below {tol['alpha']:g}). {gate_text}")
-
-
-def _clean_line(doc: dict[str, Any]) -> str:
-    c = doc["clean"]
-    return (f"twin accuracy {_num(c['twin_accuracy'])}, engine accuracy {_num(c['engine_accuracy'])}, top-1 agreement "
-            f"{_num(c['top1_agreement'])} (at least {doc['tolerances']['agreement']:g} required), max logit gap "
-            f"{_num(c['max_logit_gap'], '.3g')}: {c['verdict']}")
-
-
-def _reasons(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(a["name"], a["fidelity"]["reason"]) for a in doc["attacks"] if a["fidelity"]["reason"].strip()]
-
-
-def _provenance_rows(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(label, value, is_code) rows of the provenance section."""
-    e, t, d, p = doc["engine"], doc["twin"], doc["data"], doc["provenance"]
-    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items()
-                         if v is not None and not isinstance(v, (dict, list)))
-    rows = [
-        ("engine file", e["path"], False),
-        ("engine sha256", e["sha256"], True),
-        ("twin checkpoint", t["path"], False),
-        ("twin sha256", t["sha256"], True),
-        ("twin weights sha256", t["weights_sha256"], True),
-        ("data", f"{d['spec']} ({d['split']}), n = {d['n']}, seed {d['seed']}", False),
-        ("data fingerprint", d["fingerprint"], True),
-        ("otkit", p["kit_version"], False),
-    ]
-    if versions:
-        rows.append(("versions", versions, False))
-    rows += [("device", p["device"], False), ("started", f"{p['started']} ({p['seconds']:.1f} s)", False)]
-    if p["command"]:
-        rows.append(("command", p["command"], True))
-    adv = doc["artifacts"]["adversarials"]
-    rows.append(("adversarials", adv or "not stored", False))
-    if "adversarials_sha256" in doc["artifacts"]:
-        rows.append(("adversarials sha256", doc["artifacts"]["adversarials_sha256"], True))
-    return rows
-
-
-# -------------------------------------------------------------------------------------------------------- markdown
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~&!])")
-
-
-def _md(text: Any) -> str:
-    """Text safe anywhere in GitHub-flavoured Markdown (table cells too): one line, punctuation backslash-escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
-
-
-def _md_code(text: str) -> str:
-    """An inline code span (a fence longer than any backtick run inside); for table cells use :func:`_md`."""
-    text = " ".join(text.split())
-    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
-
-
-def _md_table(rows: list[dict[str, str]], free: tuple[str, ...] = ("attack",)) -> list[str]:
-    """A GFM table; the ``free`` columns hold text from the document and are escaped, the others are the kit's own
-    formatting (numbers, enums) and only have ``|`` escaped."""
-
-    def cell(col: str, value: str) -> str:
-        return _md(value) if col in free else " ".join(value.split()).replace("|", "\\|")
-
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cell("", c) for c in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(c, r[c]) for c in cols) + " |" for r in rows]
-    return lines
-
-
-def render_markdown(doc: dict[str, Any]) -> str:
-    """The report as release notes: GitHub-flavoured Markdown, no HTML.
-
-    Sections: a title with the verdict and status, a one-paragraph summary, the attack table (twin and engine AUAC
-    with their bootstrap intervals, the AUAC gap engine - twin, the largest accuracy gap and where), the clean-input
-    agreement, the AUAC gates, the validity checks, and the provenance (hashes, data fingerprint, versions). Every
-    string from the document is escaped (``|`` in cells, HTML-looking text, emphasis markers).
-
-    Parameters
-    ----------
-    doc : dict
-        A valid ``otkit.report/1`` document (see :func:`validate_report`).
-
-    Returns
-    -------
-    str
-        The Markdown text, ending with a newline.
-    """
-    mark = "\u2705" if doc["status"] == "pass" else "\u274c"
-    out = [f"# {mark} {_title(doc)}", "", _md(_summary(doc)), "", "## Attacks", ""]
-    out += _md_table(_attack_rows(doc))
-    reasons = _reasons(doc)
-    if reasons:
-        out += [""] + [f"- **{_md(name)}**: {_md(reason)}" for name, reason in reasons]
-    out += ["", f"**Clean inputs:** {_clean_line(doc)}", "", "## Gates", ""]
-    gates = _gate_rows(doc)
-    out += _md_table(gates) if gates else ["No AUAC gate was set."]
-    out += ["", "## Checks", ""]
-    if doc["checks"]:
-        out += [f"- **{_md(c['severity'])}** {_md_code(c['id'])} ({_md(c['attack'] or 'model')}): {_md(c['message'])}"
-                for c in doc["checks"]]
-    else:
-        out.append("No check raised a flag.")
-    out += ["", "## Provenance", ""]
-    out += [f"- {label}: {_md_code(value) if code else _md(value)}" for label, value, code in _provenance_rows(doc)]
-    return "\n".join(out) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------------------ plot
-def _mpl_text(text: str) -> str:
-    return str(text).replace("$", r"\$")  # no mathtext from user strings
-
-
-def plot_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
-    """curves.png as bytes: one panel per attack, twin (solid) and engine (dashed) accuracy on the shared grid.
-
-    The legend gives each curve's AUAC; the panel title gives the attack's fidelity verdict (red when mismatch).
-    Drawn with matplotlib's Agg canvas directly (no pyplot state, no backend switch).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    attacks = doc["attacks"]
-    cols = min(3, len(attacks))
-    rows = math.ceil(len(attacks) / cols)
-    fig = Figure(figsize=(4.6 * cols, 3.6 * rows + 0.5))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, a in zip(axes.flat, attacks):
-        grid = a["eps_grid"]
-        ax.plot(grid, a["twin"]["accuracy"], "-", color="tab:blue", label=f"twin (AUAC {a['twin']['auac']:.3f})")
-        ax.plot(grid, a["engine"]["accuracy"], "--", color="tab:orange",
-                label=f"engine (AUAC {a['engine']['auac']:.3f})")
-        verdict = a["fidelity"]["verdict"]
-        ax.set_title(_mpl_text(f"{a['name']}: {verdict}"), fontsize=10,
-                     color="tab:red" if verdict == "mismatch" else "black")
-        ax.set_xlabel(f"epsilon ({_NORM_LABEL.get(a['norm'], a['norm'])})")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(attacks):]:
-        ax.set_visible(False)
-    fig.suptitle(_mpl_text(f"{_basename(doc['engine']['path'])} vs twin: {doc['verdict']}, {doc['status']}"))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-def plot_report(doc: dict[str, Any], path: str | os.PathLike[str]) -> bytes:
-    """Write curves.png (see :func:`plot_png`) atomically to ``path``; return its bytes."""
-    png = plot_png(doc)
-    with atomic_write(path) as f:
-        f.write(png)
-    return png
-
-
-# ------------------------------------------------------------------------------------------------------------ html
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#1f2328;line-height:1.45}
-h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #d0d7de;padding:.3em .6em;
-text-align:left;vertical-align:top}th{background:#f6f8fa}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em;word-break:break-all}
-.badge{display:inline-block;border-radius:1em;padding:.05em .7em;font-size:.75em;color:#fff;vertical-align:middle}
-.pass,.match{background:#1a7f37}.fail,.mismatch{background:#cf222e}
-.sev{font-weight:600}.sev-error{color:#cf222e}.sev-warning{color:#9a6700}.sev-info{color:#0969da}
-td.mismatch,td.FAIL{color:#cf222e;background:none;font-weight:600}td.match,td.pass{background:none}
-img{max-width:100%;height:auto;border:1px solid #d0d7de}
-"""
-
-
-def _h(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _html_table(rows: list[dict[str, str]], status_col: str) -> list[str]:
-    cols = list(rows[0])
-    out = ["<table>", "<tr>" + "".join(f"<th>{_h(c)}</th>" for c in cols) + "</tr>"]
-    for r in rows:
-        cells = []
-        for c in cols:
-            cls = f' class="{_h(r[c])}"' if c == status_col and r[c] in ("match", "mismatch", "pass", "FAIL") else ""
-            cells.append(f"<td{cls}>{_h(r[c])}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return out
-
-
-def render_html(doc: dict[str, Any], png_bytes: bytes | None) -> str:
-    """The report as ONE self-contained HTML page, with the same content as :func:`render_markdown`.
-
-    Inline CSS, the plot embedded as a ``data:image/png;base64`` URI, no scripts, no external resources; every string
-    from the document is HTML-escaped.
-
-    Parameters
-    ----------
-    doc : dict
-        A valid ``otkit.report/1`` document.
-    png_bytes : bytes or None
-        curves.png (:func:`plot_png`); ``None`` leaves the plot out.
-
-    Returns
-    -------
-    str
-        The page.
-    """
-    status, verdict = doc["status"], doc["verdict"]
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{_h(_title(doc))}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-           f'<h1>Audit report <span class="badge {_h(verdict)}">verdict: {_h(verdict)}</span> '
-           f'<span class="badge {_h(status)}">status: {_h(status)}</span></h1>',
-           f"<p>{_h(_summary(doc))}</p>"]
-    if png_bytes:
-        uri = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
-        out.append(f'<p><img alt="twin and engine accuracy curves per attack" src="{uri}"></p>')
-    out += ["<h2>Attacks</h2>", *_html_table(_attack_rows(doc), "verdict")]
-    reasons = _reasons(doc)
-    if reasons:
-        out += ["<ul>", *(f"<li><strong>{_h(n)}</strong>: {_h(r)}</li>" for n, r in reasons), "</ul>"]
-    out += [f"<p><strong>Clean inputs:</strong> {_h(_clean_line(doc))}</p>", "<h2>Gates</h2>"]
-    gates = _gate_rows(doc)
-    out += _html_table(gates, "result") if gates else ["<p>No AUAC gate was set.</p>"]
-    out.append("<h2>Checks</h2>")
-    if doc["checks"]:
-        out.append("<ul>")
-        for c in doc["checks"]:
-            sev = c["severity"]
-            out.append(f'<li><span class="sev sev-{_h(sev)}">{_h(sev)}</span> <code>{_h(c["id"])}</code> '
-                       f"({_h(c['attack'] or 'model')}): {_h(c['message'])}</li>")
-        out.append("</ul>")
-    else:
-        out.append("<p>No check raised a flag.</p>")
-    out += ["<h2>Provenance</h2>", "<table>"]
-    for label, value, code in _provenance_rows(doc):
-        cell = f"<code>{_h(value)}</code>" if code else _h(value)
-        out.append(f"<tr><th>{_h(label)}</th><td>{cell}</td></tr>")
-    out += ["</table>", "</body>", "</html>"]
-    return "\n".join(out) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------------- adversarials
 def _check_adversarials(adversarials: Mapping[str, Mapping[str, Any]], doc: dict[str, Any]) -> dict[str, np.ndarray]:
     """Flatten ``{NAME: {field: array}}`` into npz keys ``NAME/field`` with the stored dtypes; refuse bad shapes."""
@@ -624,6 +326,14 @@ def load_adversarials(path: str | os.PathLike[str]) -> dict[str, dict[str, np.nd
 
 
 # ----------------------------------------------------------------------------------------------------------- files
+def plot_report(doc: dict[str, Any], path: str | os.PathLike[str]) -> bytes:
+    """Write curves.png (see :func:`evaluators.render.plot_png`) atomically to ``path``; return its bytes."""
+    png = plot_png(doc)
+    with atomic_write(path) as f:
+        f.write(png)
+    return png
+
+
 def remove_report(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Delete a report folder's files, ``report.json`` FIRST, so an interrupted re-run never looks complete.
 

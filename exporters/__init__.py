@@ -4,8 +4,8 @@ The package imports nothing heavy itself (the CLI reads :mod:`exporters.formats`
 load their module on first use.
 
 * :func:`load_engine` opens a checkpoint, an ONNX file or a TensorRT engine as an :class:`Engine`;
-* :func:`export_onnx` / :func:`export_tensorrt` write checked exports (:mod:`exporters.onnx`,
-  :mod:`exporters.tensorrt`);
+* :func:`export_onnx` / :func:`export_tensorrt` write checked exports (:mod:`exporters.onnx`; the TensorRT export,
+  ONNX first, is orchestrated by :mod:`exporters.checkpoint` over :mod:`exporters.tensorrt`);
 * :class:`TorchEngine`, :class:`OnnxRuntimeEngine`, :class:`TensorRTEngine` are the runners.
 """
 
@@ -15,14 +15,14 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "Engine": "exporters.engines",
-    "TorchEngine": "exporters.engines",
+    "Engine": "exporters.base",
+    "TorchEngine": "exporters.torch",
     "check_compatible": "exporters.engines",
     "load_engine": "exporters.engines",
     "OnnxRuntimeEngine": "exporters.onnx",
     "export_onnx": "exporters.onnx",
     "TensorRTEngine": "exporters.tensorrt",
-    "export_tensorrt": "exporters.tensorrt",
+    "export_tensorrt": "exporters.checkpoint",
     "ParityError": "exporters.parity",
     "ParityReport": "exporters.parity",
     "ExportFormat": "exporters.formats",

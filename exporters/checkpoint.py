@@ -1,21 +1,29 @@
 """Export a checkpoint file in one call: load the twin, pick parity and calibration data, export, check.
 
-``otkit export`` and ``otkit run`` both go through :func:`export_checkpoint`.
+``otkit export`` and ``otkit run`` both go through :func:`export_checkpoint`. This is where the two backends meet:
+:func:`export_tensorrt` writes the ONNX file (:mod:`exporters.onnx`) that the TensorRT build (:mod:`exporters.tensorrt`)
+starts from; neither backend imports the other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from exporters.formats import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportFormat, resolve_precision
+from exporters.formats import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportFormat, Precision, resolve_precision
 from exporters.parity import ParityReport
 from kit.errors import UserError
 
-__all__ = ["CheckpointExport", "export_checkpoint", "fitting_dataset", "output_suffixes"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from exporters.tensorrt import TensorRTExport
+    from kit.checkpoint import CheckpointInfo
+
+__all__ = ["CheckpointExport", "export_checkpoint", "export_tensorrt", "fitting_dataset", "output_suffixes"]
 
 
 @dataclass
@@ -33,7 +41,7 @@ class CheckpointExport:
     reports : list of (file name, exporter, ParityReport)
         One per file checked against the twin (a TensorRT export checks its ONNX file and the engine).
     result : Any
-        The exporter's own result (:class:`exporters.onnx.OnnxExport` or the TensorRT export).
+        The exporter's own result (:class:`exporters.onnx.OnnxExport` or :class:`exporters.tensorrt.TensorRTExport`).
     data_spec : str
         Dataset of the parity check.
     weights_sha256 : str
@@ -66,6 +74,46 @@ def fitting_dataset(spec: str, split: str, input_shape: Any, num_classes: int, w
     if ds.num_classes != num_classes:
         raise UserError(f"{what} predicts {num_classes} classes but {spec} has {ds.num_classes}")
     return ds.subset(samples, seed=seed)
+
+
+def export_tensorrt(
+    twin: nn.Module,
+    out: str | Path,
+    parity_x: torch.Tensor,
+    *,
+    info: CheckpointInfo | None = None,
+    precision: Precision | str = Precision.FP32,
+    parity_y: torch.Tensor | None = None,
+    calibration_x: torch.Tensor | None = None,
+    calibration: dict[str, Any] | None = None,
+    opset: int = DEFAULT_OPSET,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    workspace_mib: int = 1024,
+    timing_cache: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> TensorRTExport:
+    """Twin -> checked ONNX file (``OUT.<precision>.onnx``) -> TensorRT engine ``OUT`` + sidecar, parity-checked.
+
+    TensorRT and a GPU are checked first, before any work. The ONNX file is written at the precision the installed
+    TensorRT builds from (:func:`exporters.tensorrt.network_plan`), then :func:`exporters.tensorrt.write_tensorrt_export`
+    builds the engine and measures its parity against the twin from the freshly built bytes; an FP32 engine beyond
+    tolerance raises :class:`exporters.parity.ParityError` and no engine is written.
+    """
+    from exporters.onnx import export_onnx
+    from exporters.tensorrt import network_plan, require_tensorrt, write_tensorrt_export
+
+    version, dev = require_tensorrt(device)
+    out = Path(out)
+    if out.suffix.lower() not in (".engine", ".plan", ".trt"):
+        raise UserError(f"TensorRT output must end in .engine, .plan or .trt: {out}")
+    precision = Precision(precision)
+    plan = network_plan(int(version.split(".")[0]), precision)
+    onnx_path = out.with_suffix(f".{plan.onnx_precision}.onnx")
+    onnx_export = export_onnx(twin, onnx_path, parity_x, info=info, precision=plan.onnx_precision, parity_y=parity_y,
+                              calibration_x=calibration_x, calibration=calibration, opset=opset, max_batch=max_batch)
+    return write_tensorrt_export(onnx_path, out, twin, parity_x, precision=precision, parity_y=parity_y,
+                                 max_batch=max_batch, workspace_mib=workspace_mib, timing_cache=timing_cache,
+                                 device=dev, onnx_export=onnx_export)
 
 
 def export_checkpoint(
@@ -138,8 +186,6 @@ def export_checkpoint(
     kwargs: dict[str, Any] = dict(info=info, precision=prec, parity_y=test.y, calibration_x=calib,
                                   calibration=calibration, opset=opset, max_batch=max_batch)
     if trt:
-        from exporters.tensorrt import export_tensorrt
-
         with phase(f"export {out.name}: ONNX, TensorRT build, checks and parity"):
             result: Any = export_tensorrt(model, out, test.x, workspace_mib=workspace_mib,
                                           timing_cache=timing_cache, device=device, **kwargs)

@@ -141,7 +141,7 @@ def test_io_binding_fast_path_matches_the_bare_session(digits_onnx, precision):
 
 def test_fast_path_and_public_fallback_agree(digits_onnx, monkeypatch):
     """Without ONNX Runtime's C-level binding the runner falls back to InferenceSession.run, with identical logits."""
-    import exporters.onnx as onnx_module
+    import exporters.onnx.runner as onnx_module
 
     _, model, _, files = digits_onnx
     x = load_dataset("digits:16", "test").x[:40]
@@ -429,7 +429,7 @@ def misuse() -> None:
 
 
 def test_tensorrt_code_type_checks_against_tensorrt_stubs(tmp_path):
-    """mypy checks exporters/tensorrt.py against the TensorRT 10 stubs; a probe proves misspelt calls are caught."""
+    """mypy checks exporters/tensorrt/ against the TensorRT 10 stubs; a probe proves misspelt calls are caught."""
     pytest.importorskip("mypy")
     pin = _stubs_pin()
     try:
@@ -449,13 +449,13 @@ def test_tensorrt_code_type_checks_against_tensorrt_stubs(tmp_path):
     config = tmp_path / "mypy.ini"
     config.write_text(
         f"[mypy]\nmypy_path = {stubs}\nfollow_imports = silent\nignore_missing_imports = True\n"
-        "[mypy-torch.*,numpy.*,onnx.*,onnxruntime.*,kit.*,models.*,exporters.engines,exporters.onnx,"
+        "[mypy-torch.*,numpy.*,onnx.*,onnxruntime.*,kit.*,models.*,exporters.base,exporters.graph,"
         "exporters.parity,exporters.formats]\nfollow_imports = skip\n"
         "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*]\nignore_errors = True\n"
     )
     out = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir",
                           str(tmp_path / "cache"), "--no-error-summary", "--hide-error-context",
-                          "exporters/tensorrt.py", str(probe)], cwd=ROOT, capture_output=True, text=True)
+                          "exporters/tensorrt", str(probe)], cwd=ROOT, capture_output=True, text=True)
     lines = out.stdout.splitlines()
     assert not [ln for ln in lines if ln.startswith("exporters/")], out.stdout
     probe_errors = "\n".join(ln for ln in lines if "probe_trt.py" in ln)

@@ -26,7 +26,7 @@ from scipy.stats import binomtest
 import evaluators.report as R
 from evaluators.curves import curve_record
 from kit.cli import KitGroup
-from kit.cli_report import report, verify
+from kit.cli.report import report, verify
 from kit.errors import UserError
 from tests.test_cli import assert_user_error
 
@@ -395,9 +395,10 @@ def test_html_is_self_contained_and_escapes(doc):
 
 
 def test_plot_draws_twin_solid_and_engine_dashed_on_the_grid(doc, monkeypatch):
+    import io
+
     from matplotlib.axes import Axes
     from PIL import Image
-    import io
 
     calls = []
     real = Axes.plot

@@ -1,6 +1,7 @@
-"""``otkit audit``: audit a deployed engine against its twin and write the AUAC report (see docs/audit.md).
+"""``otkit audit`` (audit a deployed engine against its twin, write the AUAC report: docs/audit.md) and ``otkit run``
+(train, export, audit each artifact: docs/run.md).
 
-The commands register themselves on :data:`kit.cli.cli`; ``kit.cli`` imports this module at its end.
+Plain click commands; ``kit.cli`` adds them to the ``otkit`` group.
 """
 
 from __future__ import annotations
@@ -12,8 +13,19 @@ from typing import Any
 
 import click
 
-from kit.cli import (_PROVIDERS, ListedOption, _attack_names, _device, _emit_json, _seed, _table, arch_option, cli,
-                     dependency_versions, seed_option, set_interrupt_hint)
+from kit.cli.common import (
+    PROVIDERS,
+    ListedOption,
+    arch_option,
+    attack_names,
+    command_device,
+    command_seed,
+    dependency_versions,
+    emit_json,
+    seed_option,
+    set_interrupt_hint,
+    table,
+)
 from kit.errors import UserError
 
 AUDIT_EXIT = """\b
@@ -52,7 +64,7 @@ def print_audit(doc: dict[str, Any]) -> None:
                f"{doc['twin']['path']} on {doc['data']['n']} examples of {doc['data']['spec']}")
     click.echo(f"clean: twin {c['twin_accuracy']:.4f}, engine {c['engine_accuracy']:.4f}, top-1 agreement "
                f"{c['top1_agreement']:.4f}, max logit gap {c['max_logit_gap']:.3g} -> {c['verdict']}\n")
-    click.echo(_table(audit_rows(doc), AUDIT_COLUMNS))
+    click.echo(table(audit_rows(doc), AUDIT_COLUMNS))
     for g in doc["gates"]:
         click.echo(f"gate {g['attack']}: engine AUAC {g['engine_auac']:.4f} >= {g['min_auac']:.4f}: "
                    f"{'passed' if g['passed'] else 'FAILED'}")
@@ -63,7 +75,7 @@ def print_audit(doc: dict[str, Any]) -> None:
     click.echo(f"\nverdict: {doc['verdict']}   status: {doc['status']}")
 
 
-@cli.command(epilog=AUDIT_EXIT)
+@click.command(epilog=AUDIT_EXIT)
 @click.option("--engine", "engine_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The deployed artifact: .onnx (fp32/fp16/int8) or a TensorRT .engine.")
 @click.option("--twin", "twin_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -71,7 +83,7 @@ def print_audit(doc: dict[str, Any]) -> None:
 @click.option("--data", "data_spec", default=None, help="Dataset spec (default: the one the twin was trained on).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
 @click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]", cls=ListedOption,
-              listed=_attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max.")
+              listed=attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max.")
 @click.option("--eps-max", type=float, default=None, help="Largest epsilon of the curves (pixels in [0, 1]; "
               "unit-mass transport cost for Wasserstein attacks).")
 @click.option("--samples", type=click.IntRange(min=1), default=500, help="Examples audited (seeded subset).")
@@ -86,7 +98,7 @@ def print_audit(doc: dict[str, Any]) -> None:
               help="Release gate, repeatable: fail when the engine's AUAC under ATTACK is lower.")
 @click.option("--blackbox-samples", type=click.IntRange(min=0), default=100,
               help="Examples attacked by Square directly on the engine (0: skip the black-box check).")
-@click.option("--provider", "providers", multiple=True, type=click.Choice(_PROVIDERS),
+@click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDERS),
               help="ONNX Runtime provider (repeatable; default: the --device's).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted audit in --out.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -113,12 +125,12 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     from evaluators.report import write_report
     from kit.io import folder_lock
 
-    seed = _seed(ctx, seed)
+    seed = command_seed(ctx, seed)
     cfg = AuditConfig(attacks=[AttackRequest.parse(a, eps_max) for a in attacks], batch_size=batch_size,
                       rungs=rungs, seed=seed, gates=[Gate.parse(g) for g in gates],
                       tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
                       blackbox_samples=blackbox_samples)
-    device = _device(ctx)
+    device = command_device(ctx)
     command = shlex.join(["otkit", *sys.argv[1:]])
     # one process per report folder, for the whole audit; taken first, so a second audit is refused at once (a
     # folder the lock creates is removed again if the audit fails before writing anything)
@@ -134,7 +146,7 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
         paths = write_report(doc, out, adversarials)
         finish(out)
     if as_json:
-        _emit_json(doc)
+        emit_json(doc)
     else:
         print_audit(doc)
     click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
@@ -150,7 +162,7 @@ Exit statuses:
   130 interrupted (Ctrl-C): --resume continues"""
 
 
-@cli.command(epilog=RUN_EXIT)
+@click.command(epilog=RUN_EXIT)
 @click.argument("run_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", default=None, help="Run name (folder under --out); overrides the file's.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -182,13 +194,13 @@ def run(ctx: click.Context, run_file: Path | None, name: str | None, out_dir: Pa
     if epochs is not None:
         cfg = dataclasses.replace(cfg, train={**cfg.train, "epochs": epochs})
     if print_config:
-        _emit_json(cfg.to_dict())
+        emit_json(cfg.to_dict())
         return
     set_interrupt_hint("finished steps are kept in the run folder: add --resume to the same command to continue")
-    summary = run_pipeline(cfg, device=_device(ctx), seed=_seed(ctx, seed), resume=resume,
+    summary = run_pipeline(cfg, device=command_device(ctx), seed=command_seed(ctx, seed), resume=resume,
                            command=shlex.join(["otkit", *sys.argv[1:]]), versions=dependency_versions())
     if as_json:
-        _emit_json(summary)
+        emit_json(summary)
     else:
         print_run_summary(summary)
     if summary["status"] != "pass":
@@ -207,7 +219,7 @@ def print_run_summary(summary: dict[str, Any]) -> None:
         auacs = "  ".join(f"{k} {v:.3f}" for k, v in r["engine_auac"].items())
         rows.append({"artifact": r["format"], "precision": r["precision"], "agreement": f"{r['top1_agreement']:.4f}",
                      "engine AUAC": auacs, "flags": str(r["flags"]), "verdict": r["verdict"], "status": r["status"]})
-    click.echo(_table(rows, ["artifact", "precision", "agreement", "engine AUAC", "flags", "verdict", "status"]))
+    click.echo(table(rows, ["artifact", "precision", "agreement", "engine AUAC", "flags", "verdict", "status"]))
     for r in summary["artifacts"]:
         if r["status"] == "skipped":
             click.echo(f"\n{r['format']} skipped: {r['note']}")

@@ -1,6 +1,6 @@
 """``otkit report`` and ``otkit verify``: re-render an audit report, and check it against the files it names.
 
-Both are plain click commands; ``kit.cli`` registers them on the ``otkit`` group (``cli.add_command``), whose
+Both are plain click commands; ``kit.cli`` adds them to the ``otkit`` group (``cli.add_command``), whose
 :class:`kit.cli.KitGroup` turns a :class:`kit.errors.UserError` into one line and exit status 2. Only click and the
 kit's light modules are imported here: the report library, numpy, torch and the engines load when a command runs.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from kit.cli.common import emit_json, table
 from kit.errors import UserError
 
 __all__ = ["DEFAULT_RECHECK", "ReportFormat", "VERIFY_EXIT_STATUSES", "WAIVABLE", "report", "verify"]
@@ -45,18 +46,6 @@ class ReportFormat(str, Enum):
     MD = "md"
     HTML = "html"
     JSON = "json"
-
-
-def _emit_json(obj: Any) -> None:
-    from kit.cli import _emit_json as emit  # lazy: kit.cli registers this module's commands
-
-    emit(obj)
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    from kit.cli import _table as table
-
-    return table(rows, columns)
 
 
 def _report_path(source: Path) -> Path:
@@ -334,7 +323,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     problems += differences
     ok = not problems
     if as_json:
-        _emit_json({"report": str(rpath), "match": ok, "hashes": hashes,
+        emit_json({"report": str(rpath), "match": ok, "hashes": hashes,
                     "adversarials": None if stored is None else {"file": str(npz_path), "match": not content,
                                                                  "problems": content},
                     "recheck": rechecked, "recheck_note": recheck_note,
@@ -370,7 +359,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         rows.append({"item": "derived figures", "file": rpath.name, "report says": "curves, AUACs, fidelity, gates",
                      "found": "recomputed equal" if not differences else f"{len(differences)} field(s) differ",
                      "result": "match" if not differences else "DIFFERS"})
-        click.echo(_table(rows, ["item", "file", "report says", "found", "result"]))
+        click.echo(table(rows, ["item", "file", "report says", "found", "result"]))
     for line in problems:
         click.echo(f"verify: {line}", err=True)
     if waive:

@@ -1,0 +1,43 @@
+"""The ONNX backend: export a twin to a checked ONNX file, and run ONNX files with ONNX Runtime.
+
+* :mod:`exporters.onnx.export`: :func:`torch_to_onnx`, ``torch.onnx.export`` (dynamo, legacy fallback) -> FP32 graph;
+* :mod:`exporters.onnx.quantize`: float16 and int8 Q/DQ graphs;
+* :mod:`exporters.onnx.metadata`: the kit's ``otkit.*`` metadata (build, set, read);
+* :mod:`exporters.onnx.write`: :func:`write_onnx_export` / :func:`export_onnx`, convert, stamp, check, parity, write;
+* :mod:`exporters.onnx.model`: :func:`validate_onnx`, :func:`engine_sha256`, :func:`describe_onnx`;
+* :mod:`exporters.onnx.runner`: :class:`OnnxRuntimeEngine`.
+
+Parsing a file (:func:`load_onnx`, external data) and its interface are shared with the TensorRT build and live in
+:mod:`exporters.graph`; they are re-exported here. This package never imports :mod:`exporters.tensorrt` or the
+factory :mod:`exporters.engines`.
+"""
+
+from __future__ import annotations
+
+from exporters.graph import external_data_files, load_onnx, read_metadata
+from exporters.onnx.export import INPUT_NAME, OUTPUT_NAME, OnnxGraph, torch_to_onnx
+from exporters.onnx.metadata import FORMAT_TAG, build_metadata, set_metadata
+from exporters.onnx.model import describe_onnx, engine_sha256, validate_onnx
+from exporters.onnx.runner import PROVIDERS, OnnxRuntimeEngine
+from exporters.onnx.write import OnnxExport, export_onnx, write_onnx_export
+
+__all__ = [
+    "FORMAT_TAG",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "PROVIDERS",
+    "OnnxExport",
+    "OnnxGraph",
+    "OnnxRuntimeEngine",
+    "build_metadata",
+    "describe_onnx",
+    "engine_sha256",
+    "export_onnx",
+    "external_data_files",
+    "load_onnx",
+    "read_metadata",
+    "set_metadata",
+    "torch_to_onnx",
+    "validate_onnx",
+    "write_onnx_export",
+]

@@ -1,0 +1,202 @@
+"""What the ``otkit`` commands share: options, output, the command's device and seed, the Ctrl-C hint, versions.
+
+Imports only click and the kit's light modules (no command module, no torch at import): ``otkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.metadata
+import importlib.util
+import json
+import platform
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+import kit
+from exporters.formats import ORT_PROVIDERS
+
+__all__ = [
+    "EXIT_INTERRUPTED", "EXIT_STATUSES", "PROVIDERS", "AliasOption", "LazyChoice", "ListedOption", "arch_option",
+    "attack_names", "command_device", "command_seed", "current_hint", "dependency_versions", "emit_json",
+    "os_error_message", "seed_option", "set_interrupt_hint", "table",
+]
+
+EXIT_STATUSES = """\b
+Exit statuses:
+  0  success
+  1  a check failed: an audit's gate or fidelity verdict (audit, run), a hash or
+     recheck (verify), an FP32 parity check (export)
+  2  usage or input error (bad option, missing or malformed file, unknown name,
+     a folder in use, a write the disk refused), always one line "Error: ..."
+  130 interrupted (Ctrl-C); train, audit and run continue with --resume"""
+
+
+EXIT_INTERRUPTED = 130
+
+#: errno values that mean "the disk or folder refused a write" (reported as ``cannot write PATH: reason``)
+_WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
+
+#: ONNX Runtime providers ``--provider`` accepts (exporters.formats imports no torch or onnx, so --help stays fast)
+PROVIDERS = list(ORT_PROVIDERS)
+
+
+# ------------------------------------------------------------------------------------------------------ interruption
+_interrupt_hint: str | Callable[[], str | None] | None = None
+
+
+def set_interrupt_hint(hint: str | Callable[[], str | None] | None) -> None:
+    """What the one line printed on Ctrl-C tells the user to do next (e.g. how to resume); ``None``: nothing to do.
+
+    A callable is asked at the moment of the interruption (e.g. whether an epoch has been saved yet)."""
+    global _interrupt_hint
+    _interrupt_hint = hint
+
+
+def current_hint() -> str | None:
+    """The hint :func:`set_interrupt_hint` set last, asked now if it is a callable."""
+    hint = _interrupt_hint
+    return hint() if callable(hint) else hint
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a failed read or write: the file, and the system's reason in its own words."""
+    where = e.filename if e.filename is not None else "a file"
+    reason = e.strerror or type(e).__name__
+    verb = "cannot write" if e.errno in _WRITE_ERRNOS else "cannot use"
+    return f"{verb} {where}: {reason}"
+
+
+# ---------------------------------------------------------------------------------------------------------- versions
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def dependency_versions() -> dict[str, Any]:
+    """Versions of the kit and the libraries it runs on (TensorRT and onnxruntime-gpu only if installed)."""
+    import torch
+
+    out: dict[str, Any] = {"otkit": kit.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("onnx", "onnxruntime", "onnxruntime-gpu", "pot", "numpy", "click", "safetensors", "jsonschema"):
+        v = _dist_version(dist)
+        if v is not None or dist in ("onnx", "onnxruntime", "pot"):
+            out[dist] = v
+    try:
+        import onnxruntime as ort
+
+        out["onnxruntime_providers"] = list(ort.get_available_providers())
+    except ImportError:
+        out["onnxruntime_providers"] = []
+    out["tensorrt"] = _tensorrt_version()
+    return out
+
+
+def _tensorrt_version() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        import tensorrt  # lazy: only when installed
+
+        version = getattr(tensorrt, "__version__", None)  # None: only the tensorrt-stubs type stubs are installed
+        return version if isinstance(version, str) and hasattr(tensorrt, "Builder") else None
+    except Exception as e:  # a broken TensorRT install must not break --version  # noqa: BLE001
+        return f"unusable ({type(e).__name__})"
+
+
+# ------------------------------------------------------------------------------------------------------------ output
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Left-aligned plain-text table (pastes into issues and terminals alike)."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def emit_json(obj: Any) -> None:
+    """``obj`` as indented JSON on stdout (anything JSON does not know, as its text)."""
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+# ------------------------------------------------------------------------------------------------ device and seed
+def command_device(ctx: click.Context):  # noqa: ANN201  (torch.device; torch is imported lazily)
+    """The device of the global ``otkit --device`` option, resolved (``auto``: CUDA when present)."""
+    from kit.runtime import resolve_device
+
+    return resolve_device(ctx.find_root().obj["device"])
+
+
+def seed_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--seed N`` on a command: every random choice it makes (subsets, attack restarts, training)."""
+    return click.option("--seed", "seed", type=int, default=None, show_default="0",
+                        help="Seed for every random choice of this command.")(f)
+
+
+def command_seed(ctx: click.Context, seed: int | None) -> int:
+    """The command's ``--seed``, else the (hidden, older) global ``otkit --seed N``, else 0."""
+    return int(seed) if seed is not None else int(ctx.find_root().obj["seed"])
+
+
+# ----------------------------------------------------------------------------------------------------------- options
+class AliasOption(click.Option):
+    """An option with old spellings kept working but left out of ``--help`` (only the first name is shown)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        shown = self.opts[0] + (f" {self.make_metavar(ctx)}" if not self.is_flag else "")
+        return shown, record[1]
+
+
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices come from a registry, loaded only when needed (``--help`` stays fast)."""
+
+    def __init__(self, load: Callable[[], list[str]]) -> None:
+        self._load = load
+        self._loaded: tuple[str, ...] | None = None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._loaded is None:
+            self._loaded = tuple(self._load())
+        return self._loaded
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click's __init__ assigns it; the registry is the source
+        self._loaded = tuple(value)
+
+
+class ListedOption(click.Option):
+    """A ``click.Option`` whose help ends with "One of: ..." from a registry, loaded only when that help is shown:
+    importing the CLI (``otkit --help``, every command) does not import the registry and torch behind it."""
+
+    def __init__(self, *args: Any, listed: Callable[[], list[str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._listed: Callable[[], list[str]] | None = listed
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        if self._listed is not None:
+            self.help = f"{self.help or ''} One of: {', '.join(self._listed())}.".lstrip()
+            self._listed = None
+        return super().get_help_record(ctx)
+
+
+def attack_names() -> list[str]:
+    """The attack registry's names (for ``ListedOption(listed=attack_names)``; imports the registry when called)."""
+    from kit.attacks.registry import list_attacks
+
+    return list_attacks()
+
+
+def arch_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--arch FILE.py:NAME``: the one way a command may import a checkpoint's architecture file (docs/train.md)."""
+    return click.option(
+        "--arch", "arch", default=None, metavar="FILE.py:NAME",
+        help="For a checkpoint whose architecture is your own Python file: that file, which is imported (its code "
+             "runs) only if NAME and its sha256 match the checkpoint. Never imported without it.")(f)
