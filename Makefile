@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	# TensorRT type stubs for the mypy check of exporters/tensorrt.py; --no-deps because they require the tensorrt
+	# TensorRT type stubs for the mypy check of exporters/tensorrt/; --no-deps because they require the tensorrt
 	# package, whose libraries come from a registry these machines cannot reach (pin: pyproject.toml [tool.otkit.typecheck]).
 	$(BIN)/python -m pip install --quiet --no-deps "tensorrt-stubs==10.13.0.35.1"
 	touch $(STAMP)
@@ -26,7 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/otkit run
 
+# Import contracts (pyproject [tool.importlinter]: layers, no circles, independent backends) and ruff (pyflakes, isort,
+# bugbear) first: a circle, an upward import or a lint error fails like a test.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check --no-cache .
 	$(BIN)/python -m pytest -q
 
 # Property-based fuzzing of every loader under the long profile (tests/test_fuzz.py; `make test` runs the same

@@ -67,8 +67,8 @@ def run(points: int = 128, dim: int = 10, iters: int = 50, reg: float = 1.0, dev
         warnings.simplefilter("ignore")  # tol = 0 never converges, by design: both solvers would warn every call
         for name, value, grad, field in [("entropic", "entropic", "envelope", "value"),
                                          ("transport", "transport", "autodiff", "value_linear")]:
-            t_ours = median_times(lambda: ours(value), repeat=repeat)
-            t_pot = median_times(lambda: pot(grad, field), repeat=repeat)
+            t_ours = median_times(lambda value=value: ours(value), repeat=repeat)
+            t_pot = median_times(lambda grad=grad, field=field: pot(grad, field), repeat=repeat)
             v_ours, err = ours(value)
             report[name] = {
                 "ours_s": t_ours["wall_s"], "pot_s": t_pot["wall_s"],

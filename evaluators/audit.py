@@ -526,7 +526,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                 xb, yb = x[i : i + bs], y[i : i + bs]
                 rt, re_, nfe = twin_guided_search(name, twin, engine, xb, yb, eps_max, seed=cfg.seed,
                                                   rungs=cfg.rungs, tol=cfg.tol,
-                                                  on_step=lambda f, i=i, m=len(xb): bar.set(i + f * m))
+                                                  on_step=bar.within(i, len(xb)))
                 saved = {
                     "eps_twin": rt.eps_star.cpu().numpy(), "eps_engine": re_.eps_star.cpu().numpy(),
                     "x_twin": rt.x_adv.cpu().float().numpy(), "x_engine": re_.x_adv.cpu().float().numpy(),

@@ -99,7 +99,7 @@ def run_search(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
         for i in range(0, len(x), batch_size):
             m = len(x[i : i + batch_size])
             parts.append(min_eps_search(attack, x[i : i + batch_size], y[i : i + batch_size], eps_max, rungs, tol,
-                                        on_step=lambda f, i=i, m=m: bar.set(i + f * m)))
+                                        on_step=bar.within(i, m)))
     return SearchResult(
         torch.cat([p.eps_star for p in parts]), torch.cat([p.x_adv for p in parts]),
         torch.cat([p.forwards for p in parts]), torch.cat([p.backwards for p in parts]),

@@ -16,12 +16,12 @@ import dataclasses
 import json
 import logging
 import time
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 
 from exporters.formats import ExportFormat

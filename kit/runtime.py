@@ -10,7 +10,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -67,6 +67,11 @@ class ProgressBar:
         if now - self._last > 0.1:
             self._last = now
             self._bar.refresh()
+
+    def within(self, start: float, size: float) -> Callable[[float], None]:
+        """A callback that moves the bar to ``start + fraction * size``: the progress of one batch of ``size``
+        items that starts at ``start`` (e.g. ``on_step`` of :func:`kit.attacks.search.min_eps_search`)."""
+        return lambda fraction: self.set(start + fraction * size)
 
     def close(self) -> None:
         if self._bar is not None:

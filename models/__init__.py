@@ -21,8 +21,10 @@ with a one-line message naming the model and the problem.
 from __future__ import annotations
 
 # Registration order is listing order: the small MNIST networks first, then the residual networks.
-from models import small as _small  # noqa: F401, I001  (registers cnn-small, cnn-cw, otc)
+# isort: off
+from models import small as _small  # noqa: F401  (registers cnn-small, cnn-cw, otc)
 from models import resnet as _resnet  # noqa: F401  (registers resnet20, resnet18, wrn-D-W)
+# isort: on
 from models.base import Classifier, Normalize
 from models.registry import check_options, create, describe, from_config, list_models, register, register_pattern
 from models.resnet import CifarResNet, WideResNet

@@ -26,7 +26,6 @@ import pickle
 import resource
 import struct
 import tempfile
-import tomllib
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st

@@ -22,11 +22,21 @@ from kit.cli import cli
 from kit.data import load_dataset
 from kit.defenses import create_defense, list_defenses
 from kit.defenses import trainer as trainer_mod
-from kit.defenses.trainer import (Augment, TrainConfig, apply_crop_flip, crop_flip, crop_padding, draw_crop_flip,
-                                  eval_adversary, load_train_config, resolve_augment, sidecar, train)
+from kit.defenses.trainer import (
+    Augment,
+    TrainConfig,
+    apply_crop_flip,
+    crop_flip,
+    crop_padding,
+    draw_crop_flip,
+    eval_adversary,
+    load_train_config,
+    resolve_augment,
+    sidecar,
+    train,
+)
 from kit.errors import UserError
 from tests.test_data import make_cifar10
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

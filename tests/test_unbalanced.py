@@ -223,7 +223,7 @@ def test_waterfill_against_bisection():
             out = (sigma[i, c] * b[i, c]).numpy()
             assert out.max() <= 1 + 1e-12 and abs(out.sum() - mm) < 1e-9
             if mm > 0:
-                s = brentq(lambda s: np.minimum(s * bb, 1.0).sum() - mm, 0, 1e12, xtol=1e-14, rtol=1e-14)
+                s = brentq(lambda s, bb=bb, mm=mm: np.minimum(s * bb, 1.0).sum() - mm, 0, 1e12, xtol=1e-14, rtol=1e-14)
                 np.testing.assert_allclose(out, np.minimum(s * bb, 1.0), atol=1e-9)
     # 10 positive entries cannot hold a mass of 11 under the cap 1
     assert not _waterfill(b[:1, :1], 1.0, torch.tensor([[11.0]], dtype=torch.float64))[1].all()

@@ -366,7 +366,7 @@ def test_perfect_forgery_states_the_real_clean_accuracy(copy):
     _perfect(doc, z)
     _consistent(work, doc, z)
     _, _, err = verify(work, engine, "--twin", twin)
-    assert f"clean.engine_accuracy: report says 1.0, the engine classifies" in err and f"({real:.4f})" in err
+    assert "clean.engine_accuracy: report says 1.0, the engine classifies" in err and f"({real:.4f})" in err
 
 
 def test_other_data_is_refused_and_data_can_be_waived(copy):

@@ -39,7 +39,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm
 from kit.errors import UserError
@@ -49,7 +48,7 @@ _LOG_FLOOR = -80.0
 """Smallest log-weight kept in the oracle's softmax (relative to the window's largest): exp(-80) is a normal float32."""
 
 __all__ = ["CapacityOracleResult", "FrankWolfeWasserstein", "OracleResult", "capacity_lmo", "identity_plan",
-           "return_excess", "wasserstein_lmo", "window", "window_mask"]
+           "return_excess", "wasserstein_lmo"]
 
 
 @dataclass
@@ -488,7 +487,7 @@ def capacity_lmo(
         return m * torch.softmax(z, dim=2)
 
     iters = 0
-    for iters in range(1, max_iter + 1):
+    for iters in range(1, max_iter + 1):  # noqa: B007  (the count is read after the loop)
         plan = rows()
         # cost block: exact step of psi with the rows held fixed
         delta = _cost_step(plan.sum((1, 3, 4)), cvec, eps, mult, gamma, max_drop)

@@ -37,7 +37,6 @@ from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, expand
 from kit.errors import UserError
 from kit.ot.unbalanced import UnbalancedConvergenceWarning, UnbalancedProjection, unbalanced_projection
 
-
 #: The seed paper's attack parameters (§V-A): gamma, eta, tau and the step size alpha.
 SEED_PARAMS: dict[str, float] = {"gamma": 0.5, "eta": 1e-3, "tau": 1e-2, "step_size": 0.02}
 

@@ -51,10 +51,10 @@ class Defense(ABC):
                 raise UserError(f"defense {self.name!r} parameter {key} must be {want}, got {value!r}")
         self.params: dict[str, Any] = {**self.defaults, **params}
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module) -> None:  # noqa: B027  (an optional hook)
         """Called once before training (a defense with its own networks or optimisers creates them here)."""
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int) -> None:  # noqa: B027  (an optional hook)
         """Called by the trainer before every epoch, ``epoch`` 0-based out of ``epochs`` (also after ``--resume``).
 
         A defense whose behaviour follows training progress (e.g. ``wat``'s radius ramp) sets it here, as a pure
@@ -70,7 +70,7 @@ class Defense(ABC):
         """Extra state to checkpoint for ``--resume`` (a defense's own networks and optimisers)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027  (an optional hook)
         """Restore what :meth:`state_dict` returned."""
 
     def __repr__(self) -> str:

@@ -31,7 +31,6 @@ import logging
 import math
 import pickle
 import time
-import tomllib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
