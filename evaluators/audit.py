@@ -456,9 +456,7 @@ def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None,
     from kit.data import load_dataset
 
     twin, info = load_twin(twin_path, device=device, arch=arch)
-    spec = data_spec or (info.dataset or {}).get("spec")
-    if not spec:
-        raise UserError(f"{twin_path} does not record its dataset: give --data")
+    spec = info.data_spec(data_spec, str(twin_path))
     ds = load_dataset(spec, split, seed=0)
     if list(ds.input_shape) != list(info.input_shape) or ds.num_classes != info.num_classes:
         raise UserError(f"{twin_path} takes {'x'.join(map(str, info.input_shape))} inputs and {info.num_classes} "

@@ -127,10 +127,14 @@ def _section(cls: type, table: Any, where: str, source: str) -> Any:
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise UserError(f"{source}: unknown key(s) in [{where}]: {', '.join(unknown)}; known: {', '.join(names)}")
-    obj = cls(**table)
+    obj, defaults = cls(**table), cls()
     for f in dataclasses.fields(cls):  # types as the defaults show them (TOML has no float-vs-int ambiguity issue)
-        v, default = getattr(obj, f.name), getattr(cls(), f.name)
-        if default is None or v is None:
+        v, default = getattr(obj, f.name), getattr(defaults, f.name)
+        if v is None:
+            continue
+        if default is None:  # an optional number (eps_max)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UserError(f"{source}: [{where}] {f.name} must be a number, got {v!r}")
             continue
         ok = isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))
         if not ok or isinstance(v, bool) != isinstance(default, bool):
@@ -140,16 +144,10 @@ def _section(cls: type, table: Any, where: str, source: str) -> Any:
         if isinstance(default, dict) and not all(isinstance(k, str) and isinstance(e, (int, float))
                                                  and not isinstance(e, bool) for k, e in v.items()):
             raise UserError(f"{source}: [{where}] {f.name} must map names to numbers, got {v!r}")
-        if isinstance(default, int) and not isinstance(default, bool) and v < (0 if default == 0 or
-                                                                                   f.name.startswith("blackbox")
-                                                                                   else 1):
-            raise UserError(f"{source}: [{where}] {f.name} must be at least "
-                            f"{0 if f.name.startswith('blackbox') else 1}, got {v!r}")
-    for f in dataclasses.fields(cls):  # optional numbers (default None) must be numbers when given
-        v = getattr(obj, f.name)
-        if getattr(cls(), f.name) is None and v is not None and (isinstance(v, bool) or
-                                                                  not isinstance(v, (int, float))):
-            raise UserError(f"{source}: [{where}] {f.name} must be a number, got {v!r}")
+        if isinstance(default, int) and not isinstance(default, bool):
+            least = 0 if f.name.startswith("blackbox") else 1  # black-box samples may be 0 (no check); counts >= 1
+            if v < least:
+                raise UserError(f"{source}: [{where}] {f.name} must be at least {least}, got {v!r}")
     return obj
 
 

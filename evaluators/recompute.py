@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_N_BOOT", "TOLERANCE", "check_adversarials", "recompute_report", "rederive"]
+__all__ = ["DEFAULT_N_BOOT", "TOLERANCE", "check_adversarials", "eps_array", "recompute_report", "rederive"]
 
 #: Bootstrap resamples of reports written before ``statistics`` was recorded (the audit's default then and now).
 DEFAULT_N_BOOT = 1000
@@ -31,7 +31,8 @@ DEFAULT_N_BOOT = 1000
 TOLERANCE = 1e-9
 
 
-def _eps_array(eps_star: list[float | None]) -> np.ndarray:
+def eps_array(eps_star: list[float | None]) -> np.ndarray:
+    """A report's eps* list as floats, ``null`` (never fooled up to eps_max) as ``inf``."""
     return np.array([math.inf if v is None else float(v) for v in eps_star], dtype=float)
 
 
@@ -64,7 +65,7 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
     for a in doc["attacks"]:
         points, n_boot = _statistics(doc, a)
         eps_max = float(a["eps_max"])
-        t, e = _eps_array(a["twin"]["eps_star"]), _eps_array(a["engine"]["eps_star"])
+        t, e = eps_array(a["twin"]["eps_star"]), eps_array(a["engine"]["eps_star"])
         records.append({
             "name": a["name"],
             "eps_grid": [float(v) for v in eps_grid(eps_max, points)],

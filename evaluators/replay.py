@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from evaluators.evaluate import largest_radius
+from evaluators.recompute import eps_array
 from kit.attacks.base import LP_NORMS, Norm, lp_norm
 from kit.errors import UserError
 
@@ -71,7 +72,7 @@ def _side(doc: Mapping[str, Any], side: str, pred: np.ndarray, y: np.ndarray, ou
         out.append(f"clean.{side}_accuracy: report says {stored}, the {side} classifies {int((~wrong).sum())} of {n} "
                    f"audited examples correctly ({acc:.4f})")
     for a in doc["attacks"]:
-        eps = np.array([np.inf if v is None else float(v) for v in a[side]["eps_star"]])
+        eps = eps_array(a[side]["eps_star"])
         robust_but_wrong = np.flatnonzero(wrong & (eps > 0))
         zero_but_right = np.flatnonzero(~wrong & (eps == 0))
         for idx, what in ((robust_but_wrong, f"misclassified clean by the {side} but stored with eps* > 0"),

@@ -174,9 +174,7 @@ def export_checkpoint(
 
         require_tensorrt(device)  # TensorRT, a GPU and a CUDA device, before any work
     model, info = load_twin(checkpoint, device=device, arch=arch)
-    spec = data_spec or info.dataset.get("spec")
-    if not spec:
-        raise UserError(f"{checkpoint} records no dataset; pass --data SPEC for the parity check")
+    spec = info.data_spec(data_spec, str(checkpoint))
     test = fitting_dataset(spec, "test", info.input_shape, info.num_classes, str(checkpoint), samples, seed)
     calib = calibration = None
     if prec.value == "int8":

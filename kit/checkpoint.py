@@ -64,6 +64,13 @@ class CheckpointInfo:
     def arch_name(self) -> str:
         return arch_name(self.arch)
 
+    def data_spec(self, given: str | None, source: str) -> str:
+        """``given`` (a ``--data SPEC``), else the dataset this checkpoint was trained on; neither: a UserError."""
+        spec = given or self.dataset.get("spec")
+        if not spec:
+            raise UserError(f"{source} does not record its dataset: give --data SPEC")
+        return str(spec)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

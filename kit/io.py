@@ -31,7 +31,7 @@ def _cannot_write(path: Path, e: OSError) -> UserError:
     return UserError(f"cannot write {path}: {e.strerror or e}")
 
 
-def _temp_beside(path: Path, suffix: str = ".tmp") -> str:
+def _temp_beside(path: Path, suffix: str) -> str:
     """A new, empty temporary file beside ``path`` (hidden, same folder: the rename stays on one file system), with
     the permissions a new file gets (mkstemp makes 0600)."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -60,20 +60,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
     A crash or an exception inside the block leaves no half-written ``path`` (and removes the temporary file). An
     ``OSError`` while writing (a full disk, no permission) is a :class:`UserError` ``cannot write PATH: REASON``.
     """
-    path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        try:
-            with open(tmp, mode) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            raise _cannot_write(path, e) from e
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    with atomic_files() as files, files.open(path, mode) as f:
+        yield f
 
 
 class FileSet:
@@ -88,7 +76,7 @@ class FileSet:
 
     def temp(self, path: str | os.PathLike[str]) -> Path:
         """A temporary path beside ``path`` that becomes ``path`` at the commit (its suffix is kept: ``a.b`` ->
-        ``.a.b.XXXX.tmp.b``, for writers that check the suffix)."""
+        ``.a.b.<random>.tmp.b``, for writers that check the suffix)."""
         path = Path(path)
         tmp = _temp_beside(path, suffix=".tmp" + path.suffix)
         self._pending.append((tmp, path))

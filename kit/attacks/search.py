@@ -112,7 +112,7 @@ def min_eps_search(
         return out
     # attack runs of a full search: the ladder, then about log2(rung width / tol) bisection steps
     expected = rungs + max(1, math.ceil(math.log2(max(eps_max / rungs / tol, 1.0)))) + 1
-    done = [0]
+    done = 0
 
     n = x.shape[0]
     dev = x.device
@@ -124,6 +124,7 @@ def min_eps_search(
     hi = torch.full((n,), math.inf, dtype=x.dtype, device=dev)  # smallest radius at which it was fooled
 
     def run(idx: torch.Tensor, eps: torch.Tensor, init: torch.Tensor | None) -> AttackResult:
+        nonlocal done
         res = attack(x[idx], y[idx], eps=eps, init=init)
         fwd[idx] += res.forwards
         bwd[idx] += res.backwards
@@ -137,8 +138,8 @@ def min_eps_search(
             eps_star[hit[better]] = found[better]
             x_best[hit[better]] = res.x_adv[res.success][better]
         if on_step is not None:
-            done[0] += 1
-            on_step(min(done[0] / expected, 0.99))
+            done += 1
+            on_step(min(done / expected, 0.99))
         return res
 
     # Ladder: each example climbs until fooled (the first rung's clean check finds the misclassified ones: eps* = 0).

@@ -62,12 +62,11 @@ class KitGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():  # the root callback's filter lasts for this call only
+                return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         set_interrupt_hint(None)
         try:
-            with warnings.catch_warnings():
-                if "-v" not in (args or sys.argv[1:]) and "--verbose" not in (args or sys.argv[1:]):
-                    warnings.simplefilter("ignore")
+            with warnings.catch_warnings():  # the root callback's filter lasts for this call only
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
@@ -104,6 +103,8 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) 
     from kit.runtime import set_quiet
 
     set_quiet(quiet)
+    if not verbose:  # library warnings (torch, onnx, numpy) would sit beside our one-line messages
+        warnings.simplefilter("ignore")
     logging.basicConfig(
         level=logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO),
         format="%(message)s",

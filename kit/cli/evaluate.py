@@ -18,30 +18,20 @@ from kit.cli.common import (
     seed_option,
     table,
 )
-from kit.errors import UserError
 
 
-def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int | None, seed: int, device: Any, *,
+def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, seed: int, device: Any, *,
                         arch: str | None = None):
     """The twin and the evaluation tensors, after checking that they fit each other.
 
     ``spec`` None: the dataset the checkpoint records (as ``otkit audit`` does). ``arch``: the user's ``--arch`` for a
     file architecture (:func:`kit.checkpoint.load_twin`)."""
+    from exporters.checkpoint import fitting_dataset
     from kit.checkpoint import load_twin
-    from kit.data import load_dataset
 
     model, info = load_twin(ckpt, device=device, arch=arch)
-    spec = spec or (info.dataset or {}).get("spec")
-    if not spec:
-        raise UserError(f"{ckpt} does not record its dataset: give --data")
-    ds = load_dataset(spec, split, seed=0)
-    if list(ds.input_shape) != list(info.input_shape):
-        raise UserError(f"{ckpt} takes inputs {'x'.join(map(str, info.input_shape))} but {spec} has "
-                        f"{'x'.join(map(str, ds.input_shape))}")
-    if ds.num_classes != info.num_classes:
-        raise UserError(f"{ckpt} predicts {info.num_classes} classes but {spec} has {ds.num_classes}")
-    if samples is not None:
-        ds = ds.subset(samples, seed=seed)
+    spec = info.data_spec(spec, str(ckpt))
+    ds = fitting_dataset(spec, split, info.input_shape, info.num_classes, str(ckpt), samples, seed)
     return model, info, ds
 
 
