@@ -444,30 +444,50 @@ class AuditInputs:
 
 
 def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None, split: str, samples: int, seed: int,
-                      device: Any, providers: tuple[str, ...] = (), *, arch: str | None = None) -> AuditInputs:
+                      device: Any, providers: tuple[str, ...] = (), *, arch: str | None = None,
+                      twin_options: Any = None, engine_input: Any = None) -> AuditInputs:
     """Load and cross-check the engine, the twin and the data (everything a user can get wrong, before any work).
 
     ``arch`` (``FILE.py:NAME``, the user's ``--arch``) is needed for a twin (or checkpoint engine) whose architecture
-    is a Python file: nothing is imported unless named here and matching the checkpoint's record.
+    is a Python file: nothing is imported unless named here and matching the checkpoint's record. The twin may be
+    anything ``otkit models import`` takes (:func:`exporters.twins.load_any_twin`, with ``twin_options`` saying what
+    its file does not); ``engine_input`` (an :class:`~kit.convention.InputConvention`) what a foreign engine takes.
+    An ONNX twin that is the engine's own file takes the engine's input convention unless told otherwise, and is
+    checked against ONNX Runtime on the audited examples.
     """
+    import dataclasses
+
     from exporters.engines import check_compatible, load_engine
     from exporters.formats import engine_kind
-    from kit.checkpoint import load_twin
+    from exporters.twins import TwinOptions, load_any_twin, source_kind
     from kit.data import load_dataset
 
-    twin, info = load_twin(twin_path, device=device, arch=arch)
-    spec = info.data_spec(data_spec, str(twin_path))
-    ds = load_dataset(spec, split, seed=0)
+    options = twin_options if twin_options is not None else TwinOptions(arch=arch)
+    engine = load_engine(engine_path, device, providers=list(providers) or None, arch=arch,
+                         input_convention=engine_input)
+    if source_kind(twin_path) == "checkpoint":
+        twin = load_any_twin(twin_path, device, options)
+        spec = twin.info.data_spec(data_spec, str(twin_path))
+        ds = load_dataset(spec, split, seed=0)
+    else:  # a model trained elsewhere, imported on the fly: the data comes first (its check samples)
+        spec = data_spec or options.dataset
+        if not spec:
+            raise UserError(f"{twin_path} records no dataset: give --data SPEC")
+        ds = load_dataset(spec, split, seed=0)
+        same_file = Path(twin_path).resolve() == Path(engine_path).resolve()
+        if same_file and options.convention is None and not engine.input_convention.identity:
+            options = dataclasses.replace(options, convention=engine.input_convention)
+        twin = load_any_twin(twin_path, device, options, samples=ds.subset(samples, seed=seed, notice=False).x)
+    info = twin.info
     if list(ds.input_shape) != list(info.input_shape) or ds.num_classes != info.num_classes:
         raise UserError(f"{twin_path} takes {'x'.join(map(str, info.input_shape))} inputs and {info.num_classes} "
                         f"classes but {spec} has {'x'.join(map(str, ds.input_shape))} and {ds.num_classes}")
-    engine = load_engine(engine_path, device, providers=list(providers) or None, arch=arch)
     check_compatible(engine, ds.input_shape, ds.num_classes, spec)
     ds = ds.subset(samples, seed=seed)
     data = {"spec": spec, "split": split, "fingerprint": ds.fingerprint, "n": len(ds), "seed": seed}
     return AuditInputs(engine=engine, engine_path=Path(engine_path), engine_format=engine_kind(engine_path),
-                       twin=twin, twin_path=Path(twin_path), twin_info=info, x=ds.x.to(device), y=ds.y.to(device),
-                       data=data)
+                       twin=twin.model, twin_path=Path(twin_path), twin_info=info, x=ds.x.to(device),
+                       y=ds.y.to(device), data=data)
 
 
 def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = False, command: str = "",
@@ -612,9 +632,10 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         "status": status,
         "verdict": verdict,
         "engine": {"path": str(inp.engine_path), "sha256": engine_sha, "format": inp.engine_format,
-                   "precision": engine.precision, "providers": list(getattr(engine, "providers", []) or [])},
+                   "precision": engine.precision, "providers": list(getattr(engine, "providers", []) or []),
+                   "input_convention": engine.input_convention.to_dict()},
         "twin": {"path": str(inp.twin_path), "sha256": twin_sha, "arch": info.arch_name,
-                 "weights_sha256": info.weights_sha256},
+                 "weights_sha256": info.weights_sha256, **_twin_origin(info)},
         "data": dict(inp.data),
         "clean": clean,
         "tolerances": asdict(tols),
@@ -628,6 +649,20 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                        "seconds": time.perf_counter() - t0},
     }
     return doc, adversarials
+
+
+def _twin_origin(info: Any) -> dict[str, Any]:
+    """The twin's input convention and, for a model trained elsewhere, how it was read (report fields)."""
+    from kit.convention import InputConvention
+
+    norm = info.normalization if isinstance(info.normalization, dict) else {}
+    out: dict[str, Any] = {}
+    if norm.get("folded_into_twin"):
+        out["input_convention"] = InputConvention.from_dict(
+            {k: norm[k] for k in ("range", "mean", "std", "layout", "dtype") if k in norm}).to_dict()
+    if info.source:
+        out["source"] = {k: v for k, v in info.source.items() if k != "conversion"}
+    return out
 
 
 def finish(out: Path) -> None:

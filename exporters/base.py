@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from kit.convention import IDENTITY, InputConvention
 from kit.errors import UserError
 
-__all__ = ["Engine", "check_max_batch"]
+__all__ = ["Engine", "check_input_type", "check_max_batch", "resolve_convention"]
 
 
 class Engine(ABC):
@@ -44,6 +45,9 @@ class Engine(ABC):
         Where the backend computes.
     backend : str
         ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``.
+    input_convention : InputConvention
+        What the backend itself takes (normalised, 0-255, NHWC, uint8 input); callers always give [0, 1] NCHW float
+        pixels and the engine maps them (:meth:`use_convention`), so epsilons stay in pixel units on every side.
     """
 
     name: str
@@ -54,6 +58,22 @@ class Engine(ABC):
     max_batch: int
     device: torch.device
     backend: str
+    input_convention: InputConvention = IDENTITY
+
+    def use_convention(self, convention: InputConvention) -> None:
+        """Map every batch through ``convention`` before the backend sees it (subclasses call it in ``__init__``).
+
+        :meth:`_run` then receives what the backend takes (e.g. NHWC uint8) instead of [0, 1] NCHW float pixels.
+        """
+        convention.check_channels(self.input_shape[0], self.name)
+        self.input_convention = convention
+        if not convention.identity:
+            run = self._run
+            self._backend = lambda x: run(convention.to_native(x))  # type: ignore[method-assign]
+
+    def _backend(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_run`, behind the input convention when the engine has one (:meth:`use_convention`)."""
+        return self._run(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of ``x``.
@@ -84,9 +104,9 @@ class Engine(ABC):
         if n <= self.max_batch:  # the common case, kept lean: the runner's overhead is measured per call
             if n == 0:
                 return torch.empty(0, self.num_classes, dtype=torch.float32, device=x.device)
-            out = self._run(x)
+            out = self._backend(x)
         else:
-            out = torch.cat([self._run(x[i:i + self.max_batch]) for i in range(0, n, self.max_batch)])
+            out = torch.cat([self._backend(x[i:i + self.max_batch]) for i in range(0, n, self.max_batch)])
         # is_cpu is a cheap flag; comparing torch.device objects costs about a microsecond per call
         if out.dtype is not torch.float32 or (not (out.is_cpu and x.is_cpu) and out.device != x.device):
             out = out.to(device=x.device, dtype=torch.float32)
@@ -94,7 +114,8 @@ class Engine(ABC):
 
     @abstractmethod
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of one batch of 1 to ``max_batch`` inputs (any device, any float dtype); subclasses implement it."""
+        """Logits of one batch of 1 to ``max_batch`` inputs (any device; float pixels, or what the input convention
+        gives); subclasses implement it."""
 
     def _reject(self, x: torch.Tensor) -> None:
         """Raise the error that says why ``x`` is not a batch this engine takes."""
@@ -107,7 +128,7 @@ class Engine(ABC):
         """What the engine is, JSON-ready."""
         return {"name": self.name, "backend": self.backend, "sha256": self.sha256, "precision": self.precision,
                 "input_shape": list(self.input_shape), "num_classes": self.num_classes, "max_batch": self.max_batch,
-                "device": str(self.device)}
+                "device": str(self.device), "input_convention": self.input_convention.to_dict()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, precision={self.precision}, device={self.device})"
@@ -124,3 +145,35 @@ def check_max_batch(max_batch: int) -> int:
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise UserError(f"max batch must be an integer >= 1, got {max_batch!r}")
     return max_batch
+
+
+def resolve_convention(metadata: dict[str, Any], given: InputConvention | None, label: str) -> InputConvention:
+    """The input convention of an engine file: ``given`` (``--engine-input``), else what its metadata records
+    (``input_convention``, written by the kit's exporter), else the kit's own pixels.
+
+    Raises
+    ------
+    UserError
+        Malformed recorded metadata, or ``given`` contradicting what the file records.
+    """
+    raw = metadata.get("input_convention")
+    recorded = None if raw is None else InputConvention.from_dict(raw, f"{label}: otkit.input_convention")
+    if given is not None and recorded is not None and given != recorded:
+        raise UserError(f"--engine-input {given} contradicts {label}, which records its input as {recorded} "
+                        "(leave --engine-input out for files the kit wrote)")
+    return given if given is not None else recorded if recorded is not None else IDENTITY
+
+
+def check_input_type(uint8_input: bool, convention: InputConvention, label: str) -> None:
+    """Refuse a convention whose element type cannot feed the engine's input (uint8 graphs take uint8 only).
+
+    Raises
+    ------
+    UserError
+        A uint8 input without ``dtype=uint8``, or ``dtype=uint8`` for a float input.
+    """
+    if uint8_input and convention.dtype != "uint8":
+        raise UserError(f"{label} takes uint8 pixels (0-255): describe its input with --engine-input dtype=uint8")
+    if not uint8_input and convention.dtype == "uint8":
+        raise UserError(f"{label} takes float input, not uint8: drop dtype=uint8 from --engine-input (range=0,255 "
+                        "describes float 0-255 input)")

@@ -16,6 +16,7 @@ import torch
 from exporters.base import Engine
 from exporters.formats import DEFAULT_MAX_BATCH, engine_kind
 from exporters.torch import TorchEngine
+from kit.convention import InputConvention
 from kit.errors import UserError
 
 __all__ = ["Engine", "TorchEngine", "check_compatible", "load_engine"]
@@ -28,6 +29,7 @@ def load_engine(
     providers: Sequence[str] | None = None,
     max_batch: int | None = None,
     arch: str | None = None,
+    input_convention: InputConvention | None = None,
 ) -> Engine:
     """Open a checkpoint (``.safetensors``/``.pt``), an ONNX file or a TensorRT engine as an :class:`Engine`.
 
@@ -45,6 +47,9 @@ def load_engine(
     arch : str, optional
         ``FILE.py:NAME`` for a checkpoint whose architecture is a user's Python file (``--arch``): it is imported only
         when named here and matching the checkpoint's record (:func:`kit.arch.rebuild_model`). Other files ignore it.
+    input_convention : InputConvention, optional
+        What an ONNX file or TensorRT engine exported outside the kit takes (``--engine-input``): applied outside the
+        engine, so callers still give [0, 1] NCHW float pixels. Default: what the file records, else the kit's own.
 
     Raises
     ------
@@ -60,14 +65,18 @@ def load_engine(
     if providers is not None and kind != "onnx":
         raise UserError(f"{path}: providers apply to ONNX files only")
     if kind == "torch":
+        if input_convention is not None and not input_convention.identity:
+            raise UserError(f"{path}: a checkpoint takes [0, 1] pixels (its input is folded in): --engine-input "
+                            "applies to ONNX files and TensorRT engines")
         return TorchEngine.from_checkpoint(path, dev, max_batch=max_batch or DEFAULT_MAX_BATCH, arch=arch)
     if kind == "onnx":
         from exporters.onnx import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(path, device=dev, providers=providers, max_batch=max_batch)
+        return OnnxRuntimeEngine(path, device=dev, providers=providers, max_batch=max_batch,
+                                 input_convention=input_convention)
     from exporters.tensorrt import TensorRTEngine
 
-    return TensorRTEngine(path, device=dev, max_batch=max_batch)
+    return TensorRTEngine(path, device=dev, max_batch=max_batch, input_convention=input_convention)
 
 
 def check_compatible(engine: Engine, input_shape: Sequence[int], num_classes: int, what: str) -> None:
@@ -80,7 +89,10 @@ def check_compatible(engine: Engine, input_shape: Sequence[int], num_classes: in
     """
     shape = tuple(int(v) for v in input_shape)
     if tuple(engine.input_shape) != shape:
+        c, h, w = engine.input_shape
+        nhwc = engine.input_convention.layout == "nchw" and (c, h, w) == (shape[1], shape[2], shape[0])
+        hint = " (an NHWC engine? describe it with --engine-input layout=nhwc)" if nhwc else ""
         raise UserError(f"{engine.name} takes inputs {'x'.join(map(str, engine.input_shape))} but {what} has "
-                        f"{'x'.join(map(str, shape))}")
+                        f"{'x'.join(map(str, shape))}{hint}")
     if engine.num_classes != int(num_classes):
         raise UserError(f"{engine.name} predicts {engine.num_classes} classes but {what} has {num_classes}")

@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 _ONNX_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+#: what an engine's input may be: float, or uint8 pixels 0-255 (with ``--engine-input dtype=uint8``)
+_ONNX_INPUT_TYPES = {**_ONNX_FLOAT_TYPES, onnx.TensorProto.UINT8: np.uint8}
 
 
 def first_line(e: BaseException) -> str:
@@ -168,8 +170,9 @@ def read_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
 class Interface:
     """The one input and one output of a graph the kit can run, as :func:`graph_interface` found them.
 
-    ``input_dtype`` and ``output_dtype`` are numpy float types (``np.float32`` or ``np.float16``); ``input_shape`` is
-    (C, H, W) and ``num_classes`` the K of the (N, K) logits.
+    ``input_dtype`` is a numpy type (``np.float32``, ``np.float16`` or ``np.uint8``), ``output_dtype`` a float one;
+    ``input_shape`` is the kit's (C, H, W) (for an NHWC graph, its dimensions 3, 1, 2) and ``num_classes`` the K of
+    the (N, K) logits.
     """
 
     input_name: str
@@ -192,10 +195,11 @@ def elem_type_name(t: int) -> str:
         return f"element type {t}"
 
 
-def graph_interface(proto: onnx.ModelProto, label: str, meta: dict[str, Any]) -> Interface:
-    """Check that a graph is an image classifier the kit can run: one (N, C, H, W) float input, one (N, K) output.
+def graph_interface(proto: onnx.ModelProto, label: str, meta: dict[str, Any], layout: str = "nchw") -> Interface:
+    """Check that a graph is an image classifier the kit can run: one rank-4 image input, one (N, K) output.
 
-    ``meta`` (:func:`read_metadata`) supplies (C, H, W) or K where the graph leaves them symbolic.
+    ``meta`` (:func:`read_metadata`) supplies (C, H, W) or K where the graph leaves them symbolic; ``layout``
+    (``nchw`` or ``nhwc``, from the engine's input convention) says which of the input's dimensions is C.
 
     Raises
     ------
@@ -217,10 +221,10 @@ def graph_interface(proto: onnx.ModelProto, label: str, meta: dict[str, Any]) ->
     if out_rank != 2:
         raise UserError(f"{label} returns a rank-{out_rank} output {outp.name!r}; otkit engines return logits (N, K)")
     in_type, out_type = inp.type.tensor_type.elem_type, outp.type.tensor_type.elem_type
-    if in_type not in _ONNX_FLOAT_TYPES or out_type not in _ONNX_FLOAT_TYPES:
-        raise UserError(f"{label}: input and output must be float32 or float16 tensors, got "
+    if in_type not in _ONNX_INPUT_TYPES or out_type not in _ONNX_FLOAT_TYPES:
+        raise UserError(f"{label}: input must be float32, float16 or uint8 and output float32 or float16, got "
                         f"{elem_type_name(in_type)} and {elem_type_name(out_type)}")
-    dims = [static_dim(inp, a) for a in (1, 2, 3)]
+    dims = [static_dim(inp, a) for a in ((3, 1, 2) if layout == "nhwc" else (1, 2, 3))]
     recorded = meta.get("input_shape")
     if any(d is None for d in dims):
         if not (isinstance(recorded, list) and len(recorded) == 3 and all(_positive_int(v) for v in recorded)):
@@ -238,7 +242,7 @@ def graph_interface(proto: onnx.ModelProto, label: str, meta: dict[str, Any]) ->
         k = int(meta["num_classes"])
     if k < 1:
         raise UserError(f"{label}: output {outp.name!r} has shape {shape_text(outp)}; the class count must be positive")
-    return Interface(inp.name, outp.name, _ONNX_FLOAT_TYPES[in_type], _ONNX_FLOAT_TYPES[out_type], (c, h, w), k)
+    return Interface(inp.name, outp.name, _ONNX_INPUT_TYPES[in_type], _ONNX_FLOAT_TYPES[out_type], (c, h, w), k)
 
 
 def infer_precision(proto: onnx.ModelProto) -> str:

@@ -10,6 +10,7 @@ from torch import nn
 
 from exporters.base import Engine, check_max_batch
 from exporters.formats import DEFAULT_MAX_BATCH
+from kit.runtime import model_tensor
 
 __all__ = ["TorchEngine"]
 
@@ -41,7 +42,7 @@ class TorchEngine(Engine):
         self.sha256 = sha256
         self.name = f"{name} [torch]"
         self.max_batch = check_max_batch(max_batch)
-        first = next(iter(model.parameters()), None)
+        first = model_tensor(model)
         self.device = first.device if first is not None else torch.device("cpu")
         self._cpu = self.device.type == "cpu"
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(

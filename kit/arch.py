@@ -13,6 +13,7 @@ line), with the recorded callable name and the recorded sha256, which is checked
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import sys
@@ -124,7 +125,25 @@ def build_model(
 
 
 def rebuild_model(record: dict[str, Any], arch: str | None = None, source: str = "the checkpoint") -> nn.Module:
-    """Rebuild an (untrained) model from the record :func:`build_model` returned.
+    """Rebuild an (untrained) model from its architecture record, its input convention folded in.
+
+    A record with an ``input`` entry (a model imported with its own input convention, ``otkit models import``) is
+    rebuilt wrapped in :class:`kit.convention.InputModule`; see :func:`_rebuild` for the kinds.
+    """
+    model = _rebuild(record, arch, source)
+    if isinstance(record, dict) and record.get("input") is not None:
+        from kit.convention import InputConvention, InputModule
+
+        model = InputModule(model, InputConvention.from_dict(record["input"], f"{source}: architecture input"))
+    return model
+
+
+def _rebuild(record: dict[str, Any], arch: str | None = None, source: str = "the checkpoint") -> nn.Module:
+    """Rebuild an (untrained) model from the record :func:`build_model` (or an importer) returned.
+
+    Kinds: ``zoo`` (a config), ``file`` (a user's Python file, below), ``timm`` / ``torchvision`` (a name in an optional
+    package, :mod:`kit.twins.hub`), ``onnx`` (a graph skeleton, :mod:`kit.twins.from_onnx`) and ``program`` (a
+    ``torch.export`` archive, :mod:`kit.twins.from_program`); only ``file`` runs code, and only the caller's.
 
     Parameters
     ----------
@@ -173,9 +192,32 @@ def rebuild_model(record: dict[str, Any], arch: str | None = None, source: str =
             raise UserError(f"{source}: malformed architecture record (input shape {list(input_shape)})")
         factory, _ = _load_factory(arch, expected_sha256=expected, source=source)
         return _call_factory(factory, arch, num_classes, input_shape, kwargs)  # type: ignore[arg-type]
+    if kind in ("timm", "torchvision"):
+        from kit.twins.hub import rebuild_hub
+
+        return rebuild_hub(record, source)
+    if kind == "onnx":
+        from kit.twins.from_onnx import OnnxModule
+
+        try:
+            skeleton = base64.b64decode(record["graph"], validate=True)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{source}: its ONNX architecture record holds no readable graph ({e})") from e
+        return OnnxModule.from_skeleton(skeleton)
+    if kind == "program":
+        from kit.twins.from_program import rebuild_program
+
+        return rebuild_program(record, source)
     raise UserError(f"{source}: unknown architecture record kind {kind!r}")
 
 
 def arch_name(record: dict[str, Any]) -> str:
     """Human-readable architecture name of a record."""
-    return record["config"]["name"] if record.get("kind") == "zoo" else record.get("spec", "?")
+    kind = record.get("kind")
+    if kind == "zoo":
+        return record["config"]["name"]
+    if kind in ("timm", "torchvision"):
+        return f"{kind}:{record.get('name', '?')}"
+    if kind in ("onnx", "program"):
+        return f"{kind} graph"
+    return record.get("spec", "?")

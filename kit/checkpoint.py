@@ -59,6 +59,8 @@ class CheckpointInfo:
     created: str = ""
     format: str = FORMAT
     checkpoint_sha256: str = ""
+    #: for a model trained elsewhere (``otkit models import``): the file it came from, its sha256, how it was read
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arch_name(self) -> str:
@@ -94,7 +96,7 @@ class CheckpointInfo:
         def count(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-        for name in ("arch", "normalization", "dataset", "train_config"):
+        for name in ("arch", "normalization", "dataset", "train_config", "source"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "an object")
         for name in ("defense", "kit_version", "weights_sha256", "checkpoint_sha256", "created", "format"):
@@ -182,7 +184,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state, meta
 
 
-def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def _read_pt(path: Path, bare_ok: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -198,11 +200,39 @@ def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None
         state = obj["state_dict"]
     elif isinstance(obj, dict):
         meta, state = None, obj
+    elif bare_ok:
+        return {}, None
     else:
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if bare_ok:
+        return {}, meta if isinstance(meta, dict) else None
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: the state dict holds values that are not tensors")
     return state, meta if isinstance(meta, dict) else None
+
+
+def has_kit_metadata(path: str | Path) -> bool:
+    """Whether ``path`` is a kit checkpoint (otkit metadata) rather than weights from elsewhere; reads no code.
+
+    A ``.safetensors`` file is told by its header alone; a ``.pt`` file is read with ``torch.load(weights_only=True)``
+    (what :func:`read_checkpoint` refuses, it refuses too).
+    """
+    path = require_file(path, "checkpoint")
+    if path.suffix == ".safetensors":
+        return "otkit" in _read_safetensors_metadata(path)
+    if path.suffix in (".pt", ".pth"):
+        return _read_pt(path, bare_ok=True)[1] is not None
+    return False
+
+
+def _read_safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
@@ -223,13 +253,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         state, meta = _read_pt(path)
         if meta is None:
             raise UserError(
-                f"{path} is a bare state dict without otkit metadata (architecture, classes, input shape); "
-                "retrain or save it with kit.checkpoint.save_checkpoint"
+                f"{path} holds weights without otkit metadata (architecture, classes, input shape): make it a kit "
+                f"checkpoint with otkit models import {path.name} --arch ARCH --num-classes N --input-shape C,H,W "
+                "--out FILE.safetensors (docs/byom.md)"
             )
     else:
         state, raw = _read_safetensors(path)
         if "otkit" not in raw:
-            raise UserError(f"{path} has no otkit metadata: it was not written by otkit")
+            raise UserError(f"{path} has no otkit metadata: it was not written by otkit (otkit models import makes "
+                            "it a kit checkpoint, docs/byom.md)")
         try:
             meta = json.loads(raw["otkit"])
         except (ValueError, RecursionError) as e:  # bad JSON, a 5000-digit integer, nesting deeper than Python's stack

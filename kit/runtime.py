@@ -126,6 +126,21 @@ def phase(desc: str) -> Iterator[None]:
         bar.close()
 
 
+def model_tensor(model: torch.nn.Module) -> torch.Tensor | None:
+    """A tensor that says where ``model`` lives and in what dtype: its first parameter, else its first floating
+    buffer (a graph rebuilt from ONNX holds buffers only), else None."""
+    p = next(iter(model.parameters()), None)
+    if p is not None:
+        return p
+    return next((b for b in model.buffers() if b.is_floating_point()), None)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s tensors are (:func:`model_tensor`; the CPU for a model without any)."""
+    t = model_tensor(model)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable :class:`torch.device`.
 

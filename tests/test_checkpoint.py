@@ -114,7 +114,7 @@ def test_pt_with_metadata_loads_and_bare_state_dict_is_explained(tmp_path):
     assert torch.equal(twin(x), model(x))
     bare = tmp_path / "bare.pt"
     torch.save(model.state_dict(), bare)
-    with pytest.raises(UserError, match="bare state dict"):
+    with pytest.raises(UserError, match="weights without otkit metadata"):
         read_checkpoint(bare)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from exporters.formats import DEFAULT_OPSET, MIN_OPSET
 from exporters.graph import first_line
 from kit.errors import UserError
+from kit.runtime import model_tensor
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "OnnxGraph", "torch_to_onnx"]
 
@@ -100,7 +101,7 @@ def torch_to_onnx(model: nn.Module, input_shape: Sequence[int], *, opset: int = 
     """
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise UserError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
-    params = next(iter(model.parameters()), None)
+    params = model_tensor(model)
     on_cpu = params is None or params.device.type == "cpu"
     m = (model if on_cpu else copy.deepcopy(model).cpu()).eval()
     c, h, w = (int(v) for v in input_shape)

@@ -16,6 +16,7 @@ from torch import nn
 import kit
 from exporters.formats import META_PREFIX, Precision
 from exporters.graph import read_metadata
+from kit.convention import IDENTITY
 
 if TYPE_CHECKING:
     from exporters.onnx.export import OnnxGraph
@@ -29,7 +30,9 @@ FORMAT_TAG = "otkit.onnx/1"
 def model_record(model: nn.Module, info: CheckpointInfo | None, num_classes: int) -> dict[str, Any]:
     """What the twin is: from its checkpoint when there is one, else from the model itself."""
     if info is not None:
-        return {"weights_sha256": info.weights_sha256, "arch": info.arch, "arch_name": info.arch_name,
+        # an imported graph's record carries the graph itself (kit/twins): the ONNX file is that graph already
+        arch = {k: v for k, v in info.arch.items() if k not in ("graph", "archive", "conversion")}
+        return {"weights_sha256": info.weights_sha256, "arch": arch, "arch_name": info.arch_name,
                 "classes": list(info.class_names), "num_classes": info.num_classes,
                 "input_shape": list(info.input_shape), "normalization": info.normalization,
                 "dataset": info.dataset, "defense": info.defense}
@@ -59,6 +62,7 @@ def build_metadata(record: dict[str, Any], *, precision: Precision, graph: OnnxG
         "input_shape": record["input_shape"],
         "input_layout": "NCHW",
         "input_range": [0.0, 1.0],
+        "input_convention": IDENTITY.to_dict(),  # what the graph takes: the kit's own pixels (no --engine-input)
         "normalization": "inside the graph",
         "precision": precision.value,
         "exporter": graph.exporter,

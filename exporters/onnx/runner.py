@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from exporters.base import Engine, check_max_batch
+from exporters.base import Engine, check_input_type, check_max_batch, resolve_convention
 from exporters.formats import DEFAULT_MAX_BATCH, ORT_PROVIDERS
 from exporters.graph import (
     Interface,
@@ -26,6 +26,7 @@ from exporters.graph import (
     uses_external_data,
 )
 from exporters.onnx.model import combined_sha256
+from kit.convention import InputConvention
 from kit.errors import UserError
 
 __all__ = ["PROVIDERS", "OnnxRuntimeEngine"]
@@ -44,7 +45,9 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 
 
 #: ONNX element types of the float tensors the runner binds (what ``IOBinding`` takes for ``element_type``).
-_ONNX_ELEMENT = {np.float32: onnx.TensorProto.FLOAT, np.float16: onnx.TensorProto.FLOAT16}
+_ONNX_ELEMENT = {np.float32: onnx.TensorProto.FLOAT, np.float16: onnx.TensorProto.FLOAT16,
+                 np.uint8: onnx.TensorProto.UINT8}
+_TORCH_TYPES = {np.float32: torch.float32, np.float16: torch.float16, np.uint8: torch.uint8}
 
 
 class _CpuBinding(NamedTuple):
@@ -120,25 +123,32 @@ class OnnxRuntimeEngine(Engine):
         Largest batch per session run; default: the file's ``otkit.max_batch``, else 256.
     name : str, optional
         Label (default: the file name).
+    input_convention : InputConvention, optional
+        What the graph takes when it is not the kit's [0, 1] NCHW float pixels (``--engine-input``): normalised,
+        0-255, NHWC or uint8 input, mapped outside the graph. Default: what the file's ``otkit.input_convention``
+        records, else the kit's own. A convention that contradicts the file's record is refused.
 
     Raises
     ------
     UserError
-        Corrupt or truncated file, a graph that is not (N, C, H, W) -> (N, K), an unknown or unavailable provider.
+        Corrupt or truncated file, a graph that is not (N, C, H, W) -> (N, K), an unknown or unavailable provider, an
+        input convention that contradicts the file or its input type.
     """
 
     backend = "onnxruntime"
 
     def __init__(self, source: str | Path | bytes, device: str | torch.device = "cpu",
                  providers: Sequence[str] | None = None, max_batch: int | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, input_convention: InputConvention | None = None) -> None:
         import onnxruntime as ort
 
         proto, data, label = load_onnx(source)
         external = [] if isinstance(source, (bytes, bytearray)) or not uses_external_data(proto) else \
             external_data_files(proto, source)
         self.metadata = read_metadata(proto)
-        self._io = graph_interface(proto, label, self.metadata)
+        convention = resolve_convention(self.metadata, input_convention, label)
+        self._io = graph_interface(proto, label, self.metadata, layout=convention.layout)
+        check_input_type(self._io.input_dtype is np.uint8, convention, label)
         self.device = torch.device(device)
         short = [p.strip().lower() for p in (providers or (["cpu"] if self.device.type == "cpu" else ["cuda"]))]
         unknown = [p for p in short if p not in PROVIDERS]
@@ -191,14 +201,16 @@ class OnnxRuntimeEngine(Engine):
         base = name or (Path(label).name if not isinstance(source, (bytes, bytearray)) else "model.onnx")
         self.name = f"{base} [onnxruntime {'+'.join(short)}]"
         # Everything a call needs, resolved once: the per-call path reads plain attributes only.
-        self._torch_in = torch.float16 if self._io.input_dtype is np.float16 else torch.float32
-        self._torch_out = torch.float16 if self._io.output_dtype is np.float16 else torch.float32
+        self._torch_in = _TORCH_TYPES[self._io.input_dtype]
+        self._torch_out = _TORCH_TYPES[self._io.output_dtype]
         self._outputs = [self._io.output_name]
         self._cuda = self.device.type == "cuda"
         self._fast = None if self._cuda else _cpu_binding(self._session, self._io)
         # __call__ serves float32 logits straight from the binding; a float16 output goes the general way (converted)
-        self._fast_call = self._fast if self._torch_out is torch.float32 else None
+        # and so does an input convention (mapped by Engine before _run)
+        self._fast_call = self._fast if self._torch_out is torch.float32 and convention.identity else None
         self._local = threading.local()  # one IO binding per calling thread
+        self.use_convention(convention)
 
     @property
     def session(self) -> Any:

@@ -34,6 +34,7 @@ from exporters.onnx.runner import OnnxRuntimeEngine
 from exporters.parity import ParityError, ParityReport, measure_parity
 from kit.errors import UserError
 from kit.io import atomic_write
+from kit.runtime import model_device
 
 if TYPE_CHECKING:
     from kit.checkpoint import CheckpointInfo
@@ -159,7 +160,7 @@ def write_onnx_export(
     data = proto.SerializeToString()
     t0 = time.perf_counter()
     engine = OnnxRuntimeEngine(data, name=out.name, providers=["cpu"], max_batch=max_batch)
-    twin_dev = next(iter(twin.parameters())).device
+    twin_dev = model_device(twin)
     parity = measure_parity(twin.eval(), engine, parity_x.to(twin_dev), precision=precision,
                             name=engine.name, labels=parity_y, runtime="onnxruntime", batch_size=max_batch)
     seconds["parity"] = time.perf_counter() - t0

@@ -43,6 +43,7 @@ from exporters.tensorrt.environment import (
 from exporters.tensorrt.runner import TensorRTEngine
 from kit.errors import UserError
 from kit.io import atomic_write
+from kit.runtime import model_device
 
 if TYPE_CHECKING:
     from torch import nn
@@ -235,6 +236,8 @@ def build_engine(
         "build_seconds": round(seconds, 3),
         "twin": twin,
     }
+    if "input_convention" in meta:  # what the ONNX file records it takes; the engine takes the same
+        sidecar["input_convention"] = meta["input_convention"]
     return engine_bytes, sidecar
 
 
@@ -294,7 +297,7 @@ def write_tensorrt_export(
                               timing_cache=timing_cache, device=dev)
     build_s = time.perf_counter() - t0
     engine = TensorRTEngine.from_serialized(data, side, out.name, dev, max_batch)
-    twin_dev = next(iter(twin.parameters())).device
+    twin_dev = model_device(twin)
     t0 = time.perf_counter()
     parity = measure_parity(twin.eval(), engine, parity_x.to(twin_dev), precision=precision, name=engine.name,
                             labels=parity_y, runtime="tensorrt", batch_size=max_batch)

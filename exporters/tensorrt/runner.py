@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from exporters.base import Engine, check_max_batch
+from exporters.base import Engine, check_input_type, check_max_batch, resolve_convention
 from exporters.tensorrt.environment import check_environment, read_sidecar, require_cuda
+from kit.convention import InputConvention
 from kit.errors import UserError
 from kit.io import require_file
 
@@ -35,6 +36,9 @@ class TensorRTEngine(Engine):
         CUDA device.
     max_batch : int, optional
         Largest batch per call; at most the profile's maximum (the default).
+    input_convention : InputConvention, optional
+        What the engine takes when it is not the kit's [0, 1] NCHW float pixels (``--engine-input``); default: the
+        sidecar's ``input_convention``, else the kit's own. One contradicting the sidecar is refused.
 
     Raises
     ------
@@ -45,7 +49,8 @@ class TensorRTEngine(Engine):
 
     backend = "tensorrt"
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cuda", max_batch: int | None = None) -> None:
+    def __init__(self, path: str | Path, device: str | torch.device = "cuda", max_batch: int | None = None,
+                 input_convention: InputConvention | None = None) -> None:
         file: Path = require_file(path, "TensorRT engine")
         side = read_sidecar(file)
         data = file.read_bytes()
@@ -53,7 +58,8 @@ class TensorRTEngine(Engine):
         if side["engine_sha256"] != sha:
             raise UserError(f"{file.name} does not match its sidecar's sha256 (modified, or another engine's sidecar)")
         check_environment(side, device, file.name)
-        self._setup(data, side, file.name, require_cuda(device), max_batch)
+        self._setup(data, side, file.name, require_cuda(device), max_batch,
+                    resolve_convention(side, input_convention, file.name))
 
     @classmethod
     def from_serialized(cls, data: bytes, sidecar: dict[str, Any], name: str, device: str | torch.device = "cuda",
@@ -61,11 +67,11 @@ class TensorRTEngine(Engine):
         """An engine just built in this process (no file yet), e.g. for the parity check before writing."""
         self = cls.__new__(cls)
         self._setup(data, {**sidecar, "engine_sha256": "sha256:" + hashlib.sha256(data).hexdigest()}, name,
-                    require_cuda(device), max_batch)
+                    require_cuda(device), max_batch, resolve_convention(sidecar, None, name))
         return self
 
     def _setup(self, data: bytes, side: dict[str, Any], name: str, device: torch.device,
-               max_batch: int | None) -> None:
+               max_batch: int | None, convention: InputConvention) -> None:
         import tensorrt as trt
 
         self.device = device
@@ -87,15 +93,18 @@ class TensorRTEngine(Engine):
         if len(inputs) != 1 or len(outputs) != 1:
             raise UserError(f"{name} has {len(inputs)} inputs and {len(outputs)} outputs; expected one of each")
         self._in, self._out = inputs[0], outputs[0]
-        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.UINT8: torch.uint8}
         in_type, out_type = engine.get_tensor_dtype(self._in), engine.get_tensor_dtype(self._out)
-        if in_type not in dtypes or out_type not in dtypes:
-            raise UserError(f"{name}: input and output must be float32 or float16, got {in_type} and {out_type}")
+        if in_type not in dtypes or out_type not in dtypes or dtypes[out_type] is torch.uint8:
+            raise UserError(f"{name}: input must be float32, float16 or uint8 and output float32 or float16, got "
+                            f"{in_type} and {out_type}")
+        check_input_type(dtypes[in_type] is torch.uint8, convention, name)
         self._in_dtype, self._out_dtype = dtypes[in_type], dtypes[out_type]
         in_shape, out_shape = _dims(engine.get_tensor_shape(self._in)), _dims(engine.get_tensor_shape(self._out))
         if len(in_shape) != 4 or len(out_shape) != 2:
             raise UserError(f"{name}: input {in_shape} / output {out_shape}; expected (N, C, H, W) -> (N, K)")
-        c, h, w = in_shape[1:]
+        self._native = tuple(int(v) for v in in_shape[1:])  # what the engine takes per example (e.g. H, W, C)
+        c, h, w = (in_shape[3], in_shape[1], in_shape[2]) if convention.layout == "nhwc" else in_shape[1:]
         self.input_shape = (int(c), int(h), int(w))
         self.num_classes = int(out_shape[1]) if out_shape[1] > 0 else int(side["num_classes"])
         profile_max = _dims(engine.get_tensor_profile_shape(self._in, 0)[2])[0]
@@ -104,15 +113,15 @@ class TensorRTEngine(Engine):
         if chosen > self.profile_max:
             raise UserError(f"{name} was built for batches of at most {self.profile_max}; max batch {chosen} is larger")
         self.max_batch = chosen
+        self.use_convention(convention)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         xin = x.detach().to(self.device, self._in_dtype).contiguous()
-        n = int(xin.shape[0])
-        c, h, w = self.input_shape
+        shape = (int(xin.shape[0]), *self._native)
         ctx = self._context
-        if not ctx.set_input_shape(self._in, (n, c, h, w)):
-            raise RuntimeError(f"{self.name}: TensorRT refused input shape {(n, c, h, w)}")
-        out = torch.empty((n, self.num_classes), dtype=self._out_dtype, device=self.device)
+        if not ctx.set_input_shape(self._in, shape):
+            raise RuntimeError(f"{self.name}: TensorRT refused input shape {shape}")
+        out = torch.empty((shape[0], self.num_classes), dtype=self._out_dtype, device=self.device)
         ctx.set_tensor_address(self._in, xin.data_ptr())
         ctx.set_tensor_address(self._out, out.data_ptr())
         stream = torch.cuda.current_stream(self.device)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kit.errors import UserError
+from kit.runtime import model_tensor
 
 
 class Norm(str, Enum):
@@ -195,7 +196,7 @@ class Attack(ABC):
             raise UserError(f"inputs must lie in [0, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]")
         if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
             raise UserError(f"labels must be an integer tensor of shape ({x.shape[0]},)")
-        p = next(iter(self.model.parameters()), None)
+        p = model_tensor(self.model)
         if p is not None and p.device != x.device:
             raise UserError(f"model is on {p.device} but inputs are on {x.device}")
 

@@ -22,9 +22,11 @@ from kit.cli.common import (
     command_seed,
     dependency_versions,
     emit_json,
+    engine_input_option,
     seed_option,
     set_interrupt_hint,
     table,
+    twin_import_options,
 )
 from kit.errors import UserError
 
@@ -79,7 +81,8 @@ def print_audit(doc: dict[str, Any]) -> None:
 @click.option("--engine", "engine_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The deployed artifact: .onnx (fp32/fp16/int8) or a TensorRT .engine.")
 @click.option("--twin", "twin_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The PyTorch checkpoint the engine was exported from.")
+              help="The PyTorch model the engine was exported from: a kit checkpoint, or weights / a .pt2 program / "
+                   "an ONNX file trained elsewhere, imported on the fly with the flags below (docs/byom.md).")
 @click.option("--data", "data_spec", default=None, help="Dataset spec (default: the one the twin was trained on).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
 @click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]", cls=ListedOption,
@@ -106,12 +109,14 @@ def print_audit(doc: dict[str, Any]) -> None:
 @seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @arch_option
+@engine_input_option
+@twin_import_options
 @click.pass_context
 def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str | None, split: str,
           attacks: tuple[str, ...], eps_max: float | None, samples: int, batch_size: int, rungs: int,
           tol_auac: float, tol_curve: float, min_agreement: float, alpha: float, gates: tuple[str, ...], blackbox_samples: int,
           providers: tuple[str, ...], resume: bool, out: Path, seed: int | None, as_json: bool,
-          arch: str | None = None) -> None:
+          arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Audit a deployed engine against its PyTorch twin and write the AUAC robustness report.
 
     Every candidate is crafted with the twin's gradients and judged by both the twin and the engine; the curves,
@@ -136,7 +141,7 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     # folder the lock creates is removed again if the audit fails before writing anything)
     with folder_lock(out, "--out", command=command):
         inputs = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers,
-                                   arch=arch)
+                                   arch=arch, twin_options=twin_options, engine_input=engine_input)
         check_radii(cfg.attacks, inputs.engine.input_shape)
         torch.manual_seed(seed)
         set_interrupt_hint(f"finished batches are kept in {out}: add --resume to the same command to continue")
@@ -150,6 +155,11 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     else:
         print_audit(doc)
     click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
+    clean = doc["clean"]
+    if clean["verdict"] != "match":
+        click.echo(f"clean top-1 agreement {clean['top1_agreement']:.4f} < {min_agreement}: the engine and the twin "
+                   "disagree before any attack; if either was made outside the kit, check what it takes "
+                   "(--engine-input, --input-range/--mean/--std/--input-layout; docs/byom.md)", err=True)
     if doc["status"] != "pass":
         ctx.exit(1)
 

@@ -6,6 +6,7 @@ Imports only click and the kit's light modules (no command module, no torch at i
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -21,7 +22,7 @@ from exporters.formats import ORT_PROVIDERS
 __all__ = [
     "EXIT_INTERRUPTED", "EXIT_STATUSES", "PROVIDERS", "AliasOption", "LazyChoice", "ListedOption", "arch_option",
     "attack_names", "command_device", "command_seed", "current_hint", "dependency_versions", "emit_json",
-    "os_error_message", "seed_option", "set_interrupt_hint", "table",
+    "engine_input_option", "os_error_message", "seed_option", "set_interrupt_hint", "table", "twin_import_options",
 ]
 
 EXIT_STATUSES = """\b
@@ -200,3 +201,80 @@ def arch_option(f: Callable[..., Any]) -> Callable[..., Any]:
         "--arch", "arch", default=None, metavar="FILE.py:NAME",
         help="For a checkpoint whose architecture is your own Python file: that file, which is imported (its code "
              "runs) only if NAME and its sha256 match the checkpoint. Never imported without it.")(f)
+
+
+# ------------------------------------------------------------------------------------- models trained elsewhere
+_TWIN_FLAGS = ("num_classes", "classes_file", "input_shape", "input_range", "mean", "std", "input_layout", "key")
+
+
+def twin_import_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The facts about a model trained elsewhere that ``otkit models import`` takes (docs/byom.md), on a command
+    whose twin may be such a model: the command receives them as one ``twin_options`` (``TwinOptions``), with its
+    ``--arch`` (and ``--dataset`` where it has one) inside."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        given = {k: kw.pop(k) for k in _TWIN_FLAGS}
+        kw["twin_options"] = build_twin_options(given, arch=kw.get("arch"), dataset=kw.get("dataset"))
+        return f(*args, **kw)
+
+    options = [
+        click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                     help="Model trained elsewhere: number of classes, where the file does not say."),
+        click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="Model trained elsewhere: class names, one per line (sets the class count)."),
+        click.option("--input-shape", default=None, metavar="C,H,W",
+                     help="Model trained elsewhere: the shape of one input, where the file does not say."),
+        click.option("--input-range", default=None, metavar="LO,HI",
+                     help="Model trained elsewhere: the values it takes for pixels 0 and 1 (0,255 for 0-255 input) "
+                          "[default: 0,1]."),
+        click.option("--mean", default=None, metavar="M[,M,M]",
+                     help="Model trained elsewhere: per-channel mean it subtracts (units of --input-range); folded "
+                          "into the twin, which takes [0, 1] pixels."),
+        click.option("--std", default=None, metavar="S[,S,S]",
+                     help="Model trained elsewhere: per-channel std it divides by (units of --input-range)."),
+        click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]), default=None,
+                     help="Model trained elsewhere: the layout of its input [default: nchw]."),
+        click.option("--key", default=None, metavar="KEY[.KEY]",
+                     help="Weights file: where the state dict is, when no known layout finds it."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def build_twin_options(given: dict[str, Any], arch: str | None = None, dataset: str | None = None) -> Any:
+    """``TwinOptions`` from the flags of :func:`twin_import_options` (parsed and checked: a bad one is a UserError)."""
+    from exporters.twins import TwinOptions, parse_input_shape, read_class_names
+    from kit.convention import parse_convention
+
+    parts = [f"{name}={given[key]}" for key, name in
+             (("input_range", "range"), ("mean", "mean"), ("std", "std"), ("input_layout", "layout"))
+             if given.get(key) is not None]
+    return TwinOptions(
+        arch=arch,
+        num_classes=given.get("num_classes"),
+        classes=read_class_names(given["classes_file"]) if given.get("classes_file") else None,
+        input_shape=parse_input_shape(given["input_shape"]) if given.get("input_shape") else None,
+        convention=parse_convention(";".join(parts)) if parts else None,
+        dataset=dataset,
+        key=given.get("key"),
+    )
+
+
+def engine_input_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--engine-input DESCRIPTION``: what an engine exported outside the kit takes (docs/byom.md); the command gets
+    ``engine_input`` as an ``InputConvention`` or None."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        from kit.convention import parse_convention
+
+        return parse_convention(value)
+
+    return click.option(
+        "--engine-input", "engine_input", default=None, metavar="DESCRIPTION", callback=parse,
+        help="What an engine exported outside the kit takes, applied outside it so epsilons stay in [0, 1] pixels: "
+             "fields range=LO,HI mean=M,.. std=S,.. layout=nchw|nhwc dtype=float32|float16|uint8 separated by ';' "
+             "or a preset (imagenet, cifar10, mnist, inception). The kit's own exports record it.")(f)

@@ -9,7 +9,17 @@ from typing import Any
 import click
 
 from exporters.formats import DEFAULT_MAX_BATCH, DEFAULT_OPSET, MIN_OPSET, ExportFormat, Precision
-from kit.cli.common import PROVIDERS, arch_option, command_device, command_seed, emit_json, seed_option, table
+from kit.cli.common import (
+    PROVIDERS,
+    arch_option,
+    command_device,
+    command_seed,
+    emit_json,
+    engine_input_option,
+    seed_option,
+    table,
+    twin_import_options,
+)
 
 # exporters.formats imports no torch or onnx, so --help stays fast
 _FORMATS = [f.value for f in ExportFormat]
@@ -150,30 +160,41 @@ def engine_info(ctx: click.Context, path: Path, as_json: bool) -> None:
 @click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDERS),
               help="ONNX Runtime provider, repeatable (default: cpu on the CPU, cuda on a GPU).")
 @click.option("--twin", "twin_ckpt", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Checkpoint to compare against (logit gap, top-1 agreement; exit 1 if an FP32 engine is beyond "
-                   "tolerance).")
+              help="Model to compare against (logit gap, top-1 agreement; exit 1 if an FP32 engine is beyond "
+                   "tolerance): a kit checkpoint, or a model trained elsewhere with the flags below (docs/byom.md).")
 @seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @arch_option
+@engine_input_option
+@twin_import_options
 @click.pass_context
 def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, samples: int, batch_size: int | None,
                providers: tuple[str, ...], twin_ckpt: Path | None, seed: int | None, as_json: bool,
-               arch: str | None = None) -> None:
+               arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Run an engine on a dataset: accuracy and images/s, and parity against its twin with --twin."""
+    import dataclasses
     import time
 
-    from exporters.engines import check_compatible, load_engine
+    from exporters.checkpoint import fitting_dataset
+    from exporters.engines import TorchEngine, check_compatible, load_engine
+    from exporters.twins import load_any_twin
 
     device = command_device(ctx)
-    eng = load_engine(path, device, providers=list(providers) or None, max_batch=batch_size, arch=arch)
+    eng = load_engine(path, device, providers=list(providers) or None, max_batch=batch_size, arch=arch,
+                      input_convention=engine_input)
+    ds = fitting_dataset(data_spec, split, list(eng.input_shape), eng.num_classes, eng.name, samples,
+                         command_seed(ctx, seed))
     twin = None
     if twin_ckpt is not None:
-        twin = load_engine(twin_ckpt, device, max_batch=batch_size, arch=arch)
+        options = twin_options
+        same = twin_ckpt.resolve() == path.resolve()
+        if same and options.convention is None and not eng.input_convention.identity:
+            options = dataclasses.replace(options, convention=eng.input_convention)
+        loaded = load_any_twin(twin_ckpt, device, options, samples=ds.x)
+        twin = TorchEngine(loaded.model, loaded.info.input_shape, loaded.info.num_classes,
+                           loaded.info.weights_sha256 or "", name=twin_ckpt.name,
+                           max_batch=batch_size or eng.max_batch)
         check_compatible(twin, eng.input_shape, eng.num_classes, str(path))
-    from exporters.checkpoint import fitting_dataset
-
-    ds = fitting_dataset(data_spec, split, list(eng.input_shape), eng.num_classes, eng.name, samples,
-                          command_seed(ctx, seed))
     x = ds.x.to(device)
     t0 = time.perf_counter()
     logits = eng(x)
@@ -190,7 +211,7 @@ def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, sampl
     if twin is not None:
         from exporters.parity import compare_logits
 
-        report = compare_logits(twin(x), logits, precision=eng.precision, name=eng.name, labels=ds.y,
+        report = compare_logits(twin(eng.input_convention.as_seen(x)), logits, precision=eng.precision, name=eng.name, labels=ds.y,
                                 runtime="tensorrt" if eng.backend == "tensorrt" else "onnxruntime")
         doc["parity"] = report.to_dict()
         failed = not report.passed

@@ -17,27 +17,43 @@ from kit.cli.common import (
     emit_json,
     seed_option,
     table,
+    twin_import_options,
 )
 
 
 def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, seed: int, device: Any, *,
-                        arch: str | None = None):
+                        arch: str | None = None, twin_options: Any = None):
     """The twin and the evaluation tensors, after checking that they fit each other.
 
     ``spec`` None: the dataset the checkpoint records (as ``otkit audit`` does). ``arch``: the user's ``--arch`` for a
-    file architecture (:func:`kit.checkpoint.load_twin`)."""
+    file architecture (:func:`kit.checkpoint.load_twin`). The model may be anything ``otkit models import`` takes,
+    imported on the fly with ``twin_options`` (:func:`exporters.twins.load_any_twin`)."""
     from exporters.checkpoint import fitting_dataset
-    from kit.checkpoint import load_twin
+    from exporters.twins import TwinOptions, load_any_twin, source_kind
+    from kit.errors import UserError
 
-    model, info = load_twin(ckpt, device=device, arch=arch)
-    spec = info.data_spec(spec, str(ckpt))
-    ds = fitting_dataset(spec, split, info.input_shape, info.num_classes, str(ckpt), samples, seed)
-    return model, info, ds
+    options = twin_options if twin_options is not None else TwinOptions(arch=arch)
+    if source_kind(ckpt) == "checkpoint":
+        twin = load_any_twin(ckpt, device, options)
+        spec = twin.info.data_spec(spec, str(ckpt))
+        ds = fitting_dataset(spec, split, twin.info.input_shape, twin.info.num_classes, str(ckpt), samples, seed)
+        return twin.model, twin.info, ds
+    spec = spec or options.dataset
+    if not spec:
+        raise UserError(f"{ckpt} records no dataset: give --data SPEC")
+    from kit.data import load_dataset
+
+    ds = load_dataset(spec, split, seed=0).subset(samples, seed=seed)
+    twin = load_any_twin(ckpt, device, options, samples=ds.x)
+    ds = fitting_dataset(spec, split, twin.info.input_shape, twin.info.num_classes, str(ckpt), samples, seed)
+    return twin.model, twin.info, ds
 
 
 @click.command()
 @click.option("--twin", "--model", "ckpt", cls=AliasOption, required=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="The checkpoint evaluated.")
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The model evaluated: a kit checkpoint, or weights / a .pt2 program / an ONNX file trained "
+                   "elsewhere with the flags below (docs/byom.md).")
 @click.option("--data", "data_spec", default=None,
               help="Dataset spec (otkit data --help); default: the one the checkpoint was trained on.")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
@@ -53,10 +69,11 @@ def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, 
 @seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print curves.json to stdout instead of a table.")
 @arch_option
+@twin_import_options
 @click.pass_context
 def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, attacks: tuple[str, ...],
              eps_max: float | None, samples: int, batch_size: int, rungs: int, checks: bool, out: Path,
-             seed: int | None, as_json: bool, arch: str | None = None) -> None:
+             seed: int | None, as_json: bool, arch: str | None = None, twin_options: Any = None) -> None:
     """Accuracy-vs-epsilon curves and AUAC of a checkpoint under attack, with validity checks."""
     import torch
 
@@ -66,7 +83,8 @@ def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, 
     requests = [AttackRequest.parse(a, eps_max) for a in attacks]  # validate everything before any work
     device = command_device(ctx)
     seed = command_seed(ctx, seed)
-    model, info, ds = load_model_and_data(ckpt, data_spec, split, samples, seed, device, arch=arch)
+    model, info, ds = load_model_and_data(ckpt, data_spec, split, samples, seed, device, arch=arch,
+                                          twin_options=twin_options)
     check_radii(requests, info.input_shape)
     data_spec = ds.spec
     torch.manual_seed(seed)

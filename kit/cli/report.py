@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from kit.cli.common import emit_json, table
+from kit.cli.common import emit_json, engine_input_option, table, twin_import_options
 from kit.errors import UserError
 
 __all__ = ["DEFAULT_RECHECK", "ReportFormat", "VERIFY_EXIT_STATUSES", "WAIVABLE", "report", "verify"]
@@ -179,13 +179,26 @@ def _engine_row(engine_path: Path, expected: str) -> dict[str, Any]:
     return row
 
 
+def _engine_input(doc: dict[str, Any], given: Any) -> Any:
+    """The engine's input convention: the report's (what it was audited with), or ``--engine-input`` if the report
+    records none; both and different: a UserError."""
+    from kit.convention import InputConvention
+
+    raw = doc["engine"].get("input_convention")
+    recorded = None if raw is None else InputConvention.from_dict(raw, "report: engine.input_convention")
+    if given is not None and recorded is not None and given != recorded:
+        raise UserError(f"--engine-input {given} contradicts the report, which audited the engine with {recorded}")
+    return given if given is not None else recorded
+
+
 @click.command("verify", epilog=VERIFY_EXIT_STATUSES)
 @click.argument("report_file", metavar="REPORT.json|DIR", type=click.Path(path_type=Path))
 @click.option("--engine", "engine_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The engine file the report says it audited (.onnx, .engine, or a checkpoint). An ONNX file's "
                    "external data files are hashed with it.")
 @click.option("--twin", "twin_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The twin checkpoint; its file sha256 is checked too. Required unless --waive twin.")
+              help="The twin; its file sha256 is checked too. Required unless --waive twin. A twin trained "
+                   "elsewhere takes the flags it was audited with (docs/byom.md).")
 @click.option("--recheck", type=click.IntRange(min=0), default=DEFAULT_RECHECK, show_default=True, metavar="N",
               help="Run the engine on up to N stored adversarials (adversarials.npz beside the report, spread across "
                    "attacks): each must still get the stored prediction, and not its true label. 0 skips the "
@@ -203,9 +216,12 @@ def _engine_row(engine_path: Path, expected: str) -> dict[str, Any]:
               help="With --recheck of a checkpoint engine whose architecture is your own Python file: that file, "
                    "imported (its code runs) only if NAME and its sha256 match the checkpoint. Never imported without "
                    "it.")
+@engine_input_option
+@twin_import_options
 @click.pass_context
 def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: Path | None, recheck: int,
-           waived: tuple[str, ...], data_spec: str | None, as_json: bool, arch: str | None = None) -> None:
+           waived: tuple[str, ...], data_spec: str | None, as_json: bool, arch: str | None = None,
+           engine_input: Any = None, twin_options: Any = None) -> None:
     """Check a report against the files it names and against its own per-example results.
 
     The sha256 of the engine (with an ONNX file's external data files), of the twin and of adversarials.npz must be
@@ -238,7 +254,8 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         from exporters.engines import load_engine
 
         if "engine" not in loaded:
-            loaded["engine"] = load_engine(engine_path, _device(), arch=arch)
+            loaded["engine"] = load_engine(engine_path, _device(), arch=arch,
+                                           input_convention=_engine_input(doc, engine_input))
         return loaded["engine"]
 
     doc = load_report(report_file)
@@ -303,9 +320,15 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         replay_note = "replayed"
         twin = None
         if twin_path is not None:
-            from kit.checkpoint import load_twin
+            import dataclasses
 
-            twin = load_twin(twin_path, device=_device(), arch=arch)[0]
+            from exporters.twins import load_any_twin
+
+            options = twin_options
+            same = twin_path.resolve() == engine_path.resolve()
+            if same and options.convention is None and not _engine().input_convention.identity:
+                options = dataclasses.replace(options, convention=_engine().input_convention)
+            twin = load_any_twin(twin_path, _device(), options).model
         replayed = replay_report(doc, _engine(), twin, _device(), stored=stored, spec=data_spec)
 
     differences = recompute_report(doc)
