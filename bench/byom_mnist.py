@@ -96,7 +96,12 @@ def main() -> None:
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = a.data.resolve()
-    trained = train_elsewhere(data, a.epochs, out)
+    done = out / "trained.json"  # a rerun reuses the training and the finished audits (delete --out to redo them)
+    if done.exists() and (out / "researcher.pth").exists() and (out / "user.onnx").exists():
+        trained = json.loads(done.read_text())
+    else:
+        trained = train_elsewhere(data, a.epochs, out)
+        done.write_text(json.dumps(trained))
     spec = f"mnist:{data}"
     t_import, imported = otkit("models", "import", str(out / "researcher.pth"), "--arch", "bench/byom_net.py:Net",
                                "--num-classes", "10", "--input-shape", "1,28,28", "--mean", str(MEAN), "--std",
@@ -108,14 +113,18 @@ def main() -> None:
     for name, twin, extra in (("weights twin", out / "imported.safetensors", ["--arch", "bench/byom_net.py:Net"]),
                               ("ONNX-only twin", out / "user.onnx", [])):
         folder = out / ("audit-" + name.split()[0].lower())
-        seconds, stdout = otkit("audit", "--engine", str(out / "user.onnx"), "--engine-input", "mnist", "--twin",
-                                str(twin), *extra, *common, "--out", str(folder))
-        doc = json.loads(stdout)
+        if (folder / "report.json").exists():
+            doc = json.loads((folder / "report.json").read_text())
+            seconds = doc["provenance"]["seconds"]
+        else:
+            seconds, stdout = otkit("audit", "--engine", str(out / "user.onnx"), "--engine-input", "mnist",
+                                    "--twin", str(twin), *extra, *common, "--out", str(folder))
+            doc = json.loads(stdout)
         audits[name] = {
             "seconds": seconds, "verdict": doc["verdict"], "status": doc["status"],
             "clean": {k: doc["clean"][k] for k in ("twin_accuracy", "engine_accuracy", "top1_agreement",
                                                       "max_logit_gap")},
-            "attacks": {r["attack"]: {"engine_auac": r["engine"]["auac"], "twin_auac": r["twin"]["auac"],
+            "attacks": {r["name"]: {"engine_auac": r["engine"]["auac"], "twin_auac": r["twin"]["auac"],
                                       "eps_max": r["eps_max"]} for r in doc["attacks"]},
             "checks": [f["id"] for f in doc["checks"]],
         }

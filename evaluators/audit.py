@@ -20,7 +20,8 @@ The method (``docs/audit.md`` explains it at length):
    eps_max of each L-inf / L2 threat model; where it fools an example that the twin-guided search calls robust on the
    engine at that radius, the ``black-box-beats-white-box`` flag says the twin's gradients do not represent the engine.
 5. **Gates**: ``min_auac`` per attack on the engine's AUAC. The report's ``status`` is ``fail`` when the verdict is
-   ``mismatch`` or a gate failed (``otkit audit`` exits 1), else ``pass``.
+   ``mismatch``, a gate failed, or a validity check raised an ``error`` flag that the user did not allow by id
+   (``--allow-flag``, recorded in the report) (``otkit audit`` exits 1), else ``pass``.
 
 Long audits keep per-batch state under ``OUT/.audit-state/`` and resume from it (:func:`run_audit` ``resume=True``);
 the report files are removed when an audit starts (after the resume state was checked) and written (report.json last)
@@ -58,6 +59,9 @@ from kit.io import atomic_write
 from kit.runtime import open_bar, progress_bar
 
 log = logging.getLogger(__name__)
+
+#: what every AUAC of an audit is; the report says so in its ``auac_bound`` field, its pages and the CLI's summary
+AUAC_BOUND = "empirical upper bound from attacks"
 
 SCHEMA = "otkit.report/1"
 STATE_DIR = ".audit-state"
@@ -133,8 +137,12 @@ class AuditConfig:
     blackbox_samples: int = 100
     blackbox_queries: int = 500
     n_boot: int = 1000
+    allowed_flags: Sequence[str] = ()
 
     def __post_init__(self) -> None:
+        unknown = [f for f in self.allowed_flags if f not in C.CHECKS]
+        if unknown:
+            raise UserError(f"unknown flag id(s) {', '.join(unknown)} in --allow-flag; known: {', '.join(C.CHECKS)}")
         if not self.attacks:
             raise UserError("no attack requested: give at least one --attack")
         names = [r.spec.name for r in self.attacks]
@@ -317,18 +325,28 @@ def side_record(eps_star: Any, eps_max: float, points: int, seed: int) -> dict[s
     }
 
 
-def clean_verdict(top1_agreement: float, tolerances: Tolerances) -> str:
-    """The clean comparison's verdict: ``match`` when the top-1 agreement is at least ``tolerances.agreement``."""
-    return Verdict.MATCH if top1_agreement >= tolerances.agreement else Verdict.MISMATCH
+def clean_verdict(top1_agreement: float, tolerances: Tolerances, max_logit_gap: float | None = None,
+                  gap_tolerance: float | None = None) -> str:
+    """The clean comparison's verdict: ``match`` when the top-1 agreement is at least ``tolerances.agreement`` and,
+    for an fp32 engine (``gap_tolerance`` given), the largest logit gap is within export's FP32 tolerance: an fp32
+    engine that computes something else (a wrong input convention, another model) is a mismatch even where its
+    predictions happen to agree."""
+    if top1_agreement < tolerances.agreement:
+        return Verdict.MISMATCH
+    if gap_tolerance is not None and not (max_logit_gap is not None and max_logit_gap <= gap_tolerance):
+        return Verdict.MISMATCH
+    return Verdict.MATCH
 
 
-def decide(clean: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gates: Sequence[Gate]
+def decide(clean: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gates: Sequence[Gate],
+           checks: Sequence[Mapping[str, Any]] = (), allowed: Sequence[str] = ()
            ) -> tuple[str, list[dict[str, Any]], str]:
     """The audit's verdict, gate records and status from its parts (:func:`run_audit`; ``otkit verify`` re-derives).
 
     The verdict is ``match`` only when the clean comparison and every attack's fidelity match; a gate passes when the
-    engine's AUAC under its attack is at least ``min_auac``; the status is ``pass`` when the verdict is ``match`` and
-    every gate passed, else ``fail``.
+    engine's AUAC under its attack is at least ``min_auac``; the status is ``pass`` when the verdict is ``match``,
+    every gate passed and no ``error`` flag of ``checks`` is outside ``allowed`` (ids the user waived with
+    ``--allow-flag``), else ``fail``.
     """
     verdict = Verdict.MATCH
     if clean["verdict"] == Verdict.MISMATCH or any(r["fidelity"]["verdict"] == Verdict.MISMATCH for r in records):
@@ -336,8 +354,14 @@ def decide(clean: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gates
     engine_auac = {r["name"]: r["engine"]["auac"] for r in records}
     out = [{"attack": g.attack, "min_auac": g.min_auac, "engine_auac": engine_auac[g.attack],
             "passed": engine_auac[g.attack] >= g.min_auac} for g in gates]
-    status = "pass" if verdict == Verdict.MATCH and all(g["passed"] for g in out) else "fail"
+    status = "pass" if verdict == Verdict.MATCH and all(g["passed"] for g in out) and \
+        not failing_flags(checks, allowed) else "fail"
     return verdict, out, status
+
+
+def failing_flags(checks: Sequence[Mapping[str, Any]], allowed: Sequence[str]) -> list[Mapping[str, Any]]:
+    """The ``error`` flags that fail an audit: those whose id the user did not allow (docs/checks.md)."""
+    return [c for c in checks if c["severity"] == C.Severity.ERROR.value and c["id"] not in allowed]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -507,7 +531,11 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     tols = cfg.tolerances
     engine_sha = engine_sha256(inp.engine_path)  # an ONNX file's external data files included
     twin_sha = "sha256:" + sha256_file(inp.twin_path)
-    key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"]}
+    # everything that changes the numbers: the configuration, the files, what the engine takes, the twin as built
+    # (an imported twin's weights and input convention, not only its source file) and the data
+    key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"],
+           "engine_input": engine.input_convention.to_dict(), "twin_weights": inp.twin_info.weights_sha256,
+           "twin_input": _twin_origin(inp.twin_info).get("input_convention")}
     state = _State(out, key, resume)  # checks only: a refused resume changes nothing on disk
     out.mkdir(parents=True, exist_ok=True)
     state.start()
@@ -516,13 +544,17 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     # 1. clean twins check
     twin_logits = _predict(twin, x, bs, "clean: twin")
     engine_logits = _predict(engine, x, bs, "clean: engine")
-    parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y)
+    parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y,
+                            runtime="tensorrt" if engine.backend == "tensorrt" else "onnxruntime")
+    # the FP32 tolerance holds where the engine computes in fp32 on the very pixels the twin sees
+    gap_tol = parity.tolerance if engine.input_convention.dtype == "float32" else None
     clean = {
         "twin_accuracy": parity.twin_accuracy,
         "engine_accuracy": parity.engine_accuracy,
         "top1_agreement": parity.top1_agreement,
         "max_logit_gap": parity.max_abs_diff,
-        "verdict": clean_verdict(parity.top1_agreement, tols),
+        "max_logit_gap_tolerance": gap_tol,
+        "verdict": clean_verdict(parity.top1_agreement, tols, parity.max_abs_diff, gap_tol),
     }
 
     # 2. sweeps, batch by batch (each batch independent of the others, resumable)
@@ -624,13 +656,15 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         bar.close()
 
     # 4. verdict and gates (the same function re-derives them in `otkit verify`)
-    verdict, gates, status = decide(clean, records, cfg.gates)
+    checks = [f.to_dict() for f in flags]
+    verdict, gates, status = decide(clean, records, cfg.gates, checks, cfg.allowed_flags)
 
     info = inp.twin_info
     doc = {
         "schema": SCHEMA,
         "status": status,
         "verdict": verdict,
+        "auac_bound": AUAC_BOUND,
         "engine": {"path": str(inp.engine_path), "sha256": engine_sha, "format": inp.engine_format,
                    "precision": engine.precision, "providers": list(getattr(engine, "providers", []) or []),
                    "input_convention": engine.input_convention.to_dict()},
@@ -640,7 +674,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         "clean": clean,
         "tolerances": asdict(tols),
         "attacks": records,
-        "checks": [f.to_dict() for f in flags],
+        "checks": checks,
+        "allowed_flags": sorted(set(cfg.allowed_flags)),
         "gates": gates,
         "statistics": {"points": cfg.points, "n_boot": cfg.n_boot},
         "artifacts": {"adversarials": "adversarials.npz" if adversarials else None},

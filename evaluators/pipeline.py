@@ -59,6 +59,7 @@ class AuditSection:
     min_agreement: float = 0.98
     alpha: float = 0.05
     gates: dict[str, float] = field(default_factory=dict)
+    allow_flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class RunConfig:
                            rungs=a.rungs, seed=seed, blackbox_samples=a.blackbox_samples,
                            tolerances=Tolerances(auac=a.tol_auac, curve=a.tol_curve, agreement=a.min_agreement,
                                                  alpha=a.alpha),
-                           gates=[Gate.parse(f"{k}={v}") for k, v in a.gates.items()])
+                           gates=[Gate.parse(f"{k}={v}") for k, v in a.gates.items()],
+                           allowed_flags=tuple(a.allow_flags))
 
     def validate(self, source: str = "the run") -> None:
         """Check the whole resolved run before any work: the training options and the defense's parameters, the

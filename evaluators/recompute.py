@@ -73,9 +73,11 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
             "engine": side_record(e, eps_max, points, seed),
             "fidelity": fidelity(t, e, eps_max, tols, points=points, n_boot=n_boot, seed=seed),
         })
-    clean = {"verdict": clean_verdict(doc["clean"]["top1_agreement"], tols)}
+    c = doc["clean"]
+    clean = {"verdict": clean_verdict(c["top1_agreement"], tols, c["max_logit_gap"], c.get("max_logit_gap_tolerance"))}
     gates = [Gate(str(g["attack"]), float(g["min_auac"])) for g in doc["gates"]]
-    verdict, gate_records, status = decide(clean, records, gates)
+    verdict, gate_records, status = decide(clean, records, gates, doc.get("checks", []),
+                                           doc.get("allowed_flags", []))
     return {"attacks": records, "clean": clean, "verdict": verdict, "gates": gate_records, "status": status}
 
 

@@ -51,8 +51,14 @@ def _attack_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _gate_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"attack": g["attack"], "min AUAC": _num(g["min_auac"]), "engine AUAC": _num(g["engine_auac"]),
+    return [{"attack": g["attack"], "min AUAC": _num(g["min_auac"]),
+             "engine AUAC (upper bound)": _num(g["engine_auac"]),
              "result": "pass" if g["passed"] else "FAIL"} for g in doc["gates"]]
+
+
+#: what every AUAC of an audit is (docs/audit.md): said wherever one is shown
+UPPER_BOUND = ("Every AUAC here comes from attacks: an empirical upper bound on robustness (a stronger attack can only "
+               "lower it), not a certificate.")
 
 
 def _title(doc: dict[str, Any]) -> str:
@@ -71,18 +77,31 @@ def _summary(doc: dict[str, Any]) -> str:
             f"PyTorch twin {_basename(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
             f"{d['spec']} (seed {d['seed']}). {k} attack(s) driven by the twin's gradients were evaluated on both "
             f"models: {matched} of {k} accuracy curve(s) match within tolerance (AUAC gap at most {tol['auac']:g}; "
-            f"curve gaps above {tol['curve']:g} count where McNemar p is below {tol['alpha']:g}). {gate_text}")
+            f"curve gaps above {tol['curve']:g} count where McNemar p is below {tol['alpha']:g}). {gate_text} "
+            f"{UPPER_BOUND}")
 
 
 def _clean_line(doc: dict[str, Any]) -> str:
     c = doc["clean"]
     return (f"twin accuracy {_num(c['twin_accuracy'])}, engine accuracy {_num(c['engine_accuracy'])}, top-1 agreement "
             f"{_num(c['top1_agreement'])} (at least {doc['tolerances']['agreement']:g} required), max logit gap "
-            f"{_num(c['max_logit_gap'], '.3g')}: {c['verdict']}")
+            f"{_num(c['max_logit_gap'], '.3g')}"
+            + (f" (fp32 tolerance {_num(c['max_logit_gap_tolerance'], '.3g')})"
+               if c.get("max_logit_gap_tolerance") is not None else "")
+            + f": {c['verdict']}")
 
 
 def _reasons(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return [(a["name"], a["fidelity"]["reason"]) for a in doc["attacks"] if a["fidelity"]["reason"].strip()]
+
+
+def _convention_text(d: dict[str, Any]) -> str:
+    from kit.convention import InputConvention
+
+    try:
+        return str(InputConvention.from_dict(d, "report"))
+    except Exception:  # a report is anyone's text; render what it says  # noqa: BLE001
+        return str(d)
 
 
 def _provenance_rows(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -96,6 +115,21 @@ def _provenance_rows(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
         ("twin checkpoint", t["path"], False),
         ("twin sha256", t["sha256"], True),
         ("twin weights sha256", t["weights_sha256"], True),
+    ]
+    conv = e.get("input_convention")
+    if conv and _convention_text(conv) != "identity":
+        rows.append(("engine input", _convention_text(conv) + " (applied outside the engine)", True))
+    if t.get("input_convention"):
+        rows.append(("twin input", _convention_text(t["input_convention"]) + " (folded into the twin)", True))
+    src = t.get("source")
+    if src:
+        rows.append(("twin imported from", f"{src.get('file')} ({src.get('kind')}, {src.get('sha256')})", False))
+        if src.get("parity"):
+            par = src["parity"]
+            rows.append(("twin vs ONNX Runtime", f"max logit gap {_num(par['max_abs_diff'], '.3g')}, top-1 agreement "
+                         f"{_num(par['top1_agreement'])} on {par['samples']} samples of {par['samples_from']}: "
+                         f"{par['verdict']}", False))
+    rows += [
         ("data", f"{d['spec']} ({d['split']}), n = {d['n']}, seed {d['seed']}", False),
         ("data fingerprint", d["fingerprint"], True),
         ("otkit", p["kit_version"], False),
@@ -171,8 +205,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     out += _md_table(gates) if gates else ["No AUAC gate was set."]
     out += ["", "## Checks", ""]
     if doc["checks"]:
-        out += [f"- **{_md(c['severity'])}** {_md_code(c['id'])} ({_md(c['attack'] or 'model')}): {_md(c['message'])}"
-                for c in doc["checks"]]
+        out += [f"- **{_md(c['severity'])}**{flag_effect(doc, c)} {_md_code(c['id'])} "
+                f"({_md(c['attack'] or 'model')}): {_md(c['message'])}" for c in doc["checks"]]
     else:
         out.append("No check raised a flag.")
     out += ["", "## Provenance", ""]
@@ -202,9 +236,10 @@ def plot_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, a in zip(axes.flat, attacks):
         grid = a["eps_grid"]
-        ax.plot(grid, a["twin"]["accuracy"], "-", color="tab:blue", label=f"twin (AUAC {a['twin']['auac']:.3f})")
+        ax.plot(grid, a["twin"]["accuracy"], "-", color="tab:blue",
+                label=f"twin (AUAC {a['twin']['auac']:.3f}, upper bound)")
         ax.plot(grid, a["engine"]["accuracy"], "--", color="tab:orange",
-                label=f"engine (AUAC {a['engine']['auac']:.3f})")
+                label=f"engine (AUAC {a['engine']['auac']:.3f}, upper bound)")
         verdict = a["fidelity"]["verdict"]
         ax.set_title(_mpl_text(f"{a['name']}: {verdict}"), fontsize=10,
                      color="tab:red" if verdict == "mismatch" else "black")
@@ -240,6 +275,13 @@ img{max-width:100%;height:auto;border:1px solid #d0d7de}
 
 def _h(text: Any) -> str:
     return html.escape(str(text), quote=True)
+
+
+def flag_effect(doc: dict[str, Any], check: dict[str, Any]) -> str:
+    """What an error flag did to the audit: `` (fails the audit)`` or `` (allowed by --allow-flag)``; else ``""``."""
+    if check["severity"] != "error":
+        return ""
+    return " (allowed by --allow-flag)" if check["id"] in doc.get("allowed_flags", []) else " (fails the audit)"
 
 
 def _html_table(rows: list[dict[str, str]], status_col: str) -> list[str]:
@@ -295,8 +337,8 @@ def render_html(doc: dict[str, Any], png_bytes: bytes | None) -> str:
         out.append("<ul>")
         for c in doc["checks"]:
             sev = c["severity"]
-            out.append(f'<li><span class="sev sev-{_h(sev)}">{_h(sev)}</span> <code>{_h(c["id"])}</code> '
-                       f"({_h(c['attack'] or 'model')}): {_h(c['message'])}</li>")
+            out.append(f'<li><span class="sev sev-{_h(sev)}">{_h(sev)}</span>{_h(flag_effect(doc, c))} '
+                       f'<code>{_h(c["id"])}</code> ({_h(c["attack"] or "model")}): {_h(c["message"])}</li>')
         out.append("</ul>")
     else:
         out.append("<p>No check raised a flag.</p>")

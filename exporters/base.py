@@ -147,9 +147,13 @@ def check_max_batch(max_batch: int) -> int:
     return max_batch
 
 
-def resolve_convention(metadata: dict[str, Any], given: InputConvention | None, label: str) -> InputConvention:
+def resolve_convention(metadata: dict[str, Any], given: InputConvention | None, label: str,
+                       flag: str = "--engine-input") -> InputConvention:
     """The input convention of an engine file: ``given`` (``--engine-input``), else what its metadata records
     (``input_convention``, written by the kit's exporter), else the kit's own pixels.
+
+    A file the kit exported before ``input_convention`` was recorded (it has ``format`` metadata) takes the kit's own
+    pixels: that is recorded too. ``flag`` names the option ``given`` came from, for the message.
 
     Raises
     ------
@@ -157,23 +161,29 @@ def resolve_convention(metadata: dict[str, Any], given: InputConvention | None, 
         Malformed recorded metadata, or ``given`` contradicting what the file records.
     """
     raw = metadata.get("input_convention")
+    if raw is None and str(metadata.get("format", "")).startswith("otkit."):
+        raw = IDENTITY.to_dict()
     recorded = None if raw is None else InputConvention.from_dict(raw, f"{label}: otkit.input_convention")
     if given is not None and recorded is not None and given != recorded:
-        raise UserError(f"--engine-input {given} contradicts {label}, which records its input as {recorded} "
-                        "(leave --engine-input out for files the kit wrote)")
+        raise UserError(f"{flag} {given} contradicts {label}, which records its input as {recorded} (the kit "
+                        f"exported it: leave {flag} out)")
     return given if given is not None else recorded if recorded is not None else IDENTITY
 
 
-def check_input_type(uint8_input: bool, convention: InputConvention, label: str) -> None:
-    """Refuse a convention whose element type cannot feed the engine's input (uint8 graphs take uint8 only).
+def check_input_type(input_dtype: str, convention: InputConvention, label: str) -> None:
+    """Refuse a convention whose element type cannot feed the engine's input (``input_dtype``: ``float32``,
+    ``float16`` or ``uint8``): a uint8 graph takes uint8 only, and float16 rounding is the graph's to do.
 
     Raises
     ------
     UserError
-        A uint8 input without ``dtype=uint8``, or ``dtype=uint8`` for a float input.
+        A uint8 input without ``dtype=uint8``, ``dtype=uint8`` for a float input, ``dtype=float16`` for a float32 one.
     """
-    if uint8_input and convention.dtype != "uint8":
-        raise UserError(f"{label} takes uint8 pixels (0-255): describe its input with --engine-input dtype=uint8")
-    if not uint8_input and convention.dtype == "uint8":
+    if input_dtype == "uint8" and convention.dtype != "uint8":
+        raise UserError(f"{label} takes uint8 pixels (0-255): describe its input with dtype=uint8 (--engine-input) "
+                        "or, for a twin, --input-range 0,255")
+    if input_dtype != "uint8" and convention.dtype == "uint8":
         raise UserError(f"{label} takes float input, not uint8: drop dtype=uint8 from --engine-input (range=0,255 "
                         "describes float 0-255 input)")
+    if input_dtype == "float32" and convention.dtype == "float16":
+        raise UserError(f"{label} takes float32 input: drop dtype=float16 from --engine-input")

@@ -28,6 +28,7 @@ graph; only a Python architecture file the user names (``--arch FILE.py:NAME``) 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -215,24 +216,52 @@ def _from_weights(path: Path, options: TwinOptions, convention: InputConvention,
     source.update(state_dict=where, prefixes_stripped=stripped, key=options.key)
     arch = options.arch
     convention.check_channels(shape[0], str(path))
-    if hub.is_hub_arch(arch):
-        model, record = hub.build_hub(arch, num_classes, shape)
-    elif is_file_arch(arch):
-        model, record = build_model(arch, num_classes, shape)
-    else:  # a zoo model: its own normalisation layer takes the convention (it is NCHW by construction)
-        if convention.layout != "nchw":
-            raise UserError(f"zoo model {arch} takes NCHW input: --input-layout {convention.layout} does not apply")
-        mean, std = _affine(convention, shape[0])
-        model, record = build_model(arch, num_classes, shape, {"mean": mean, "std": std})
-        own = {k: v for k, v in model.state_dict().items() if k.startswith("normalize.")}
-        if own and not any(k in state for k in own):
+    try:
+        if hub.is_hub_arch(arch):
+            model, record = hub.build_hub(arch, num_classes, shape)
+        elif is_file_arch(arch):
+            model, record = build_model(arch, num_classes, shape)
+        else:  # a zoo model: its own normalisation layer takes the convention (it is NCHW by construction)
+            if convention.layout != "nchw":
+                raise UserError(f"zoo model {arch} takes NCHW input: --input-layout {convention.layout} does not "
+                                "apply")
+            mean, std = _affine(convention, shape[0])
+            model, record = build_model(arch, num_classes, shape, {"mean": mean, "std": std})
+    except (RuntimeError, MemoryError) as e:  # e.g. an input shape whose layers do not fit in memory
+        raise UserError(f"cannot build {arch} for input shape {','.join(map(str, shape))}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    state, lead = _strip_shared_head(state, model)
+    if lead:
+        source["prefixes_stripped"] = [*stripped, lead]
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("normalize.")} if record["kind"] == "zoo" else {}
+    if own:
+        if not any(k in state for k in own):
             state = {**state, **own}  # weights trained outside the kit have no normalisation buffers: ours
-        elif own and options.convention is not None:
+        elif options.convention is not None and not options.convention.identity:
             raise UserError(f"{path} holds its own normalisation ({', '.join(sorted(own))}); drop "
                             "--input-range/--mean/--std")
-        convention = IDENTITY  # folded into the zoo model's normalisation
+        convention = IDENTITY  # folded into the zoo model's normalisation (ours, or the one the weights carry)
     layouts.load_strict(model, state, str(path))
+    if own:
+        record = {"kind": "zoo", "config": model.config}  # the normalisation the model holds now
+        source["normalization"] = {"mean": model.config.get("mean"), "std": model.config.get("std")}
     return _wrap(model, record, convention), record, shape, num_classes
+
+
+def _strip_shared_head(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """Drop one leading ``name.`` that every key carries when the rest is exactly the model's keys (PyTorch
+    Lightning's ``model.``, a wrapper's ``backbone.``); ``(state, "")`` when that is not so."""
+    expected = set(model.state_dict())
+    if set(state) == expected or not state or not all("." in k for k in state):
+        return state, ""
+    heads = {k.split(".", 1)[0] for k in state}
+    if len(heads) != 1:
+        return state, ""
+    rest = {k.split(".", 1)[1]: v for k, v in state.items()}
+    own = {k for k in expected if k.startswith("normalize.")}
+    if set(rest) == expected or set(rest) == expected - own:
+        return rest, f"{next(iter(heads))}."
+    return state, ""
 
 
 def _from_program(path: Path, options: TwinOptions, convention: InputConvention,
@@ -241,6 +270,12 @@ def _from_program(path: Path, options: TwinOptions, convention: InputConvention,
 
     _no_arch(options, path)
     model, meta = from_program.load_program(path)
+    if not meta.get("batch_dynamic"):
+        raise UserError(f"{path} was exported for one batch size only: export it with a dynamic batch dimension, "
+                        "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))")
+    if meta.get("input_dtype", "float32") != "float32":
+        raise UserError(f"{path} takes {meta['input_dtype']} input: export the program with float32 input (the twin "
+                        "computes in float32)")
     native = meta.get("input_shape")
     kit_shape = None if native is None else _kit_shape(tuple(native), convention)
     shape = _input_shape(options, kit_shape, str(path))
@@ -257,26 +292,33 @@ def _from_onnx(path: Path, options: TwinOptions, convention: InputConvention, so
     from exporters.graph import graph_interface, infer_precision, load_onnx, read_metadata
     from exporters.onnx.runner import OnnxRuntimeEngine
     from exporters.parity import compare_logits
-    from kit.twins.from_onnx import OnnxModule, graph_skeleton
+    from kit.twins.from_onnx import graph_skeleton, onnx_to_torch
 
     _no_arch(options, path)
     proto, _, label = load_onnx(path)
     meta = read_metadata(proto)
-    engine = OnnxRuntimeEngine(path, input_convention=options.convention)  # the file's own record when not stated
+    given = options.convention
+    # the ONNX Runtime session the twin is checked against takes what the graph takes: a uint8 graph is fed uint8
+    # pixels, while the twin takes the same values unrounded (kit.convention.InputModule)
+    uint8 = _graph_input_type(proto) == "uint8"
+    if given is not None and uint8 and given.dtype != "uint8":
+        given = dataclasses.replace(given, dtype="uint8")
+    engine = OnnxRuntimeEngine(path, input_convention=given,
+                               convention_flag="--input-range/--mean/--std/--input-layout")
     convention = engine.input_convention
     io = graph_interface(proto, label, meta, layout=convention.layout)
     shape = _input_shape(options, io.input_shape, str(path))
     num_classes = _num_classes(options, io.num_classes, str(path))
-    module = OnnxModule(proto)
+    x, what = _check_samples(samples, options, shape, str(path))
+    module = onnx_to_torch(path)  # reads external data from the model's folder
     record = {"kind": "onnx", "graph": base64.b64encode(graph_skeleton(proto)).decode("ascii"),
               "conversion": module.report}
     model = _wrap(module, record, convention)
     precision = str(meta.get("precision") or infer_precision(proto))
     # the check: the rebuilt module against ONNX Runtime on the same pixels (exact tolerance for an fp32 graph; an
     # fp16 / int8 graph's float twin is reported, as export reports its reduced-precision files)
-    x, what = _check_samples(samples, options, shape)
     with torch.no_grad():
-        twin_logits = model(x).float()
+        twin_logits = model(convention.as_seen(x)).float()
     parity = compare_logits(twin_logits, engine(x), precision=precision, name=f"{path.name} rebuilt in torch")
     source.update(precision=precision, conversion=module.report,
                   parity={**parity.to_dict(), "samples_from": what})
@@ -288,6 +330,17 @@ def _from_onnx(path: Path, options: TwinOptions, convention: InputConvention, so
                         "it cannot serve as the twin")
     log.debug("ONNX twin check: %s", parity.summary())
     return model, record, shape, num_classes, source["parity"]
+
+
+def _graph_input_type(proto: Any) -> str:
+    """The element type name of the graph's first non-initializer input (``float``, ``uint8``, ...)."""
+    import onnx
+
+    initializers = {i.name for i in proto.graph.initializer}
+    for i in proto.graph.input:
+        if i.name not in initializers:
+            return onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
+    return ""
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -346,17 +399,28 @@ def _num_classes(options: TwinOptions, found: int | None, what: str) -> int:
     return int(k)
 
 
-def _check_samples(samples: torch.Tensor | None, options: TwinOptions,
-                   shape: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+def _check_samples(samples: torch.Tensor | None, options: TwinOptions, shape: tuple[int, int, int],
+                   what: str) -> tuple[torch.Tensor, str]:
+    """The real pixels an ONNX twin is checked on (the audit's, the ``--dataset``'s test images, else noise), after
+    checking that they fit the graph."""
     if samples is not None:
-        return samples[:NOISE_SAMPLES * 4].detach().to("cpu", torch.float32), "the audited data"
-    if options.dataset:
+        x, where = samples[:NOISE_SAMPLES * 4].detach().to("cpu", torch.float32), "the audited data"
+    elif options.dataset:
         from kit.data import load_dataset
 
         ds = load_dataset(options.dataset, "test", seed=0).subset(NOISE_SAMPLES * 4, seed=0, notice=False)
-        return ds.x, f"{options.dataset} (test)"
-    g = torch.Generator().manual_seed(0)
-    return torch.rand((NOISE_SAMPLES, *shape), generator=g), "uniform noise (no --dataset given)"
+        x, where = ds.x, f"{options.dataset} (test)"
+    else:
+        g = torch.Generator().manual_seed(0)
+        return torch.rand((NOISE_SAMPLES, *shape), generator=g), "uniform noise (no --dataset given)"
+    got = tuple(int(v) for v in x.shape[1:])
+    if got != tuple(shape):
+        c, h, w = shape
+        hint = " (an NHWC graph? give --input-layout nhwc, or layout=nhwc in --engine-input)" \
+            if (c, h, w) == (got[1], got[2], got[0]) else ""
+        raise UserError(f"{what} takes inputs {'x'.join(map(str, shape))} but the data has "
+                        f"{'x'.join(map(str, got))}{hint}")
+    return x, where
 
 
 def _info(record: dict[str, Any], classes: list[str], shape: tuple[int, int, int], convention: InputConvention,

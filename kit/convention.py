@@ -13,7 +13,8 @@ The mapping, per channel c::
 with ``range=(lo, hi)``, and ``mean``/``std`` in the units of that range (torchvision's 0.485/0.229 for a [0, 1]
 model, 123.7/58.4 for a 0-255 one).
 
-Text form (``--engine-input``, ``otkit models import --input``), fields separated by ``;`` or spaces, lists by commas::
+Text form (``--engine-input``), fields separated by ``;`` or spaces, lists by commas (``otkit models import`` takes the
+same fields as separate flags: ``--input-range``, ``--mean``, ``--std``, ``--input-layout``)::
 
     range=0,255;layout=nhwc;dtype=uint8
     imagenet                      # a preset: mean 0.485,0.456,0.406 std 0.229,0.224,0.225
@@ -32,7 +33,7 @@ import torch
 
 from kit.errors import UserError
 
-__all__ = ["IDENTITY", "LAYOUTS", "PRESETS", "DTYPES", "InputConvention", "InputModule", "parse_convention"]
+__all__ = ["DTYPES", "IDENTITY", "LAYOUTS", "PRESETS", "InputConvention", "InputModule", "floats", "parse_convention"]
 
 LAYOUTS = ("nchw", "nhwc")
 DTYPES = ("float32", "float16", "uint8")
@@ -76,7 +77,8 @@ class InputConvention:
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None and (not v or not all(math.isfinite(t) for t in v)):
-                raise UserError(f"input {name} must be finite numbers (one per channel, or one), got {v}")
+                raise UserError(f"input {name} must be finite numbers (one per channel, or one), got "
+                            f"{','.join(map(str, v)) if v else 'nothing'}")
         if self.std is not None and not all(t > 0 for t in self.std):
             raise UserError(f"input std must be positive, got {','.join(map(str, self.std))}")
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std) \
@@ -125,12 +127,15 @@ class InputConvention:
         unknown = set(d) - {"range", "mean", "std", "layout", "dtype"}
         if unknown:
             raise UserError(f"{source}: unknown input convention field(s) {', '.join(sorted(unknown))}")
-        try:
-            rng = tuple(float(v) for v in d.get("range", (0, 1)))
-            mean = None if d.get("mean") is None else tuple(float(v) for v in d["mean"])
-            std = None if d.get("std") is None else tuple(float(v) for v in d["std"])
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{source}: malformed input convention ({e})") from e
+        def numbers(v: Any, name: str) -> tuple[float, ...]:
+            if not isinstance(v, (list, tuple)) or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                                           for t in v):
+                raise UserError(f"{source}: input convention {name} must be a list of numbers")
+            return tuple(float(t) for t in v)
+
+        rng = numbers(d.get("range", [0, 1]), "range")
+        mean = None if d.get("mean") is None else numbers(d["mean"], "mean")
+        std = None if d.get("std") is None else numbers(d["std"], "std")
         if len(rng) != 2:
             raise UserError(f"{source}: input range must be two numbers, got {list(rng)}")
         layout, dtype = d.get("layout", "nchw"), d.get("dtype", "float32")
@@ -196,13 +201,15 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def _floats(text: str, field: str) -> tuple[float, ...]:
+def floats(text: str, field: str) -> tuple[float, ...]:
+    """``"a,b,c"`` as finite numbers (one per channel); an empty entry, a word or a NaN is a UserError."""
+    parts = text.split(",")
     try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError as e:
-        raise UserError(f"input {field} must be numbers separated by commas, got {text!r}") from e
-    if not values:
-        raise UserError(f"input {field} is empty")
+        values = tuple(float(t) for t in parts)
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UserError(f"input {field} must be finite numbers separated by commas, got {text!r}")
     return values
 
 
@@ -219,7 +226,12 @@ def parse_convention(text: str) -> InputConvention:
         An unknown key or preset, a malformed value, or a combination :class:`InputConvention` refuses.
     """
     fields: dict[str, Any] = {}
-    for token in (t for t in re.split(r"[;\s]+", text.strip()) if t):
+    tokens = [t for t in re.split(r"[;\s]+", text.strip()) if t]
+    if not tokens:
+        raise UserError("empty input description: give key=value fields (range, mean, std, layout, dtype) or a preset "
+                        f"({', '.join(['identity', *PRESETS])})")
+    preset = False
+    for token in tokens:
         key, sep, value = token.partition("=")
         key = key.strip().lower()
         if not sep:
@@ -229,22 +241,26 @@ def parse_convention(text: str) -> InputConvention:
                 raise UserError(f"unknown input convention {token!r}: give key=value fields (range, mean, std, "
                                 f"layout, dtype) or a preset ({', '.join(['identity', *PRESETS])})")
             fields.update(PRESETS[key])
+            preset = True
             continue
         if key == "range":
-            lo_hi = _floats(value, "range")
+            lo_hi = floats(value, "range")
             if len(lo_hi) == 1:
                 lo_hi = (0.0, lo_hi[0])
             if len(lo_hi) != 2:
                 raise UserError(f"input range must be LO,HI, got {value!r}")
             fields["range"] = lo_hi
         elif key in ("mean", "std"):
-            fields[key] = _floats(value, key)
+            fields[key] = floats(value, key)
         elif key in ("layout", "dtype"):
             fields[key] = value.strip().lower()
         else:
             raise UserError(f"unknown input convention field {key!r}: use range, mean, std, layout, dtype")
     if fields.get("dtype") == "uint8":
         fields.setdefault("range", (0.0, 255.0))
+    if preset and tuple(fields.get("range", (0.0, 1.0))) != (0.0, 1.0):
+        raise UserError("a preset's mean and std are in [0, 1] units: with another range give mean= and std= in the "
+                        "units of that range")
     if "range" in fields:
         fields["range"] = (float(fields["range"][0]), float(fields["range"][1]))
     return InputConvention(**fields)
@@ -260,11 +276,9 @@ class InputModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, convention: InputConvention) -> None:
         super().__init__()
-        if not convention.differentiable:
-            raise UserError("a twin cannot take uint8 input (gradients do not pass a rounding): describe a float "
-                            "input for it")
         self.model = model
-        # a float16 engine input still feeds a float twin: the twin computes in its own dtype
+        # the twin computes in its own dtype: a float16 engine input feeds it float32, and a uint8 one the same 0-255
+        # values unrounded (gradients do not pass a rounding; a uint8 graph's first Cast is then the identity)
         self.convention = dataclasses.replace(convention, dtype="float32")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Run-time settings shared by the library and the CLI: device choice, seeding and progress bars.
 
 Progress bars go to stderr and are silent when stdout or stderr is not a terminal, or when the user asked for quiet.
+torch and numpy are imported by the functions that need them: the CLI's root callback imports this module for
+:func:`set_quiet`, and ``otkit COMMAND --help`` must not pay for torch.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -137,6 +139,8 @@ def model_tensor(model: torch.nn.Module) -> torch.Tensor | None:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s tensors are (:func:`model_tensor`; the CPU for a model without any)."""
+    import torch
+
     t = model_tensor(model)
     return t.device if t is not None else torch.device("cpu")
 
@@ -147,6 +151,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     ``auto`` picks the first CUDA device when one is present, else the CPU. Asking for CUDA where there is none, or for
     a device index that does not exist, is a :class:`UserError`.
     """
+    import torch
+
     if isinstance(spec, torch.device):
         return spec
     spec = (spec or "auto").strip().lower()
@@ -169,6 +175,9 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

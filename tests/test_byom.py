@@ -280,3 +280,110 @@ def test_load_any_twin_leaves_kit_checkpoints_as_they_are(digits_model):
     twin = load_any_twin(digits_model[0])
     model, info = load_twin(digits_model[0])
     assert twin.kind == "checkpoint" and twin.info.weights_sha256 == info.weights_sha256
+
+
+# ------------------------------------------------------------------------------ found by review: each a repro
+def _strip_metadata(src: Path, dst: Path, keep_format: bool) -> Path:
+    model = onnx.load(src)
+    keep = [(p.key, p.value) for p in model.metadata_props if keep_format and p.key == "otkit.format"]
+    del model.metadata_props[:]
+    for k, v in keep:
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, dst)
+    return dst
+
+
+def test_a_wrong_engine_input_cannot_pass(digits_model, tmp_path):
+    """A kit export without input_convention metadata (written before it existed) refuses a description; a file
+    with no metadata at all, described wrongly, fails on the fp32 logit gap even where top-1 predictions agree."""
+    from exporters.checkpoint import export_checkpoint
+
+    kit_onnx = export_checkpoint(digits_model[0], "onnx", tmp_path / "m.onnx").path
+    older = _strip_metadata(kit_onnx, tmp_path / "older.onnx", keep_format=True)
+    args = ["--attack", "pgd-linf@0.3", "--samples", "16", "--rungs", "2", "--blackbox-samples", "0"]
+    assert_user_error(run("-q", "audit", "--engine", older, "--engine-input", "mean=0.01;std=1.01", "--twin",
+                          digits_model[0], *args, "--out", tmp_path / "a"), "contradicts")
+    bare = _strip_metadata(kit_onnx, tmp_path / "bare.onnx", keep_format=False)
+    res = run("-q", "audit", "--engine", bare, "--engine-input", "mean=0.01;std=1.01", "--twin", digits_model[0],
+              *args, "--json", "--out", tmp_path / "b")
+    assert res.exit_code == 1, res.output
+    clean = json.loads(res.stdout)["clean"]
+    assert clean["verdict"] == "mismatch" and clean["max_logit_gap"] > clean["max_logit_gap_tolerance"]
+    assert "max logit gap" in res.stderr
+
+
+def test_verify_refuses_a_twin_built_with_other_flags(elsewhere, tmp_path):
+    engine = elsewhere["paths"]["onnx"]
+    flags = ["--arch", elsewhere["arch"], "--num-classes", 10, "--input-shape", "1,16,16"]
+    res = run("-q", "audit", "--engine", engine, "--engine-input", "mean=0.5;std=0.25", "--twin",
+              elsewhere["paths"]["bare"], *flags, "--mean", "0.5", "--std", "0.25", "--attack", "pgd-linf@0.3",
+              "--samples", "16", "--rungs", "2", "--blackbox-samples", "0", "--data", "digits:16", "--out",
+              tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    good = run("verify", tmp_path / "a", "--engine", engine, "--twin", elsewhere["paths"]["bare"], *flags, "--recheck",
+               2)
+    assert good.exit_code == 0, good.output  # the report's folded convention is the default
+    bad = run("verify", tmp_path / "a", "--engine", engine, "--twin", elsewhere["paths"]["bare"], *flags, "--mean",
+              "0.4", "--std", "0.25", "--recheck", 2)
+    assert bad.exit_code == 1 and "twin input convention differs" in bad.stderr
+
+
+def test_twins_that_cannot_run_are_refused_before_use(elsewhere, tmp_path):
+    paths = elsewhere["paths"]
+    # a graph whose shape does not fit the data: one line, with the NHWC hint where it applies
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+
+        class NHWC(nn.Module):
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, z):
+                return self.net(z.permute(0, 3, 1, 2))
+
+        nhwc = tmp_path / "nhwc.onnx"
+        torch.onnx.export(NHWC(elsewhere["net"]).eval(), (torch.rand(2, 16, 16, 1),), str(nhwc), dynamo=False,
+                          opset_version=18, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    assert_user_error(run("models", "import", nhwc, "--dataset", "digits:16", "--out", tmp_path / "o.safetensors"),
+                      "--input-layout nhwc")
+    assert run("models", "import", nhwc, "--dataset", "digits:16", "--input-layout", "nhwc", "--mean", "0.5",
+               "--std", "0.25", "--out", tmp_path / "o.safetensors").exit_code == 0
+    # a program traced for one batch size
+    static = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(elsewhere["net"], (torch.rand(2, 1, 16, 16),)), static)
+    assert_user_error(run("models", "import", static, "--out", tmp_path / "s.safetensors"), "dynamic batch")
+    # a shape whose layers do not fit in memory
+    assert_user_error(run("models", "import", paths["bare"], "--arch", "cnn-small", "--num-classes", 10,
+                          "--input-shape", "1,60000,60000", "--out", tmp_path / "h.safetensors"), "cannot build")
+    # the flags a contradiction names are the ones given
+    assert_user_error(run("models", "import", _kit_onnx(tmp_path), "--mean", "0.5", "--out",
+                          tmp_path / "k.safetensors"), "--input-range/--mean/--std/--input-layout", "contradicts")
+
+
+def _kit_onnx(tmp_path: Path) -> Path:
+    import models as zoo
+    from exporters.onnx.write import export_onnx
+
+    model = zoo.create("cnn-small", num_classes=10, input_shape=(1, 16, 16)).eval()
+    return export_onnx(model, tmp_path / "kit.onnx", torch.rand(8, 1, 16, 16)).path
+
+
+def test_external_data_and_lightning_prefixes_import(elsewhere, tmp_path):
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    model = onnx.load(elsewhere["paths"]["onnx"])
+    onnx.save(model, ext / "net.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+              size_threshold=0)
+    twin = import_twin(ext / "net.onnx", TwinOptions(convention=NORM))
+    with torch.no_grad():
+        torch.testing.assert_close(twin.model(elsewhere["x"]), expected(elsewhere), rtol=0, atol=1e-4)
+    ckpt = tmp_path / "lightning.ckpt"
+    torch.save({"epoch": 3, "state_dict": {"model." + k: v for k, v in elsewhere["net"].state_dict().items()}},
+               ckpt)
+    twin = import_twin(ckpt, TwinOptions(arch=elsewhere["arch"], num_classes=10, input_shape=(1, 16, 16),
+                                         convention=NORM))
+    assert twin.info.source["prefixes_stripped"] == ["model."]
+    with torch.no_grad():
+        assert torch.equal(twin.model(elsewhere["x"]), expected(elsewhere))

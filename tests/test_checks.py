@@ -56,9 +56,12 @@ def _ids(flags):
     return {f.id for f in flags}
 
 
-def test_every_check_has_a_doc_section():
-    sections = set(re.findall(r"^## (\S+)", DOCS.read_text(), re.M))
+def test_every_check_has_a_doc_section_and_its_severity_in_the_table():
+    text = DOCS.read_text()
+    sections = set(re.findall(r"^## ([a-z0-9-]+)$", text, re.M))
     assert sections == set(C.CHECKS)
+    table = dict(re.findall(r"^\| `([a-z0-9-]+)` \| (info|warning|error) \|$", text, re.M))
+    assert table == {k: v[0].value for k, v in C.CHECKS.items()}
 
 
 def test_normal_model_raises_no_model_level_flags(digits_model, data):

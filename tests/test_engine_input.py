@@ -170,3 +170,13 @@ def test_engine_run_compares_a_foreign_engine_with_its_twin(foreign):
     # the twin is given the pixels the uint8 engine sees (rounded to 1/255): FP32 parity holds
     assert doc["parity"]["verdict"] == "pass" and doc["parity"]["top1_agreement"] == 1.0
     assert doc["engine"]["input_convention"]["dtype"] == "uint8"
+
+
+def test_a_uint8_engine_is_its_own_twin(foreign, tmp_path):
+    """The twin rebuilt from a uint8 graph takes the same 0-255 values unrounded; the audit matches."""
+    _, files = foreign
+    res = run("-q", "audit", "--engine", files["uint8"], "--twin", files["uint8"], "--engine-input", "dtype=uint8",
+              *AUDIT, "--out", tmp_path / "r", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["verdict"] == "match" and doc["twin"]["input_convention"]["range"] == [0.0, 255.0]

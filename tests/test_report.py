@@ -318,13 +318,13 @@ def test_markdown_tables_carry_the_numbers(doc):
     gates = parse_md_table(md, "attack | min AUAC")
     assert [(g["attack"], float(g["min AUAC"]), g["result"]) for g in gates] == [("pgd-linf", 0.2, "pass"),
                                                                                  ("pgd-l2", 0.9, "FAIL")]
-    assert float(gates[1]["engine AUAC"]) == pytest.approx(doc["attacks"][1]["engine"]["auac"], abs=5e-5)
+    assert float(gates[1]["engine AUAC (upper bound)"]) == pytest.approx(doc["attacks"][1]["engine"]["auac"], abs=5e-5)
     assert "AUAC gap" in md and "beyond tolerance" in md  # the mismatch reason
     clean = next(line for line in md.splitlines() if line.startswith("**Clean inputs:**"))
     assert "top-1 agreement 1.0000" in clean and "3.5e-06" in clean
     # checks with severity, a pipe in a message escaped; hashes and the kit version in the provenance
     assert "- **warning** `zero-gradients` (model): 3 of 64 examples \\| zero" in md
-    assert "- **error** `adversarial-not-verified` (pgd-linf)" in md
+    assert "- **error** (fails the audit) `adversarial-not-verified` (pgd-linf)" in md
     for h in (doc["engine"]["sha256"], doc["twin"]["sha256"], doc["data"]["fingerprint"]):
         assert f"`{h}`" in md
     assert "- otkit: 0.1.0" in md and "<" not in md.replace("\\<", "")
@@ -416,8 +416,8 @@ def test_plot_draws_twin_solid_and_engine_dashed_on_the_grid(doc, monkeypatch):
         assert list(xt) == a["eps_grid"] == list(xe)
         assert list(yt) == a["twin"]["accuracy"] and list(ye) == a["engine"]["accuracy"]
         assert (st, se) == ("-", "--")
-        assert kt["label"] == f"twin (AUAC {a['twin']['auac']:.3f})"
-        assert ke["label"] == f"engine (AUAC {a['engine']['auac']:.3f})"
+        assert kt["label"] == f"twin (AUAC {a['twin']['auac']:.3f}, upper bound)"
+        assert ke["label"] == f"engine (AUAC {a['engine']['auac']:.3f}, upper bound)"
     one = copy.deepcopy(doc)
     one["attacks"] = one["attacks"][:1]
     w2 = Image.open(io.BytesIO(png)).size[0]

@@ -139,16 +139,17 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, source: str | Path | bytes, device: str | torch.device = "cpu",
                  providers: Sequence[str] | None = None, max_batch: int | None = None,
-                 name: str | None = None, input_convention: InputConvention | None = None) -> None:
+                 name: str | None = None, input_convention: InputConvention | None = None,
+                 convention_flag: str = "--engine-input") -> None:
         import onnxruntime as ort
 
         proto, data, label = load_onnx(source)
         external = [] if isinstance(source, (bytes, bytearray)) or not uses_external_data(proto) else \
             external_data_files(proto, source)
         self.metadata = read_metadata(proto)
-        convention = resolve_convention(self.metadata, input_convention, label)
+        convention = resolve_convention(self.metadata, input_convention, label, convention_flag)
         self._io = graph_interface(proto, label, self.metadata, layout=convention.layout)
-        check_input_type(self._io.input_dtype is np.uint8, convention, label)
+        check_input_type(np.dtype(self._io.input_dtype).name, convention, label)
         self.device = torch.device(device)
         short = [p.strip().lower() for p in (providers or (["cpu"] if self.device.type == "cpu" else ["cuda"]))]
         unknown = [p for p in short if p not in PROVIDERS]

@@ -98,7 +98,7 @@ class TensorRTEngine(Engine):
         if in_type not in dtypes or out_type not in dtypes or dtypes[out_type] is torch.uint8:
             raise UserError(f"{name}: input must be float32, float16 or uint8 and output float32 or float16, got "
                             f"{in_type} and {out_type}")
-        check_input_type(dtypes[in_type] is torch.uint8, convention, name)
+        check_input_type(str(dtypes[in_type]).removeprefix("torch."), convention, name)
         self._in_dtype, self._out_dtype = dtypes[in_type], dtypes[out_type]
         in_shape, out_shape = _dims(engine.get_tensor_shape(self._in)), _dims(engine.get_tensor_shape(self._out))
         if len(in_shape) != 4 or len(out_shape) != 2:

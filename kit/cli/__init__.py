@@ -98,7 +98,8 @@ class KitGroup(click.Group):
 def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) -> None:
     """otkit: robustness certification and deployment for image classifiers.
 
-    Train defended networks, export them, audit deployed engines and issue AUAC robustness reports.
+    Train defended networks, export them, audit deployed engines and issue AUAC robustness reports (AUACs from
+    attacks: empirical upper bounds on robustness, not certificates).
     """
     from kit.runtime import set_quiet
 

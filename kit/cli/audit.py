@@ -59,21 +59,38 @@ AUDIT_COLUMNS = ["attack", "norm", "eps_max", "twin AUAC", "engine AUAC", "gap",
                  "verdict"]
 
 
+def flag_ids() -> list[str]:
+    """The validity checks' ids (for --allow-flag's help; imports the checks when called)."""
+    from evaluators.checks import CHECKS
+
+    return list(CHECKS)
+
+
+def flag_effect(doc: dict[str, Any], check: dict[str, Any]) -> str:
+    from evaluators.render import flag_effect as effect
+
+    return effect(doc, check)
+
+
 def print_audit(doc: dict[str, Any]) -> None:
     """The audit's one-screen summary on stdout."""
     c = doc["clean"]
     click.echo(f"engine {doc['engine']['path']} [{doc['engine']['format']}, {doc['engine']['precision']}] vs twin "
                f"{doc['twin']['path']} on {doc['data']['n']} examples of {doc['data']['spec']}")
+    gap_tol = c.get("max_logit_gap_tolerance")
     click.echo(f"clean: twin {c['twin_accuracy']:.4f}, engine {c['engine_accuracy']:.4f}, top-1 agreement "
-               f"{c['top1_agreement']:.4f}, max logit gap {c['max_logit_gap']:.3g} -> {c['verdict']}\n")
+               f"{c['top1_agreement']:.4f}, max logit gap {c['max_logit_gap']:.3g}"
+               f"{f' (fp32 tolerance {gap_tol:.3g})' if gap_tol is not None else ''} -> {c['verdict']}\n")
     click.echo(table(audit_rows(doc), AUDIT_COLUMNS))
+    click.echo("(every AUAC comes from attacks: an empirical upper bound on robustness, not a certificate)")
     for g in doc["gates"]:
-        click.echo(f"gate {g['attack']}: engine AUAC {g['engine_auac']:.4f} >= {g['min_auac']:.4f}: "
+        click.echo(f"gate {g['attack']}: engine AUAC (upper bound) {g['engine_auac']:.4f} >= {g['min_auac']:.4f}: "
                    f"{'passed' if g['passed'] else 'FAILED'}")
     if doc["checks"]:
         click.echo("\nchecks (see docs/checks.md):")
         for f in doc["checks"]:
-            click.echo(f"  [{f['severity']}] {f['id']} ({f['attack'] or 'model'}): {f['message']}")
+            click.echo(f"  [{f['severity']}]{flag_effect(doc, f)} {f['id']} ({f['attack'] or 'model'}): "
+                       f"{f['message']}")
     click.echo(f"\nverdict: {doc['verdict']}   status: {doc['status']}")
 
 
@@ -103,6 +120,9 @@ def print_audit(doc: dict[str, Any]) -> None:
               help="Examples attacked by Square directly on the engine (0: skip the black-box check).")
 @click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDERS),
               help="ONNX Runtime provider (repeatable; default: the --device's).")
+@click.option("--allow-flag", "allowed_flags", multiple=True, metavar="ID", cls=ListedOption, listed=flag_ids,
+              help="Let an error-level validity flag pass instead of failing the audit (repeatable; recorded in the "
+                   "report; docs/checks.md).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted audit in --out.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for report.json, report.md, report.html, curves.png, adversarials.npz.")
@@ -115,9 +135,12 @@ def print_audit(doc: dict[str, Any]) -> None:
 def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str | None, split: str,
           attacks: tuple[str, ...], eps_max: float | None, samples: int, batch_size: int, rungs: int,
           tol_auac: float, tol_curve: float, min_agreement: float, alpha: float, gates: tuple[str, ...], blackbox_samples: int,
-          providers: tuple[str, ...], resume: bool, out: Path, seed: int | None, as_json: bool,
-          arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
+          providers: tuple[str, ...], allowed_flags: tuple[str, ...], resume: bool, out: Path, seed: int | None,
+          as_json: bool, arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Audit a deployed engine against its PyTorch twin and write the AUAC robustness report.
+
+    Every AUAC comes from attacks: an empirical upper bound on the engine's robustness (a stronger attack can only
+    lower it), not a certificate.
 
     Every candidate is crafted with the twin's gradients and judged by both the twin and the engine; the curves,
     their gaps and the verdict go to OUT/report.json (schema otkit.report/1) with report.md, report.html and
@@ -134,7 +157,7 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     cfg = AuditConfig(attacks=[AttackRequest.parse(a, eps_max) for a in attacks], batch_size=batch_size,
                       rungs=rungs, seed=seed, gates=[Gate.parse(g) for g in gates],
                       tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
-                      blackbox_samples=blackbox_samples)
+                      blackbox_samples=blackbox_samples, allowed_flags=allowed_flags)
     device = command_device(ctx)
     command = shlex.join(["otkit", *sys.argv[1:]])
     # one process per report folder, for the whole audit; taken first, so a second audit is refused at once (a
@@ -157,9 +180,13 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
     clean = doc["clean"]
     if clean["verdict"] != "match":
-        click.echo(f"clean top-1 agreement {clean['top1_agreement']:.4f} < {min_agreement}: the engine and the twin "
-                   "disagree before any attack; if either was made outside the kit, check what it takes "
-                   "(--engine-input, --input-range/--mean/--std/--input-layout; docs/byom.md)", err=True)
+        gap_tol = clean.get("max_logit_gap_tolerance")
+        what = (f"clean top-1 agreement {clean['top1_agreement']:.4f} < {min_agreement}"
+                if clean["top1_agreement"] < min_agreement else
+                f"clean max logit gap {clean['max_logit_gap']:.3g} > the fp32 tolerance {gap_tol:.3g}")
+        click.echo(f"{what}: the engine and the twin disagree before any attack; if either was made outside the kit, "
+                   "check what it takes (--engine-input, --input-range/--mean/--std/--input-layout; docs/byom.md)",
+                   err=True)
     if doc["status"] != "pass":
         ctx.exit(1)
 

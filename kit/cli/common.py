@@ -18,6 +18,7 @@ import click
 
 import kit
 from exporters.formats import ORT_PROVIDERS
+from kit.errors import UserError
 
 __all__ = [
     "EXIT_INTERRUPTED", "EXIT_STATUSES", "PROVIDERS", "AliasOption", "LazyChoice", "ListedOption", "arch_option",
@@ -244,19 +245,28 @@ def twin_import_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_twin_options(given: dict[str, Any], arch: str | None = None, dataset: str | None = None) -> Any:
-    """``TwinOptions`` from the flags of :func:`twin_import_options` (parsed and checked: a bad one is a UserError)."""
+    """``TwinOptions`` from the flags of :func:`twin_import_options` (each parsed on its own: a bad one is a
+    UserError naming it)."""
     from exporters.twins import TwinOptions, parse_input_shape, read_class_names
-    from kit.convention import parse_convention
+    from kit.convention import InputConvention, floats
 
-    parts = [f"{name}={given[key]}" for key, name in
-             (("input_range", "range"), ("mean", "mean"), ("std", "std"), ("input_layout", "layout"))
-             if given.get(key) is not None]
+    conv: dict[str, Any] = {}
+    if given.get("input_range") is not None:
+        lo_hi = floats(given["input_range"], "range (--input-range LO,HI)")
+        if len(lo_hi) != 2:
+            raise UserError(f"--input-range must be LO,HI, got {given['input_range']!r}")
+        conv["range"] = lo_hi
+    for key in ("mean", "std"):
+        if given.get(key) is not None:
+            conv[key] = floats(given[key], f"{key} (--{key})")
+    if given.get("input_layout") is not None:
+        conv["layout"] = given["input_layout"]
     return TwinOptions(
         arch=arch,
         num_classes=given.get("num_classes"),
         classes=read_class_names(given["classes_file"]) if given.get("classes_file") else None,
         input_shape=parse_input_shape(given["input_shape"]) if given.get("input_shape") else None,
-        convention=parse_convention(";".join(parts)) if parts else None,
+        convention=InputConvention(**conv) if conv else None,
         dataset=dataset,
         key=given.get("key"),
     )

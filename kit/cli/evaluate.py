@@ -74,7 +74,10 @@ def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, 
 def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, attacks: tuple[str, ...],
              eps_max: float | None, samples: int, batch_size: int, rungs: int, checks: bool, out: Path,
              seed: int | None, as_json: bool, arch: str | None = None, twin_options: Any = None) -> None:
-    """Accuracy-vs-epsilon curves and AUAC of a checkpoint under attack, with validity checks."""
+    """Accuracy-vs-epsilon curves and AUAC of a checkpoint under attack, with validity checks.
+
+    The AUACs come from attacks: empirical upper bounds on robustness, not certificates.
+    """
     import torch
 
     from evaluators.evaluate import AttackRequest, check_radii, write_outputs
@@ -107,6 +110,7 @@ def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, 
               "AUAC": f"{c['auac']:.4f}", "95% CI": f"[{c['auac_ci'][0]:.4f}, {c['auac_ci'][1]:.4f}]"}
              for c in doc["combined"]]
     click.echo(table(rows, ["attack", "norm", "eps_max", "clean", "AUAC", "95% CI", "fwd/ex", "bwd/ex"]))
+    click.echo("(AUACs from attacks: empirical upper bounds on robustness, not certificates)")
     if doc["checks"]:
         click.echo("\nchecks (see docs/checks.md):")
         for f in doc["checks"]:

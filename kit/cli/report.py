@@ -179,6 +179,16 @@ def _engine_row(engine_path: Path, expected: str) -> dict[str, Any]:
     return row
 
 
+def _folded_convention(norm: dict[str, Any]) -> dict[str, Any] | None:
+    """The input convention folded into a twin (its checkpoint's normalisation record), as the report records it."""
+    if not isinstance(norm, dict) or not norm.get("folded_into_twin"):
+        return None
+    from kit.convention import InputConvention
+
+    return InputConvention.from_dict({k: norm[k] for k in ("range", "mean", "std", "layout", "dtype") if k in norm},
+                                     "twin").to_dict()
+
+
 def _engine_input(doc: dict[str, Any], given: Any) -> Any:
     """The engine's input convention: the report's (what it was audited with), or ``--engine-input`` if the report
     records none; both and different: a UserError."""
@@ -258,6 +268,24 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                                            input_convention=_engine_input(doc, engine_input))
         return loaded["engine"]
 
+    def _twin() -> Any:  # built once, as the report's audit built it
+        import dataclasses
+
+        from exporters.twins import load_any_twin, source_kind
+
+        if "twin" not in loaded:
+            options = twin_options
+            if source_kind(twin_path) != "checkpoint" and options.convention is None:
+                if twin_path.resolve() == engine_path.resolve() and not _engine().input_convention.identity:
+                    options = dataclasses.replace(options, convention=_engine().input_convention)
+                elif doc["twin"].get("input_convention"):  # what the audit folded into it
+                    from kit.convention import InputConvention
+
+                    options = dataclasses.replace(options, convention=InputConvention.from_dict(
+                        doc["twin"]["input_convention"], "report: twin.input_convention"))
+            loaded["twin"] = load_any_twin(twin_path, _device(), options)
+        return loaded["twin"]
+
     doc = load_report(report_file)
     rpath = _report_path(report_file)
     require_file(engine_path, "engine file")
@@ -318,18 +346,20 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         from evaluators.replay import replay_report
 
         replay_note = "replayed"
-        twin = None
-        if twin_path is not None:
-            import dataclasses
-
-            from exporters.twins import load_any_twin
-
-            options = twin_options
-            same = twin_path.resolve() == engine_path.resolve()
-            if same and options.convention is None and not _engine().input_convention.identity:
-                options = dataclasses.replace(options, convention=_engine().input_convention)
-            twin = load_any_twin(twin_path, _device(), options).model
+        twin = _twin().model if twin_path is not None else None
         replayed = replay_report(doc, _engine(), twin, _device(), stored=stored, spec=data_spec)
+
+    # a twin imported from elsewhere is built with flags: the twin as built (weights, folded input), not only its
+    # file, must be the audited one (a kit checkpoint's file determines its twin)
+    if twin_path is not None and doc["twin"].get("source"):
+        built = _twin()
+        for field, expected, actual in (
+                ("twin weights sha256", doc["twin"]["weights_sha256"], built.info.weights_sha256),
+                ("twin input convention", doc["twin"].get("input_convention"),
+                 _folded_convention(built.info.normalization))):
+            if expected != actual:
+                problems.append(f"{field} differs: the twin built from {twin_path.name} with these flags has "
+                                f"{actual}, the report's had {expected} (give the flags it was audited with)")
 
     differences = recompute_report(doc)
 
