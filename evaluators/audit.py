@@ -19,7 +19,10 @@ The method (``docs/audit.md`` explains it at length):
 4. **Black box.** The Square attack (forward passes only) runs on the engine itself for a subset, at eps_max / 2 and
    eps_max of each L-inf / L2 threat model; where it fools an example that the twin-guided search calls robust on the
    engine at that radius, the ``black-box-beats-white-box`` flag says the twin's gradients do not represent the engine.
-5. **Gates**: ``min_auac`` per attack on the engine's AUAC. The report's ``status`` is ``fail`` when the verdict is
+5. **Worst case** per threat model: per example the smallest eps* of any attack of that norm, the black box
+   included, and its curve and AUAC: the report's headline (an empirical upper bound, as every AUAC here).
+6. **Gates**: ``min_auac`` on the lower end of the engine's AUAC interval, for a threat model's worst case or one
+   attack. The report's ``status`` is ``fail`` when the verdict is
    ``mismatch``, a gate failed, or a validity check raised an ``error`` flag that the user did not allow by id
    (``--allow-flag``, recorded in the report) (``otkit audit`` exits 1), else ``pass``.
 
@@ -104,14 +107,15 @@ class Tolerances:
 
 @dataclass(frozen=True)
 class Gate:
-    """A release gate: the engine's AUAC under ``attack`` must be at least ``min_auac``."""
+    """A release gate: the lower end of the engine's AUAC interval under ``attack`` (an attack's name, or a threat
+    model ``linf``/``l2``/``wasserstein`` for its worst case) must be at least ``min_auac``."""
 
     attack: str
     min_auac: float
 
     @classmethod
     def parse(cls, text: str) -> Gate:
-        """``ATTACK=VALUE``, e.g. ``pgd-linf=0.25``."""
+        """``ATTACK=VALUE`` or ``NORM=VALUE``, e.g. ``pgd-linf=0.25``, ``linf=0.25``."""
         name, sep, value = text.partition("=")
         try:
             v = float(value)
@@ -148,9 +152,11 @@ class AuditConfig:
         names = [r.spec.name for r in self.attacks]
         if len(set(names)) != len(names):
             raise UserError(f"an attack is requested twice: {', '.join(names)}")
+        norms = sorted({r.spec.norm.value for r in self.attacks})
         for g in self.gates:
-            if g.attack not in names:
-                raise UserError(f"gate on {g.attack!r}, which is not audited; audited: {', '.join(names)}")
+            if g.attack not in names and g.attack not in norms:
+                raise UserError(f"gate on {g.attack!r}, which is neither an audited attack ({', '.join(names)}) nor "
+                                f"an audited threat model ({', '.join(norms)})")
         if self.batch_size < 1 or self.rungs < 1 or self.points < 2 or self.blackbox_samples < 0:
             raise UserError("batch size and rungs must be >= 1, points >= 2, black-box samples >= 0")
 
@@ -325,6 +331,32 @@ def side_record(eps_star: Any, eps_max: float, points: int, seed: int) -> dict[s
     }
 
 
+def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_eps: Sequence[Any],
+                      twin_eps: Sequence[Any], blackbox: Mapping[str, Any] | None, points: int,
+                      seed: int) -> dict[str, Any]:
+    """The worst case of one threat model: per example, the smallest eps* of any attack of that norm (the twin-guided
+    attacks on each side; on the engine side also the black-box radius at which Square fooled it, for the examples it
+    ran on), then its curve and AUAC with the bootstrap interval (:func:`side_record`).
+
+    Never above any single attack's AUAC (a per-example minimum can only lower every curve); ``otkit verify``
+    re-derives it from the per-attack eps* and the stored black-box radii.
+    """
+    e = np.min(np.stack([np.where(np.isfinite(a), a, np.inf) for a in engine_eps]), axis=0)
+    t = np.min(np.stack([np.where(np.isfinite(a), a, np.inf) for a in twin_eps]), axis=0)
+    if blackbox is not None:
+        bb = np.array([np.inf if v is None else float(v) for v in blackbox["eps"]])
+        e[: bb.size] = np.minimum(e[: bb.size], bb)
+    return {
+        "norm": norm,
+        "eps_max": float(eps_max),
+        "attacks": list(attacks) + ([f"{blackbox['attack']} (black box)"] if blackbox is not None else []),
+        "eps_grid": [float(v) for v in eps_grid(eps_max, points)],
+        "engine": side_record(e, eps_max, points, seed),
+        "twin": side_record(t, eps_max, points, seed),
+        "blackbox": dict(blackbox) if blackbox is not None else None,
+    }
+
+
 def clean_verdict(top1_agreement: float, tolerances: Tolerances, max_logit_gap: float | None = None,
                   gap_tolerance: float | None = None) -> str:
     """The clean comparison's verdict: ``match`` when the top-1 agreement is at least ``tolerances.agreement`` and,
@@ -339,21 +371,33 @@ def clean_verdict(top1_agreement: float, tolerances: Tolerances, max_logit_gap: 
 
 
 def decide(clean: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gates: Sequence[Gate],
-           checks: Sequence[Mapping[str, Any]] = (), allowed: Sequence[str] = ()
+           checks: Sequence[Mapping[str, Any]] = (), allowed: Sequence[str] = (),
+           worst: Sequence[Mapping[str, Any]] = (), *, lower_limit: bool = True
            ) -> tuple[str, list[dict[str, Any]], str]:
     """The audit's verdict, gate records and status from its parts (:func:`run_audit`; ``otkit verify`` re-derives).
 
-    The verdict is ``match`` only when the clean comparison and every attack's fidelity match; a gate passes when the
-    engine's AUAC under its attack is at least ``min_auac``; the status is ``pass`` when the verdict is ``match``,
-    every gate passed and no ``error`` flag of ``checks`` is outside ``allowed`` (ids the user waived with
-    ``--allow-flag``), else ``fail``.
+    The verdict is ``match`` only when the clean comparison and every attack's fidelity match. A gate names a threat
+    model (``linf``, ``l2``, ``wasserstein``: its worst case) or one attack, and passes when the **lower** end of the
+    engine's AUAC bootstrap interval there is at least ``min_auac`` (an AUAC from attacks is itself an upper bound;
+    the point estimate is recorded beside it; ``lower_limit=False`` re-derives reports written before, whose gates
+    compared the point estimate). The status is ``pass`` when the verdict is ``match``, every gate passed
+    and no ``error`` flag of ``checks`` is outside ``allowed`` (ids waived with ``--allow-flag``), else ``fail``.
     """
     verdict = Verdict.MATCH
     if clean["verdict"] == Verdict.MISMATCH or any(r["fidelity"]["verdict"] == Verdict.MISMATCH for r in records):
         verdict = Verdict.MISMATCH
-    engine_auac = {r["name"]: r["engine"]["auac"] for r in records}
-    out = [{"attack": g.attack, "min_auac": g.min_auac, "engine_auac": engine_auac[g.attack],
-            "passed": engine_auac[g.attack] >= g.min_auac} for g in gates]
+    sides = {r["name"]: r["engine"] for r in records}
+    sides.update({w["norm"]: w["engine"] for w in worst})
+    out = []
+    for g in gates:
+        side = sides[g.attack]
+        if not lower_limit:
+            out.append({"attack": g.attack, "min_auac": g.min_auac, "engine_auac": side["auac"],
+                        "passed": side["auac"] >= g.min_auac})
+            continue
+        lower = float(side["auac_ci"][0])
+        out.append({"attack": g.attack, "min_auac": g.min_auac, "engine_auac": side["auac"],
+                    "engine_auac_lower": lower, "passed": lower >= g.min_auac})
     status = "pass" if verdict == Verdict.MATCH and all(g["passed"] for g in out) and \
         not failing_flags(checks, allowed) else "fail"
     return verdict, out, status
@@ -564,6 +608,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     flags += C.check_outputs(twin, x[:200])
     flags += C.check_gradients(twin, x[:200], y[:200])
     by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}
+    twin_by_norm: dict[Norm, list[torch.Tensor]] = {}
     starts = list(range(0, len(x), bs))
     for req in cfg.attacks:
         name, eps_max = req.spec.name, req.eps_max
@@ -621,9 +666,12 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                               "index": sel.numpy().astype(np.int64), "eps": cat["eps_engine"][sel.numpy()],
                               "pred": pred.numpy().astype(np.int64)}
         by_norm.setdefault(req.spec.norm, []).append((eps_max, eps_e))
+        twin_by_norm.setdefault(req.spec.norm, []).append(eps_t)
 
-    # 3. black box on the engine: Square vs the twin-guided engine eps*
+    # 3. black box on the engine: Square at eps_max / 2 and eps_max; its successes join the worst case, and where it
+    # fools an example the twin-guided search calls robust there, a flag says so
     n_bb = min(cfg.blackbox_samples, len(x))
+    blackbox: dict[Norm, dict[str, Any]] = {}
     for norm, items in by_norm.items():
         if norm not in LP_NORMS or n_bb == 0:
             continue
@@ -632,12 +680,16 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         square = get_attack(f"square-{norm.value}").build(engine_mod, seed=cfg.seed, queries=cfg.blackbox_queries)
         bar = open_bar(f"black box: square-{norm.value}", total=2 * (cfg.blackbox_queries + 1), unit="query")
         engine_mod.on_forward = bar.advance  # one engine call per Square query (on the examples still robust)
+        found = torch.full((n_bb,), math.inf, dtype=torch.float64)
+        flagged = False
         for eps in (eps_max / 2, eps_max):
             bar.set(0 if eps < eps_max else cfg.blackbox_queries + 1)
             sq = square(x[:n_bb], y[:n_bb], eps=eps)
+            won = sq.success.cpu() & ~torch.isfinite(found)
+            found[won] = eps
             f = C.check_fixed_eps("black-box-beats-white-box", "Square on the engine", eps, sq.success, best,
                                   attack=f"square-{norm.value}")
-            if f:
+            if f and not flagged:
                 # Does Square's adversarial fool the twin too? Then the twin-guided attacks are merely too weak;
                 # if only the engine falls, the twin's gradients do not lead where the engine is vulnerable.
                 contra = (sq.success.cpu() & (best.cpu() > eps * (1 + 1e-6) + 1e-6)).to(x.device)
@@ -649,15 +701,28 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                     why.append(f"{n_t} of them fool the twin as well (the twin-guided attacks are too weak there)")
                 if n_c - n_t:
                     why.append(f"{n_c - n_t} fool only the engine (the twin's gradients do not represent the engine "
-                               "there)")
+                               "there; the worst-case curve counts them)")
                 flags.append(C.Flag(f.id, f.severity, f.attack, f.message + "; " + "; ".join(why)))
-                break
+                flagged = True
         engine_mod.on_forward = None
         bar.close()
+        blackbox[norm] = {"attack": f"square-{norm.value}", "queries": cfg.blackbox_queries, "samples": n_bb,
+                          "radii": [eps_max / 2, eps_max],
+                          "eps": [float(v) if math.isfinite(v) else None for v in found.tolist()]}
+
+    # the worst case per threat model: per example, the smallest radius at which any attack fooled the engine (the
+    # twin-guided attacks of that norm, and the black box), as AutoAttack reports its ensemble
+    worst = []
+    for norm, items in by_norm.items():
+        names = [r["name"] for r in records if r["norm"] == norm.value]
+        worst.append(worst_case_record(norm.value, max(e for e, _ in items), names,
+                                       [_as_float_array(e) for _, e in items],
+                                       [_as_float_array(t) for t in twin_by_norm[norm]],
+                                       blackbox.get(norm), cfg.points, cfg.seed))
 
     # 4. verdict and gates (the same function re-derives them in `otkit verify`)
     checks = [f.to_dict() for f in flags]
-    verdict, gates, status = decide(clean, records, cfg.gates, checks, cfg.allowed_flags)
+    verdict, gates, status = decide(clean, records, cfg.gates, checks, cfg.allowed_flags, worst)
 
     info = inp.twin_info
     doc = {
@@ -673,6 +738,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         "data": dict(inp.data),
         "clean": clean,
         "tolerances": asdict(tols),
+        "worst_case": worst,
         "attacks": records,
         "checks": checks,
         "allowed_flags": sorted(set(cfg.allowed_flags)),

@@ -307,7 +307,7 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, *, device: torch
         artifacts.append((fmt, exp, parity))
 
     # 3. audit each artifact
-    for fmt, exp, parity in artifacts:
+    for fmt, exp, _parity in artifacts:
         out = folder / "audit" / fmt
         out.mkdir(parents=True, exist_ok=True)
         log.info("[3/3] auditing %s against the twin", exp.path.name)
@@ -317,8 +317,10 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, *, device: torch
         write_report(doc, out, adversarials)
         finish(out)
         rows.append({"format": fmt, "status": doc["status"], "verdict": doc["verdict"],
-                     "precision": exp.precision, "top1_agreement": parity.top1_agreement,
-                     "max_logit_gap": parity.max_abs_diff,
+                     # the audit's own clean figures (one agreement everywhere), not the export's parity samples
+                     "precision": exp.precision, "top1_agreement": doc["clean"]["top1_agreement"],
+                     "max_logit_gap": doc["clean"]["max_logit_gap"],
+                     "worst_case_auac": {w["norm"]: w["engine"]["auac"] for w in doc.get("worst_case", [])},
                      "engine_auac": {r["name"]: r["engine"]["auac"] for r in doc["attacks"]},
                      "twin_auac": {r["name"]: r["twin"]["auac"] for r in doc["attacks"]},
                      "flags": len(doc["checks"]), "report": str(out / "report.md"), "artifact": str(exp.path),

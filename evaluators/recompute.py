@@ -56,7 +56,7 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
     UserError
         Tolerances outside [0, 1].
     """
-    from evaluators.audit import Gate, Tolerances, clean_verdict, decide, fidelity, side_record
+    from evaluators.audit import Gate, Tolerances, clean_verdict, decide, fidelity, side_record, worst_case_record
     from evaluators.curves import eps_grid
 
     tols = Tolerances(**{k: doc["tolerances"][k] for k in ("auac", "curve", "agreement", "alpha")})
@@ -73,12 +73,22 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
             "engine": side_record(e, eps_max, points, seed),
             "fidelity": fidelity(t, e, eps_max, tols, points=points, n_boot=n_boot, seed=seed),
         })
+    worst = []
+    for w in doc.get("worst_case", []):  # absent in reports written before it existed
+        same = [a for a in doc["attacks"] if a["norm"] == w["norm"]]
+        points = len(w["eps_grid"])
+        worst.append(worst_case_record(
+            w["norm"], float(w["eps_max"]), [a["name"] for a in same],
+            [eps_array(a["engine"]["eps_star"]) for a in same], [eps_array(a["twin"]["eps_star"]) for a in same],
+            w.get("blackbox"), points, seed))
     c = doc["clean"]
     clean = {"verdict": clean_verdict(c["top1_agreement"], tols, c["max_logit_gap"], c.get("max_logit_gap_tolerance"))}
     gates = [Gate(str(g["attack"]), float(g["min_auac"])) for g in doc["gates"]]
     verdict, gate_records, status = decide(clean, records, gates, doc.get("checks", []),
-                                           doc.get("allowed_flags", []))
-    return {"attacks": records, "clean": clean, "verdict": verdict, "gates": gate_records, "status": status}
+                                           doc.get("allowed_flags", []), worst,
+                                           lower_limit="worst_case" in doc)
+    return {"attacks": records, "worst_case": worst, "clean": clean, "verdict": verdict, "gates": gate_records,
+            "status": status}
 
 
 def _show(v: Any) -> str:
@@ -136,10 +146,18 @@ def recompute_report(doc: Mapping[str, Any]) -> list[str]:
                 _compare(f"{at}.{side}.{k}", a[side][k], r[side][k], out)
         for k in _FIDELITY_FIELDS:
             _compare(f"{at}.fidelity.{k}", a["fidelity"][k], r["fidelity"][k], out)
+    for i, (w, r) in enumerate(zip(doc.get("worst_case", []), expected["worst_case"])):
+        at = f"worst_case[{i}]"
+        _compare(f"{at}.eps_grid", w["eps_grid"], r["eps_grid"], out)
+        _compare(f"{at}.attacks", w["attacks"], r["attacks"], out)
+        for side in ("twin", "engine"):
+            for k in _SIDE_FIELDS:
+                _compare(f"{at}.{side}.{k}", w[side][k], r[side][k], out)
     _compare("clean.verdict", doc["clean"]["verdict"], expected["clean"]["verdict"], out)
     for i, (g, r) in enumerate(zip(doc["gates"], expected["gates"])):
-        for k in ("engine_auac", "passed"):
-            _compare(f"gates[{i}].{k}", g[k], r[k], out)
+        for k in ("engine_auac", "engine_auac_lower", "passed"):
+            if k in g or k in r and "worst_case" in doc:
+                _compare(f"gates[{i}].{k}", g.get(k), r.get(k), out)
     _compare("verdict", doc["verdict"], expected["verdict"], out)
     _compare("status", doc["status"], expected["status"], out)
     return out

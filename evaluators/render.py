@@ -33,6 +33,15 @@ def _basename(path: str) -> str:
     return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path
 
 
+def worst_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per threat model: its worst case over every attack run (the report's headline)."""
+    return [{"threat model": w["norm"], "eps_max": _num(w["eps_max"], ".4g"),
+             "engine worst-case AUAC (upper bound) [95% CI]":
+                 f"{_num(w['engine']['auac'])} {_ci(w['engine']['auac_ci'])}",
+             "twin worst-case AUAC [95% CI]": f"{_num(w['twin']['auac'])} {_ci(w['twin']['auac_ci'])}",
+             "attacks": ", ".join(w["attacks"])} for w in doc.get("worst_case", [])]
+
+
 def _attack_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     for a in doc["attacks"]:
@@ -53,6 +62,7 @@ def _attack_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
 def _gate_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
     return [{"attack": g["attack"], "min AUAC": _num(g["min_auac"]),
              "engine AUAC (upper bound)": _num(g["engine_auac"]),
+             "compared: lower 95% limit": _num(g["engine_auac_lower"]) if "engine_auac_lower" in g else "-",
              "result": "pass" if g["passed"] else "FAIL"} for g in doc["gates"]]
 
 
@@ -77,8 +87,10 @@ def _summary(doc: dict[str, Any]) -> str:
             f"PyTorch twin {_basename(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
             f"{d['spec']} (seed {d['seed']}). {k} attack(s) driven by the twin's gradients were evaluated on both "
             f"models: {matched} of {k} accuracy curve(s) match within tolerance (AUAC gap at most {tol['auac']:g}; "
-            f"curve gaps above {tol['curve']:g} count where McNemar p is below {tol['alpha']:g}). {gate_text} "
-            f"{UPPER_BOUND}")
+            f"curve gaps above {tol['curve']:g} count where McNemar p is below {tol['alpha']:g}). "
+            + "".join(f"Worst case over every {w['norm']} attack: engine AUAC {_num(w['engine']['auac'])} at "
+                      f"eps_max {_num(w['eps_max'], '.4g')}. " for w in doc.get("worst_case", []))
+            + f"{gate_text} {UPPER_BOUND}")
 
 
 def _clean_line(doc: dict[str, Any]) -> str:
@@ -195,7 +207,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         The Markdown text, ending with a newline.
     """
     mark = "\u2705" if doc["status"] == "pass" else "\u274c"
-    out = [f"# {mark} {_title(doc)}", "", _md(_summary(doc)), "", "## Attacks", ""]
+    out = [f"# {mark} {_title(doc)}", "", _md(_summary(doc)), ""]
+    if doc.get("worst_case"):
+        out += ["## Worst case per threat model", "", *_md_table(worst_rows(doc)), ""]
+    out += ["## Attacks", ""]
     out += _md_table(_attack_rows(doc))
     reasons = _reasons(doc)
     if reasons:
@@ -325,6 +340,8 @@ def render_html(doc: dict[str, Any], png_bytes: bytes | None) -> str:
     if png_bytes:
         uri = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
         out.append(f'<p><img alt="twin and engine accuracy curves per attack" src="{uri}"></p>')
+    if doc.get("worst_case"):
+        out += ["<h2>Worst case per threat model</h2>", *_html_table(worst_rows(doc), "")]
     out += ["<h2>Attacks</h2>", *_html_table(_attack_rows(doc), "verdict")]
     reasons = _reasons(doc)
     if reasons:

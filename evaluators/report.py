@@ -155,9 +155,16 @@ def _check_consistency(doc: dict[str, Any], source: str) -> None:
                         f"has {len(fid['mcnemar_p'])} values but eps_grid has {len(grid)}")
         if fid["auac_gap_ci"][0] > fid["auac_gap_ci"][1]:
             raise _fail(source, [*at, "fidelity", "auac_gap_ci"], "lower bound above upper bound")
+    norms = [w["norm"] for w in doc.get("worst_case", [])]
+    for i, w in enumerate(doc.get("worst_case", [])):
+        n = len(w["eps_grid"])
+        for side in ("twin", "engine"):
+            if len(w[side].get("accuracy", [])) != n or len(w[side].get("eps_star", [])) != doc["data"]["n"]:
+                raise _fail(source, ["worst_case", i, side], "does not have one accuracy per grid radius and one "
+                                                             "eps_star per example")
     for i, g in enumerate(doc["gates"]):
-        if g["attack"] not in names:
-            raise _fail(source, ["gates", i, "attack"], f"no attack named {g['attack']!r}")
+        if g["attack"] not in names and g["attack"] not in norms:
+            raise _fail(source, ["gates", i, "attack"], f"no attack or threat model named {g['attack']!r}")
     mismatched = [a["name"] for a in doc["attacks"] if a["fidelity"]["verdict"] == "mismatch"]
     if doc["clean"]["verdict"] == "mismatch":
         mismatched.insert(0, "clean")

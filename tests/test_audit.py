@@ -120,7 +120,7 @@ def test_fp32_engine_matches_its_twin_and_gates_decide_the_status(engines, tmp_p
     assert len(rec["twin"]["eps_star"]) == len(rec["engine"]["eps_star"]) == doc["data"]["n"] == 40
     # the gate at 0.99 fails: status fail, exit 1, although the engine matches
     assert doc["gates"] == [{"attack": "pgd-linf", "min_auac": 0.99, "engine_auac": rec["engine"]["auac"],
-                             "passed": False}]
+                             "engine_auac_lower": rec["engine"]["auac_ci"][0], "passed": False}]
     assert doc["status"] == "fail" and code == 1, output
     # the report validates against the shipped schema, and the files are there
     from evaluators.report import load_report
@@ -235,7 +235,7 @@ def test_black_box_check_catches_a_blind_twin_guided_search(engines, tmp_path, m
     (["--attack", "pgd-linf@-0.1"], "eps_max must be a positive"),
     (["--attack", "nope@0.1"], "unknown attack"),
     (["--attack", "pgd-linf@0.3", "--min-auac", "pgd-linf"], "bad gate"),
-    (["--attack", "pgd-linf@0.3", "--min-auac", "fmn-l2=0.2"], "not audited"),
+    (["--attack", "pgd-linf@0.3", "--min-auac", "fmn-l2=0.2"], "neither an audited attack"),
     (["--attack", "pgd-linf@0.3", "--data", "digits:8"], "takes 1x16x16"),
     (["--attack", "pgd-linf@0.3", "--resume"], "nothing to resume"),
 ])
@@ -253,3 +253,57 @@ def test_bad_engine_files_exit_2(engines, tmp_path):
     for engine in (corrupt, tmp_path / "missing.onnx"):
         code, output = audit_cli("--engine", engine, "--twin", twin, "--attack", "pgd-linf@0.3", "--out", tmp_path / "o")
         assert code == 2 and output.startswith("Error:") and output.strip().count("\n") == 0, output
+
+
+def test_worst_case_is_the_per_example_minimum_over_attacks_and_the_black_box(engines, tmp_path):
+    """The headline per norm: eps* per example is the smallest of any attack of that norm (and of the black box on
+    the engine side); a gate on the norm compares the lower end of its interval."""
+    import numpy as np
+
+    from evaluators.recompute import eps_array, recompute_report
+
+    twin, files = engines
+    out = tmp_path / "w"
+    code, output = audit_cli("--engine", files["twin-int8"], "--twin", twin, "--attack", "pgd-linf@0.3",
+                             "--attack", "fmn-linf@0.3", "--attack", "fmn-l2@3", "--min-auac", "linf=0.01", *SMALL,
+                             "--out", out)
+    doc = read(out)
+    by_norm = {w["norm"]: w for w in doc["worst_case"]}
+    assert set(by_norm) == {"linf", "l2"}
+    w = by_norm["linf"]
+    per_attack = [eps_array(a["engine"]["eps_star"]) for a in doc["attacks"] if a["norm"] == "linf"]
+    want = np.minimum(*per_attack)
+    bb = np.array([np.inf if v is None else v for v in w["blackbox"]["eps"]])
+    want[: bb.size] = np.minimum(want[: bb.size], bb)
+    assert np.array_equal(eps_array(w["engine"]["eps_star"]), np.where(want <= 0.3, want, np.inf))
+    assert all(w["engine"]["auac"] <= a["engine"]["auac"] + 1e-12 for a in doc["attacks"] if a["norm"] == "linf")
+    assert w["attacks"][-1] == "square-linf (black box)"
+    gate = doc["gates"][0]
+    assert gate["attack"] == "linf" and gate["engine_auac_lower"] == w["engine"]["auac_ci"][0]
+    assert gate["passed"] == (w["engine"]["auac_ci"][0] >= 0.01)
+    assert recompute_report(doc) == []
+    # a forged worst case is caught by verify's recomputation
+    forged = json.loads(json.dumps(doc))
+    forged["worst_case"][0]["engine"]["auac"] += 0.1
+    assert any("worst_case[0].engine.auac" in d for d in recompute_report(forged))
+
+
+def test_worst_case_auac_is_never_above_any_single_attack():
+    """Property over random eps* tables (with black-box radii): the worst case is a per-example minimum."""
+    import numpy as np
+
+    from evaluators.audit import worst_case_record
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, k = int(rng.integers(1, 30)), int(rng.integers(1, 4))
+        eps_max = float(rng.uniform(0.05, 1))
+        tables = [np.where(rng.random(n) < 0.3, np.inf, rng.uniform(0, 1.2 * eps_max, n)) for _ in range(k)]
+        nbb = int(rng.integers(0, n + 1))
+        bb = {"attack": "square-linf", "queries": 1, "samples": nbb, "radii": [eps_max / 2, eps_max],
+              "eps": [None if rng.random() < 0.5 else float(rng.choice([eps_max / 2, eps_max])) for _ in range(nbb)]}
+        w = worst_case_record("linf", eps_max, [f"a{i}" for i in range(k)], tables, tables, bb, 9, 0)
+        from evaluators.curves import auac
+
+        assert all(w["engine"]["auac"] <= auac(t, eps_max) + 1e-12 for t in tables)
+        assert all(w["twin"]["auac"] <= auac(t, eps_max) + 1e-12 for t in tables)

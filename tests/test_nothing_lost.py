@@ -306,7 +306,7 @@ def test_run_file_with_an_unknown_defense_param_is_refused_before_any_work(tmp_p
 
 @pytest.mark.parametrize("extra,message", [
     ('[train.defense_params]\neps = 0.1\n', "no parameter"),  # the default's sat params do not fit standard
-    ('[audit.gates]\n"fmn-l2" = 0.2\n', "not audited"),
+    ('[audit.gates]\n"fmn-l2" = 0.2\n', "neither an audited attack"),
     ('', None),
 ])
 def test_run_file_checks(tmp_path, extra, message):

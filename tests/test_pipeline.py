@@ -75,7 +75,7 @@ def test_tiny_run_end_to_end(tmp_path):
     ("[export]\nformats = [\"onnx\", \"zip\"]", "unknown export format"),
     ("[audit]\nsamples = \"many\"", "samples must be int"),
     ("[audit]\nattacks = [\"nope@0.1\"]", "unknown attack"),
-    ("[audit]\nattacks = [\"pgd-linf@0.3\"]\n[audit.gates]\n\"fmn-l2\" = 0.2", "not audited"),
+    ("[audit]\nattacks = [\"pgd-linf@0.3\"]\n[audit.gates]\n\"fmn-l2\" = 0.2", "neither an audited attack"),
     ("name = \"a/b\"", "plain folder name"),
     ("[train\n", "not valid TOML"),
 ])

@@ -209,7 +209,7 @@ _DELETE = object()
     ("attacks/1/name", "pgd-linf", "attacks/1/name", "appears twice"),
     ("attacks/0/eps_grid/0", 0.01, "attacks/0/eps_grid/0", "start at 0"),
     ("attacks/0/twin/auac_ci", [0.9, 0.1], "attacks/0/twin/auac_ci", "lower bound above"),
-    ("gates/0/attack", "fgsm", "gates/0/attack", "no attack named 'fgsm'"),
+    ("gates/0/attack", "fgsm", "gates/0/attack", "no attack or threat model named 'fgsm'"),
     ("artifacts/adversarials_sha256", "sha256:" + "0" * 64, "artifacts/adversarials_sha256", "were not stored"),
     ("status", "pass", "status", "is pass but the verdict is mismatch"),
     ("verdict", "match", "verdict", "is match but pgd-l2 mismatch"),

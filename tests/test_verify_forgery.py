@@ -303,7 +303,10 @@ def _consistent(work: Path, d: dict, z: dict[str, np.ndarray]) -> None:
         a["fidelity"].update({k: ra["fidelity"][k] for k in ("max_gap", "max_gap_eps", "auac_gap", "auac_gap_ci",
                                                               "mcnemar_p", "verdict")})
     d["clean"]["verdict"] = r["clean"]["verdict"]
-    d["gates"] = [dict(g, engine_auac=rg["engine_auac"], passed=rg["passed"]) for g, rg in zip(d["gates"], r["gates"])]
+    if "worst_case" in d:
+        d["worst_case"] = json.loads(json.dumps(r["worst_case"]))
+    d["gates"] = [dict(g, **{k: rg[k] for k in ("engine_auac", "engine_auac_lower", "passed") if k in rg})
+                  for g, rg in zip(d["gates"], r["gates"])]
     d["verdict"], d["status"] = r["verdict"], r["status"]
     np.savez(work / "adversarials.npz", **z)
     d["artifacts"]["adversarials_sha256"] = _sha(work / "adversarials.npz")

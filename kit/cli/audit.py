@@ -81,10 +81,19 @@ def print_audit(doc: dict[str, Any]) -> None:
     click.echo(f"clean: twin {c['twin_accuracy']:.4f}, engine {c['engine_accuracy']:.4f}, top-1 agreement "
                f"{c['top1_agreement']:.4f}, max logit gap {c['max_logit_gap']:.3g}"
                f"{f' (fp32 tolerance {gap_tol:.3g})' if gap_tol is not None else ''} -> {c['verdict']}\n")
+    if doc.get("worst_case"):
+        rows = [{"threat model": w["norm"], "eps_max": f"{w['eps_max']:.4g}",
+                 "engine worst-case AUAC": f"{w['engine']['auac']:.4f}",
+                 "95% CI": f"[{w['engine']['auac_ci'][0]:.4f}, {w['engine']['auac_ci'][1]:.4f}]",
+                 "twin": f"{w['twin']['auac']:.4f}", "over": ", ".join(w["attacks"])} for w in doc["worst_case"]]
+        click.echo(table(rows, ["threat model", "eps_max", "engine worst-case AUAC", "95% CI", "twin", "over"]))
+        click.echo("")
     click.echo(table(audit_rows(doc), AUDIT_COLUMNS))
     click.echo("(every AUAC comes from attacks: an empirical upper bound on robustness, not a certificate)")
     for g in doc["gates"]:
-        click.echo(f"gate {g['attack']}: engine AUAC (upper bound) {g['engine_auac']:.4f} >= {g['min_auac']:.4f}: "
+        lower = f", lower 95% limit {g['engine_auac_lower']:.4f}" if "engine_auac_lower" in g else ""
+        click.echo(f"gate {g['attack']}: engine AUAC (upper bound) {g['engine_auac']:.4f}{lower} >= "
+                   f"{g['min_auac']:.4f}: "
                    f"{'passed' if g['passed'] else 'FAILED'}")
     if doc["checks"]:
         click.echo("\nchecks (see docs/checks.md):")
@@ -114,8 +123,9 @@ def print_audit(doc: dict[str, Any]) -> None:
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, help="Smallest clean top-1 agreement.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.05,
               help="Significance level: a curve gap counts only where McNemar's test gives p < alpha.")
-@click.option("--min-auac", "gates", multiple=True, metavar="ATTACK=VALUE",
-              help="Release gate, repeatable: fail when the engine's AUAC under ATTACK is lower.")
+@click.option("--min-auac", "gates", multiple=True, metavar="NORM|ATTACK=VALUE",
+              help="Release gate, repeatable: fail when the lower end of the engine's AUAC interval is below VALUE, "
+                   "for a threat model's worst case (linf=0.3, l2=, wasserstein=) or one attack (pgd-linf=0.3).")
 @click.option("--blackbox-samples", type=click.IntRange(min=0), default=100,
               help="Examples attacked by Square directly on the engine (0: skip the black-box check).")
 @click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDERS),
@@ -253,10 +263,12 @@ def print_run_summary(summary: dict[str, Any]) -> None:
         if r["status"] == "skipped":
             rows.append({"artifact": r["format"], "status": "skipped"})
             continue
-        auacs = "  ".join(f"{k} {v:.3f}" for k, v in r["engine_auac"].items())
+        auacs = "  ".join(f"{k} {v:.3f}" for k, v in (r.get("worst_case_auac") or r["engine_auac"]).items())
         rows.append({"artifact": r["format"], "precision": r["precision"], "agreement": f"{r['top1_agreement']:.4f}",
-                     "engine AUAC": auacs, "flags": str(r["flags"]), "verdict": r["verdict"], "status": r["status"]})
-    click.echo(table(rows, ["artifact", "precision", "agreement", "engine AUAC", "flags", "verdict", "status"]))
+                     "worst-case AUAC (upper bound)": auacs, "flags": str(r["flags"]), "verdict": r["verdict"],
+                     "status": r["status"]})
+    click.echo(table(rows, ["artifact", "precision", "agreement", "worst-case AUAC (upper bound)", "flags", "verdict",
+                            "status"]))
     for r in summary["artifacts"]:
         if r["status"] == "skipped":
             click.echo(f"\n{r['format']} skipped: {r['note']}")
