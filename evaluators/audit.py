@@ -162,7 +162,7 @@ class AuditConfig:
 
     def key(self) -> dict[str, Any]:
         """The JSON-able identity of the run's numbers (for ``--resume``)."""
-        return {"attacks": [[r.spec.name, r.eps_max] for r in self.attacks], "batch_size": self.batch_size,
+        return {"attacks": [[r.spec.name, r.eps_max, r.spec.kwargs] for r in self.attacks], "batch_size": self.batch_size,
                 "rungs": self.rungs, "tol": self.tol, "seed": self.seed}
 
 

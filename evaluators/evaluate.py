@@ -42,8 +42,12 @@ class AttackRequest:
 
     @classmethod
     def parse(cls, text: str, default_eps_max: float | None) -> AttackRequest:
-        name, sep, eps = text.partition("@")
+        """``NAME[@EPS_MAX][:key=value,...]`` (one registered attack; presets are expanded by :meth:`parse_all`)."""
+        head, colon, params = text.partition(":")
+        name, sep, eps = head.partition("@")
         spec = get_attack(name.strip())
+        if colon:
+            spec = spec.with_params(_params(params, text))
         if sep:
             try:
                 value = float(eps)
@@ -60,6 +64,26 @@ class AttackRequest:
                             "with pixels in [0, 1]: every example would count as fooled and the AUAC would say nothing")
         return cls(spec, value)
 
+    @classmethod
+    def parse_all(cls, texts: Sequence[str], default_eps_max: float | None) -> list[AttackRequest]:
+        """Every ``--attack`` (or run-file entry), a preset such as ``autoattack@0.3`` expanded into its attacks
+        (:data:`kit.attacks.registry.PRESETS`) at the same eps_max; parameters apply to single attacks only."""
+        from kit.attacks.registry import PRESETS
+
+        out = []
+        for text in texts:
+            head, colon, _ = text.partition(":")
+            name, sep, eps = head.partition("@")
+            members = PRESETS.get(name.strip())
+            if members is None:
+                out.append(cls.parse(text, default_eps_max))
+                continue
+            if colon:
+                raise UserError(f"{name.strip()} is a preset: set parameters on its attacks one by one instead "
+                                f"({', '.join(members)})")
+            out += [cls.parse(f"{m}{sep}{eps}", default_eps_max) for m in members]
+        return out
+
     def check_radius(self, input_shape: Sequence[int]) -> None:
         """Refuse an eps_max beyond :func:`largest_radius` for images of ``input_shape`` (C, H, W)."""
         bound = largest_radius(self.spec.norm, input_shape)
@@ -68,6 +92,19 @@ class AttackRequest:
             raise UserError(f"eps_max {self.eps_max:g} for {self.spec.name} is beyond {bound:.4g}, the largest "
                             f"{self.spec.norm.value} distance between two {shape} images with pixels in [0, 1]: the "
                             "curve would end in a ball holding every image and the AUAC would say nothing")
+
+
+def _params(text: str, where: str) -> dict[str, str]:
+    """``key=value,key=value`` as a dict of texts (typed later against the attack's own parameters)."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise UserError(f"bad attack parameters in {where!r}: expected NAME@EPS:key=value,key=value")
+        if key.strip() in out:
+            raise UserError(f"attack parameter {key.strip()!r} given twice in {where!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def largest_radius(norm: Norm, input_shape: Sequence[int]) -> float:

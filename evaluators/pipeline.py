@@ -98,7 +98,7 @@ class RunConfig:
         a = self.audit
         if not a.attacks:
             raise UserError("[audit] attacks is empty")
-        return AuditConfig(attacks=[AttackRequest.parse(s, a.eps_max) for s in a.attacks], batch_size=a.batch_size,
+        return AuditConfig(attacks=AttackRequest.parse_all(a.attacks, a.eps_max), batch_size=a.batch_size,
                            rungs=a.rungs, seed=seed, blackbox_samples=a.blackbox_samples,
                            tolerances=Tolerances(auac=a.tol_auac, curve=a.tol_curve, agreement=a.min_agreement,
                                                  alpha=a.alpha),

@@ -6,7 +6,9 @@ attacks) or once, capped at eps_max (minimum-norm attacks). Modules are imported
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,66 @@ class AttackSpec:
     def config(self) -> dict[str, Any]:
         """JSON-able description recorded in curves.json and reports."""
         return {"class": self.cls, "norm": self.norm.value, **self.kwargs}
+
+    def parameters(self) -> dict[str, Any]:
+        """The parameters a user may set (``NAME@EPS:key=value``): the attack class's keyword arguments, with their
+        values in this spec (or the class's defaults); the model, the norm, the seed and the radius are not."""
+        import inspect
+
+        cls = getattr(importlib.import_module(self.module), self.cls)
+        out = {}
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if name in _FIXED or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            out[name] = self.kwargs.get(name, None if p.default is inspect.Parameter.empty else p.default)
+        return out
+
+    def with_params(self, params: dict[str, str]) -> AttackSpec:
+        """This spec with ``params`` (text values from the command line or a run file) set, each checked against the
+        attack's own parameters and the type of its current value.
+
+        Raises
+        ------
+        UserError
+            An unknown parameter (the known ones listed) or a value of the wrong type.
+        """
+        known = self.parameters()
+        out = dict(self.kwargs)
+        for key, text in params.items():
+            if key not in known:
+                raise UserError(f"{self.name} has no parameter {key!r}; it takes {', '.join(sorted(known))}")
+            out[key] = _typed(text, known[key], f"{self.name}:{key}")
+        return dataclasses.replace(self, kwargs=out)
+
+
+#: constructor arguments that the kit sets itself, never the user
+_FIXED = frozenset({"self", "model", "norm", "seed", "eps", "replica"})
+
+
+def _typed(text: str, like: Any, where: str) -> Any:
+    """``text`` as the type of ``like`` (bool, int, float or text; anything for a ``None`` default)."""
+    t = text.strip()
+    try:
+        if isinstance(like, bool):
+            if t.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return t.lower() in ("true", "1", "yes")
+        if isinstance(like, int):
+            return int(t)
+        if isinstance(like, float):
+            v = float(t)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+    except ValueError:
+        raise UserError(f"{where} must be {type(like).__name__}, got {text!r}") from None
+    if like is None:
+        for cast in (int, float):
+            try:
+                return cast(t)
+            except ValueError:
+                pass
+    return t
 
 
 _SPECS = [
@@ -82,10 +144,22 @@ _SPECS = [
 ]
 ATTACKS: dict[str, AttackSpec] = {s.name: s for s in _SPECS}
 
+#: names that stand for several attacks run together, their worst case reported per threat model: AutoAttack's
+#: standard ensemble (Croce & Hein, ICML 2020) with this kit's budgets per rung of the minimum-epsilon search
+PRESETS: dict[str, tuple[str, ...]] = {
+    "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square-linf"),
+    "autoattack-l2": ("apgd-ce-l2", "apgd-t-l2", "fab-t-l2", "square-l2"),
+}
+
 
 def list_attacks() -> list[str]:
-    """Registered attack names."""
-    return list(ATTACKS)
+    """Registered attack names, then the presets (:data:`PRESETS`)."""
+    return [*ATTACKS, *PRESETS]
+
+
+def expand(name: str) -> tuple[str, ...]:
+    """The attacks a name stands for: a preset's members, else the name itself."""
+    return PRESETS.get(name, (name,))
 
 
 def get_attack(name: str) -> AttackSpec:
@@ -93,4 +167,7 @@ def get_attack(name: str) -> AttackSpec:
     try:
         return ATTACKS[name]
     except KeyError:
-        raise UserError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}") from None
+        if name in PRESETS:
+            raise UserError(f"{name} is a preset of several attacks ({', '.join(PRESETS[name])}), not one "
+                            "attack") from None
+        raise UserError(f"unknown attack {name!r}; known: {', '.join(list_attacks())}") from None

@@ -111,8 +111,10 @@ def print_audit(doc: dict[str, Any]) -> None:
                    "an ONNX file trained elsewhere, imported on the fly with the flags below (docs/byom.md).")
 @click.option("--data", "data_spec", default=None, help="Dataset spec (default: the one the twin was trained on).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
-@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]", cls=ListedOption,
-              listed=attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max.")
+@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX][:KEY=VALUE,...]", cls=ListedOption,
+              listed=attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max, :key=value,... sets "
+              "the attack's own parameters (steps, restarts, ...); autoattack / autoattack-l2 run AutoAttack's four "
+              "attacks (APGD-CE, APGD-T, FAB-T, Square).")
 @click.option("--eps-max", type=float, default=None, help="Largest epsilon of the curves (pixels in [0, 1]; "
               "unit-mass transport cost for Wasserstein attacks).")
 @click.option("--samples", type=click.IntRange(min=1), default=500, help="Examples audited (seeded subset).")
@@ -164,7 +166,7 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     from kit.io import folder_lock
 
     seed = command_seed(ctx, seed)
-    cfg = AuditConfig(attacks=[AttackRequest.parse(a, eps_max) for a in attacks], batch_size=batch_size,
+    cfg = AuditConfig(attacks=AttackRequest.parse_all(attacks, eps_max), batch_size=batch_size,
                       rungs=rungs, seed=seed, gates=[Gate.parse(g) for g in gates],
                       tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
                       blackbox_samples=blackbox_samples, allowed_flags=allowed_flags)

@@ -57,8 +57,10 @@ def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, 
 @click.option("--data", "data_spec", default=None,
               help="Dataset spec (otkit data --help); default: the one the checkpoint was trained on.")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
-@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX]", cls=ListedOption,
-              listed=attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max for it.")
+@click.option("--attack", "attacks", multiple=True, required=True, metavar="NAME[@EPS_MAX][:KEY=VALUE,...]", cls=ListedOption,
+              listed=attack_names, help="Attack, repeatable; NAME@EPS_MAX overrides --eps-max for it, :key=value,... "
+              "sets the attack's own parameters (steps, restarts, ...); autoattack / autoattack-l2 run AutoAttack's "
+              "four attacks (APGD-CE, APGD-T, FAB-T, Square).")
 @click.option("--eps-max", type=float, default=None, help="Largest epsilon of the curves, in [0, 1] pixel units.")
 @click.option("--samples", type=click.IntRange(min=1), default=500, help="Test examples evaluated (seeded subset).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
@@ -83,7 +85,7 @@ def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, 
     from evaluators.evaluate import AttackRequest, check_radii, write_outputs
     from evaluators.evaluate import evaluate as run_evaluation
 
-    requests = [AttackRequest.parse(a, eps_max) for a in attacks]  # validate everything before any work
+    requests = AttackRequest.parse_all(attacks, eps_max)  # validate everything before any work
     device = command_device(ctx)
     seed = command_seed(ctx, seed)
     model, info, ds = load_model_and_data(ckpt, data_spec, split, samples, seed, device, arch=arch,

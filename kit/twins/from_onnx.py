@@ -19,6 +19,26 @@ Design
   ``(q - zero_point) * scale`` (per tensor, per axis or per block); a ``QuantizeLinear`` whose every consumer is a
   ``DequantizeLinear`` forms pairs that become the identity (the float twin). :attr:`OnnxModule.report` records both
   (the quantisation recorded). A ``QuantizeLinear`` used otherwise quantises for real (rounding has zero gradient).
+* ``fake_quant=True`` (``OnnxModule(proto, fake_quant=True)``): a differentiable replica of the engine's int8
+  arithmetic instead of the float twin. Each such pair computes what ONNX Runtime's QuantizeLinear ->
+  DequantizeLinear computes, ``q = saturate(round_half_to_even(x / s) + z)`` then ``(q - z') * s'`` (per tensor,
+  per axis or per block; the integer type's range, [-128, 127] for int8 and [0, 255] for uint8), with the clipped
+  straight-through estimator as its gradient: ``dq/dx = 1/s`` where ``round(x / s) + z`` lies inside the integer
+  range, 0 where it saturates (so through the pair, the identity's gradient inside the range and 0 outside).
+  Rounding is a staircase whose true derivative is 0 almost everywhere, which would stop every input gradient; its
+  average slope is the identity's, so inside the range the identity's gradient is the useful one (Bengio et al.
+  2013, Hubara et al. 2017; PyTorch's ``fake_quantize_per_tensor_affine`` uses the same rule). Where the value
+  saturates the engine's output really is constant in ``x``, so the gradient there is 0 (a straight-through
+  gradient would point the attack at changes the engine cannot see). Weight pairs (a QuantizeLinear of a stored
+  float tensor) are fake-quantised as well (constants: only the forward matters); ``DequantizeLinear`` of integer
+  weights is dequantised as without the option. :attr:`OnnxModule.report` then says ``fake_quant: True`` and how
+  many pairs (``fake_quant_activation_pairs``, ``fake_quant_weight_pairs``); ``qdq_*_pairs_dropped`` are 0. The
+  replica computes in float32 where ONNX Runtime may fuse a pair into integer kernels (QLinearConv, QLinearMatMul)
+  with int32 accumulation and its own requantisation: a value on a rounding boundary can land one step apart, so
+  the replica is close to the engine, not bitwise equal.
+* fp16 engines need no option here: their differentiable replica is the twin run in half precision
+  (``copy.deepcopy(model).half()`` fed half inputs; :class:`kit.attacks.differential.HalfPrecision` wraps it),
+  which the caller builds. This module always computes in float32.
 * Operators are checked when the module is built: unsupported ones (or unsupported forms of supported ones) raise
   :class:`kit.errors.UserError` naming every op type and the first node of each, before any forward pass.
 * Persistence without pickle: :func:`graph_skeleton` is the model with every tensor payload removed (initializers and
@@ -813,6 +833,31 @@ def _quantize(step: _Step, ins: list[Value]) -> Tensor:
     return y.clamp(info.min, info.max).to(dtype)
 
 
+def _fake_quantize(step: _Step, ins: list[Value]) -> Tensor:
+    """QuantizeLinear of a Q/DQ pair under ``fake_quant``: the same integers as :func:`_quantize`, held in float32,
+    with the clipped straight-through gradient ``1/scale`` where the value is inside the integer range, else 0."""
+    x, scale = ins[0], ins[1]
+    zp = ins[2] if len(ins) > 2 else None
+    axis, block = int(step.attrs.get("axis", 1)), int(step.attrs.get("block_size", 0))
+    if zp is not None:
+        dtype = zp.dtype
+    elif "output_dtype" in step.attrs and int(step.attrs["output_dtype"]):
+        dtype = _torch_dtype(int(step.attrs["output_dtype"]), step.name)
+    else:
+        dtype = torch.uint8
+    info = torch.iinfo(dtype)
+    x = x.to(torch.float32)
+    s = _along(scale.to(torch.float32), x, axis, block)
+    r = torch.round(x.detach() / s)  # round half to even, as ONNX Runtime
+    if zp is not None:
+        r = r + _along(zp, x, axis, block).to(torch.float32)
+    inside = (r >= info.min) & (r <= info.max)
+    q = r.clamp(info.min, info.max)
+    if not x.requires_grad:
+        return q
+    return q + (x - x.detach()) * (inside.to(torch.float32) / s)  # forward: exactly q (x - x.detach() is 0)
+
+
 def _alias(step: _Step, ins: list[Value]) -> Value:
     """A DequantizeLinear whose QuantizeLinear was dropped: the float value before quantisation."""
     return ins[0]
@@ -900,6 +945,10 @@ class OnnxModule(torch.nn.Module):
     ----------
     proto : onnx.ModelProto
         The graph, with its tensor data (external data already loaded). Not modified.
+    fake_quant : bool
+        Keep each QuantizeLinear -> DequantizeLinear pair as fake quantisation (the engine's int8 rounding and
+        saturation, straight-through gradient; see the module docstring) instead of the identity: the differentiable
+        replica of an int8 engine rather than its float twin. Default ``False``, the float twin.
 
     Attributes
     ----------
@@ -909,7 +958,9 @@ class OnnxModule(torch.nn.Module):
         ``constants``, ``float_initializers_from`` (sorted ONNX types of the float tensors made float32),
         ``qdq_activation_pairs_dropped`` and ``qdq_weight_pairs_dropped`` (QuantizeLinear -> DequantizeLinear
         pairs made the identity, by what was quantised), ``dequantized_weights`` (DequantizeLinear of integer
-        initializers) and ``quantized_weight_types`` (their integer types).
+        initializers) and ``quantized_weight_types`` (their integer types). With ``fake_quant`` only, also
+        ``fake_quant`` (True), ``fake_quant_activation_pairs`` and ``fake_quant_weight_pairs`` (the pairs kept as
+        fake quantisation; the ``*_dropped`` counts are then 0).
     buffer_names : dict of str to str
         ONNX tensor name (initializer, or a Constant node's output) -> buffer name.
     input_name, output_name : str
@@ -921,18 +972,20 @@ class OnnxModule(torch.nn.Module):
         type the twin cannot hold.
     """
 
-    def __init__(self, proto: onnx.ModelProto) -> None:
+    def __init__(self, proto: onnx.ModelProto, *, fake_quant: bool = False) -> None:
         super().__init__()
-        self._build(proto, with_data=True)
+        self._build(proto, with_data=True, fake_quant=fake_quant)
 
     @classmethod
-    def from_skeleton(cls, skeleton: bytes) -> OnnxModule:
+    def from_skeleton(cls, skeleton: bytes, *, fake_quant: bool = False) -> OnnxModule:
         """A module from :func:`graph_skeleton` bytes, with zero buffers to be filled by ``load_state_dict``.
 
         Parameters
         ----------
         skeleton : bytes
             ``graph_skeleton(proto)``.
+        fake_quant : bool
+            As for the constructor (it changes no buffer).
 
         Returns
         -------
@@ -947,12 +1000,12 @@ class OnnxModule(torch.nn.Module):
             raise UserError(f"not an ONNX graph skeleton ({type(e).__name__})") from e
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
-        module._build(proto, with_data=False)
+        module._build(proto, with_data=False, fake_quant=fake_quant)
         return module
 
     # ------------------------------------------------------------------------------------------------- building
 
-    def _build(self, proto: onnx.ModelProto, *, with_data: bool) -> None:
+    def _build(self, proto: onnx.ModelProto, *, with_data: bool, fake_quant: bool = False) -> None:
         proto = _preprocess(proto)
         graph = proto.graph
         opset = _opset(proto)
@@ -1024,15 +1077,18 @@ class OnnxModule(torch.nn.Module):
                 add(node.output[0], f"c{i}_{_sanitize(node.output[0])}", _constant_tensor(node, attrs))
                 n_constants += 1
                 continue
-            if i in dropped_q:
+            if i in dropped_q and not fake_quant:
                 continue
+            if fake_quant:
+                fn = _fake_quantize if i in dropped_q else _OPS[node.op_type]  # the pair's DequantizeLinear stays
+            else:
+                fn = _alias if i in alias_of else _OPS[node.op_type]
             step = _Step(op_type=node.op_type, name=node.name, inputs=list(node.input), outputs=list(node.output),
-                         attrs={k: v for k, v in attrs.items() if not isinstance(v, TensorProto)}, opset=opset,
-                         fn=_alias if i in alias_of else _OPS[node.op_type])
+                         attrs={k: v for k, v in attrs.items() if not isinstance(v, TensorProto)}, opset=opset, fn=fn)
             for k, v in attrs.items():
                 if isinstance(v, TensorProto):
                     step.tensors[k] = _tensor_from_proto(v, f"{node.name}.{k}")
-            if i in alias_of:
+            if i in alias_of and not fake_quant:
                 step.inputs = [alias_of[i]]
             elif node.op_type == "DequantizeLinear" and node.input[0] in stored_types:
                 dequantized += 1
@@ -1068,6 +1124,10 @@ class OnnxModule(torch.nn.Module):
             "dequantized_weights": dequantized,
             "quantized_weight_types": sorted(quantized_types),
         }
+        if fake_quant:
+            self.report.update(qdq_activation_pairs_dropped=0, qdq_weight_pairs_dropped=0, fake_quant=True,
+                               fake_quant_activation_pairs=pairs["activation"],
+                               fake_quant_weight_pairs=pairs["weight"])
 
     @staticmethod
     def _check_ops(graph: onnx.GraphProto) -> None:
@@ -1176,10 +1236,11 @@ def graph_skeleton(proto: onnx.ModelProto) -> bytes:
     return skeleton.SerializeToString()
 
 
-def onnx_to_torch(source: str | Path | bytes | onnx.ModelProto) -> OnnxModule:
+def onnx_to_torch(source: str | Path | bytes | onnx.ModelProto, *, fake_quant: bool = False) -> OnnxModule:
     """Build the twin of an ONNX model given as a file path, serialised bytes or a ``ModelProto``.
 
-    A file's external data is read by ``onnx.load`` from the file's folder.
+    A file's external data is read by ``onnx.load`` from the file's folder. ``fake_quant=True`` builds the
+    differentiable replica of an int8 Q/DQ engine instead of its float twin (see :class:`OnnxModule`).
 
     Raises
     ------
@@ -1204,4 +1265,4 @@ def onnx_to_torch(source: str | Path | bytes | onnx.ModelProto) -> OnnxModule:
             raise UserError(f"not an ONNX model: {path} ({type(e).__name__})") from e
         except (OSError, ValueError) as e:  # unreadable file or external data
             raise UserError(f"cannot read ONNX file {path}: {' '.join(str(e).split())}") from e
-    return OnnxModule(proto)
+    return OnnxModule(proto, fake_quant=fake_quant)
