@@ -357,17 +357,67 @@ def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_
     }
 
 
-def clean_verdict(top1_agreement: float, tolerances: Tolerances, max_logit_gap: float | None = None,
-                  gap_tolerance: float | None = None) -> str:
-    """The clean comparison's verdict: ``match`` when the top-1 agreement is at least ``tolerances.agreement`` and,
-    for an fp32 engine (``gap_tolerance`` given), the largest logit gap is within export's FP32 tolerance: an fp32
-    engine that computes something else (a wrong input convention, another model) is a mismatch even where its
-    predictions happen to agree."""
-    if top1_agreement < tolerances.agreement:
-        return Verdict.MISMATCH
+def binomial_tail(n: int, k: int, p: float) -> float:
+    r""":math:`P[X \ge k]` for :math:`X \sim \mathrm{Bin}(n, p)` (exact; :math:`k \le 0` gives 1)."""
+    if k <= 0:
+        return 1.0
+    return float(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def smallest_detectable_disagreement(n: int, tolerances: Tolerances) -> float:
+    """The smallest clean disagreement rate that the one-sided exact binomial test of :func:`clean_judgement` can
+    call significant on ``n`` examples (1.0 when none can be)."""
+    r0 = 1 - tolerances.agreement
+    for k in range(n + 1):
+        if k / n > r0 and binomial_tail(n, k, r0) < tolerances.alpha:
+            return k / n
+    return 1.0
+
+
+def smallest_detectable_gap(n: int, alpha: float) -> float:
+    """The smallest accuracy-curve gap that McNemar's exact test can call significant on ``n`` paired examples: all
+    ``k`` discordant pairs one way gives p = 2 / 2^k, so ``k >= log2(2 / alpha)`` (1.0 when n is smaller)."""
+    k = math.ceil(math.log2(2 / alpha))
+    return k / n if k <= n else 1.0
+
+
+def clean_judgement(top1_agreement: float, n: int, tolerances: Tolerances, max_logit_gap: float | None = None,
+                    gap_tolerance: float | None = None) -> dict[str, Any]:
+    r"""The clean comparison: ``verdict``, the exact ``p_value`` and a ``reason``.
+
+    Judged like the curves, a tolerance and an exact test: with :math:`d` disagreements among :math:`n` examples and
+    the allowed rate :math:`r_0 = 1 -` ``tolerances.agreement``, ``mismatch`` when :math:`d/n > r_0` and the one-sided
+    binomial test :math:`P[\mathrm{Bin}(n, r_0) \ge d] <` ``tolerances.alpha`` (one disagreement among 48 is not
+    evidence of a 2% rate). For an fp32 engine (``gap_tolerance`` given) the largest logit gap must also be within
+    export's FP32 tolerance: an fp32 engine that computes something else (a wrong input convention, another model)
+    is a mismatch even where its predictions happen to agree.
+    """
+    r0 = 1 - tolerances.agreement
+    d = int(round((1 - top1_agreement) * n))
+    p = binomial_tail(n, d, r0) if n else 1.0
+    if n and d / n > r0 and p < tolerances.alpha:
+        return {"verdict": Verdict.MISMATCH, "p_value": p,
+                "reason": f"clean top-1 agreement {top1_agreement:.4f} ({d} of {n} examples disagree) is below "
+                          f"{tolerances.agreement:g}, significantly (binomial p {p:.2g} < {tolerances.alpha:g})"}
     if gap_tolerance is not None and not (max_logit_gap is not None and max_logit_gap <= gap_tolerance):
-        return Verdict.MISMATCH
-    return Verdict.MATCH
+        return {"verdict": Verdict.MISMATCH, "p_value": p,
+                "reason": f"clean max logit gap {max_logit_gap:.3g} exceeds the fp32 tolerance {gap_tolerance:.3g}: "
+                          "the engine computes something other than the twin"}
+    note = "" if d / max(n, 1) <= r0 else f" (below {tolerances.agreement:g}, but not significantly: p {p:.2g})"
+    return {"verdict": Verdict.MATCH, "p_value": p,
+            "reason": f"clean top-1 agreement {top1_agreement:.4f} ({d} of {n} examples disagree){note}"}
+
+
+def clean_verdict(top1_agreement: float, tolerances: Tolerances, max_logit_gap: float | None = None,
+                  gap_tolerance: float | None = None, n: int | None = None) -> str:
+    """:func:`clean_judgement`'s verdict; without ``n`` (reports written before the test), the plain threshold."""
+    if n is None:
+        if top1_agreement < tolerances.agreement:
+            return Verdict.MISMATCH
+        if gap_tolerance is not None and not (max_logit_gap is not None and max_logit_gap <= gap_tolerance):
+            return Verdict.MISMATCH
+        return Verdict.MATCH
+    return clean_judgement(top1_agreement, n, tolerances, max_logit_gap, gap_tolerance)["verdict"]
 
 
 def decide(clean: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gates: Sequence[Gate],
@@ -598,7 +648,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         "top1_agreement": parity.top1_agreement,
         "max_logit_gap": parity.max_abs_diff,
         "max_logit_gap_tolerance": gap_tol,
-        "verdict": clean_verdict(parity.top1_agreement, tols, parity.max_abs_diff, gap_tol),
+        **clean_judgement(parity.top1_agreement, len(x), tols, parity.max_abs_diff, gap_tol),
     }
 
     # 2. sweeps, batch by batch (each batch independent of the others, resumable)
@@ -607,6 +657,12 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     flags += C.check_outputs(engine_mod, x[:200])
     flags += C.check_outputs(twin, x[:200])
     flags += C.check_gradients(twin, x[:200], y[:200])
+    if inp.engine_format == "onnx":  # the precision the file claims must be what its graph computes
+        from exporters.graph import load_onnx, precision_census
+
+        f = C.check_deployed_precision(engine.precision, precision_census(load_onnx(inp.engine_path)[0]),
+                                       inp.engine_path.name)
+        flags += [f] if f else []
     by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}
     twin_by_norm: dict[Norm, list[torch.Tensor]] = {}
     starts = list(range(0, len(x), bs))
@@ -719,6 +775,17 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                                        [_as_float_array(e) for _, e in items],
                                        [_as_float_array(t) for t in twin_by_norm[norm]],
                                        blackbox.get(norm), cfg.points, cfg.seed))
+
+    # how much these many examples can see: a test that cannot detect the tolerated difference says so
+    blind_gap = smallest_detectable_gap(len(x), tols.alpha)
+    blind_agree = smallest_detectable_disagreement(len(x), tols)
+    if blind_gap > tols.curve:
+        flags.append(C.flag("test-blind",
+                            f"with {len(x)} examples McNemar's test at alpha {tols.alpha:g} detects curve gaps of "
+                            f"{blind_gap:.3f} or more, above --tol-curve {tols.curve:g}; the clean test detects "
+                            f"disagreement rates of {blind_agree:.3f} or more: a 'match' here cannot rule out smaller "
+                            f"differences (audit about {math.ceil(math.ceil(math.log2(2 / tols.alpha)) / tols.curve)} "
+                            "examples to see the tolerated gap)"))
 
     # 4. verdict and gates (the same function re-derives them in `otkit verify`)
     checks = [f.to_dict() for f in flags]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,8 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "black-box-beats-white-box": (Severity.WARNING, "the Square attack fools examples the gradient attacks call robust"),
     "fixed-eps-contradiction": (Severity.WARNING, "fixed-epsilon PGD fools examples the minimum-epsilon curve calls robust"),
     "adversarial-not-verified": (Severity.ERROR, "a returned adversarial fails re-verification"),
+    "precision-not-deployed": (Severity.ERROR, "the file's claimed precision is not what its graph computes"),
+    "test-blind": (Severity.WARNING, "too few examples for the fidelity tests to see the tolerated differences"),
 }
 
 
@@ -169,3 +172,53 @@ def check_reverify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: to
     return flag("adversarial-not-verified", f"{int(bad.sum())} of {int(found.sum())} adversarials fail "
                 f"re-verification ({int(out_box.sum())} outside [0, 1], {int(out_ball.sum())} outside their radius, "
                 f"{int(correct.sum())} classified correctly): results of this attack cannot be trusted", attack)
+
+
+_PRECISION_BITS = {"int8": 8, "fp16": 16, "fp32": 32}
+_PRECISION_WORDS = {"int8": "quantised to int8", "fp16": "float16 or narrower"}
+
+
+def _share(part: int, whole: int) -> str:
+    if whole == 0 or part == 0:
+        return "0%"
+    return "100%" if part == whole else f"{math.floor(1000 * part / whole) / 10:g}%"  # rounded down: never 90% at 89.96
+
+
+def check_deployed_precision(claimed: str, census: dict[str, Any], engine: str) -> Flag | None:
+    """The precision a file claims (its ``otkit.precision`` metadata, name or format) must be what its graph computes.
+
+    ``census`` is :func:`exporters.graph.precision_census` of the file's graph; what it computes is
+    :func:`exporters.graph.deployed_precision` of it (int8: at least 90% of the Conv/ConvTranspose/Gemm/MatMul weight
+    elements quantised to int8; fp16: at least 90% float16 or narrower; else fp32). Any difference is flagged, in
+    both directions: an int8 or fp16 claim on a graph that computes in fp32, and an fp32 claim on a quantised graph,
+    misstate what was audited. A claim that is none of fp32, fp16 and int8 is flagged too; an empty claim is no claim.
+    ``engine`` names the file in the message.
+    """
+    from exporters.graph import REDUCED_PRECISION_BAR, deployed_precision
+
+    claim = str(claimed or "").strip().lower()
+    if not claim:
+        return None
+    found = deployed_precision(census)
+    if claim == found:
+        return None
+    w = census["weights"]
+    ops = "/".join(w["ops"]) or "Conv/Gemm/MatMul"
+
+    def numbers(precision: str) -> str:
+        part = w["int8"] if precision == "int8" else {k: w["int8"][k] + w["fp16"][k] for k in ("tensors", "elements")}
+        return (f"{part['tensors']} of {w['tensors']} {ops} weight tensors ({_share(part['elements'], w['elements'])} "
+                f"of {w['elements']:,} elements) are {_PRECISION_WORDS[precision]}")
+
+    if claim in _PRECISION_BITS:
+        described = min(claim, found, key=_PRECISION_BITS.__getitem__)  # the narrower of the two: int8 or fp16
+        head = f"{engine} claims {claim} but"
+    else:
+        described = "fp16" if found == "fp32" else found
+        head = f"{engine} claims precision {claimed!r}, which is not fp32, fp16 or int8, and"
+    if w["tensors"]:
+        evidence = f"{numbers(described)} ({described} needs {REDUCED_PRECISION_BAR:.0%})"
+    else:
+        evidence = f"its graph has no constant {ops} weight to measure, and by its Q/DQ nodes and float16 constants"
+    return flag("precision-not-deployed", f"{head} {evidence}: it computes in {found}, and the audit measured that, "
+                f"not {claim}; export it again at the precision you deploy, or correct its claim")

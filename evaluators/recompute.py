@@ -82,7 +82,8 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
             [eps_array(a["engine"]["eps_star"]) for a in same], [eps_array(a["twin"]["eps_star"]) for a in same],
             w.get("blackbox"), points, seed))
     c = doc["clean"]
-    clean = {"verdict": clean_verdict(c["top1_agreement"], tols, c["max_logit_gap"], c.get("max_logit_gap_tolerance"))}
+    clean = {"verdict": clean_verdict(c["top1_agreement"], tols, c["max_logit_gap"], c.get("max_logit_gap_tolerance"),
+                                      n=int(doc["data"]["n"]) if "p_value" in c else None)}
     gates = [Gate(str(g["attack"]), float(g["min_auac"])) for g in doc["gates"]]
     verdict, gate_records, status = decide(clean, records, gates, doc.get("checks", []),
                                            doc.get("allowed_flags", []), worst,

@@ -75,7 +75,29 @@ def _title(doc: dict[str, Any]) -> str:
     return f"Audit report: verdict {doc['verdict']}, status {doc['status']}"
 
 
+def failure_reasons(doc: dict[str, Any]) -> list[str]:
+    """Why an audit failed, most basic first: the clean comparison, each attack's fidelity, each gate, each error
+    flag not allowed (empty for a pass)."""
+    out = []
+    c = doc["clean"]
+    if c["verdict"] == "mismatch":
+        out.append(c.get("reason") or f"clean top-1 agreement {c['top1_agreement']:.4f} is below "
+                                      f"{doc['tolerances']['agreement']:g}")
+    out += [f"{a['name']}: {a['fidelity']['reason']}" for a in doc["attacks"] if a["fidelity"]["verdict"] == "mismatch"]
+    for g in doc["gates"]:
+        if not g["passed"]:
+            value = g.get("engine_auac_lower", g["engine_auac"])
+            what = "lower 95% limit of the engine AUAC" if "engine_auac_lower" in g else "engine AUAC"
+            out.append(f"gate {g['attack']}: {what} {value:.4f} < {g['min_auac']:g}")
+    allowed = doc.get("allowed_flags", [])
+    out += [f"error flag {f['id']} ({f['attack'] or 'model'})" for f in doc["checks"]
+            if f["severity"] == "error" and f["id"] not in allowed]
+    return out
+
+
 def _summary(doc: dict[str, Any]) -> str:
+    reasons = failure_reasons(doc) if doc["status"] == "fail" else []
+    head = f"The audit fails: {'; '.join(reasons)}. " if reasons else ""
     e, t, d, tol = doc["engine"], doc["twin"], doc["data"], doc["tolerances"]
     providers = f", {', '.join(e['providers'])}" if e["providers"] else ""
     k = len(doc["attacks"])
@@ -83,7 +105,8 @@ def _summary(doc: dict[str, Any]) -> str:
     gates = doc["gates"]
     passed = sum(g["passed"] for g in gates)
     gate_text = f"{passed} of {len(gates)} AUAC gate(s) passed." if gates else "No AUAC gate was set."
-    return (f"The engine {_basename(e['path'])} ({e['format']}, {e['precision']}{providers}) was audited against its "
+    return (f"{head}The engine {_basename(e['path'])} ({e['format']}, {e['precision']}{providers}) was audited "
+            f"against its "
             f"PyTorch twin {_basename(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
             f"{d['spec']} (seed {d['seed']}). {k} attack(s) driven by the twin's gradients were evaluated on both "
             f"models: {matched} of {k} accuracy curve(s) match within tolerance (AUAC gap at most {tol['auac']:g}; "

@@ -3,8 +3,9 @@
 The ONNX Runtime runner (:mod:`exporters.onnx`) and the TensorRT build (:mod:`exporters.tensorrt`) both start from an
 ONNX file: :func:`load_onnx` parses it and confines its external data to the model's folder, :func:`read_metadata`
 decodes the kit's ``otkit.*`` entries, :func:`graph_interface` checks that it is an (N, C, H, W) -> (N, K) classifier
-and :func:`infer_precision` names its precision when no metadata does. Neither backend imports the other; what they
-share lives here. Writing metadata is the ONNX exporter's (:mod:`exporters.onnx.metadata`).
+and :func:`infer_precision` names its precision when no metadata does; :func:`precision_census` counts what the graph
+really computes in reduced precision and :func:`deployed_precision` names it from those counts. Neither backend
+imports the other; what they share lives here. Writing metadata is the ONNX exporter's (:mod:`exporters.onnx.metadata`).
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from kit.io import require_file
 
 __all__ = [
     "Interface",
+    "REDUCED_PRECISION_BAR",
     "decode_errors",
+    "deployed_precision",
     "elem_type_name",
     "external_data_files",
     "first_line",
     "graph_interface",
     "infer_precision",
     "load_onnx",
+    "precision_census",
     "read_metadata",
     "shape_text",
     "static_dim",
@@ -250,5 +254,278 @@ def infer_precision(proto: onnx.ModelProto) -> str:
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
         return Precision.INT8.value
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
+        return Precision.FP16.value
+    return Precision.FP32.value
+
+
+#: Share of the weight elements of the compute operators that must be stored at a precision (or narrower) for
+#: :func:`deployed_precision` to name it: 90%, which leaves room for the first and last layers that int8 deployments
+#: often keep in float.
+REDUCED_PRECISION_BAR = 0.9
+
+#: Operators whose weights decide the precision, with the input(s) that may hold the weight, in the order tried: the
+#: first that leads to a constant is the weight (a MatMul of two activations has none).
+_COMPUTE_WEIGHTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0),
+    # the QOperator format computes in integers without Q/DQ nodes: its weights are integer tensors
+    "QLinearConv": (3,), "QLinearMatMul": (3, 0), "ConvInteger": (1,), "MatMulInteger": (1, 0),
+}
+#: Nodes a weight may pass through between its stored tensor and its operator without changing its values' precision.
+_LAYOUT_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+_INT8_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
+_INT_TYPES = _INT8_TYPES | {onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                            onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64}
+_WEIGHT_CLASSES = ("int8", "fp16", "fp32", "other")
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph of its nodes (If, Loop, Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_graphs(g)
+
+
+def _elements(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def _constant_tensor(node: onnx.NodeProto) -> tuple[int, int] | None:
+    """``(element type, elements)`` of a Constant node's value, or ``None`` when it holds none the census counts."""
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return a.t.data_type, _elements(a.t.dims)
+        if a.name == "value_float":
+            return onnx.TensorProto.FLOAT, 1
+        if a.name == "value_floats":
+            return onnx.TensorProto.FLOAT, len(a.floats)
+    return None
+
+
+def _tally(table: dict[str, dict[str, int]], key: str, elements: int) -> None:
+    entry = table.setdefault(key, {"tensors": 0, "elements": 0})
+    entry["tensors"] += 1
+    entry["elements"] += elements
+
+
+def precision_census(proto: onnx.ModelProto) -> dict[str, Any]:
+    """Count what an ONNX graph really computes in reduced precision, from the graph alone (no runtime).
+
+    Every graph of the model is read (subgraphs of If/Loop/Scan included); "constants" are the initializers (sparse
+    ones too) and the tensors of Constant nodes. Each weight of a compute operator (Conv, ConvTranspose, Gemm, MatMul
+    and the QOperator forms QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger) is traced back from the operator
+    through layout nodes (Identity, Transpose, Reshape, Squeeze, Unsqueeze, Flatten), Cast and DequantizeLinear to the
+    constant that stores it, and classed as:
+
+    * ``int8``: it passes a DequantizeLinear (or feeds a QOperator) from an 8-bit-or-narrower integer constant (INT8,
+      UINT8, INT4, UINT4);
+    * ``fp16``: it reaches its operator as float16 (stored in float16, or cast to float16 on the way); a float16
+      weight cast back to float32 before its operator is ``fp32``, since the operator computes in float32;
+    * ``fp32``: it reaches its operator as float32;
+    * ``other``: anything else (bfloat16, double, float8 or int16 through a DequantizeLinear).
+
+    A weight that does not lead to a constant (computed at run time, a graph input) is not classed: the operator
+    counts in ``weights.without_constant_weight``. A constant shared by several operators counts once.
+
+    Returns
+    -------
+    dict
+        JSON-ready counts:
+
+        ``nodes``
+            number of nodes.
+        ``quantize_linear``, ``dequantize_linear``
+            QuantizeLinear and DequantizeLinear nodes.
+        ``qdq_activation_pairs``
+            DequantizeLinear nodes fed by a QuantizeLinear (quantised activations).
+        ``weight_dequantize``
+            DequantizeLinear nodes whose quantised input is an integer constant (weights and biases).
+        ``dq_constants``
+            element type name -> ``{"tensors", "elements"}`` of the integer constants feeding DequantizeLinear.
+        ``constants``
+            element type name -> ``{"tensors", "elements"}`` of every constant (``FLOAT16`` and ``FLOAT`` among them).
+        ``casts``
+            target element type name -> number of Cast nodes.
+        ``inputs``, ``outputs``
+            element type names of the graph's inputs (initializers excluded) and outputs.
+        ``weights``
+            the compute operators' weights: ``ops`` (operator type -> weight tensors, in the order first met),
+            ``tensors`` and ``elements`` (all classed weights), one ``{"tensors", "elements"}`` per class (``int8``,
+            ``fp16``, ``fp32``, ``other``), ``int8_activations`` (``int8`` weights whose operator's data input also
+            comes from a DequantizeLinear: fully Q/DQ operators), ``without_constant_weight`` (operators whose weight
+            is computed or an input), and ``int8_share`` / ``fp16_share``: the ``int8`` / ``fp16`` elements over all
+            classed weight elements (0.0 when there are none).
+        ``tensors``
+            one entry per classed weight: ``op``, ``node`` (its name), ``tensor`` (the stored constant), ``elements``,
+            ``stored`` (the constant's element type), ``seen`` (the element type the operator receives) and
+            ``class``.
+    """
+    graphs = list(_all_graphs(proto.graph))
+    nodes = [n for g in graphs for n in g.node]
+    const_type: dict[str, int] = {}
+    const_elements: dict[str, int] = {}
+    for g in graphs:
+        for t in g.initializer:
+            const_type[t.name], const_elements[t.name] = t.data_type, _elements(t.dims)
+        for s in g.sparse_initializer:
+            const_type[s.values.name], const_elements[s.values.name] = s.values.data_type, _elements(s.dims)
+    for n in nodes:
+        value = _constant_tensor(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else None
+        if value is not None and n.output:
+            const_type[n.output[0]], const_elements[n.output[0]] = value
+    producer = {out: n for n in nodes for out in n.output if out}
+
+    constants: dict[str, dict[str, int]] = {}
+    for name, t in const_type.items():
+        _tally(constants, elem_type_name(t), const_elements[name])
+    casts: dict[str, int] = {}
+    for n in nodes:
+        if n.op_type == "Cast":
+            to = next((int(a.i) for a in n.attribute if a.name == "to"), 0)
+            casts[elem_type_name(to)] = casts.get(elem_type_name(to), 0) + 1
+
+    def source(name: str) -> str | None:
+        """The constant a value is, through layout nodes and casts only (for a DequantizeLinear's quantised input)."""
+        seen_names: set[str] = set()
+        while name not in const_type:
+            node = producer.get(name)
+            if node is None or name in seen_names or node.op_type not in _LAYOUT_OPS | {"Cast"} or not node.input:
+                return None
+            seen_names.add(name)
+            name = node.input[0]
+        return name
+
+    dq_nodes = [n for n in nodes if n.op_type == "DequantizeLinear"]
+    pairs = sum(1 for n in dq_nodes if n.input and getattr(producer.get(n.input[0]), "op_type", "") == "QuantizeLinear")
+    dq_constants: dict[str, dict[str, int]] = {}
+    weight_dq = 0
+    counted_dq: set[str] = set()
+    for n in dq_nodes:
+        src = source(n.input[0]) if n.input else None
+        if src is None or const_type[src] not in _INT_TYPES:
+            continue
+        weight_dq += 1
+        if src not in counted_dq:
+            counted_dq.add(src)
+            _tally(dq_constants, elem_type_name(const_type[src]), const_elements[src])
+
+    def trace(name: str) -> tuple[str, int, int, bool] | None:
+        """``(constant, stored type, type the operator receives, dequantised)`` of a weight, or ``None``."""
+        cast_to: int | None = None
+        dq_out: int | None = None
+        visited: set[str] = set()
+        while name not in const_type:
+            node = producer.get(name)
+            if node is None or name in visited or not node.input:
+                return None
+            visited.add(name)
+            if node.op_type == "Cast":
+                if cast_to is None and dq_out is None:
+                    cast_to = next((int(a.i) for a in node.attribute if a.name == "to"), 0)
+            elif node.op_type == "DequantizeLinear":
+                if dq_out is None:  # its output has its scale's type
+                    scale = source(node.input[1]) if len(node.input) > 1 else None
+                    dq_out = const_type[scale] if scale is not None else onnx.TensorProto.FLOAT
+            elif node.op_type not in _LAYOUT_OPS:
+                return None
+            name = node.input[0]
+        stored = const_type[name]
+        seen = cast_to if cast_to is not None else dq_out if dq_out is not None else stored
+        return name, stored, seen, dq_out is not None
+
+    weights: dict[str, Any] = {"ops": {}, "tensors": 0, "elements": 0,
+                               **{c: {"tensors": 0, "elements": 0} for c in _WEIGHT_CLASSES},
+                               "int8_activations": 0, "without_constant_weight": 0}
+    tensors: list[dict[str, Any]] = []
+    classed: set[tuple[str, str]] = set()
+    for n in nodes:
+        slots = _COMPUTE_WEIGHTS.get(n.op_type) if n.domain in ("", "ai.onnx") else None
+        if slots is None:
+            continue
+        found = next(((i, t) for i in slots if i < len(n.input) and (t := trace(n.input[i])) is not None), None)
+        if found is None:
+            weights["without_constant_weight"] += 1
+            continue
+        slot, (const, stored, seen, dequantised) = found
+        integer_op = n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        if (dequantised or integer_op) and stored in _INT8_TYPES:
+            cls = "int8"
+        elif dequantised or integer_op:
+            cls = "other"
+        else:
+            cls = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.FLOAT: "fp32"}.get(seen, "other")
+        if (const, cls) in classed:
+            continue
+        classed.add((const, cls))
+        elements = const_elements[const]
+        weights["ops"][n.op_type] = weights["ops"].get(n.op_type, 0) + 1
+        weights["tensors"] += 1
+        weights["elements"] += elements
+        weights[cls]["tensors"] += 1
+        weights[cls]["elements"] += elements
+        data_slot = 0 if slot != 0 else (3 if n.op_type == "QLinearMatMul" else 1)
+        data = producer.get(n.input[data_slot]) if data_slot < len(n.input) else None
+        if cls == "int8" and (integer_op or getattr(data, "op_type", "") == "DequantizeLinear"):
+            weights["int8_activations"] += 1
+        tensors.append({"op": n.op_type, "node": n.name, "tensor": const, "elements": elements,
+                        "stored": elem_type_name(stored), "seen": elem_type_name(seen), "class": cls})
+    total = weights["elements"]
+    weights["int8_share"] = weights["int8"]["elements"] / total if total else 0.0
+    weights["fp16_share"] = weights["fp16"]["elements"] / total if total else 0.0
+
+    initializers = set(const_type)
+    return {
+        "nodes": len(nodes),
+        "quantize_linear": sum(1 for n in nodes if n.op_type == "QuantizeLinear"),
+        "dequantize_linear": len(dq_nodes),
+        "qdq_activation_pairs": pairs,
+        "weight_dequantize": weight_dq,
+        "dq_constants": dq_constants,
+        "constants": constants,
+        "casts": casts,
+        "inputs": [elem_type_name(i.type.tensor_type.elem_type) for i in proto.graph.input
+                   if i.name not in initializers],
+        "outputs": [elem_type_name(o.type.tensor_type.elem_type) for o in proto.graph.output],
+        "weights": weights,
+        "tensors": tensors,
+    }
+
+
+def deployed_precision(census: dict[str, Any]) -> str:
+    """The precision a graph computes in, from its :func:`precision_census`: ``int8``, ``fp16`` or ``fp32``.
+
+    The rule, on the weights of the compute operators (Conv, ConvTranspose, Gemm, MatMul and their QOperator forms),
+    by element count:
+
+    * ``int8`` when at least :data:`REDUCED_PRECISION_BAR` (90%) of the weight elements are ``int8`` (8-bit integers
+      dequantised by a DequantizeLinear, or feeding a QOperator);
+    * else ``fp16`` when at least 90% are 16 bits or narrower (``fp16`` + ``int8``): a mostly float16 graph;
+    * else ``fp32``.
+
+    A graph with no compute operator at all has nothing to measure and falls back to :func:`infer_precision`'s rule
+    (any DequantizeLinear: ``int8``; any float16 constant: ``fp16``). Compute operators whose weights are computed at
+    run time are not classed; when they are all there is, the graph counts as ``fp32``.
+    """
+    w = census["weights"]
+    total = w["elements"]
+    if total == 0:
+        if w["without_constant_weight"]:
+            return Precision.FP32.value
+        if census["dequantize_linear"]:
+            return Precision.INT8.value
+        if census["constants"].get("FLOAT16", {}).get("tensors", 0):
+            return Precision.FP16.value
+        return Precision.FP32.value
+    int8, fp16 = w["int8"]["elements"], w["fp16"]["elements"]
+    if int8 >= REDUCED_PRECISION_BAR * total:
+        return Precision.INT8.value
+    if int8 + fp16 >= REDUCED_PRECISION_BAR * total:
         return Precision.FP16.value
     return Precision.FP32.value

@@ -89,3 +89,28 @@ def test_decide_fails_on_error_flags_only():
     assert decide(clean, rec, [], [warn, err])[2] == "fail"
     assert decide(clean, rec, [], [err], ["randomised-outputs"])[2] == "pass"
     assert failing_flags([warn, err], ["zero-gradients"]) == [err]
+
+
+def test_a_file_claiming_int8_that_computes_in_fp32_fails_the_audit(digits_model, tmp_path):
+    """A planted fault: an fp32 export whose metadata says int8. The audit finds the graph's weights in fp32 and
+    fails with the error flag (the curves themselves match: the twin and the fp32 graph are the same)."""
+    import onnx
+
+    from exporters.checkpoint import export_checkpoint
+
+    path = export_checkpoint(digits_model[0], "onnx", tmp_path / "m.onnx").path
+    model = onnx.load(path)
+    for p in model.metadata_props:
+        if p.key == "otkit.precision":
+            p.value = "int8"
+    liar = tmp_path / "liar-int8.onnx"
+    onnx.save(model, liar)
+    res = run("-q", "audit", "--engine", liar, "--twin", digits_model[0], *ARGS, "--out", tmp_path / "a")
+    assert res.exit_code == 1, res.output
+    doc = json.loads(res.stdout)
+    assert doc["engine"]["precision"] == "int8"
+    assert [c["id"] for c in doc["checks"] if c["severity"] == "error"] == ["precision-not-deployed"]
+    assert "The audit fails: error flag precision-not-deployed" in (tmp_path / "a" / "report.md").read_text()
+    # the honest file passes
+    res = run("-q", "audit", "--engine", path, "--twin", digits_model[0], *ARGS, "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
