@@ -142,6 +142,8 @@ class AuditConfig:
     blackbox_queries: int = 500
     n_boot: int = 1000
     allowed_flags: Sequence[str] = ()
+    engine_only: bool = True
+    engine_only_steps: int = 20
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.allowed_flags if f not in C.CHECKS]
@@ -162,7 +164,8 @@ class AuditConfig:
 
     def key(self) -> dict[str, Any]:
         """The JSON-able identity of the run's numbers (for ``--resume``)."""
-        return {"attacks": [[r.spec.name, r.eps_max, r.spec.kwargs] for r in self.attacks], "batch_size": self.batch_size,
+        return {"attacks": [[r.spec.name, r.eps_max, r.spec.kwargs] for r in self.attacks],
+                "batch_size": self.batch_size,
                 "rungs": self.rungs, "tol": self.tol, "seed": self.seed}
 
 
@@ -331,9 +334,56 @@ def side_record(eps_star: Any, eps_max: float, points: int, seed: int) -> dict[s
     }
 
 
+def build_replica(inp: AuditInputs) -> tuple[nn.Module | None, str]:
+    """A differentiable replica of the engine's arithmetic for the engine-only attack, and what it is.
+
+    An int8 Q/DQ ONNX file: its graph with the activation quantisation kept as fake quantisation
+    (:class:`kit.twins.from_onnx.OnnxModule` ``fake_quant=True``), its input convention folded in. An fp16 engine: the
+    twin in half precision (:class:`kit.attacks.differential.HalfPrecision`). An fp32 engine computes what the twin
+    computes: no replica, nothing engine-only to search. TensorRT engines: not yet (their plan is not a graph).
+    """
+    engine = inp.engine
+    if engine.precision == "fp32":
+        return None, "none: an fp32 engine computes what the twin computes"
+    if inp.engine_format == "onnx" and engine.precision == "int8":
+        from kit.convention import InputModule
+        from kit.twins.from_onnx import onnx_to_torch
+
+        replica: nn.Module = onnx_to_torch(inp.engine_path, fake_quant=True)
+        if not engine.input_convention.identity:
+            replica = InputModule(replica, engine.input_convention)
+        return replica.to(inp.x.device).eval(), "the int8 graph with fake quantisation (Q/DQ kept)"
+    if engine.precision == "fp16":
+        from kit.attacks.differential import HalfPrecision
+        from kit.twins.from_onnx import OnnxModule
+
+        if any(isinstance(m, OnnxModule) for m in inp.twin.modules()):
+            return None, "none: an fp16 replica needs a twin that computes in float16 (not a rebuilt ONNX graph)"
+        return HalfPrecision(inp.twin).eval(), "the twin in float16"
+    return None, f"none: no replica for a {engine.precision} {inp.engine_format} engine"
+
+
+def _engine_only_search(twin: nn.Module, replica: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor,
+                        norm: Norm, eps_max: float, cfg: AuditConfig) -> torch.Tensor:
+    """Per example, the smallest radius at which the differential attack found an input that fools the engine while
+    the twin stays correct (``inf`` where none was found up to eps_max); batches of ``cfg.batch_size``."""
+    from kit.attacks.differential import Differential
+
+    out = []
+    bar = open_bar(f"engine-only: differential-{norm.value}", total=len(x), unit="ex")
+    for i in range(0, len(x), cfg.batch_size):
+        xb, yb = x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]
+        attack = Differential(twin, replica=replica, norm=norm.value, steps=cfg.engine_only_steps, seed=cfg.seed)
+        attack.judge = EngineJudge(engine)
+        res = min_eps_search(attack, xb, yb, eps_max, cfg.rungs, cfg.tol, on_step=bar.within(i, len(xb)))
+        out.append(res.eps_star.detach().cpu().double())
+    bar.close()
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+
 def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_eps: Sequence[Any],
                       twin_eps: Sequence[Any], blackbox: Mapping[str, Any] | None, points: int,
-                      seed: int) -> dict[str, Any]:
+                      seed: int, engine_only: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The worst case of one threat model: per example, the smallest eps* of any attack of that norm (the twin-guided
     attacks on each side; on the engine side also the black-box radius at which Square fooled it, for the examples it
     ran on), then its curve and AUAC with the bootstrap interval (:func:`side_record`).
@@ -346,14 +396,19 @@ def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_
     if blackbox is not None:
         bb = np.array([np.inf if v is None else float(v) for v in blackbox["eps"]])
         e[: bb.size] = np.minimum(e[: bb.size], bb)
+    if engine_only is not None:
+        e = np.minimum(e, np.array([np.inf if v is None else float(v) for v in engine_only["eps"]]))
+    extra = [f"{blackbox['attack']} (black box)"] if blackbox is not None else []
+    extra += [f"{engine_only['attack']} (engine-only)"] if engine_only is not None else []
     return {
         "norm": norm,
         "eps_max": float(eps_max),
-        "attacks": list(attacks) + ([f"{blackbox['attack']} (black box)"] if blackbox is not None else []),
+        "attacks": list(attacks) + extra,
         "eps_grid": [float(v) for v in eps_grid(eps_max, points)],
         "engine": side_record(e, eps_max, points, seed),
         "twin": side_record(t, eps_max, points, seed),
         "blackbox": dict(blackbox) if blackbox is not None else None,
+        "engine_only": dict(engine_only) if engine_only is not None else None,
     }
 
 
@@ -766,15 +821,36 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                           "radii": [eps_max / 2, eps_max],
                           "eps": [float(v) if math.isfinite(v) else None for v in found.tolist()]}
 
+    # 3b. engine-only: where the engine's own arithmetic (int8 rounding, fp16) is weaker than the twin's, found by the
+    # differential attack on a differentiable replica of it (kit/attacks/differential.py), judged by the engine
+    engine_only: dict[Norm, dict[str, Any]] = {}
+    replica, replica_kind = build_replica(inp) if cfg.engine_only else (None, "not run (--no-engine-only)")
+    for norm, items in by_norm.items():
+        if replica is None or norm not in LP_NORMS:
+            continue
+        eps_max = max(e for e, _ in items)
+        eps_eo = _engine_only_search(twin, replica, engine, x, y, norm, eps_max, cfg)
+        grid = eps_grid(eps_max, cfg.points)
+        t_best = torch.stack(twin_by_norm[norm]).min(0).values.double().numpy()
+        e_best = torch.stack([e for _, e in items]).min(0).values.double().numpy()
+        engine_only[norm] = {
+            "attack": f"differential-{norm.value}", "replica": replica_kind, "steps": cfg.engine_only_steps,
+            "eps": [float(v) if math.isfinite(v) else None for v in eps_eo.tolist()],
+            # engine-only adversarials within each grid radius: the differential attack's, and the twin-guided
+            # search's (an engine eps* at most r where the twin held beyond r)
+            "count": [int((eps_eo.numpy() <= r).sum()) for r in grid],
+            "twin_guided_count": [int(((e_best <= r) & (t_best > r)).sum()) for r in grid],
+        }
+
     # the worst case per threat model: per example, the smallest radius at which any attack fooled the engine (the
-    # twin-guided attacks of that norm, and the black box), as AutoAttack reports its ensemble
+    # twin-guided attacks of that norm, the black box and the engine-only attack), as AutoAttack reports its ensemble
     worst = []
     for norm, items in by_norm.items():
         names = [r["name"] for r in records if r["norm"] == norm.value]
         worst.append(worst_case_record(norm.value, max(e for e, _ in items), names,
                                        [_as_float_array(e) for _, e in items],
                                        [_as_float_array(t) for t in twin_by_norm[norm]],
-                                       blackbox.get(norm), cfg.points, cfg.seed))
+                                       blackbox.get(norm), cfg.points, cfg.seed, engine_only.get(norm)))
 
     # how much these many examples can see: a test that cannot detect the tolerated difference says so
     blind_gap = smallest_detectable_gap(len(x), tols.alpha)
@@ -806,6 +882,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         "clean": clean,
         "tolerances": asdict(tols),
         "worst_case": worst,
+        "replica": replica_kind,
         "attacks": records,
         "checks": checks,
         "allowed_flags": sorted(set(cfg.allowed_flags)),

@@ -80,7 +80,7 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
         worst.append(worst_case_record(
             w["norm"], float(w["eps_max"]), [a["name"] for a in same],
             [eps_array(a["engine"]["eps_star"]) for a in same], [eps_array(a["twin"]["eps_star"]) for a in same],
-            w.get("blackbox"), points, seed))
+            w.get("blackbox"), points, seed, w.get("engine_only")))
     c = doc["clean"]
     clean = {"verdict": clean_verdict(c["top1_agreement"], tols, c["max_logit_gap"], c.get("max_logit_gap_tolerance"),
                                       n=int(doc["data"]["n"]) if "p_value" in c else None)}

@@ -39,6 +39,9 @@ def worst_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
              "engine worst-case AUAC (upper bound) [95% CI]":
                  f"{_num(w['engine']['auac'])} {_ci(w['engine']['auac_ci'])}",
              "twin worst-case AUAC [95% CI]": f"{_num(w['twin']['auac'])} {_ci(w['twin']['auac_ci'])}",
+             "engine-only adversarials at eps_max (differential / twin-guided)":
+                 f"{w['engine_only']['count'][-1]} / {w['engine_only']['twin_guided_count'][-1]}"
+                 if w.get("engine_only") else "-",
              "attacks": ", ".join(w["attacks"])} for w in doc.get("worst_case", [])]
 
 

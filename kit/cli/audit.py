@@ -72,6 +72,11 @@ def flag_effect(doc: dict[str, Any], check: dict[str, Any]) -> str:
     return effect(doc, check)
 
 
+def _engine_only_text(w: dict[str, Any]) -> str:
+    eo = w.get("engine_only")
+    return f"{eo['count'][-1]} (twin-guided {eo['twin_guided_count'][-1]})" if eo else "-"
+
+
 def print_audit(doc: dict[str, Any]) -> None:
     """The audit's one-screen summary on stdout."""
     c = doc["clean"]
@@ -85,8 +90,11 @@ def print_audit(doc: dict[str, Any]) -> None:
         rows = [{"threat model": w["norm"], "eps_max": f"{w['eps_max']:.4g}",
                  "engine worst-case AUAC": f"{w['engine']['auac']:.4f}",
                  "95% CI": f"[{w['engine']['auac_ci'][0]:.4f}, {w['engine']['auac_ci'][1]:.4f}]",
-                 "twin": f"{w['twin']['auac']:.4f}", "over": ", ".join(w["attacks"])} for w in doc["worst_case"]]
-        click.echo(table(rows, ["threat model", "eps_max", "engine worst-case AUAC", "95% CI", "twin", "over"]))
+                 "twin": f"{w['twin']['auac']:.4f}",
+                 "engine-only found": _engine_only_text(w),
+                 "over": ", ".join(w["attacks"])} for w in doc["worst_case"]]
+        click.echo(table(rows, ["threat model", "eps_max", "engine worst-case AUAC", "95% CI", "twin",
+                                "engine-only found", "over"]))
         click.echo("")
     click.echo(table(audit_rows(doc), AUDIT_COLUMNS))
     click.echo("(every AUAC comes from attacks: an empirical upper bound on robustness, not a certificate)")
@@ -135,6 +143,10 @@ def print_audit(doc: dict[str, Any]) -> None:
 @click.option("--allow-flag", "allowed_flags", multiple=True, metavar="ID", cls=ListedOption, listed=flag_ids,
               help="Let an error-level validity flag pass instead of failing the audit (repeatable; recorded in the "
                    "report; docs/checks.md).")
+@click.option("--engine-only/--no-engine-only", "engine_only", default=True, show_default=True,
+              help="Search for inputs that fool the engine but not the twin with the differential attack on a "
+                   "replica of the engine's arithmetic (int8 ONNX: its graph with fake quantisation; fp16: the twin "
+                   "in half precision); fp32 engines need none.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted audit in --out.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for report.json, report.md, report.html, curves.png, adversarials.npz.")
@@ -147,7 +159,8 @@ def print_audit(doc: dict[str, Any]) -> None:
 def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str | None, split: str,
           attacks: tuple[str, ...], eps_max: float | None, samples: int, batch_size: int, rungs: int,
           tol_auac: float, tol_curve: float, min_agreement: float, alpha: float, gates: tuple[str, ...], blackbox_samples: int,
-          providers: tuple[str, ...], allowed_flags: tuple[str, ...], resume: bool, out: Path, seed: int | None,
+          providers: tuple[str, ...], allowed_flags: tuple[str, ...], engine_only: bool, resume: bool, out: Path,
+          seed: int | None,
           as_json: bool, arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Audit a deployed engine against its PyTorch twin and write the AUAC robustness report.
 
@@ -169,7 +182,7 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     cfg = AuditConfig(attacks=AttackRequest.parse_all(attacks, eps_max), batch_size=batch_size,
                       rungs=rungs, seed=seed, gates=[Gate.parse(g) for g in gates],
                       tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
-                      blackbox_samples=blackbox_samples, allowed_flags=allowed_flags)
+                      blackbox_samples=blackbox_samples, allowed_flags=allowed_flags, engine_only=engine_only)
     device = command_device(ctx)
     command = shlex.join(["otkit", *sys.argv[1:]])
     # one process per report folder, for the whole audit; taken first, so a second audit is refused at once (a
