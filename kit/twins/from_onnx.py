@@ -818,16 +818,20 @@ def _dequantize(step: _Step, ins: list[Value]) -> Tensor:
     return y * _along(scale.to(torch.float32), x, axis, block)
 
 
+def _quant_dtype(step: _Step, zp: Value | None) -> torch.dtype:
+    """The integer type a QuantizeLinear produces: its zero point's, else ``output_dtype``, else uint8 (ONNX)."""
+    if zp is not None:
+        return zp.dtype
+    if "output_dtype" in step.attrs and int(step.attrs["output_dtype"]):
+        return _torch_dtype(int(step.attrs["output_dtype"]), step.name)
+    return torch.uint8
+
+
 def _quantize(step: _Step, ins: list[Value]) -> Tensor:
     x, scale = ins[0], ins[1]
     zp = ins[2] if len(ins) > 2 else None
     axis, block = int(step.attrs.get("axis", 1)), int(step.attrs.get("block_size", 0))
-    if zp is not None:
-        dtype = zp.dtype
-    elif "output_dtype" in step.attrs and int(step.attrs["output_dtype"]):
-        dtype = _torch_dtype(int(step.attrs["output_dtype"]), step.name)
-    else:
-        dtype = torch.uint8
+    dtype = _quant_dtype(step, zp)
     info = torch.iinfo(dtype)
     y = torch.round(x / _along(scale, x, axis, block))
     if zp is not None:
@@ -841,12 +845,7 @@ def _fake_quantize(step: _Step, ins: list[Value]) -> Tensor:
     x, scale = ins[0], ins[1]
     zp = ins[2] if len(ins) > 2 else None
     axis, block = int(step.attrs.get("axis", 1)), int(step.attrs.get("block_size", 0))
-    if zp is not None:
-        dtype = zp.dtype
-    elif "output_dtype" in step.attrs and int(step.attrs["output_dtype"]):
-        dtype = _torch_dtype(int(step.attrs["output_dtype"]), step.name)
-    else:
-        dtype = torch.uint8
+    dtype = _quant_dtype(step, zp)
     info = torch.iinfo(dtype)
     x = x.to(torch.float32)
     s = _along(scale.to(torch.float32), x, axis, block)
