@@ -31,7 +31,7 @@ environment.
 Run::
 
     PYTHONPATH=/tmp/ta_pkg python bench/autoattack_reference.py --data ../shared/data/mnist-10k \
-        [--model CKPT|auto] [--samples 200] [--eps 0.1 0.2 0.3] [--seed 0]
+        [--model CKPT|auto] [--samples 200] [--eps 0.1 0.2 0.3] [--seed 0] [--threads 1]
 
 ``--model auto`` (the default) trains a cnn-small with the kit's standard defense on ``mnist:DIR`` for 3 epochs,
 cached in bench/.cache. Prints one JSON document on stdout; progress on stderr. The issue's criterion, per radius:
@@ -152,14 +152,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--seed", type=int, default=0, help="seed of the test subset")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for both sides (default 1: on a shared 2-core machine, 2 OpenMP threads "
+                    "contending with other jobs made single attacks up to 20x slower)")
     ap.add_argument("--no-individual", action="store_true", help="skip each member run alone (both sides)")
     args = ap.parse_args()
 
+    t_start = time.perf_counter()
     ta, ta_info = import_torchattacks()
+    from bench.common import cpu_model, load_average
     from kit.attacks.registry import PRESETS
     from kit.data import load_dataset
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(args.threads)
     model, model_info = get_model(args.model, args.data)
     model.eval()
     for p in model.parameters():
@@ -246,7 +251,8 @@ def main() -> None:
                          "n_classes=10, seed=0): APGD-CE, APGD-T, FAB-T (steps=10 each, torchattacks defaults), "
                          "Square (5000 queries)"},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads":
-                    torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+                    torch.get_num_threads(), "cpu": cpu_model(), "load_average_at_end": load_average(),
+                    "total_seconds": round(time.perf_counter() - t_start, 1)},
         "results": rows,
     }
     print(json.dumps(out, indent=2))
