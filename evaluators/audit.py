@@ -852,6 +852,13 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                                        [_as_float_array(t) for t in twin_by_norm[norm]],
                                        blackbox.get(norm), cfg.points, cfg.seed, engine_only.get(norm)))
 
+    # an engine curve above its twin's: a search artefact (the worst case brings it back) or a real difference
+    worst_by_norm = {w["norm"]: w for w in worst}
+    for r in records:
+        f = C.check_engine_above_twin(r, worst_by_norm.get(r["norm"]), others=records, tol_auac=tols.auac,
+                                      tol_curve=tols.curve, alpha=tols.alpha, n_boot=cfg.n_boot, seed=cfg.seed)
+        flags += [f] if f else []
+
     # how much these many examples can see: a test that cannot detect the tolerated difference says so
     blind_gap = smallest_detectable_gap(len(x), tols.alpha)
     blind_agree = smallest_detectable_disagreement(len(x), tols)

@@ -8,10 +8,12 @@ flags. Every id has a section in ``docs/checks.md`` saying what it means and wha
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "adversarial-not-verified": (Severity.ERROR, "a returned adversarial fails re-verification"),
     "precision-not-deployed": (Severity.ERROR, "the file's claimed precision is not what its graph computes"),
     "test-blind": (Severity.WARNING, "too few examples for the fidelity tests to see the tolerated differences"),
+    "engine-above-twin": (Severity.WARNING, "an attack finds the engine significantly more robust than its twin"),
 }
 
 
@@ -222,3 +225,130 @@ def check_deployed_precision(claimed: str, census: dict[str, Any], engine: str) 
         evidence = f"its graph has no constant {ops} weight to measure, and by its Q/DQ nodes and float16 constants"
     return flag("precision-not-deployed", f"{head} {evidence}: it computes in {found}, and the audit measured that, "
                 f"not {claim}; export it again at the precision you deploy, or correct its claim")
+
+
+def _eps_array(values: Sequence[Any], eps_max: float) -> np.ndarray:
+    """A report's ``eps_star`` list (``None``: not fooled up to its eps_max) as radii clipped at ``eps_max``."""
+    a = np.array([math.inf if v is None else float(v) for v in values], dtype=float)
+    return np.minimum(np.where(np.isnan(a), math.inf, a), eps_max)
+
+
+#: twin-guided attacks that search on past the twin's boundary, per norm (suggested by engine-above-twin)
+_SEARCHERS = {"linf": "pgd-linf, fmn-linf", "l2": "pgd-l2, fmn-l2", "wasserstein": "fw-wasserstein"}
+
+
+def check_engine_above_twin(record: Mapping[str, Any], worst: Mapping[str, Any] | None, *,
+                            others: Sequence[Mapping[str, Any]] = (), tol_auac: float = 0.01, tol_curve: float = 0.02,
+                            alpha: float = 0.05, n_boot: int = 1000, seed: int = 0) -> Flag | None:
+    r"""An attack whose engine curve lies significantly above its twin's: a search artefact, or a real difference?
+
+    ``record`` is one entry of the report's ``attacks`` (its ``twin`` / ``engine`` ``eps_star`` and ``accuracy``,
+    its ``fidelity``); ``worst`` the ``worst_case`` record of its norm (the per-example minimum over every attack of
+    that norm on the engine, the black box and the engine-only attack included), ``None`` when there is none;
+    ``others`` the report's other attack records, to say which attacks fooled the engine (those of another norm are
+    ignored). The tolerances are the audit's (``tolerances.auac``, ``.curve``, ``.alpha``).
+
+    **Fires** when the engine is significantly more robust than the twin under this attack: the AUAC gap (engine -
+    twin) and the lower end of its paired bootstrap interval both exceed ``tol_auac``, or at some grid radius the
+    engine's accuracy exceeds the twin's by more than ``tol_curve`` with McNemar p < ``alpha`` (and the AUAC gap is
+    positive). Otherwise ``None``.
+
+    **Diagnosis.** The residual gap is the paired AUAC gap between the worst case's engine eps* and this attack's twin
+    eps* (both clipped at this attack's eps_max), with a paired bootstrap interval (``n_boot`` resamples, ``seed``).
+    *Search artefact* when it is at most ``tol_auac`` or its lower end is (the other attacks bring the engine back to
+    the twin's level: this attack's search stopped short on the engine); the message says which attacks fooled the
+    engine on the examples this attack lifted. *Engine genuinely more robust at these radii (as far as any attack
+    found)* otherwise, with the numbers.
+    """
+    name, eps_max = str(record["name"]), float(record["eps_max"])
+    fid = record["fidelity"]
+    t = _eps_array(record["twin"]["eps_star"], eps_max)
+    e = _eps_array(record["engine"]["eps_star"], eps_max)
+    gap, (lo, hi) = float(fid["auac_gap"]), (float(v) for v in fid["auac_gap_ci"])
+    acc_t, acc_e = np.asarray(record["twin"]["accuracy"]), np.asarray(record["engine"]["accuracy"])
+    grid = np.asarray(record["eps_grid"], dtype=float)
+    above = (acc_e - acc_t > tol_curve) & (np.asarray(fid["mcnemar_p"]) < alpha)
+    if gap > tol_auac and lo > tol_auac:
+        why = f"AUAC {record['engine']['auac']:.3f} on the engine vs {record['twin']['auac']:.3f} on the twin " \
+              f"(gap {gap:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] above the tolerance {tol_auac:g})"
+    elif gap > 0 and above.any():
+        i = int(np.argmax(np.where(above, acc_e - acc_t, -np.inf)))
+        why = f"accuracy {acc_e[i]:.3f} on the engine vs {acc_t[i]:.3f} on the twin at eps {grid[i]:.4g} " \
+              f"(McNemar p {float(fid['mcnemar_p'][i]):.2g} < {alpha:g}; AUAC gap {gap:+.3f})"
+    else:
+        return None
+
+    # the worst case on the engine (this attack's own engine eps* where there is no worst-case record)
+    sources: dict[str, np.ndarray] = {}  # who may have fooled the engine: other attacks of this norm, then stages
+    for r in others:
+        if r.get("norm") == record.get("norm") and r["name"] != name:
+            sources[str(r["name"])] = _eps_array(r["engine"]["eps_star"], eps_max)
+    guided = list(sources)  # the other twin-guided attacks of this norm
+    w = e.copy()
+    names = [name]
+    if worst is not None:
+        w = np.minimum(w, _eps_array(worst["engine"]["eps_star"], eps_max))
+        names = [str(a) for a in worst.get("attacks", [])] or names
+        for key in ("blackbox", "engine_only"):
+            extra = worst.get(key)
+            if extra:
+                bb = np.full(e.shape, eps_max)  # the black box ran on the first examples only
+                got = _eps_array(extra["eps"], eps_max)[: e.size]
+                bb[: got.size] = got
+                sources[f"{extra['attack']} ({'black box' if key == 'blackbox' else 'engine-only'})"] = bb
+    d = (w - t) / eps_max
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1) if d.size else np.zeros(1)
+    r_gap = float(d.mean()) if d.size else 0.0
+    r_lo, r_hi = (float(v) for v in np.quantile(boot, [0.025, 0.975]))
+    w_auac, t_auac = float(w.mean() / eps_max), float(t.mean() / eps_max)
+
+    # the examples this attack lifted on the engine (engine eps* beyond the twin's by more than the search's default
+    # bisection tolerance), and who fooled the engine there below this attack's engine eps*
+    lifted = e > t + eps_max / 256
+    k = int(lifted.sum())
+    fixed = lifted & (w < e)
+    who: dict[str, int] = {}
+    for j in np.nonzero(fixed)[0]:
+        best = min(sources, key=lambda s: sources[s][j], default=None)
+        if best is not None and sources[best][j] <= w[j]:
+            who[best] = who.get(best, 0) + 1
+    ratio = float(np.median(w[fixed] / np.maximum(t[fixed], 1e-12))) if fixed.any() else math.nan
+    rest = int(fixed.sum()) - sum(who.values())  # the worst case's own minimum, where ``others`` was not given
+    found_by = ", ".join([f"{s} {n}" for s, n in sorted(who.items(), key=lambda kv: -kv[1])]
+                         + ([f"attacks of the worst case {rest}"] if rest else [])) or "none"
+    residual = f"engine AUAC {w_auac:.3f} vs the twin's {t_auac:.3f} under {name} (gap {r_gap:+.3f}, 95% CI " \
+               f"[{r_lo:+.3f}, {r_hi:+.3f}])"
+    consulted = ", ".join(names)
+    if r_gap <= tol_auac or r_lo <= tol_auac:
+        if "rungs" in record.get("config", {}):
+            how = "its ladder and bisection along the twin's gradients missed adversarials of the engine"
+        else:
+            how = ("a minimum-norm attack runs once along the twin's gradients, and can stop where the twin is fooled "
+                   "and the engine not yet")
+        return flag("engine-above-twin",
+                    f"search artefact: {why}, but the worst case over {consulted} brings the engine back to the "
+                    f"twin's level: {residual}. On {k} example(s) {name} left the engine robust beyond the twin's "
+                    f"eps*; other attacks fooled the engine on {int(fixed.sum())} of them (found by: {found_by}) at "
+                    f"a median {ratio:.2f}x the twin's eps*. {name}'s search stopped short on the engine ({how}): "
+                    f"do not read the engine's robustness from {name}'s engine curve or gate on it; use the worst "
+                    f"case ({record.get('norm')})", name)
+    norm = str(record.get("norm"))
+    searchers = _SEARCHERS.get(norm, f"pgd-{norm}")
+    if guided:
+        caveat = ""
+    elif sources:
+        caveat = (f"; but no other twin-guided attack of this norm ran (the black box tries eps_max/2 and eps_max only, "
+                  f"the engine-only attack counts only inputs the twin still classifies correctly): add one that "
+                  f"searches on past the twin's boundary ({searchers}) to rule out an artefact of {name}'s search")
+    else:
+        caveat = (f"; but no other attack ran: add {searchers} and the black box / engine-only stages to "
+                  f"rule out an artefact of {name}'s search")
+    return flag("engine-above-twin",
+                f"engine genuinely more robust at these radii (as far as any attack found): {why}, and the worst "
+                f"case over {consulted} keeps it above: {residual}"
+                + (f"; other attacks fooled the engine below {name}'s radius on {int(fixed.sum())} of the {k} "
+                   f"example(s) it lifted (found by: {found_by})" if k and sources else "")
+                + f"{caveat}. The engine is then a different model from its twin: confirm with stronger attacks on "
+                "the engine itself (more --blackbox-samples and queries, --engine-only), and find out which export "
+                "step (quantisation, precision) moved the boundary", name)

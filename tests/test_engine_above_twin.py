@@ -1,0 +1,153 @@
+"""engine-above-twin (issue 18): an attack that finds the engine more robust than its twin is diagnosed.
+
+Synthetic records (built with the audit's own record functions) cover the three cases: a search artefact (another
+attack brings the engine back to the twin's level), an engine genuinely more robust (every attack agrees), and no
+gap. The real case: Trust Region on an int8 engine stops where the twin is first fooled and the engine, whose logits
+move in steps of its output quantisation, is not yet; with pgd-l2 in the worst case the check says "search artefact".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from evaluators import checks as C
+from evaluators.audit import Tolerances, fidelity, side_record, twin_guided_search, worst_case_record
+from exporters.engines import load_engine
+from exporters.onnx import torch_to_onnx, write_onnx_export
+from kit.data import load_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EPS_MAX = 3.0
+TOLS = Tolerances()
+
+
+def _record(name: str, twin_eps, engine_eps, config: dict | None = None) -> dict:
+    t, e = np.asarray(twin_eps, dtype=float), np.asarray(engine_eps, dtype=float)
+    return {"name": name, "norm": "l2", "eps_max": EPS_MAX, "config": config or {"class": "PGD", "rungs": 8},
+            "eps_grid": [float(v) for v in np.linspace(0, EPS_MAX, 33)],
+            "twin": side_record(t, EPS_MAX, 33, 0), "engine": side_record(e, EPS_MAX, 33, 0),
+            "fidelity": fidelity(t, e, EPS_MAX, TOLS)}
+
+
+def _worst(records: list[dict], blackbox=None, engine_only=None) -> dict:
+    def arr(side, r):
+        return np.array([math.inf if v is None else v for v in r[side]["eps_star"]])
+
+    return worst_case_record("l2", EPS_MAX, [r["name"] for r in records], [arr("engine", r) for r in records],
+                             [arr("twin", r) for r in records], blackbox, 33, 0, engine_only)
+
+
+def _check(record, worst, others):
+    return C.check_engine_above_twin(record, worst, others=others, tol_auac=TOLS.auac, tol_curve=TOLS.curve,
+                                     alpha=TOLS.alpha)
+
+
+@pytest.fixture(scope="module")
+def twin_eps():
+    return np.random.default_rng(0).uniform(0.2, 1.5, size=60)
+
+
+def test_artefact_when_another_attack_fools_the_engine_at_the_twins_radius(twin_eps):
+    t = twin_eps
+    stalled = np.arange(60) % 2 == 0  # the minimum-norm attack never fooled the engine on half the examples
+    tr = _record("tr-l2", t, np.where(stalled, math.inf, t), {"class": "TrustRegion", "steps": 100})
+    pgd = _record("pgd-l2", t * 1.01, t * 1.03)
+    f = _check(tr, _worst([tr, pgd]), [tr, pgd])
+    assert f is not None and f.id == "engine-above-twin" and f.severity == "warning" and f.attack == "tr-l2"
+    assert f.message.startswith("search artefact")
+    assert "On 30 example(s) tr-l2 left the engine robust" in f.message and "found by: pgd-l2 30" in f.message
+    assert "minimum-norm attack runs once" in f.message and "use the worst case (l2)" in f.message
+    assert _check(pgd, _worst([tr, pgd]), [tr, pgd]) is None  # pgd-l2 itself is within tolerance
+
+
+def test_genuine_when_every_attack_keeps_the_engine_above(twin_eps):
+    t = twin_eps
+    tr = _record("tr-l2", t, t * 1.5, {"class": "TrustRegion", "steps": 100})
+    pgd = _record("pgd-l2", t, t * 1.45)
+    f = _check(tr, _worst([tr, pgd]), [tr, pgd])
+    assert f is not None and f.message.startswith("engine genuinely more robust at these radii (as far as any "
+                                                  "attack found)")
+    assert "keeps it above" in f.message and "no other" not in f.message
+
+
+def test_genuine_says_when_no_other_twin_guided_attack_could_tell(twin_eps):
+    t = twin_eps
+    tr = _record("tr-l2", t, np.full(60, math.inf), {"class": "TrustRegion", "steps": 100})
+    bb = {"attack": "square-l2", "queries": 500, "samples": 60, "radii": [1.5, 3.0],
+          "eps": [1.5 if i % 3 == 0 else None for i in range(60)]}
+    f = _check(tr, _worst([tr], blackbox=bb), [tr])
+    assert f is not None and f.message.startswith("engine genuinely more robust")
+    assert "square-l2 (black box) 20" in f.message and "no other twin-guided attack of this norm ran" in f.message
+    assert "pgd-l2, fmn-l2" in f.message
+    f = _check(tr, None, [])
+    assert f is not None and "no other attack ran" in f.message
+
+
+def test_no_flag_without_a_significant_engine_advantage(twin_eps):
+    t = twin_eps
+    assert _check(_record("pgd-l2", t, t), None, []) is None  # no gap
+    assert _check(_record("pgd-l2", t, t * 0.7), None, []) is None  # the engine is less robust: other flags' business
+    few = t.copy()
+    few[:2] = math.inf  # two boundary examples: a gap, but not a significant one
+    rec = _record("pgd-l2", t, few)
+    assert rec["fidelity"]["auac_gap"] > TOLS.auac and _check(rec, None, []) is None
+
+
+# ------------------------------------------------------------------------------------ the real int8 reproduction
+@pytest.fixture(scope="module")
+def int8_pair(tmp_path_factory):
+    """A cnn-small trained a few seconds on digits:16, its int8 Q/DQ export as an ONNX Runtime engine, 40 test digits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture runs before the function-scoped one_thread: small ops, one thread
+    try:
+        return _int8_pair(tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _int8_pair(tmp_path_factory):
+    torch.manual_seed(0)
+    train, test = load_dataset("digits:16", "train"), load_dataset("digits:16", "test")
+    model = models.create("cnn-small", 10, (1, 16, 16))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(4):
+        perm = torch.randperm(len(train.x), generator=gen)
+        for i in range(0, len(perm), 64):
+            b = perm[i:i + 64]
+            loss = F.cross_entropy(model(train.x[b]), train.y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    graph = torch_to_onnx(model, (1, 16, 16), dynamo=False)
+    parity, calib = test.subset(64, seed=0), train.subset(128, seed=0)
+    path = write_onnx_export(graph, tmp_path_factory.mktemp("eat") / "int8.onnx", model, parity.x, parity_y=parity.y,
+                             precision="int8", calibration_x=calib.x).path
+    sub = test.subset(40, seed=1)
+    return model, load_engine(path), sub.x, sub.y
+
+
+def _audit_record(name, twin, engine, x, y):
+    rt, re_, _ = twin_guided_search(name, twin, engine, x, y, EPS_MAX)
+    cfg = {} if name.startswith("tr-") else {"rungs": 8}
+    return _record(name, rt.eps_star.numpy(), re_.eps_star.numpy(), {"class": name, **cfg})
+
+
+def test_trust_region_on_int8_is_a_search_artefact_when_pgd_is_in_the_worst_case(int8_pair):
+    twin, engine, x, y = int8_pair
+    tr = _audit_record("tr-l2", twin, engine, x, y)
+    assert tr["fidelity"]["auac_gap"] > 0.1  # the issue: the engine looks far more robust under tr-l2
+    alone = _check(tr, _worst([tr]), [tr])
+    assert alone is not None and alone.message.startswith("engine genuinely more robust")  # nothing else to tell
+    pgd = _audit_record("pgd-l2", twin, engine, x, y)
+    f = _check(tr, _worst([tr, pgd]), [tr, pgd])
+    assert f is not None and f.message.startswith("search artefact") and "found by: pgd-l2" in f.message
