@@ -142,12 +142,12 @@ def _audit_record(name, twin, engine, x, y):
     return _record(name, rt.eps_star.numpy(), re_.eps_star.numpy(), {"class": name, **cfg})
 
 
-def test_trust_region_on_int8_is_a_search_artefact_when_pgd_is_in_the_worst_case(int8_pair):
+def test_trust_region_judged_by_an_int8_engine_no_longer_stands_still(int8_pair):
+    """The issue's case: tr-l2 judged by the int8 engine used to stop at the twin's boundary (a zero step once the
+    twin was fooled; the engine's quantised logits still tied there) and reported the engine about twice as robust
+    (AUAC gap > 0.1 on this pair). Trust Region now keeps moving by its overshoot until the judge is fooled: the two
+    curves agree, and the check has nothing to say."""
     twin, engine, x, y = int8_pair
     tr = _audit_record("tr-l2", twin, engine, x, y)
-    assert tr["fidelity"]["auac_gap"] > 0.1  # the issue: the engine looks far more robust under tr-l2
-    alone = _check(tr, _worst([tr]), [tr])
-    assert alone is not None and alone.message.startswith("engine genuinely more robust")  # nothing else to tell
-    pgd = _audit_record("pgd-l2", twin, engine, x, y)
-    f = _check(tr, _worst([tr, pgd]), [tr, pgd])
-    assert f is not None and f.message.startswith("search artefact") and "found by: pgd-l2" in f.message
+    assert abs(tr["fidelity"]["auac_gap"]) <= 0.02, tr["fidelity"]
+    assert _check(tr, _worst([tr]), [tr]) is None

@@ -194,7 +194,13 @@ class TrustRegion(Attack):
             best = need.argmin(1)
             rows = torch.arange(len(best), device=x.device)
             gj, need_j, dual_j = grad[rows, best], need[rows, best], dual[rows, best]
-            length = torch.minimum(need_j * (1 + self.overshoot), radius)
+            # past the model's boundary (g <= 0) but not yet successful, which happens only when a judge (the engine
+            # of an audit) decides: keep moving by the overshoot fraction of the distance so far, or the attack would
+            # stand still there until its steps run out (an int8 engine's quantised logits can still tie at the
+            # twin's boundary)
+            step = torch.where(need_j > 0, need_j * (1 + self.overshoot),
+                               self.overshoot * lp_norm(delta, norm).clamp_min(1e-6))
+            length = torch.minimum(step, radius)
             length = torch.where(torch.isfinite(length), length, torch.zeros_like(length))
             if norm is Norm.LINF:
                 direction = -gj.sign()
