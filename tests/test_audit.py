@@ -351,3 +351,16 @@ def test_fp32_engines_need_no_replica(engines, tmp_path):
     audit_cli("--engine", files["twin-fp32"], "--twin", twin, "--attack", "pgd-linf@0.3", *SMALL, "--out", out)
     doc = read(out)
     assert doc["replica"].startswith("none") and doc["worst_case"][0]["engine_only"] is None
+
+
+def test_fp16_engines_are_searched_through_the_twin_in_half_precision(engines, tmp_path):
+    from exporters.checkpoint import export_checkpoint
+
+    twin, _ = engines
+    fp16 = export_checkpoint(twin, "onnx-fp16", tmp_path / "m16.onnx").path
+    out = tmp_path / "h"
+    audit_cli("--engine", fp16, "--twin", twin, "--attack", "pgd-linf@0.3", *SMALL, "--out", out)
+    doc = read(out)
+    eo = doc["worst_case"][0]["engine_only"]
+    assert doc["replica"] == "the twin in float16" and eo is not None
+    assert len(eo["eps"]) == doc["data"]["n"] and eo["count"] == sorted(eo["count"])  # counts grow with the radius
