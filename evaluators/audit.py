@@ -779,47 +779,42 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         by_norm.setdefault(req.spec.norm, []).append((eps_max, eps_e))
         twin_by_norm.setdefault(req.spec.norm, []).append(eps_t)
 
-    # 3. black box on the engine: Square at eps_max / 2 and eps_max; its successes join the worst case, and where it
-    # fools an example the twin-guided search calls robust there, a flag says so
+    # 3. black box on the engine: Square (forward passes only) in a minimum-epsilon search of its own, at every rung of
+    # the ladder and then bisected; its radii join the worst case, and where it fools an example below the smallest
+    # radius of every twin-guided attack, a flag says so (and whether the twin falls there too)
     n_bb = min(cfg.blackbox_samples, len(x))
     blackbox: dict[Norm, dict[str, Any]] = {}
     for norm, items in by_norm.items():
         if norm not in LP_NORMS or n_bb == 0:
             continue
         eps_max = max(e for e, _ in items)
-        best = torch.stack([e for _, e in items]).min(0).values[:n_bb]
+        best = torch.stack([e for _, e in items]).min(0).values[:n_bb].cpu().double()
         square = get_attack(f"square-{norm.value}").build(engine_mod, seed=cfg.seed, queries=cfg.blackbox_queries)
-        bar = open_bar(f"black box: square-{norm.value}", total=2 * (cfg.blackbox_queries + 1), unit="query")
-        engine_mod.on_forward = bar.advance  # one engine call per Square query (on the examples still robust)
-        found = torch.full((n_bb,), math.inf, dtype=torch.float64)
-        flagged = False
-        for eps in (eps_max / 2, eps_max):
-            bar.set(0 if eps < eps_max else cfg.blackbox_queries + 1)
-            sq = square(x[:n_bb], y[:n_bb], eps=eps)
-            won = sq.success.cpu() & ~torch.isfinite(found)
-            found[won] = eps
-            f = C.check_fixed_eps("black-box-beats-white-box", "Square on the engine", eps, sq.success, best,
-                                  attack=f"square-{norm.value}")
-            if f and not flagged:
-                # Does Square's adversarial fool the twin too? Then the twin-guided attacks are merely too weak;
-                # if only the engine falls, the twin's gradients do not lead where the engine is vulnerable.
-                contra = (sq.success.cpu() & (best.cpu() > eps * (1 + 1e-6) + 1e-6)).to(x.device)
-                with torch.no_grad():
-                    twin_too = contra & (twin(sq.x_adv).argmax(1) != y[:n_bb])
-                n_c, n_t = int(contra.sum()), int(twin_too.sum())
-                why = []
-                if n_t:
-                    why.append(f"{n_t} of them fool the twin as well (the twin-guided attacks are too weak there)")
-                if n_c - n_t:
-                    why.append(f"{n_c - n_t} fool only the engine (the twin's gradients do not represent the engine "
-                               "there; the worst-case curve counts them)")
-                flags.append(C.Flag(f.id, f.severity, f.attack, f.message + "; " + "; ".join(why)))
-                flagged = True
-        engine_mod.on_forward = None
+        bar = open_bar(f"black box: square-{norm.value}", total=n_bb, unit="ex")
+        res = min_eps_search(square, x[:n_bb], y[:n_bb], eps_max, cfg.rungs, cfg.tol, on_step=bar.within(0, n_bb))
         bar.close()
+        found = res.eps_star.detach().cpu().double()
+        margin = cfg.tol or eps_max / 256  # both searches bisect to this: closer radii are the same boundary
+        contra = torch.isfinite(found) & (found + margin < best)
+        if contra.any():
+            # Does Square's adversarial fool the twin too? Then the twin-guided attacks are merely too weak there;
+            # if only the engine falls, the twin's gradients do not lead where the engine is vulnerable.
+            with torch.no_grad():
+                twin_too = contra.to(x.device) & (twin(res.x_adv).argmax(1) != y[:n_bb])
+            n_c, n_t = int(contra.sum()), int(twin_too.sum())
+            why = []
+            if n_t:
+                why.append(f"{n_t} of them fool the twin as well (the twin-guided attacks are too weak there)")
+            if n_c - n_t:
+                why.append(f"{n_c - n_t} fool only the engine (the twin's gradients do not represent the engine "
+                           "there)")
+            flags.append(C.flag("black-box-beats-white-box",
+                                f"Square on the engine fools {n_c} of {n_bb} example(s) at a smaller radius than every "
+                                f"twin-guided {norm.value} attack; " + "; ".join(why) + "; the worst-case curve counts "
+                                "them", attack=f"square-{norm.value}"))
         blackbox[norm] = {"attack": f"square-{norm.value}", "queries": cfg.blackbox_queries, "samples": n_bb,
-                          "radii": [eps_max / 2, eps_max],
-                          "eps": [float(v) if math.isfinite(v) else None for v in found.tolist()]}
+                          "radii": "minimum-epsilon search (every rung, then bisection)",
+                          "eps": [float(v) if math.isfinite(v) and v <= eps_max else None for v in found.tolist()]}
 
     # 3b. engine-only: where the engine's own arithmetic (int8 rounding, fp16) is weaker than the twin's, found by the
     # differential attack on a differentiable replica of it (kit/attacks/differential.py), judged by the engine
