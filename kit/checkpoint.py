@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,16 +184,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_pt(path: Path, bare_ok: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's own message ends with advice to load the file unsafely; ours must not pass that on.
-        raise UserError(
-            f"refusing to load {path}: it holds objects other than tensors (possibly code), "
-            "and weights are only read with torch.load(weights_only=True)"
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable PyTorch file: {str(e).splitlines()[0] if str(e) else e}") from e
+    from kit.twins.layouts import read_weights  # the one reader of PyTorch files: weights_only, refusals explained
+
+    obj = read_weights(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = obj.get("otkit")
         state = obj["state_dict"]
