@@ -628,18 +628,17 @@ def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None,
     An ONNX twin that is the engine's own file takes the engine's input convention unless told otherwise, and is
     checked against ONNX Runtime on the audited examples.
     """
-    import dataclasses
-
     from exporters.engines import check_compatible, load_engine
     from exporters.formats import engine_kind
-    from exporters.twins import TwinOptions, load_any_twin, source_kind
+    from exporters.twins import TwinOptions, load_any_twin, source_kind, with_engine_input
     from kit.data import load_dataset
 
     options = twin_options if twin_options is not None else TwinOptions(arch=arch)
     engine = load_engine(engine_path, device, providers=list(providers) or None, arch=arch,
                          input_convention=engine_input)
-    if source_kind(twin_path) == "checkpoint":
-        twin = load_any_twin(twin_path, device, options)
+    kind = source_kind(twin_path)
+    if kind == "checkpoint":
+        twin = load_any_twin(twin_path, device, options, kind=kind)
         spec = twin.info.data_spec(data_spec, str(twin_path))
         ds = load_dataset(spec, split, seed=0)
     else:  # a model trained elsewhere, imported on the fly: the data comes first (its check samples)
@@ -647,14 +646,11 @@ def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None,
         if not spec:
             raise UserError(f"{twin_path} records no dataset: give --data SPEC")
         ds = load_dataset(spec, split, seed=0)
-        same_file = Path(twin_path).resolve() == Path(engine_path).resolve()
-        if same_file and options.convention is None and not engine.input_convention.identity:
-            options = dataclasses.replace(options, convention=engine.input_convention)
-        twin = load_any_twin(twin_path, device, options, samples=ds.subset(samples, seed=seed, notice=False).x)
+        options = with_engine_input(options, twin_path, engine_path, engine.input_convention)
+        twin = load_any_twin(twin_path, device, options, samples=ds.subset(samples, seed=seed, notice=False).x,
+                             kind=kind)
     info = twin.info
-    if list(ds.input_shape) != list(info.input_shape) or ds.num_classes != info.num_classes:
-        raise UserError(f"{twin_path} takes {'x'.join(map(str, info.input_shape))} inputs and {info.num_classes} "
-                        f"classes but {spec} has {'x'.join(map(str, ds.input_shape))} and {ds.num_classes}")
+    ds.require_fit(info.input_shape, info.num_classes, str(twin_path))
     check_compatible(engine, ds.input_shape, ds.num_classes, spec)
     ds = ds.subset(samples, seed=seed)
     data = {"spec": spec, "split": split, "fingerprint": ds.fingerprint, "n": len(ds), "seed": seed}

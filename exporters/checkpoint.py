@@ -68,11 +68,7 @@ def fitting_dataset(spec: str, split: str, input_shape: Any, num_classes: int, w
     from kit.data import load_dataset
 
     ds = load_dataset(spec, split, seed=0)
-    if list(ds.input_shape) != list(input_shape):
-        raise UserError(f"{what} takes inputs {'x'.join(map(str, input_shape))} but {spec} has "
-                        f"{'x'.join(map(str, ds.input_shape))}")
-    if ds.num_classes != num_classes:
-        raise UserError(f"{what} predicts {num_classes} classes but {spec} has {ds.num_classes}")
+    ds.require_fit(input_shape, num_classes, what)
     return ds.subset(samples, seed=seed)
 
 

@@ -42,7 +42,8 @@ from kit.convention import IDENTITY, InputConvention, InputModule
 from kit.errors import UserError
 from kit.io import require_file
 
-__all__ = ["SOURCE_KINDS", "ImportedTwin", "TwinOptions", "import_twin", "load_any_twin", "source_kind"]
+__all__ = ["SOURCE_KINDS", "ImportedTwin", "TwinOptions", "import_twin", "load_any_twin", "source_kind",
+           "with_engine_input"]
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,21 @@ def source_kind(path: str | Path) -> str:
                     f"({', '.join(WEIGHT_SUFFIXES)}), a torch.export program (.pt2) or an ONNX file (.onnx)")
 
 
+def with_engine_input(options: TwinOptions, twin_path: str | Path, engine_path: str | Path,
+                      engine_input: InputConvention) -> TwinOptions:
+    """A twin rebuilt from the engine's own file takes what the engine takes (``engine_input``, its ``--engine-input``
+    or recorded convention) unless its own ``--input-*`` flags say otherwise; any other twin, ``options`` as given."""
+    same = Path(twin_path).resolve() == Path(engine_path).resolve()
+    if same and options.convention is None and not engine_input.identity:
+        return dataclasses.replace(options, convention=engine_input)
+    return options
+
+
 def load_any_twin(path: str | Path, device: str | torch.device = "cpu", options: TwinOptions | None = None, *,
-                  samples: torch.Tensor | None = None) -> ImportedTwin:
+                  samples: torch.Tensor | None = None, kind: str | None = None) -> ImportedTwin:
     """What ``--twin`` accepts: a kit checkpoint as it is, anything else imported on the fly (:func:`import_twin`).
+
+    ``kind`` is :func:`source_kind`'s answer when the caller has it already (telling a ``.pt`` file's kind reads it).
 
     Raises
     ------
@@ -138,9 +151,9 @@ def load_any_twin(path: str | Path, device: str | torch.device = "cpu", options:
     from kit.checkpoint import load_twin
 
     options = options or TwinOptions()
-    kind = source_kind(path)
+    kind = kind or source_kind(path)
     if kind != "checkpoint":
-        twin = import_twin(path, options, samples=samples)
+        twin = import_twin(path, options, samples=samples, kind=kind)
         twin.model = twin.model.to(device).eval()
         return twin
     stated = options.stated()
@@ -151,7 +164,8 @@ def load_any_twin(path: str | Path, device: str | torch.device = "cpu", options:
     return ImportedTwin(model, info, kind)
 
 
-def import_twin(path: str | Path, options: TwinOptions, *, samples: torch.Tensor | None = None) -> ImportedTwin:
+def import_twin(path: str | Path, options: TwinOptions, *, samples: torch.Tensor | None = None,
+                kind: str | None = None) -> ImportedTwin:
     """Build a twin from a model trained elsewhere, with the CheckpointInfo a kit checkpoint of it records.
 
     Parameters
@@ -163,6 +177,8 @@ def import_twin(path: str | Path, options: TwinOptions, *, samples: torch.Tensor
     samples : torch.Tensor, optional
         Real [0, 1] pixels (N, C, H, W) to check an ONNX twin against ONNX Runtime on; default: the ``--dataset``'s
         test images, else uniform noise (stated in the parity record).
+    kind : str, optional
+        :func:`source_kind`'s answer, when the caller has it already.
 
     Returns
     -------
@@ -175,7 +191,7 @@ def import_twin(path: str | Path, options: TwinOptions, *, samples: torch.Tensor
         A missing fact (one line naming the flag), contradictory flags, a file no layout fits, weights that do not
         fit the architecture (the first offending tensor named), an ONNX twin that does not match ONNX Runtime.
     """
-    kind = source_kind(path)
+    kind = kind or source_kind(path)
     if kind == "checkpoint":
         raise UserError(f"{path} is already a kit checkpoint: nothing to import (otkit models show {path})")
     path = Path(path)

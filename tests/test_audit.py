@@ -236,7 +236,7 @@ def test_black_box_check_catches_a_blind_twin_guided_search(engines, tmp_path, m
     (["--attack", "nope@0.1"], "unknown attack"),
     (["--attack", "pgd-linf@0.3", "--min-auac", "pgd-linf"], "bad gate"),
     (["--attack", "pgd-linf@0.3", "--min-auac", "fmn-l2=0.2"], "neither an audited attack"),
-    (["--attack", "pgd-linf@0.3", "--data", "digits:8"], "takes 1x16x16"),
+    (["--attack", "pgd-linf@0.3", "--data", "digits:8"], "takes inputs 1x16x16 but digits:8 has 1x8x8"),
     (["--attack", "pgd-linf@0.3", "--resume"], "nothing to resume"),
 ])
 def test_user_errors_exit_2_with_one_line(engines, tmp_path, extra, message):

@@ -172,12 +172,11 @@ def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, sampl
                providers: tuple[str, ...], twin_ckpt: Path | None, seed: int | None, as_json: bool,
                arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Run an engine on a dataset: accuracy and images/s, and parity against its twin with --twin."""
-    import dataclasses
     import time
 
     from exporters.checkpoint import fitting_dataset
     from exporters.engines import TorchEngine, check_compatible, load_engine
-    from exporters.twins import load_any_twin
+    from exporters.twins import load_any_twin, with_engine_input
 
     device = command_device(ctx)
     eng = load_engine(path, device, providers=list(providers) or None, max_batch=batch_size, arch=arch,
@@ -186,10 +185,7 @@ def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, sampl
                          command_seed(ctx, seed))
     twin = None
     if twin_ckpt is not None:
-        options = twin_options
-        same = twin_ckpt.resolve() == path.resolve()
-        if same and options.convention is None and not eng.input_convention.identity:
-            options = dataclasses.replace(options, convention=eng.input_convention)
+        options = with_engine_input(twin_options, twin_ckpt, path, eng.input_convention)
         loaded = load_any_twin(twin_ckpt, device, options, samples=ds.x)
         twin = TorchEngine(loaded.model, loaded.info.input_shape, loaded.info.num_classes,
                            loaded.info.weights_sha256 or "", name=twin_ckpt.name,

@@ -33,8 +33,9 @@ def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, 
     from kit.errors import UserError
 
     options = twin_options if twin_options is not None else TwinOptions(arch=arch)
-    if source_kind(ckpt) == "checkpoint":
-        twin = load_any_twin(ckpt, device, options)
+    kind = source_kind(ckpt)
+    if kind == "checkpoint":
+        twin = load_any_twin(ckpt, device, options, kind=kind)
         spec = twin.info.data_spec(spec, str(ckpt))
         ds = fitting_dataset(spec, split, twin.info.input_shape, twin.info.num_classes, str(ckpt), samples, seed)
         return twin.model, twin.info, ds
@@ -44,8 +45,8 @@ def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, 
     from kit.data import load_dataset
 
     ds = load_dataset(spec, split, seed=0).subset(samples, seed=seed)
-    twin = load_any_twin(ckpt, device, options, samples=ds.x)
-    ds = fitting_dataset(spec, split, twin.info.input_shape, twin.info.num_classes, str(ckpt), samples, seed)
+    twin = load_any_twin(ckpt, device, options, samples=ds.x, kind=kind)  # the examples evaluated check an ONNX twin
+    ds.require_fit(twin.info.input_shape, twin.info.num_classes, str(ckpt))
     return twin.model, twin.info, ds
 
 

@@ -271,19 +271,19 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     def _twin() -> Any:  # built once, as the report's audit built it
         import dataclasses
 
-        from exporters.twins import load_any_twin, source_kind
+        from exporters.twins import load_any_twin, source_kind, with_engine_input
 
         if "twin" not in loaded:
+            kind = source_kind(twin_path)
             options = twin_options
-            if source_kind(twin_path) != "checkpoint" and options.convention is None:
-                if twin_path.resolve() == engine_path.resolve() and not _engine().input_convention.identity:
-                    options = dataclasses.replace(options, convention=_engine().input_convention)
-                elif doc["twin"].get("input_convention"):  # what the audit folded into it
+            if kind != "checkpoint":
+                options = with_engine_input(options, twin_path, engine_path, _engine().input_convention)
+                if options.convention is None and doc["twin"].get("input_convention"):  # what the audit folded in
                     from kit.convention import InputConvention
 
                     options = dataclasses.replace(options, convention=InputConvention.from_dict(
                         doc["twin"]["input_convention"], "report: twin.input_convention"))
-            loaded["twin"] = load_any_twin(twin_path, _device(), options)
+            loaded["twin"] = load_any_twin(twin_path, _device(), options, kind=kind)
         return loaded["twin"]
 
     doc = load_report(report_file)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,6 +108,20 @@ class Dataset:
             object.__setattr__(self, "_fingerprint", fingerprint_arrays(self.x, self.y))
         assert self._fingerprint is not None  # for type checkers; set just above
         return self._fingerprint
+
+    def require_fit(self, input_shape: Sequence[int], num_classes: int, what: str) -> None:
+        """Refuse, before any work, a model (``what``) whose input shape or class count is not this dataset's.
+
+        Raises
+        ------
+        UserError
+            Naming both shapes or both counts.
+        """
+        if list(self.input_shape) != [int(v) for v in input_shape]:
+            raise UserError(f"{what} takes inputs {'x'.join(map(str, input_shape))} but {self.spec} has "
+                            f"{'x'.join(map(str, self.input_shape))}")
+        if self.num_classes != int(num_classes):
+            raise UserError(f"{what} predicts {num_classes} classes but {self.spec} has {self.num_classes}")
 
     def subset(self, n: int, seed: int = 0, notice: bool = True) -> Dataset:
         """The first ``n`` images of a seeded random permutation.
