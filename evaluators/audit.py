@@ -898,11 +898,10 @@ def _twin_origin(info: Any) -> dict[str, Any]:
     """The twin's input convention and, for a model trained elsewhere, how it was read (report fields)."""
     from kit.convention import InputConvention
 
-    norm = info.normalization if isinstance(info.normalization, dict) else {}
     out: dict[str, Any] = {}
-    if norm.get("folded_into_twin"):
-        out["input_convention"] = InputConvention.from_dict(
-            {k: norm[k] for k in ("range", "mean", "std", "layout", "dtype") if k in norm}).to_dict()
+    folded = InputConvention.from_folded(info.normalization)
+    if folded is not None:
+        out["input_convention"] = folded.to_dict()
     if info.source:
         out["source"] = {k: v for k, v in info.source.items() if k != "conversion"}
     return out

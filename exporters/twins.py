@@ -456,7 +456,7 @@ def _info(record: dict[str, Any], classes: list[str], shape: tuple[int, int, int
         dataset = {"spec": options.dataset, "fingerprint": ds.fingerprint, "n_train": len(ds)}
         if options.classes is None and classes == [str(i) for i in range(len(classes))]:
             classes = list(ds.class_names)
-    normalization = {**convention.to_dict(), "folded_into_twin": not convention.identity}
+    normalization = convention.folded_record()
     info = CheckpointInfo(arch=record, num_classes=len(classes), class_names=classes, input_shape=list(shape),
                           normalization=normalization, dataset=dataset, defense="unknown (trained elsewhere)",
                           train_config={}, source=source)

@@ -143,6 +143,18 @@ class InputConvention:
             raise UserError(f"{source}: input layout and dtype must be text")
         return cls(range=(rng[0], rng[1]), mean=mean, std=std, layout=layout, dtype=dtype)
 
+    def folded_record(self) -> dict[str, Any]:
+        """How a checkpoint records the convention folded into its twin (its ``normalization`` field)."""
+        return {**self.to_dict(), "folded_into_twin": not self.identity}
+
+    @classmethod
+    def from_folded(cls, record: Any, source: str = "checkpoint") -> InputConvention | None:
+        """The convention a :meth:`folded_record` says was folded into a twin; ``None`` when none was."""
+        if not isinstance(record, dict) or not record.get("folded_into_twin"):
+            return None
+        fields = ("range", "mean", "std", "layout", "dtype")
+        return cls.from_dict({k: record[k] for k in fields if k in record}, f"{source}: normalization")
+
     def __str__(self) -> str:
         """The text form :func:`parse_convention` reads (``identity`` for the kit's own)."""
         parts = []

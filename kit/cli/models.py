@@ -47,7 +47,7 @@ def models_show(checkpoint: Path, as_json: bool) -> None:
         ("input shape", "x".join(map(str, info.input_shape)) + " (pixels in [0, 1])"),
         ("classes", f"{info.num_classes}: {', '.join(info.class_names[:10])}{' ...' if info.num_classes > 10 else ''}"),
         ("normalisation", f"mean {info.normalization.get('mean')}, std {info.normalization.get('std')}"),
-        *([("input", _convention_text(info.normalization))] if info.normalization.get("folded_into_twin") else []),
+        *([("input", _convention_text(info.normalization))] if info.source else []),
         *([("imported from", f"{info.source.get('file')} ({info.source.get('kind')}, {info.source.get('sha256')})")]
           if info.source else []),
         ("defense", info.defense),
@@ -125,8 +125,5 @@ def models_import(source: Path, arch: str | None, dataset: str | None, out: Path
 def _convention_text(norm: dict[str, Any]) -> str:
     from kit.convention import InputConvention
 
-    fields = {k: norm[k] for k in ("range", "mean", "std", "layout", "dtype") if k in norm}
-    if not fields:
-        return "pixels in [0, 1]"
-    conv = InputConvention.from_dict(fields)
-    return "pixels in [0, 1]" if conv.identity else f"takes {conv} (folded in: the twin takes pixels in [0, 1])"
+    folded = InputConvention.from_folded(norm)
+    return "pixels in [0, 1]" if folded is None else f"takes {folded} (folded in: the twin takes pixels in [0, 1])"

@@ -179,14 +179,12 @@ def _engine_row(engine_path: Path, expected: str) -> dict[str, Any]:
     return row
 
 
-def _folded_convention(norm: dict[str, Any]) -> dict[str, Any] | None:
-    """The input convention folded into a twin (its checkpoint's normalisation record), as the report records it."""
-    if not isinstance(norm, dict) or not norm.get("folded_into_twin"):
-        return None
+def _folded(norm: Any) -> dict[str, Any] | None:
+    """The input convention folded into a twin, as the report records it (``None``: none)."""
     from kit.convention import InputConvention
 
-    return InputConvention.from_dict({k: norm[k] for k in ("range", "mean", "std", "layout", "dtype") if k in norm},
-                                     "twin").to_dict()
+    folded = InputConvention.from_folded(norm, "twin")
+    return None if folded is None else folded.to_dict()
 
 
 def _engine_input(doc: dict[str, Any], given: Any) -> Any:
@@ -356,7 +354,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         for field, expected, actual in (
                 ("twin weights sha256", doc["twin"]["weights_sha256"], built.info.weights_sha256),
                 ("twin input convention", doc["twin"].get("input_convention"),
-                 _folded_convention(built.info.normalization))):
+                 _folded(built.info.normalization))):
             if expected != actual:
                 problems.append(f"{field} differs: the twin built from {twin_path.name} with these flags has "
                                 f"{actual}, the report's had {expected} (give the flags it was audited with)")
