@@ -432,8 +432,13 @@ def smallest_detectable_disagreement(n: int, tolerances: Tolerances) -> float:
 def smallest_detectable_gap(n: int, alpha: float) -> float:
     """The smallest accuracy-curve gap that McNemar's exact test can call significant on ``n`` paired examples: all
     ``k`` discordant pairs one way gives p = 2 / 2^k, so ``k >= log2(2 / alpha)`` (1.0 when n is smaller)."""
-    k = math.ceil(math.log2(2 / alpha))
+    k = mcnemar_min_discordant(alpha)
     return k / n if k <= n else 1.0
+
+
+def mcnemar_min_discordant(alpha: float) -> int:
+    """The fewest discordant pairs (all one way) McNemar's exact test calls significant at ``alpha``."""
+    return math.ceil(math.log2(2 / alpha))
 
 
 def clean_judgement(top1_agreement: float, n: int, tolerances: Tolerances, max_logit_gap: float | None = None,
@@ -858,7 +863,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                             f"with {len(x)} examples McNemar's test at alpha {tols.alpha:g} detects curve gaps of "
                             f"{blind_gap:.3f} or more, above --tol-curve {tols.curve:g}; the clean test detects "
                             f"disagreement rates of {blind_agree:.3f} or more: a 'match' here cannot rule out smaller "
-                            f"differences (audit about {math.ceil(math.ceil(math.log2(2 / tols.alpha)) / tols.curve)} "
+                            f"differences (audit about {math.ceil(mcnemar_min_discordant(tols.alpha) / tols.curve)} "
                             "examples to see the tolerated gap)"))
 
     # 4. verdict and gates (the same function re-derives them in `otkit verify`)

@@ -205,13 +205,9 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
     clean = doc["clean"]
     if clean["verdict"] != "match":
-        gap_tol = clean.get("max_logit_gap_tolerance")
-        what = (f"clean top-1 agreement {clean['top1_agreement']:.4f} < {min_agreement}"
-                if clean["top1_agreement"] < min_agreement else
-                f"clean max logit gap {clean['max_logit_gap']:.3g} > the fp32 tolerance {gap_tol:.3g}")
-        click.echo(f"{what}: the engine and the twin disagree before any attack; if either was made outside the kit, "
-                   "check what it takes (--engine-input, --input-range/--mean/--std/--input-layout; docs/byom.md)",
-                   err=True)
+        click.echo(f"{clean['reason']}: the engine and the twin disagree before any attack; if either was made outside "
+                   "the kit, check what it takes (--engine-input, --input-range/--mean/--std/--input-layout; "
+                   "docs/byom.md)", err=True)
     if doc["status"] != "pass":
         ctx.exit(1)
 
