@@ -50,7 +50,7 @@ import torch.nn as nn
 
 import kit
 from evaluators import checks as C
-from evaluators.curves import accuracy_at, auac, auac_bootstrap_ci, eps_grid
+from evaluators.curves import accuracy_at, auac, auac_bootstrap_ci, eps_grid, paired_gap_ci
 from evaluators.evaluate import AttackRequest
 from exporters.engines import Engine
 from exporters.parity import compare_logits
@@ -293,10 +293,7 @@ def fidelity(eps_twin: Any, eps_engine: Any, eps_max: float, tolerances: Toleran
     gaps = np.abs(acc_e - acc_t)
     k = int(gaps.argmax())
     gap = auac(e, eps_max) - auac(t, eps_max)
-    d = (np.minimum(e, eps_max) - np.minimum(t, eps_max)) / eps_max
-    rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
+    lo, hi = paired_gap_ci(t, e, eps_max, n_boot, seed)
     p = []
     for r in grid:
         rob_t, rob_e = t > r, e > r

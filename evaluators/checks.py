@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evaluators.curves import paired_gap_ci
 from kit.attacks.base import Norm, lp_norm
 
 
@@ -296,11 +297,8 @@ def check_engine_above_twin(record: Mapping[str, Any], worst: Mapping[str, Any] 
                 got = _eps_array(extra["eps"], eps_max)[: e.size]
                 bb[: got.size] = got
                 sources[f"{extra['attack']} ({'black box' if key == 'blackbox' else 'engine-only'})"] = bb
-    d = (w - t) / eps_max
-    rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1) if d.size else np.zeros(1)
-    r_gap = float(d.mean()) if d.size else 0.0
-    r_lo, r_hi = (float(v) for v in np.quantile(boot, [0.025, 0.975]))
+    r_gap = float((w - t).mean() / eps_max) if w.size else 0.0
+    r_lo, r_hi = paired_gap_ci(t, w, eps_max, n_boot, seed) if w.size else (0.0, 0.0)
     w_auac, t_auac = float(w.mean() / eps_max), float(t.mean() / eps_max)
 
     # the examples this attack lifted on the engine (engine eps* beyond the twin's by more than the search's default

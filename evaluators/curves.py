@@ -68,6 +68,17 @@ def auac_bootstrap_ci(
     return float(lo), float(hi)
 
 
+def paired_gap_ci(eps_a: np.ndarray, eps_b: np.ndarray, eps_max: float, n_boot: int = 1000,
+                  seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of AUAC(b) - AUAC(a) from paired per-example eps* (examples resampled
+    together, ``n_boot`` resamples seeded by ``seed``)."""
+    d = (np.minimum(eps_b, eps_max) - np.minimum(eps_a, eps_max)) / eps_max
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
 def eps_grid(eps_max: float, points: int = 33) -> np.ndarray:
     """``points`` equally spaced radii from 0 to ``eps_max``."""
     return np.linspace(0.0, eps_max, points)
