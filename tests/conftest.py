@@ -44,3 +44,40 @@ def one_thread():
     yield
     torch.set_num_threads(old)
 
+
+
+@pytest.fixture(scope="session")
+def int8_digits(tmp_path_factory):
+    """A cnn-small trained 4 short epochs on digits:16 with a plain loop and its int8 Q/DQ export by the kit:
+    (model, path to the .onnx, the test split). One thread while it trains: small ops."""
+    import torch.nn.functional as F
+
+    import models
+    from exporters.onnx import torch_to_onnx, write_onnx_export
+    from kit.data import load_dataset
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        train, test = load_dataset("digits:16", "train"), load_dataset("digits:16", "test")
+        model = models.create("cnn-small", 10, (1, 16, 16))
+        opt = torch.optim.Adam(model.parameters(), 3e-3)
+        gen = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(4):
+            perm = torch.randperm(len(train.x), generator=gen)
+            for i in range(0, len(perm), 64):
+                b = perm[i:i + 64]
+                loss = F.cross_entropy(model(train.x[b]), train.y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        model.eval()
+        graph = torch_to_onnx(model, (1, 16, 16), dynamo=False)
+        parity, calib = test.subset(64, seed=0), train.subset(128, seed=0)
+        path = write_onnx_export(graph, tmp_path_factory.mktemp("int8") / "int8.onnx", model, parity.x,
+                                 parity_y=parity.y, precision="int8", calibration_x=calib.x).path
+    finally:
+        torch.set_num_threads(threads)
+    return model, path, test

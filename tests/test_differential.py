@@ -20,12 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import models
 from exporters.engines import load_engine
-from exporters.onnx import torch_to_onnx, write_onnx_export
 from kit.attacks.base import lp_norm
 from kit.attacks.differential import Differential, HalfPrecision, differential_objective, engine_only
 from kit.attacks.pgd import PGD
 from kit.attacks.search import min_eps_search
-from kit.data import load_dataset
 from kit.errors import UserError
 from kit.twins.from_onnx import OnnxModule, graph_skeleton, onnx_to_torch
 
@@ -102,31 +100,10 @@ def test_default_stays_the_float_twin():
 
 # -------------------------------------------------------------------------------- the kit's int8 export of a model
 @pytest.fixture(scope="module")
-def int8_export(tmp_path_factory):
-    """A cnn-small trained ~2 s on digits:16, its int8 Q/DQ ONNX export (the kit's exporter) and that file's
-    ONNX Runtime engine: (model, path, proto, engine, test dataset)."""
-    torch.manual_seed(0)
-    train = load_dataset("digits:16", "train")
-    test = load_dataset("digits:16", "test")
-    model = models.create("cnn-small", 10, (1, 16, 16))
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(3):
-        perm = torch.randperm(len(train.x), generator=gen)
-        for i in range(0, len(perm), 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(model(train.x[b]), train.y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    folder = tmp_path_factory.mktemp("differential")
-    graph = torch_to_onnx(model, (1, 16, 16), dynamo=False)
-    parity = test.subset(64, seed=0)
-    calib = train.subset(128, seed=0)
-    path = write_onnx_export(graph, folder / "int8.onnx", model, parity.x, parity_y=parity.y, precision="int8",
-                             calibration_x=calib.x).path
+def int8_export(int8_digits):
+    """The session's int8 export of a briefly trained cnn-small (tests/conftest.py), with its proto and ONNX Runtime
+    engine: (model, path, proto, engine, test dataset)."""
+    model, path, test = int8_digits
     return model, path, onnx.load(str(path)), load_engine(path), test
 
 

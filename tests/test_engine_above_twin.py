@@ -12,15 +12,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-import models
 from evaluators import checks as C
 from evaluators.audit import Tolerances, fidelity, side_record, twin_guided_search, worst_case_record
 from exporters.engines import load_engine
-from exporters.onnx import torch_to_onnx, write_onnx_export
-from kit.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,36 +97,10 @@ def test_no_flag_without_a_significant_engine_advantage(twin_eps):
 
 # ------------------------------------------------------------------------------------ the real int8 reproduction
 @pytest.fixture(scope="module")
-def int8_pair(tmp_path_factory):
-    """A cnn-small trained a few seconds on digits:16, its int8 Q/DQ export as an ONNX Runtime engine, 40 test digits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module fixture runs before the function-scoped one_thread: small ops, one thread
-    try:
-        return _int8_pair(tmp_path_factory)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _int8_pair(tmp_path_factory):
-    torch.manual_seed(0)
-    train, test = load_dataset("digits:16", "train"), load_dataset("digits:16", "test")
-    model = models.create("cnn-small", 10, (1, 16, 16))
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(4):
-        perm = torch.randperm(len(train.x), generator=gen)
-        for i in range(0, len(perm), 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(model(train.x[b]), train.y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    graph = torch_to_onnx(model, (1, 16, 16), dynamo=False)
-    parity, calib = test.subset(64, seed=0), train.subset(128, seed=0)
-    path = write_onnx_export(graph, tmp_path_factory.mktemp("eat") / "int8.onnx", model, parity.x, parity_y=parity.y,
-                             precision="int8", calibration_x=calib.x).path
+def int8_pair(int8_digits):
+    """The session's int8 export of a briefly trained cnn-small (tests/conftest.py) as an ONNX Runtime engine, and
+    40 test digits."""
+    model, path, test = int8_digits
     sub = test.subset(40, seed=1)
     return model, load_engine(path), sub.x, sub.y
 
