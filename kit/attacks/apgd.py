@@ -11,7 +11,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, expand_as_batch, lp_norm, project
+from kit.attacks.base import (
+    LOSSES,
+    Attack,
+    AttackResult,
+    Norm,
+    as_norm,
+    expand_as_batch,
+    lp_norm,
+    project,
+    require_counts,
+)
 from kit.attacks.pgd import random_in_ball
 from kit.errors import UserError
 
@@ -111,9 +121,7 @@ class APGD(Attack):
         super().__init__(model, eps)
         if loss not in LOSSES:
             raise UserError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-        for name, v in (("steps", steps), ("restarts", restarts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise UserError(f"{name} must be an integer >= 1, got {v!r}")
+        require_counts(steps=steps, restarts=restarts)
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < 1:
             raise UserError(f"rho must lie in (0, 1), got {rho!r}")
         self.loss, self.steps, self.restarts = loss, int(steps), int(restarts)
@@ -335,8 +343,7 @@ class APGDT(APGD):
     ) -> None:
         if loss not in TARGETED_LOSSES:
             raise UserError(f"unknown targeted loss {loss!r}; known: {', '.join(TARGETED_LOSSES)}")
-        if isinstance(n_targets, bool) or not isinstance(n_targets, int) or n_targets < 1:
-            raise UserError(f"n_targets must be an integer >= 1, got {n_targets!r}")
+        require_counts(n_targets=n_targets)
         super().__init__(model, eps, norm=norm, loss=loss, steps=steps, restarts=restarts, rho=rho, seed=seed)
         self.n_targets = n_targets
 

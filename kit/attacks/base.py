@@ -49,6 +49,19 @@ def as_norm(norm: Norm | str, allowed: tuple[Norm, ...] = LP_NORMS) -> Norm:
     return parsed
 
 
+def require_counts(low: int = 1, **counts: Any) -> None:
+    """Refuse any of ``counts`` (name = value) that is not an integer >= ``low`` (bools are not counts).
+
+    Raises
+    ------
+    UserError
+        Naming the first offending parameter and its value.
+    """
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UserError(f"{name} must be an integer >= {low}, got {v!r}")
+
+
 def lp_norm(delta: torch.Tensor, norm: Norm | str) -> torch.Tensor:
     """Per-example L-inf or L2 norm of a batch of perturbations (N, ...) -> (N,).
 

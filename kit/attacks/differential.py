@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kit.attacks.base import Attack, AttackResult, Norm, as_norm, lp_norm, margin_loss, project
+from kit.attacks.base import Attack, AttackResult, Norm, as_norm, lp_norm, margin_loss, project, require_counts
 from kit.attacks.pgd import random_in_ball, steepest_step
 from kit.errors import UserError
 from kit.runtime import model_tensor
@@ -168,9 +168,7 @@ class Differential(Attack):
         super().__init__(model, eps)
         if not isinstance(replica, nn.Module):
             raise UserError(f"the replica must be a torch module, got {type(replica).__name__}")
-        for name, v in (("steps", steps), ("restarts", restarts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise UserError(f"{name} must be an integer >= 1, got {v!r}")
+        require_counts(steps=steps, restarts=restarts)
         if objective not in OBJECTIVES:
             raise UserError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0 or c == float("inf"):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from kit.attacks.apgd import top_targets
-from kit.attacks.base import Attack, AttackResult, Norm, as_norm, expand_as_batch, lp_norm, project
+from kit.attacks.base import Attack, AttackResult, Norm, as_norm, expand_as_batch, lp_norm, project, require_counts
 from kit.errors import UserError
 
 
@@ -188,10 +188,8 @@ class FABT(Attack):
     ) -> None:
         self.norm = as_norm(norm)
         super().__init__(model, eps)
-        for name, v, low in (("steps", steps, 1), ("n_targets", n_targets, 1), ("restarts", restarts, 1),
-                             ("final_search", final_search, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise UserError(f"{name} must be an integer >= {low}, got {v!r}")
+        require_counts(steps=steps, n_targets=n_targets, restarts=restarts)
+        require_counts(0, final_search=final_search)
         for name, v, ok, text in (("alpha_max", alpha_max, lambda a: 0 <= a <= 1, "lie in [0, 1]"),
                                   ("eta", eta, lambda a: a >= 1, "be a finite number >= 1"),
                                   ("beta", beta, lambda a: 0 < a < 1, "lie in (0, 1)")):

@@ -23,7 +23,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kit.attacks.base import Attack, AttackResult, Norm, as_norm, expand_as_batch, lp_norm, margin_loss, project
+from kit.attacks.base import (
+    Attack,
+    AttackResult,
+    Norm,
+    as_norm,
+    expand_as_batch,
+    lp_norm,
+    margin_loss,
+    project,
+    require_counts,
+)
 from kit.errors import UserError
 
 
@@ -100,10 +110,8 @@ class FMN(Attack):
     ) -> None:
         self.norm = as_norm(norm)
         super().__init__(model, eps)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"steps must be an integer >= 1, got {steps!r}")
-        if isinstance(binary_search_steps, bool) or not isinstance(binary_search_steps, int) or binary_search_steps < 0:
-            raise UserError(f"binary_search_steps must be an integer >= 0, got {binary_search_steps!r}")
+        require_counts(steps=steps)
+        require_counts(0, binary_search_steps=binary_search_steps)
         if not _positive(alpha_init):
             raise UserError(f"alpha_init must be a finite number > 0, got {alpha_init!r}")
         if alpha_final is None:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm
+from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, require_counts
 from kit.errors import UserError
 from kit.ot.local import check_kernel_size, local_cost, neighbours, plan_cost, target_marginal, valid_offsets
 
@@ -612,8 +612,7 @@ class FrankWolfeWasserstein(Attack):
         gamma = d_gamma if gamma is None else gamma
         lmo_max_iter = d_iter if lmo_max_iter is None else lmo_max_iter
         lmo_tol = d_tol if lmo_tol is None else lmo_tol
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+        require_counts(steps=steps)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (gamma >= 0 and math.isfinite(gamma)):
             raise UserError(f"entropic temperature gamma must be a finite number >= 0, got {gamma!r}")
         if oracle == "capacity" and gamma == 0:

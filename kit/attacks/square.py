@@ -42,6 +42,7 @@ from kit.attacks.base import (
     lp_norm,
     margin_loss,
     project,
+    require_counts,
 )
 from kit.errors import UserError
 
@@ -161,9 +162,7 @@ class Square(Attack):
                 raise UserError(f"model must be an nn.Module or a callable giving logits, not {type(model).__name__}")
             model = _CallableModel(model)
         super().__init__(model, eps)
-        for name, v in (("queries", queries), ("restarts", restarts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise UserError(f"{name} must be an integer >= 1, got {v!r}")
+        require_counts(queries=queries, restarts=restarts)
         if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
             raise UserError(f"p_init must lie in (0, 1], got {p_init!r}")
         if loss not in ("margin", "ce"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kit.attacks.base import Attack, AttackResult, Norm, as_norm, expand_as_batch, lp_norm
+from kit.attacks.base import Attack, AttackResult, Norm, as_norm, expand_as_batch, lp_norm, require_counts
 from kit.errors import UserError
 
 
@@ -101,9 +101,7 @@ class TrustRegion(Attack):
     ) -> None:
         self.norm = as_norm(norm)
         super().__init__(model, eps)
-        for name, i in (("steps", steps), ("n_classes_considered", n_classes_considered)):
-            if isinstance(i, bool) or not isinstance(i, int) or i < 1:
-                raise UserError(f"{name} must be an integer >= 1, got {i!r}")
+        require_counts(steps=steps, n_classes_considered=n_classes_considered)
         for name, v in (("radius_init", radius_init), ("radius_max", radius_max), ("eta", eta),
                         ("eta_shrink", eta_shrink), ("factor", factor)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

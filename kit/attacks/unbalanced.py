@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, expand_as_batch
+from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, expand_as_batch, require_counts
 from kit.errors import UserError
 from kit.ot.unbalanced import UnbalancedConvergenceWarning, UnbalancedProjection, unbalanced_projection
 
@@ -140,8 +140,7 @@ class UnbalancedSinkhornAttack(Attack):
     ) -> None:
         self.norm = as_norm(norm, allowed=(Norm.WASSERSTEIN,))
         super().__init__(model, eps)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+        require_counts(steps=steps)
         if not (isinstance(step_size, (int, float)) and 0 < step_size < math.inf):
             raise UserError(f"step_size must be a finite number > 0, got {step_size!r}")
         if direction not in ("sign", "l2"):
@@ -151,8 +150,7 @@ class UnbalancedSinkhornAttack(Attack):
         for name, v in (("gamma", gamma), ("eta", eta), ("tau", tau)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
                 raise UserError(f"{name} must be a finite number > 0, got {v!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise UserError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        require_counts(max_iter=max_iter)
         self.steps, self.step_size, self.direction = steps, float(step_size), direction
         self.gamma, self.eta, self.tau = float(gamma), float(eta), float(tau)
         self.kernel_size, self.p, self.max_iter, self.tol = kernel_size, p, max_iter, float(tol)

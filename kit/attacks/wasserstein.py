@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm
+from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, require_counts
 from kit.attacks.pgd import steepest_step
 from kit.errors import UserError
 from kit.ot.local import check_kernel_size
@@ -124,9 +124,7 @@ class WassersteinPGD(Attack):
         self.norm = as_norm(norm, allowed=(Norm.WASSERSTEIN,))
         super().__init__(model, eps)
         self.step_norm = as_norm(step_norm)
-        for name, count in (("steps", steps), ("eps_every", eps_every), ("proj_iter", proj_iter)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise UserError(f"{name} must be an integer >= 1, got {count!r}")
+        require_counts(steps=steps, eps_every=eps_every, proj_iter=proj_iter)
         for name, value, low in (("step", step, 0.0), ("eps_factor", eps_factor, 1.0), ("reg", reg, 0.0),
                                  ("proj_tol", proj_tol, 0.0)):
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low
