@@ -337,19 +337,24 @@ def build_replica(inp: AuditInputs) -> tuple[nn.Module | None, str]:
     An int8 Q/DQ ONNX file: its graph with the activation quantisation kept as fake quantisation
     (:class:`kit.twins.from_onnx.OnnxModule` ``fake_quant=True``), its input convention folded in. An fp16 engine: the
     twin in half precision (:class:`kit.attacks.differential.HalfPrecision`). An fp32 engine computes what the twin
-    computes: no replica, nothing engine-only to search. TensorRT engines: not yet (their plan is not a graph).
+    computes: no replica, nothing engine-only to search. A TensorRT engine's plan is not a graph: an int8 engine is
+    replicated from the Q/DQ ONNX file it was built from (:func:`int8_graph`; TensorRT runs explicit quantisation at
+    the graph's scales), an fp16 engine by the twin in half precision.
     """
     engine = inp.engine
     if engine.precision == "fp32":
         return None, "none: an fp32 engine computes what the twin computes"
-    if inp.engine_format == "onnx" and engine.precision == "int8":
+    if engine.precision == "int8":
+        graph, why = int8_graph(inp.engine_format, inp.engine_path)
+        if graph is None:
+            return None, why
         from kit.convention import InputModule
         from kit.twins.from_onnx import onnx_to_torch
 
-        replica: nn.Module = onnx_to_torch(inp.engine_path, fake_quant=True)
+        replica: nn.Module = onnx_to_torch(graph, fake_quant=True)
         if not engine.input_convention.identity:
             replica = InputModule(replica, engine.input_convention)
-        return replica.to(inp.x.device).eval(), "the int8 graph with fake quantisation (Q/DQ kept)"
+        return replica.to(inp.x.device).eval(), why
     if engine.precision == "fp16":
         from kit.attacks.differential import HalfPrecision
         from kit.twins.from_onnx import OnnxModule
@@ -358,6 +363,35 @@ def build_replica(inp: AuditInputs) -> tuple[nn.Module | None, str]:
             return None, "none: an fp16 replica needs a twin that computes in float16 (not a rebuilt ONNX graph)"
         return HalfPrecision(inp.twin).eval(), "the twin in float16"
     return None, f"none: no replica for a {engine.precision} {inp.engine_format} engine"
+
+
+def int8_graph(engine_format: str, engine_path: Path) -> tuple[Path | None, str]:
+    """The int8 Q/DQ ONNX graph an engine computes, and what the replica is; ``None`` and the reason where there is none.
+
+    An ONNX engine is its own graph. A TensorRT engine names the ONNX file it was built from in its sidecar
+    (``onnx.file``, ``onnx.sha256``): that file, beside the engine with the same sha256 and itself int8, is the graph;
+    TensorRT runs a Q/DQ graph's quantisation at its scales (explicit quantisation), so its fake-quantised replica
+    rounds where the engine rounds.
+    """
+    if engine_format == "onnx":
+        return engine_path, "the int8 graph with fake quantisation (Q/DQ kept)"
+    if engine_format != "tensorrt":
+        return None, f"none: no replica for an int8 {engine_format} engine"
+    from exporters.tensorrt.environment import read_sidecar
+    from kit.io import sha256_file
+
+    source = read_sidecar(engine_path).get("onnx") or {}
+    name = source.get("file")
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        return None, "none: the engine's sidecar names no ONNX file it was built from"
+    graph = engine_path.parent / name
+    if not graph.is_file():
+        return None, f"none: {name}, the ONNX file the engine was built from, is not beside it"
+    if "sha256:" + sha256_file(graph) != source.get("sha256"):
+        return None, f"none: {name} beside the engine is not the file it was built from (sha256 differs)"
+    if source.get("precision") != "int8":
+        return None, f"none: the engine was built from a {source.get('precision')} ONNX file, not a Q/DQ graph"
+    return graph, f"the int8 graph it was built from ({name}) with fake quantisation (Q/DQ kept)"
 
 
 def _engine_only_search(twin: nn.Module, replica: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor,

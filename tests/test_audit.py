@@ -364,3 +364,44 @@ def test_fp16_engines_are_searched_through_the_twin_in_half_precision(engines, t
     eo = doc["worst_case"][0]["engine_only"]
     assert doc["replica"] == "the twin in float16" and eo is not None
     assert len(eo["eps"]) == doc["data"]["n"] and eo["count"] == sorted(eo["count"])  # counts grow with the radius
+
+
+def test_a_tensorrt_int8_engine_is_replicated_from_the_graph_it_was_built_from(engines, tmp_path):
+    """A TensorRT plan is not a graph: the sidecar names the Q/DQ ONNX file it was built from, and that file, beside
+    the engine with the recorded sha256, is the replica's graph; anything else says why there is none. (No TensorRT
+    is needed to read a sidecar; the replica built from the graph agrees with ONNX Runtime on the int8 file.)"""
+    import hashlib
+    import shutil
+
+    from exporters.tensorrt.environment import SIDECAR_FORMAT
+    from kit.twins.from_onnx import onnx_to_torch
+
+    _, files = engines
+    onnx_file = tmp_path / "m-int8.onnx"
+    shutil.copy(files["twin-int8"], onnx_file)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"plan")
+    digest = "sha256:" + hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+
+    def sidecar(**onnx_record):
+        side = {"format": SIDECAR_FORMAT, "tensorrt_version": "10.0", "gpu": {"name": "x"}, "precision": "int8",
+                "engine_sha256": "sha256:0", "input_shape": [1, 16, 16], "num_classes": 10, "profile": {},
+                "onnx": {"file": onnx_file.name, "sha256": digest, "precision": "int8", **onnx_record}}
+        (tmp_path / "m.engine.json").write_text(json.dumps(side))
+
+    sidecar()
+    graph, why = A.int8_graph("tensorrt", engine)
+    assert graph == onnx_file and onnx_file.name in why
+    x = load_dataset("digits:16", "test").x[:32]
+    ort = load_engine(onnx_file)
+    with torch.no_grad():
+        agree = (onnx_to_torch(graph, fake_quant=True)(x).argmax(1) == ort(x).argmax(1)).float().mean()
+    assert agree >= 0.95
+    for record, reason in (({"sha256": "sha256:" + "0" * 64}, "sha256 differs"),
+                           ({"file": "../m-int8.onnx"}, "names no ONNX file"),
+                           ({"file": "gone.onnx"}, "not beside it"),
+                           ({"precision": "fp32"}, "fp32 ONNX file")):
+        sidecar(**record)
+        graph, why = A.int8_graph("tensorrt", engine)
+        assert graph is None and why.startswith("none") and reason in why, why
+    assert A.int8_graph("onnx", onnx_file)[0] == onnx_file
