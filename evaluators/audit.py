@@ -16,11 +16,14 @@ The method (``docs/audit.md`` explains it at length):
    McNemar's exact test on the paired robust / fooled outcomes at each grid radius. Verdict ``mismatch`` when
    ``|AUAC gap| > tolerances.auac``, or when at some grid radius the curves differ by more than ``tolerances.curve``
    and McNemar's test finds the difference significant (p < ``tolerances.alpha``); else ``match``.
-4. **Black box.** The Square attack (forward passes only) runs on the engine itself for a subset, at eps_max / 2 and
-   eps_max of each L-inf / L2 threat model; where it fools an example that the twin-guided search calls robust on the
-   engine at that radius, the ``black-box-beats-white-box`` flag says the twin's gradients do not represent the engine.
-5. **Worst case** per threat model: per example the smallest eps* of any attack of that norm, the black box
-   included, and its curve and AUAC: the report's headline (an empirical upper bound, as every AUAC here).
+4. **Black box.** The Square attack (forward passes only) runs on the engine itself for the first
+   ``blackbox_samples`` examples, in a minimum-epsilon search of its own (every rung, then bisection) per L-inf / L2
+   threat model; where it fools an example below every twin-guided attack's radius, the
+   ``black-box-beats-white-box`` flag says so (and whether the twin falls there too). **Engine-only**: the
+   differential attack on a replica of the engine's arithmetic (int8 fake quantisation, fp16), judged by the engine.
+5. **Worst case** per threat model: per example the smallest eps* of any attack of that norm, the black box and the
+   engine-only attack included, and its curve and AUAC: the report's headline (an empirical upper bound, as every
+   AUAC here).
 6. **Gates**: ``min_auac`` on the lower end of the engine's AUAC interval, for a threat model's worst case or one
    attack. The report's ``status`` is ``fail`` when the verdict is
    ``mismatch``, a gate failed, or a validity check raised an ``error`` flag that the user did not allow by id

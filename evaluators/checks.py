@@ -336,8 +336,9 @@ def check_engine_above_twin(record: Mapping[str, Any], worst: Mapping[str, Any] 
     if guided:
         caveat = ""
     elif sources:
-        caveat = (f"; but no other twin-guided attack of this norm ran (the black box tries eps_max/2 and eps_max only, "
-                  f"the engine-only attack counts only inputs the twin still classifies correctly): add one that "
+        caveat = (f"; but no other twin-guided attack of this norm ran (the black box runs on the first "
+                  f"--blackbox-samples examples only, with a query budget; the engine-only attack counts only inputs "
+                  f"the twin still classifies correctly): add one that "
                   f"searches on past the twin's boundary ({searchers}) to rule out an artefact of {name}'s search")
     else:
         caveat = (f"; but no other attack ran: add {searchers} and the black box / engine-only stages to "

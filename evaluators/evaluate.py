@@ -68,7 +68,7 @@ class AttackRequest:
     def parse_all(cls, texts: Sequence[str], default_eps_max: float | None) -> list[AttackRequest]:
         """Every ``--attack`` (or run-file entry), a preset such as ``autoattack@0.3`` expanded into its attacks
         (:data:`kit.attacks.registry.PRESETS`) at the same eps_max; parameters apply to single attacks only."""
-        from kit.attacks.registry import PRESETS
+        from kit.attacks.registry import PRESETS, expand
 
         out = []
         for text in texts:
@@ -80,8 +80,10 @@ class AttackRequest:
                 continue
             if colon:
                 raise UserError(f"{name.strip()} is a preset: set parameters on its attacks one by one instead "
-                                f"({', '.join(members)})")
-            out += [cls.parse(f"{m}{sep}{eps}", default_eps_max) for m in members]
+                                f"({', '.join(expand(name.strip()))})")
+            for m in members:  # a member may carry its own parameters: NAME:key=value
+                m_name, m_colon, m_params = m.partition(":")
+                out.append(cls.parse(f"{m_name}{sep}{eps}{m_colon}{m_params}", default_eps_max))
         return out
 
     def check_radius(self, input_shape: Sequence[int]) -> None:

@@ -86,7 +86,12 @@ def failure_reasons(doc: dict[str, Any]) -> list[str]:
     if c["verdict"] == "mismatch":
         out.append(c.get("reason") or f"clean top-1 agreement {c['top1_agreement']:.4f} is below "
                                       f"{doc['tolerances']['agreement']:g}")
-    out += [f"{a['name']}: {a['fidelity']['reason']}" for a in doc["attacks"] if a["fidelity"]["verdict"] == "mismatch"]
+    artefacts = {f["attack"] for f in doc["checks"]
+                 if f["id"] == "engine-above-twin" and f["message"].startswith("search artefact")}
+    out += [f"{a['name']}: {a['fidelity']['reason']}"
+            + (" (its search stopped short on the engine, a search artefact: see the engine-above-twin flag; drop "
+               "the attack or give it more steps)" if a["name"] in artefacts else "")
+            for a in doc["attacks"] if a["fidelity"]["verdict"] == "mismatch"]
     for g in doc["gates"]:
         if not g["passed"]:
             value = g.get("engine_auac_lower", g["engine_auac"])

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from evaluators.evaluate import AttackRequest
-from kit.attacks.registry import PRESETS, get_attack
+from kit.attacks.registry import ATTACKS, PRESETS, expand, get_attack
 from kit.errors import UserError
 from tests.clitools import assert_user_error, run
 
@@ -36,8 +36,13 @@ def test_bad_parameters_are_refused(text, needle):
 
 def test_presets_expand_to_their_attacks():
     reqs = AttackRequest.parse_all(["autoattack@0.1", "autoattack-l2@1.5"], None)
-    assert [r.spec.name for r in reqs] == [*PRESETS["autoattack"], *PRESETS["autoattack-l2"]]
+    assert [r.spec.name for r in reqs] == [*expand("autoattack"), *expand("autoattack-l2")]
     assert {r.eps_max for r in reqs[:4]} == {0.1} and {r.eps_max for r in reqs[4:]} == {1.5}
+    # a member's own parameters (Square's budget) reach the attack and its recorded config
+    squares = [r for r in reqs if r.spec.name.startswith("square")]
+    assert [r.spec.config()["queries"] for r in squares] == [1000, 1000]
+    assert get_attack("square-linf").kwargs["queries"] == 300  # the registered attack is unchanged
+    assert all(m.partition(":")[0] in ATTACKS for members in PRESETS.values() for m in members)
     with pytest.raises(UserError, match="preset"):
         AttackRequest.parse_all(["autoattack@0.1:steps=3"], None)
     with pytest.raises(UserError, match="preset"):

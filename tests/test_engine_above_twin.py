@@ -120,3 +120,17 @@ def test_trust_region_judged_by_an_int8_engine_no_longer_stands_still(int8_pair)
     tr = _audit_record("tr-l2", twin, engine, x, y)
     assert abs(tr["fidelity"]["auac_gap"]) <= 0.02, tr["fidelity"]
     assert _check(tr, _worst([tr]), [tr]) is None
+
+
+def test_an_artefact_mismatch_still_fails_and_the_first_sentence_says_why():
+    """The diagnosis is statistical, so the attack's measured mismatch still fails the audit; the failure reason
+    names the artefact and what to do (docs/checks.md)."""
+    from evaluators.render import failure_reasons
+
+    doc = {"clean": {"verdict": "match"}, "gates": [], "allowed_flags": [], "tolerances": {"agreement": 0.98},
+           "attacks": [{"name": "tr-l2", "fidelity": {"verdict": "mismatch", "reason": "AUAC gap +0.4"}},
+                       {"name": "pgd-l2", "fidelity": {"verdict": "mismatch", "reason": "AUAC gap -0.2"}}],
+           "checks": [{"id": "engine-above-twin", "severity": "warning", "attack": "tr-l2",
+                       "message": "search artefact: ..."}]}
+    reasons = failure_reasons(doc)
+    assert len(reasons) == 2 and "search artefact" in reasons[0] and "artefact" not in reasons[1]

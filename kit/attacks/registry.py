@@ -145,10 +145,13 @@ _SPECS = [
 ATTACKS: dict[str, AttackSpec] = {s.name: s for s in _SPECS}
 
 #: names that stand for several attacks run together, their worst case reported per threat model: AutoAttack's
-#: standard ensemble (Croce & Hein, ICML 2020) with this kit's budgets per rung of the minimum-epsilon search
+#: standard ensemble (Croce & Hein, ICML 2020). Members are ``NAME`` or ``NAME:key=value,...`` (the parameters of
+#: ``--attack NAME@EPS:key=value``). Budgets are per rung of the minimum-epsilon search, whose ladder warm-starts each
+#: rung from the last: Square gets 1000 queries per rung, with which the search left as many examples robust at fixed
+#: radii as AutoAttack's Square with 5000 queries at that radius (docs/BENCHMARKS.md, bench/square_budget.py).
 PRESETS: dict[str, tuple[str, ...]] = {
-    "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square-linf"),
-    "autoattack-l2": ("apgd-ce-l2", "apgd-t-l2", "fab-t-l2", "square-l2"),
+    "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square-linf:queries=1000"),
+    "autoattack-l2": ("apgd-ce-l2", "apgd-t-l2", "fab-t-l2", "square-l2:queries=1000"),
 }
 
 
@@ -158,8 +161,8 @@ def list_attacks() -> list[str]:
 
 
 def expand(name: str) -> tuple[str, ...]:
-    """The attacks a name stands for: a preset's members, else the name itself."""
-    return PRESETS.get(name, (name,))
+    """The attack names a name stands for: a preset's members (without their parameters), else the name itself."""
+    return tuple(m.partition(":")[0] for m in PRESETS.get(name, (name,)))
 
 
 def get_attack(name: str) -> AttackSpec:
@@ -168,6 +171,6 @@ def get_attack(name: str) -> AttackSpec:
         return ATTACKS[name]
     except KeyError:
         if name in PRESETS:
-            raise UserError(f"{name} is a preset of several attacks ({', '.join(PRESETS[name])}), not one "
+            raise UserError(f"{name} is a preset of several attacks ({', '.join(expand(name))}), not one "
                             "attack") from None
         raise UserError(f"unknown attack {name!r}; known: {', '.join(list_attacks())}") from None
