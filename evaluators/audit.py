@@ -37,7 +37,6 @@ only when it completed.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import shutil
@@ -55,13 +54,13 @@ import kit
 from evaluators import checks as C
 from evaluators.curves import accuracy_at, auac, auac_bootstrap_ci, eps_grid, paired_gap_ci
 from evaluators.evaluate import AttackRequest
+from evaluators.state import BatchState, refuse_changed, saved_key
 from exporters.engines import Engine
 from exporters.parity import compare_logits
 from kit.attacks.base import LP_NORMS, Norm
 from kit.attacks.registry import get_attack
 from kit.attacks.search import SearchResult, min_eps_search
 from kit.errors import UserError
-from kit.io import atomic_write
 from kit.runtime import open_bar, progress_bar
 
 log = logging.getLogger(__name__)
@@ -556,58 +555,12 @@ def failing_flags(checks: Sequence[Mapping[str, Any]], allowed: Sequence[str]) -
 # per-batch state, for --resume
 
 
-class _State:
-    """Per (attack, batch) results under ``OUT/.audit-state/``, each file written atomically.
+def _state(out: Path, key: dict[str, Any], resume: bool) -> BatchState:
+    """The audit's per (attack, batch) results under ``OUT/.audit-state/`` (:class:`evaluators.state.BatchState`)."""
+    from evaluators.report import remove_report
 
-    Creating it only checks (``resume``: the state exists, is readable and has the same key); :meth:`start` is the
-    first write. A refused resume thus leaves the folder, its report included, as it was.
-    """
-
-    def __init__(self, out: Path, key: dict[str, Any], resume: bool) -> None:
-        self.out = out
-        self.dir = out / STATE_DIR
-        self.key = key
-        self.resume = resume
-        meta = self.dir / "key.json"
-        if not resume:
-            return
-        if not meta.exists():
-            if (out / "report.json").exists():
-                raise UserError(f"nothing to resume in {out}: its audit is complete (report.json); run without "
-                                "--resume to audit again")
-            raise UserError(f"nothing to resume in {out}: no {STATE_DIR}/ (run without --resume first)")
-        saved = _saved_key(out)
-        _refuse_changed(out, saved, key, sorted(set(saved) | set(key)))
-
-    def start(self) -> None:
-        """Begin writing: remove the old report (report.json first: an interrupted audit never looks complete) and,
-        unless resuming, any old state; record the key."""
-        from evaluators.report import remove_report
-
-        remove_report(self.out)
-        if self.resume:
-            return
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        with atomic_write(self.dir / "key.json", "w") as f:
-            json.dump(self.key, f, indent=1)
-
-    def path(self, attack: str, batch: int) -> Path:
-        return self.dir / f"{attack}.{batch:06d}.npz"
-
-    def load(self, attack: str, batch: int) -> dict[str, np.ndarray] | None:
-        p = self.path(attack, batch)
-        if not p.exists():
-            return None
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-
-    def save(self, attack: str, batch: int, arrays: dict[str, np.ndarray]) -> None:
-        with atomic_write(self.path(attack, batch)) as f:
-            np.savez(f, **arrays)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+    return BatchState(out, key, resume, dirname=STATE_DIR, what="audit", report="report.json",
+                      remove_report=remove_report)
 
 
 def check_resumable(out: Path, cfg: AuditConfig) -> None:
@@ -616,25 +569,7 @@ def check_resumable(out: Path, cfg: AuditConfig) -> None:
     if not (out / STATE_DIR / "key.json").exists():
         return
     key = cfg.key()
-    _refuse_changed(out, _saved_key(out), key, sorted(key))
-
-
-def _saved_key(out: Path) -> dict[str, Any]:
-    """The key record of the audit state in ``out`` (which exists)."""
-    meta = out / STATE_DIR / "key.json"
-    try:
-        saved = json.loads(meta.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot resume the audit in {out}: {meta} is unreadable ({e})") from e
-    if not isinstance(saved, dict):
-        raise UserError(f"cannot resume the audit in {out}: {meta} is not a key record")
-    return saved
-
-
-def _refuse_changed(out: Path, saved: dict[str, Any], key: dict[str, Any], fields: list[str]) -> None:
-    differ = [k for k in fields if saved.get(k) != key.get(k)]
-    if differ:
-        raise UserError(f"cannot resume the audit in {out}: {', '.join(differ)} changed since it started")
+    refuse_changed(out, saved_key(out / STATE_DIR, out, "audit"), key, sorted(key), "audit")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -720,7 +655,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"],
            "engine_input": engine.input_convention.to_dict(), "twin_weights": inp.twin_info.weights_sha256,
            "twin_input": _twin_origin(inp.twin_info).get("input_convention")}
-    state = _State(out, key, resume)  # checks only: a refused resume changes nothing on disk
+    state = _state(out, key, resume)  # checks only: a refused resume changes nothing on disk
     out.mkdir(parents=True, exist_ok=True)
     state.start()
     bs = cfg.batch_size
