@@ -58,7 +58,7 @@ from evaluators.state import BatchState, refuse_changed, saved_key
 from exporters.engines import Engine
 from exporters.parity import compare_logits
 from kit.attacks.base import LP_NORMS, Norm
-from kit.attacks.registry import get_attack
+from kit.attacks.registry import AttackSpec, get_attack
 from kit.attacks.search import SearchResult, min_eps_search
 from kit.errors import UserError
 from kit.runtime import open_bar, progress_bar
@@ -163,6 +163,11 @@ class AuditConfig:
                                 f"an audited threat model ({', '.join(norms)})")
         if self.batch_size < 1 or self.rungs < 1 or self.points < 2 or self.blackbox_samples < 0:
             raise UserError("batch size and rungs must be >= 1, points >= 2, black-box samples >= 0")
+        for r in self.attacks:  # the parameters' values (steps >= 1, ...) are checked by the attack itself, now
+            try:
+                r.spec.build(nn.Identity())
+            except UserError as e:
+                raise UserError(f"--attack {r.spec.name}: {e}") from None
 
     def key(self) -> dict[str, Any]:
         """The JSON-able identity of the run's numbers (for ``--resume``)."""
@@ -221,15 +226,16 @@ def _merge(own: SearchResult, other_eps: torch.Tensor, other_x: torch.Tensor, fo
     return SearchResult(eps, x_adv, own.forwards, own.backwards)
 
 
-def twin_guided_search(attack_name: str, twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor,
+def twin_guided_search(attack: str | AttackSpec, twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor,
                        eps_max: float, *, seed: int = 0, rungs: int = 8, tol: float | None = None,
                        on_step: Callable[[float], None] | None = None) -> tuple[SearchResult, SearchResult, int]:
     """eps* per example on the twin and on the engine, every candidate crafted with the twin's gradients.
 
     Parameters
     ----------
-    attack_name : str
-        A registered attack (:mod:`kit.attacks.registry`).
+    attack : str or AttackSpec
+        A registered attack's name, or its spec with the user's parameters (``NAME@EPS:key=value``, which the
+        search builds with).
     twin : nn.Module
         The PyTorch model the engine was exported from (eval mode, on ``x``'s device).
     engine : Engine
@@ -246,7 +252,7 @@ def twin_guided_search(attack_name: str, twin: nn.Module, engine: Engine, x: tor
         Each side's :class:`~kit.attacks.search.SearchResult` (``x_adv`` the adversarial for that side) and the
         number of engine forward passes (images) spent.
     """
-    spec = get_attack(attack_name)
+    spec = get_attack(attack) if isinstance(attack, str) else attack
     half = (lambda f: on_step(f / 2)) if on_step is not None else None
     res_t = min_eps_search(spec.build(twin, seed=seed), x, y, eps_max, rungs, tol, on_step=half)
     judge = EngineJudge(engine)
@@ -416,10 +422,14 @@ def _engine_only_search(twin: nn.Module, replica: nn.Module, engine: Engine, x: 
 
 def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_eps: Sequence[Any],
                       twin_eps: Sequence[Any], blackbox: Mapping[str, Any] | None, points: int,
-                      seed: int, engine_only: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      seed: int, engine_only: Mapping[str, Any] | None = None, *,
+                      tolerances: Tolerances | None = None, n_boot: int = 1000) -> dict[str, Any]:
     """The worst case of one threat model: per example, the smallest eps* of any attack of that norm (the twin-guided
     attacks on each side; on the engine side also the black-box radius at which Square fooled it, for the examples it
-    ran on), then its curve and AUAC with the bootstrap interval (:func:`side_record`).
+    ran on, and the engine-only attack's; on the twin side the black-box adversarials that fool the twin too), then
+    its curve and AUAC with the bootstrap interval (:func:`side_record`), and, with ``tolerances``, the
+    :func:`fidelity` of the two worst cases: the verdict fails when the engine's worst case is significantly apart
+    from the twin's (a weakness only the engine has, found by any attack).
 
     Never above any single attack's AUAC (a per-example minimum can only lower every curve); ``otkit verify``
     re-derives it from the per-attack eps* and the stored black-box radii.
@@ -429,6 +439,8 @@ def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_
     if blackbox is not None:
         bb = np.array([np.inf if v is None else float(v) for v in blackbox["eps"]])
         e[: bb.size] = np.minimum(e[: bb.size], bb)
+        tb = np.array([np.inf if v is None else float(v) for v in blackbox.get("twin_eps") or []])
+        t[: tb.size] = np.minimum(t[: tb.size], tb)
     if engine_only is not None:
         e = np.minimum(e, np.array([np.inf if v is None else float(v) for v in engine_only["eps"]]))
     extra = [f"{blackbox['attack']} (black box)"] if blackbox is not None else []
@@ -442,6 +454,8 @@ def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_
         "twin": side_record(t, eps_max, points, seed),
         "blackbox": dict(blackbox) if blackbox is not None else None,
         "engine_only": dict(engine_only) if engine_only is not None else None,
+        **({"fidelity": fidelity(t, e, eps_max, tolerances, points=points, n_boot=n_boot, seed=seed)}
+           if tolerances is not None and e.size else {}),
     }
 
 
@@ -519,7 +533,8 @@ def decide(clean: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gates
            ) -> tuple[str, list[dict[str, Any]], str]:
     """The audit's verdict, gate records and status from its parts (:func:`run_audit`; ``otkit verify`` re-derives).
 
-    The verdict is ``match`` only when the clean comparison and every attack's fidelity match. A gate names a threat
+    The verdict is ``match`` only when the clean comparison, every attack's fidelity and every threat model's
+    worst-case fidelity (engine vs twin over all attacks, black box and engine-only included) match. A gate names a threat
     model (``linf``, ``l2``, ``wasserstein``: its worst case) or one attack, and passes when the **lower** end of the
     engine's AUAC bootstrap interval there is at least ``min_auac`` (an AUAC from attacks is itself an upper bound;
     the point estimate is recorded beside it; ``lower_limit=False`` re-derives reports written before, whose gates
@@ -527,7 +542,8 @@ def decide(clean: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gates
     and no ``error`` flag of ``checks`` is outside ``allowed`` (ids waived with ``--allow-flag``), else ``fail``.
     """
     verdict = Verdict.MATCH
-    if clean["verdict"] == Verdict.MISMATCH or any(r["fidelity"]["verdict"] == Verdict.MISMATCH for r in records):
+    if clean["verdict"] == Verdict.MISMATCH or any(r["fidelity"]["verdict"] == Verdict.MISMATCH for r in records) \
+            or any(w.get("fidelity", {}).get("verdict") == Verdict.MISMATCH for w in worst):
         verdict = Verdict.MISMATCH
     sides = {r["name"]: r["engine"] for r in records}
     sides.update({w["norm"]: w["engine"] for w in worst})
@@ -700,7 +716,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
             saved = state.load(name, b)
             if saved is None:
                 xb, yb = x[i : i + bs], y[i : i + bs]
-                rt, re_, nfe = twin_guided_search(name, twin, engine, xb, yb, eps_max, seed=cfg.seed,
+                rt, re_, nfe = twin_guided_search(req.spec, twin, engine, xb, yb, eps_max, seed=cfg.seed,
                                                   rungs=cfg.rungs, tol=cfg.tol,
                                                   on_step=bar.within(i, len(xb)))
                 saved = {
@@ -782,9 +798,15 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                                 f"Square on the engine fools {n_c} of {n_bb} example(s) at a smaller radius than every "
                                 f"twin-guided {norm.value} attack; " + "; ".join(why) + "; the worst-case curve counts "
                                 "them", attack=f"square-{norm.value}"))
+        # the twin judged on the same adversarials: where one fools it too, it is a twin adversarial at that radius
+        # (so the worst case compares like with like: a weak twin-guided search does not read as an engine defect)
+        with torch.no_grad():
+            fools_twin = (twin(res.x_adv).argmax(1) != y[:n_bb]).cpu()
         blackbox[norm] = {"attack": f"square-{norm.value}", "queries": cfg.blackbox_queries, "samples": n_bb,
                           "radii": "minimum-epsilon search (every rung, then bisection)",
-                          "eps": [float(v) if math.isfinite(v) and v <= eps_max else None for v in found.tolist()]}
+                          "eps": [float(v) if math.isfinite(v) and v <= eps_max else None for v in found.tolist()],
+                          "twin_eps": [float(v) if math.isfinite(v) and v <= eps_max and bool(f) else None
+                                       for v, f in zip(found.tolist(), fools_twin.tolist())]}
 
     # 3b. engine-only: where the engine's own arithmetic (int8 rounding, fp16) is weaker than the twin's, found by the
     # differential attack on a differentiable replica of it (kit/attacks/differential.py), judged by the engine
@@ -815,7 +837,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         worst.append(worst_case_record(norm.value, max(e for e, _ in items), names,
                                        [_as_float_array(e) for _, e in items],
                                        [_as_float_array(t) for t in twin_by_norm[norm]],
-                                       blackbox.get(norm), cfg.points, cfg.seed, engine_only.get(norm)))
+                                       blackbox.get(norm), cfg.points, cfg.seed, engine_only.get(norm),
+                                       tolerances=tols, n_boot=cfg.n_boot))
 
     # an engine curve above its twin's: a search artefact (the worst case brings it back) or a real difference
     worst_by_norm = {w["norm"]: w for w in worst}

@@ -80,7 +80,9 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
         worst.append(worst_case_record(
             w["norm"], float(w["eps_max"]), [a["name"] for a in same],
             [eps_array(a["engine"]["eps_star"]) for a in same], [eps_array(a["twin"]["eps_star"]) for a in same],
-            w.get("blackbox"), points, seed, w.get("engine_only")))
+            w.get("blackbox"), points, seed, w.get("engine_only"),
+            # reports written before the worst case had a verdict of its own: none re-derived either
+            tolerances=tols if "fidelity" in w else None, n_boot=_statistics(doc, same[0])[1] if same else 1000))
     c = doc["clean"]
     clean = {"verdict": clean_verdict(c["top1_agreement"], tols, c["max_logit_gap"], c.get("max_logit_gap_tolerance"),
                                       n=int(doc["data"]["n"]) if "p_value" in c else None)}
@@ -154,6 +156,9 @@ def recompute_report(doc: Mapping[str, Any]) -> list[str]:
         for side in ("twin", "engine"):
             for k in _SIDE_FIELDS:
                 _compare(f"{at}.{side}.{k}", w[side][k], r[side][k], out)
+        if "fidelity" in w or "fidelity" in r:
+            for k in _FIDELITY_FIELDS:
+                _compare(f"{at}.fidelity.{k}", w.get("fidelity", {}).get(k), r.get("fidelity", {}).get(k), out)
     _compare("clean.verdict", doc["clean"]["verdict"], expected["clean"]["verdict"], out)
     for i, (g, r) in enumerate(zip(doc["gates"], expected["gates"])):
         for k in ("engine_auac", "engine_auac_lower", "passed"):

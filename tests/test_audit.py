@@ -24,7 +24,7 @@ from kit.cli import cli
 from kit.data import load_dataset
 from kit.defenses.trainer import TrainConfig, train
 
-SMALL = ["--samples", "40", "--batch-size", "20", "--rungs", "4", "--blackbox-samples", "20"]
+SMALL = ["--samples", "40", "--batch-size", "20", "--rungs", "4", "--blackbox-samples", "20", "--allow-flag", "test-blind"]
 
 
 @pytest.fixture(scope="module")

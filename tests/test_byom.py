@@ -164,7 +164,8 @@ def test_onnx_only_twin_matches_onnx_runtime_and_the_original_gradients(elsewher
 def test_audit_on_the_fly_with_weights_and_with_the_engine_alone(elsewhere, tmp_path):
     """The engine takes normalised input; the twin is the .pth (imported on the fly), then the ONNX file itself."""
     common = ["--attack", "pgd-linf@0.3", "--samples", "24", "--batch-size", "24", "--rungs", "3",
-              "--blackbox-samples", "0", "--data", "digits:16", "--engine-input", "mean=0.5;std=0.25", "--json"]
+              "--blackbox-samples", "0", "--data", "digits:16", "--engine-input", "mean=0.5;std=0.25", "--json",
+              "--allow-flag", "test-blind"]
     engine = elsewhere["paths"]["onnx"]
     a = run("-q", "audit", "--engine", engine, "--twin", elsewhere["paths"]["ddp"], "--arch", elsewhere["arch"],
             "--num-classes", 10, "--input-shape", "1,16,16", "--mean", "0.5", "--std", "0.25", *common,
@@ -317,8 +318,8 @@ def test_verify_refuses_a_twin_built_with_other_flags(elsewhere, tmp_path):
     flags = ["--arch", elsewhere["arch"], "--num-classes", 10, "--input-shape", "1,16,16"]
     res = run("-q", "audit", "--engine", engine, "--engine-input", "mean=0.5;std=0.25", "--twin",
               elsewhere["paths"]["bare"], *flags, "--mean", "0.5", "--std", "0.25", "--attack", "pgd-linf@0.3",
-              "--samples", "16", "--rungs", "2", "--blackbox-samples", "0", "--data", "digits:16", "--out",
-              tmp_path / "a")
+              "--samples", "16", "--rungs", "2", "--blackbox-samples", "0", "--data", "digits:16",
+              "--allow-flag", "test-blind", "--out", tmp_path / "a")
     assert res.exit_code == 0, res.output
     good = run("verify", tmp_path / "a", "--engine", engine, "--twin", elsewhere["paths"]["bare"], *flags, "--recheck",
                2)

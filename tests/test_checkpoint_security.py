@@ -98,7 +98,8 @@ def _commands(ckpt: Path, out: Path, arch: tuple[str, ...] = ()) -> dict[str, li
         "engine run": ["engine", "run", ckpt, "--data", DATA, "--samples", "16", *arch],
         "engine run --twin": ["engine", "run", ckpt, "--data", DATA, "--samples", "16", "--twin", ckpt, *arch],
         "audit": ["audit", "--engine", ckpt, "--twin", ckpt, "--data", DATA, "--attack", "pgd-linf@0.3", "--samples",
-                  "4", "--blackbox-samples", "0", "--rungs", "2", "--out", out / "audit", *arch],
+                  "4", "--blackbox-samples", "0", "--rungs", "2", "--allow-flag", "test-blind", "--out", out / "audit",
+                  *arch],
         "evaluate": ["evaluate", "--model", ckpt, "--data", DATA, "--attack", "pgd-linf@0.3", "--samples", "4",
                      "--rungs", "2", "--out", out / "eval", *arch],
     }

@@ -108,7 +108,7 @@ def foreign(digits_model, tmp_path_factory):
 
 
 AUDIT = ["--attack", "pgd-linf@0.3", "--samples", "32", "--batch-size", "32", "--rungs", "3",
-         "--blackbox-samples", "0", "--data", "digits:16"]
+         "--blackbox-samples", "0", "--data", "digits:16", "--allow-flag", "test-blind"]
 
 
 @pytest.mark.parametrize("kind", list(RIGHT))

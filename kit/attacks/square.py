@@ -184,7 +184,7 @@ class Square(Attack):
             raise UserError(f"model must return (N, classes) logits, got shape {tuple(logits.shape)}")
         logits = logits.to(x.dtype)
         obj = -(margin_loss if self.loss == "margin" else ce_loss)(logits, y)  # z_y - max_j z_j, or log p_y
-        return obj, logits.argmax(1) != y
+        return obj, self._fooled(logits, y, x)  # the judge's verdict where there is one (an engine)
 
     # --- L-inf ---------------------------------------------------------------------------------------------------
 
