@@ -41,8 +41,9 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "fixed-eps-contradiction": (Severity.WARNING, "fixed-epsilon PGD fools examples the minimum-epsilon curve calls robust"),
     "adversarial-not-verified": (Severity.ERROR, "a returned adversarial fails re-verification"),
     "precision-not-deployed": (Severity.ERROR, "the file's claimed precision is not what its graph computes"),
-    "test-blind": (Severity.WARNING, "too few examples for the fidelity tests to see the tolerated differences"),
+    "test-blind": (Severity.ERROR, "too few examples for the fidelity tests to see the tolerated differences"),
     "engine-above-twin": (Severity.WARNING, "an attack finds the engine significantly more robust than its twin"),
+    "certificate-violated": (Severity.ERROR, "an attack on the smoothed engine beat a certified radius"),
 }
 
 

@@ -7,7 +7,8 @@ goes to ``<out>/<name>/``::
     model.safetensors        the twin (+ .metrics.jsonl, .config.json, .resume.pt)
     export/model*.onnx       the artifacts (+ TensorRT engine and sidecar)
     audit/<format>/          one audit report folder per artifact (report.json, .md, .html, curves.png, ...)
-    summary.json             one line per artifact: parity, verdict, status, engine AUACs, report path
+    certify/<format>/        a certificate per artifact of [certify] formats (certificate.json, .md, .html, .png)
+    summary.json             one line per artifact: parity, verdict, status, engine AUACs, certified AUAC, reports
 """
 
 from __future__ import annotations
@@ -63,14 +64,34 @@ class AuditSection:
 
 
 @dataclass
+class CertifySection:
+    """``[certify]``: the options of ``otkit certify`` for the artifacts in ``formats`` (empty: no certificate)."""
+
+    formats: list[str] = field(default_factory=list)
+    smoothing: str = "gaussian"
+    sigma: float = 0.25
+    n0: int = 100
+    n: int | None = None
+    alpha: float = 0.001
+    samples: int = 100
+    batch_size: int = 16
+    r_max: float | None = None
+    min_certified_auac: float | None = None
+    attack: bool = True
+    attack_n: int = 1000
+    allow_flags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
-    """A whole run: ``name``, ``out`` and the ``[train]``, ``[export]``, ``[audit]`` tables."""
+    """A whole run: ``name``, ``out`` and the ``[train]``, ``[export]``, ``[audit]``, ``[certify]`` tables."""
 
     name: str = "demo"
     out: str = "runs"
     train: dict[str, Any] = field(default_factory=dict)
     export: ExportSection = field(default_factory=ExportSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    certify: CertifySection = field(default_factory=CertifySection)
 
     @property
     def folder(self) -> Path:
@@ -105,6 +126,16 @@ class RunConfig:
                            gates=[Gate.parse(f"{k}={v}") for k, v in a.gates.items()],
                            allowed_flags=tuple(a.allow_flags))
 
+    def certify_config(self, device: Any, seed: int = 0) -> Any:
+        """The :class:`~evaluators.certify.CertifyConfig` of every certificate of the run, checked."""
+        from evaluators.certify import CertifyConfig, default_n
+
+        c = self.certify
+        return CertifyConfig(smoothing=c.smoothing, sigma=c.sigma, n=c.n if c.n is not None else default_n(device),
+                             n0=c.n0, alpha=c.alpha, batch_size=c.batch_size, seed=seed, r_max=c.r_max,
+                             min_certified_auac=c.min_certified_auac, allowed_flags=tuple(c.allow_flags),
+                             attack=c.attack, attack_n=c.attack_n)
+
     def validate(self, source: str = "the run") -> None:
         """Check the whole resolved run before any work: the training options and the defense's parameters, the
         export formats, the attacks and their radii, the gates. Raises :class:`UserError` naming ``source``."""
@@ -113,8 +144,15 @@ class RunConfig:
         for fmt in self.export.formats:
             if fmt not in _ARTIFACT_NAMES:
                 raise UserError(f"{source}: unknown export format {fmt!r}; known: {', '.join(_ARTIFACT_NAMES)}")
+        for fmt in self.certify.formats:
+            if fmt not in self.export.formats:
+                raise UserError(f"{source}: [certify] formats names {fmt!r}, which [export] formats does not build")
+        if self.certify.smoothing not in ("gaussian", "wasserstein"):
+            raise UserError(f"{source} [certify]: smoothing must be gaussian or wasserstein, got "
+                            f"{self.certify.smoothing!r}")
         for what, check in (("[train]", lambda: self.train_config(0, f"{source} [train]")),
-                            ("[audit]", lambda: self.audit_config(0))):
+                            ("[audit]", lambda: self.audit_config(0)),
+                            ("[certify]", lambda: self.certify_config("cpu", 0))):
             try:
                 check()
             except UserError as e:
@@ -157,7 +195,7 @@ def parse_run_config(doc: dict[str, Any], source: str = "run.toml") -> RunConfig
     """A :class:`RunConfig` from a parsed TOML document; unknown keys and wrong types are a :class:`UserError`."""
     from kit.defenses.trainer import TrainConfig
 
-    known = {"name", "out", "train", "export", "audit"}
+    known = {"name", "out", "train", "export", "audit", "certify"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -172,7 +210,8 @@ def parse_run_config(doc: dict[str, Any], source: str = "run.toml") -> RunConfig
     TrainConfig.from_dict(dict(train), f"{source} [train]")  # names and types first, with the file's wording
     cfg = RunConfig(name=name, out=out, train=dict(train),
                     export=_section(ExportSection, doc.get("export", {}), "export", source),
-                    audit=_section(AuditSection, doc.get("audit", {}), "audit", source))
+                    audit=_section(AuditSection, doc.get("audit", {}), "audit", source),
+                    certify=_section(CertifySection, doc.get("certify", {}), "certify", source))
     cfg.validate(source)  # the whole run, before any work
     return cfg
 
@@ -187,7 +226,8 @@ def overlay_run_doc(base: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]
     """
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for key, value in doc.items():
-        if key in ("train", "export", "audit") and isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if key in ("train", "export", "audit", "certify") and isinstance(value, dict) and \
+                isinstance(merged.get(key), dict):
             table = merged[key]
             if key == "train":
                 if "defense" in value and value["defense"] != table.get("defense"):
@@ -246,20 +286,24 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
     cfg.validate()
     audit_cfg = cfg.audit_config(seed)
     train_cfg = cfg.train_config(seed)
+    certify_cfg = cfg.certify_config(device, seed)
     if resume:
         from evaluators.audit import check_resumable
 
         for fmt in cfg.export.formats:  # a changed [audit] is refused now, not after the training and the exports
             check_resumable(cfg.folder / "audit" / fmt, audit_cfg)
     with folder_lock(cfg.folder, "--name or --out", command=command or None):
-        return _run_locked(cfg, audit_cfg, train_cfg, device=device, seed=seed, resume=resume, command=command,
-                           versions=versions)
+        return _run_locked(cfg, audit_cfg, train_cfg, certify_cfg, device=device, seed=seed, resume=resume,
+                           command=command, versions=versions)
 
 
-def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, *, device: torch.device, seed: int, resume: bool,
-                command: str, versions: dict[str, Any] | None) -> dict[str, Any]:
+def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any, *, device: torch.device, seed: int,
+                resume: bool, command: str, versions: dict[str, Any] | None) -> dict[str, Any]:
     """:func:`run_pipeline`'s work, checked and with the run folder locked."""
     from evaluators.audit import finish, load_audit_inputs, run_audit
+    from evaluators.certificate import write_certificate
+    from evaluators.certify import finish as finish_certify
+    from evaluators.certify import load_certify_inputs, run_certify
     from evaluators.report import write_report
     from exporters.checkpoint import export_checkpoint
     from kit.arch import is_file_arch
@@ -277,7 +321,7 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, *, device: torch
     # 1. train
     ckpt = folder / "model.safetensors"
     resume_train = resume and ckpt.with_suffix(".resume.pt").exists()
-    log.info("[1/3] training %s with %s on %s for %d epochs", train_cfg.arch, train_cfg.defense, train_cfg.data,
+    log.info("[1/4] training %s with %s on %s for %d epochs", train_cfg.arch, train_cfg.defense, train_cfg.data,
              train_cfg.epochs)
     # a run re-run without --resume replaces its training (the old files stay until the first epoch replaces them)
     trained = train(train_cfg, ckpt, device=device, resume=resume_train, overwrite=not resume_train,
@@ -296,10 +340,10 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, *, device: torch
         if ExportFormat(fmt) is ExportFormat.TENSORRT:
             why = _tensorrt_unavailable(device)
             if why:
-                log.info("[2/3] %s: skipped (%s)", fmt, why)
+                log.info("[2/4] %s: skipped (%s)", fmt, why)
                 rows.append({"format": fmt, "status": "skipped", "note": why})
                 continue
-        log.info("[2/3] exporting %s", out.name)
+        log.info("[2/4] exporting %s", out.name)
         exp = export_checkpoint(ckpt, fmt, out, max_batch=cfg.export.max_batch, samples=cfg.export.samples,
                                 calibration_samples=cfg.export.calibration_samples, device=device, seed=seed,
                                 arch=arch)
@@ -310,7 +354,7 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, *, device: torch
     for fmt, exp, _parity in artifacts:
         out = folder / "audit" / fmt
         out.mkdir(parents=True, exist_ok=True)
-        log.info("[3/3] auditing %s against the twin", exp.path.name)
+        log.info("[3/4] auditing %s against the twin", exp.path.name)
         inputs = load_audit_inputs(exp.path, ckpt, None, "test", a.samples, seed, device, arch=arch)
         doc, adversarials = run_audit(inputs, audit_cfg, out, resume=resume and (out / ".audit-state" / "key.json").exists(),
                                       command=command, versions=versions)
@@ -325,6 +369,26 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, *, device: torch
                      "twin_auac": {r["name"]: r["twin"]["auac"] for r in doc["attacks"]},
                      "flags": len(doc["checks"]), "report": str(out / "report.md"), "artifact": str(exp.path),
                      "sha256": exp.sha256})
+    # 4. certify the artifacts [certify] names: a certified lower bound beside the audit's upper bound
+    by_format = {r["format"]: r for r in rows}
+    for fmt, exp, _parity in artifacts:
+        if fmt not in cfg.certify.formats:
+            continue
+        out = folder / "certify" / fmt
+        log.info("[4/4] certifying %s (%s smoothing, sigma %g)", exp.path.name, cfg.certify.smoothing,
+                 cfg.certify.sigma)
+        cert_cfg = dataclasses.replace(certify_cfg, noise_batch=cfg.export.max_batch)
+        inputs = load_certify_inputs(exp.path, ckpt, None, "test", cfg.certify.samples, seed, device, arch=arch)
+        doc = run_certify(inputs, cert_cfg, out, resume=resume and (out / ".certify-state" / "key.json").exists(),
+                          command=command, versions=versions)
+        write_certificate(doc, out)
+        finish_certify(out)
+        row = by_format[fmt]
+        row["certified_auac"] = doc["certified"]["auac"]
+        row["certificate"] = str(out / "certificate.md")
+        row["certificate_status"] = doc["status"]
+        if doc["status"] != "pass":
+            row["status"] = "fail"
     rows.sort(key=lambda r: r["status"] == "skipped")  # audited artifacts first, in format order
     audited = [r for r in rows if r["status"] != "skipped"]
     summary = {

@@ -1,5 +1,5 @@
-"""Render an audit report (``otkit.report/1``) for people: release notes in Markdown, one self-contained HTML page, and
-the accuracy-vs-epsilon plot (PNG).
+"""Render an audit report (``otkit.report/1``) and a certificate (``otkit.certificate/1``) for people: release notes in
+Markdown, one self-contained HTML page, and the accuracy plot (PNG).
 
 Every renderer takes the validated document (:func:`evaluators.report.load_report`) and returns text or bytes; writing
 them is :mod:`evaluators.report`'s job. Text that came from the document (names, paths, messages) is escaped for its
@@ -15,7 +15,8 @@ import math
 import re
 from typing import Any
 
-__all__ = ["plot_png", "render_html", "render_markdown"]
+__all__ = ["plot_certificate_png", "plot_png", "render_certificate_html", "render_certificate_markdown",
+           "render_html", "render_markdown"]
 
 _NORM_LABEL = {"linf": "L-inf", "l2": "L2", "wasserstein": "Wasserstein"}
 
@@ -92,6 +93,9 @@ def failure_reasons(doc: dict[str, Any]) -> list[str]:
             + (" (its search stopped short on the engine, a search artefact: see the engine-above-twin flag; drop "
                "the attack or give it more steps)" if a["name"] in artefacts else "")
             for a in doc["attacks"] if a["fidelity"]["verdict"] == "mismatch"]
+    out += [f"worst case {w['norm']} (every attack, the black box and the engine-only attack): "
+            f"{w['fidelity']['reason']}" for w in doc.get("worst_case", [])
+            if w.get("fidelity", {}).get("verdict") == "mismatch"]
     for g in doc["gates"]:
         if not g["passed"]:
             value = g.get("engine_auac_lower", g["engine_auac"])
@@ -396,3 +400,138 @@ def render_html(doc: dict[str, Any], png_bytes: bytes | None) -> str:
         out.append(f"<tr><th>{_h(label)}</th><td>{cell}</td></tr>")
     out += ["</table>", "</body>", "</html>"]
     return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------- certificates
+_SMOOTHING_LABEL = {"gaussian": "Gaussian noise (L2 radii; Cohen, Rosenfeld & Kolter 2019)",
+                    "wasserstein": "Laplace noise on pixel flows (Wasserstein radii, the kit's unit-mass units; "
+                                   "Levine & Feizi 2020)"}
+
+
+def _certificate_title(doc: dict[str, Any]) -> str:
+    return f"Certificate of {_basename(doc['engine']['path'])}: {doc['status']}"
+
+
+def _certificate_summary(doc: dict[str, Any]) -> str:
+    sm, c, d, e = doc["smoothing"], doc["certified"], doc["data"], doc["engine"]
+    conf = 1 - sm["alpha"]
+    fails = [f"certified AUAC {g['certified_auac']:.4f} < {g['min_certified_auac']:g}"
+             for g in doc["gates"] if not g["passed"]]
+    fails += [f"error flag {f['id']}" for f in doc["checks"]
+              if f["severity"] == "error" and f["id"] not in doc.get("allowed_flags", [])]
+    head = f"The certificate fails: {'; '.join(fails)}. " if fails else ""
+    text = (f"{head}The engine {_basename(e['path'])} ({e['format']}, {e['precision']}) was smoothed with "
+            f"{_SMOOTHING_LABEL.get(sm['kind'], sm['kind'])} at sigma {sm['sigma']:g} and certified on {d['n']} "
+            f"examples of the {d['split']} split of {d['spec']} (seed {d['seed']}) with n0 {sm['n0']} and n "
+            f"{sm['n']} noise samples each. Certified AUAC {c['auac']:.4f} up to radius {c['r_max']:.4g}; the smoothed "
+            f"engine classifies {c['smoothed_accuracy']:.4f} of the examples correctly and abstains on "
+            f"{c['abstain_rate']:.4f}. These are certified lower bounds: each radius holds with probability at least "
+            f"{conf:g} over the noise sampling. With n {sm['n']} samples no radius above {sm['max_radius']:.4g} can be "
+            "certified.")
+    a = doc.get("attack")
+    if a:
+        text += (f" The attack {a['name']} on the smoothed engine gives AUAC {a['auac']:.4f} over the same radii: an "
+                 "empirical upper bound from attacks. The engine's smoothed robustness lies between the two.")
+    return text
+
+
+def _certificate_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    c = doc["certified"]
+    grid, acc = c["radius_grid"], c["accuracy"]
+    a = doc.get("attack")
+    picks = sorted({round(i * (len(grid) - 1) / 4) for i in range(5)})
+    rows = []
+    for i in picks:
+        row = {"radius": f"{grid[i]:.4g}", "certified accuracy (lower bound)": f"{acc[i]:.4f}"}
+        if a:
+            row["attack accuracy (upper bound)"] = f"{a['accuracy'][i]:.4f}"
+        rows.append(row)
+    return rows
+
+
+def render_certificate_markdown(doc: dict[str, Any]) -> str:
+    """A certificate as GitHub-flavoured Markdown: the summary, the certified curve at five radii (beside the attack
+    curve when there is one), checks and provenance."""
+    mark = "\u2705" if doc["status"] == "pass" else "\u274c"
+    out = [f"# {mark} {_md(_certificate_title(doc))}", "", _md(_certificate_summary(doc)), "",
+           "## Certified accuracy", "", *_md_table(_certificate_rows(doc), free=()), ""]
+    out += ["## Gates", ""]
+    out += [f"- certified AUAC {g['certified_auac']:.4f} >= {g['min_certified_auac']:g}: "
+            f"{'passed' if g['passed'] else 'FAILED'}" for g in doc["gates"]] or ["No gate was set."]
+    out += ["", "## Checks", ""]
+    out += [f"- **{_md(c['severity'])}**{flag_effect(doc, c)} {_md_code(c['id'])} ({_md(c['attack'] or 'model')}): "
+            f"{_md(c['message'])}" for c in doc["checks"]] or ["No check raised a flag."]
+    out += ["", "## Provenance", ""]
+    out += [f"- {label}: {_md_code(value) if code else _md(value)}" for label, value, code in _cert_provenance(doc)]
+    return "\n".join(out) + "\n"
+
+
+def _cert_provenance(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    e, d, p = doc["engine"], doc["data"], doc["provenance"]
+    rows = [("engine", e["path"], True), ("engine sha256", e["sha256"], True),
+            ("data fingerprint", d["fingerprint"], True)]
+    if doc.get("twin"):
+        rows += [("twin", doc["twin"]["path"], True), ("twin sha256", doc["twin"]["sha256"], True)]
+    rows += [("smoothing", ", ".join(f"{k} {v}" for k, v in doc["smoothing"].items()), False),
+             ("kit", str(p["kit_version"]), False), ("command", p["command"] or "-", True),
+             ("started", p["started"], False), ("seconds", f"{p['seconds']:.1f}", False)]
+    return rows
+
+
+def render_certificate_html(doc: dict[str, Any], png_bytes: bytes | None) -> str:
+    """A certificate as one self-contained HTML page (inline CSS, the plot as a data URI, nothing fetched)."""
+    status = doc["status"]
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{_h(_certificate_title(doc))}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+           f'<h1>Certificate <span class="badge {_h(status)}">status: {_h(status)}</span></h1>',
+           f"<p>{_h(_certificate_summary(doc))}</p>"]
+    if png_bytes:
+        uri = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
+        out.append(f'<p><img alt="certified accuracy (lower bound) and attack accuracy (upper bound)" src="{uri}"></p>')
+    out += ["<h2>Certified accuracy</h2>", *_html_table(_certificate_rows(doc), "")]
+    out.append("<h2>Checks</h2>")
+    if doc["checks"]:
+        out.append("<ul>")
+        out += [f'<li><span class="sev sev-{_h(c["severity"])}">{_h(c["severity"])}</span>{_h(flag_effect(doc, c))} '
+                f'<code>{_h(c["id"])}</code> ({_h(c["attack"] or "model")}): {_h(c["message"])}</li>'
+                for c in doc["checks"]]
+        out.append("</ul>")
+    else:
+        out.append("<p>No check raised a flag.</p>")
+    out += ["<h2>Provenance</h2>", "<table>"]
+    for label, value, code in _cert_provenance(doc):
+        cell = f"<code>{_h(value)}</code>" if code else _h(value)
+        out.append(f"<tr><th>{_h(label)}</th><td>{cell}</td></tr>")
+    out += ["</table>", "</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+def plot_certificate_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
+    """certified.png: the certified accuracy (lower bound, solid) and, when the smoothed engine was attacked, the
+    attack's accuracy (upper bound, dashed) over the same radii: the sandwich."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    c = doc["certified"]
+    fig = Figure(figsize=(5.6, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    # acc(r_k) bounds the accuracy on (r_{k-1}, r_k] from below (it only falls with r): drawn to the left of r_k
+    ax.plot(c["radius_grid"], c["accuracy"], "-", drawstyle="steps-pre", color="tab:green",
+            label=f"certified (AUAC {c['auac']:.3f}, lower bound, {1 - doc['smoothing']['alpha']:g} conf.)")
+    a = doc.get("attack")
+    if a:
+        ax.plot(a["eps_grid"], a["accuracy"], "--", drawstyle="steps-post", color="tab:red",
+                label=f"{_mpl_text(a['name'])} (AUAC {a['auac']:.3f}, upper bound)")
+    norm = doc["smoothing"]["norm"]
+    ax.set_xlabel(f"radius ({_NORM_LABEL.get(norm, norm)})")
+    ax.set_ylabel("accuracy of the smoothed engine")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(_mpl_text(f"{_basename(doc['engine']['path'])}, {doc['smoothing']['kind']} sigma "
+                           f"{doc['smoothing']['sigma']:g}"), fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()

@@ -152,3 +152,35 @@ def replay_report(doc: Mapping[str, Any], engine: Any, twin: Any | None, device:
     if stored:
         _adversarials(doc, stored, ds.x, y, out)
     return out
+
+
+def replay_certificate(doc: Mapping[str, Any], engine: Any, device: torch.device, *, examples: int,
+                       spec: str | None = None) -> list[str]:
+    """Check a certificate (``otkit.certificate/1``) against the data and the engine: its examples drawn again must
+    have its fingerprint and labels, and the first ``examples`` of them certified again with the certificate's own
+    seeds must give its predictions and, within sampling-free tolerance, its counts (the noise is a function of the
+    seed and the example's index alone, so only the engine's arithmetic can move a count: at most
+    ``max(2, n / 1000)`` samples, for another CPU's or GPU's rounding). One line per difference."""
+    from kit.smoothing import certify, example_generator, make_noise
+
+    ds = audited_examples(doc, spec)
+    out: list[str] = []
+    ex, sm = doc["examples"], doc["smoothing"]
+    y = ds.y.numpy().astype(np.int64).tolist()
+    if y != list(ex["label"]):
+        out.append("examples.label: the labels of the examples drawn again differ from the certificate's")
+    noise = make_noise(sm["kind"], sm["sigma"])
+    seed = int(doc["provenance"]["seed"])
+    slack = max(2, sm["n"] // 1000)
+
+    @torch.no_grad()
+    def labels(batch: torch.Tensor) -> torch.Tensor:
+        return engine(batch).argmax(1)
+
+    for j in range(min(examples, len(ds))):
+        c = certify(labels, ds.x[j].to(device), noise, sm["n0"], sm["n"], sm["alpha"], sm["noise_batch"],
+                    example_generator(seed, j, device), engine.num_classes)
+        if c.prediction != ex["prediction"][j] or abs(c.count - ex["count"][j]) > slack:
+            out.append(f"examples[{j}]: certified again as class {c.prediction} with count {c.count} of {sm['n']}, "
+                       f"the certificate says class {ex['prediction'][j]} with count {ex['count'][j]}")
+    return out

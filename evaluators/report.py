@@ -47,12 +47,15 @@ __all__ = [
     "SCHEMA",
     "load_adversarials",
     "load_report",
+    "plain_json",
+    "read_json_document",
     "plot_png",
     "plot_report",
     "remove_report",
     "render_html",
     "render_markdown",
     "report_schema",
+    "schema_errors",
     "validate_report",
     "write_report",
 ]
@@ -91,11 +94,30 @@ def _where(path: list[Any] | tuple[Any, ...]) -> str:
     return "/".join(str(p) for p in path) or "(top level)"
 
 
-def _fail(source: str, path: list[Any] | tuple[Any, ...], message: str) -> UserError:
+def _fail(source: str, path: list[Any] | tuple[Any, ...], message: str, schema: str = SCHEMA) -> UserError:
     message = " ".join(str(message).split())
     if len(message) > 200:
         message = message[:197] + "..."
-    return UserError(f"{source} does not match {SCHEMA}: {_where(path)}: {message}")
+    return UserError(f"{source} does not match {schema}: {_where(path)}: {message}")
+
+
+def plain_json(obj: Any, source: str, schema: str) -> Any:
+    """A copy of ``obj`` made of JSON types only (numpy scalars and arrays, tuples converted); NaN and inf refused
+    with a :class:`UserError` saying where (``source`` does not match ``schema``)."""
+    try:
+        return _plain(obj, [], source)
+    except UserError as e:
+        raise UserError(str(e).replace(f"does not match {SCHEMA}:", f"does not match {schema}:", 1)) from None
+
+
+def schema_errors(plain: Any, schema_doc: dict[str, Any], source: str, schema: str) -> None:
+    """Raise the best-matching JSON Schema error of ``plain`` against ``schema_doc`` as one :class:`UserError`."""
+    import jsonschema  # lazy: `otkit --help` does not need it
+
+    validator = jsonschema.Draft202012Validator(schema_doc)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(plain))
+    if error is not None:
+        raise _fail(source, list(error.absolute_path), error.message, schema)
 
 
 def _plain(obj: Any, path: list[Any], source: str) -> Any:
@@ -166,6 +188,8 @@ def _check_consistency(doc: dict[str, Any], source: str) -> None:
         if g["attack"] not in names and g["attack"] not in norms:
             raise _fail(source, ["gates", i, "attack"], f"no attack or threat model named {g['attack']!r}")
     mismatched = [a["name"] for a in doc["attacks"] if a["fidelity"]["verdict"] == "mismatch"]
+    mismatched += [f"worst case {w['norm']}" for w in doc.get("worst_case", [])
+                   if w.get("fidelity", {}).get("verdict") == "mismatch"]
     if doc["clean"]["verdict"] == "mismatch":
         mismatched.insert(0, "clean")
     if doc["verdict"] == "match" and mismatched:
@@ -202,13 +226,8 @@ def validate_report(doc: Any, source: str = "report.json") -> dict[str, Any]:
     UserError
         ``"<source> does not match otkit.report/1: <path>: <message>"`` for the first error found.
     """
-    import jsonschema  # lazy: `otkit --help` does not need it
-
     plain = _plain(doc, [], source)
-    validator = jsonschema.Draft202012Validator(report_schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(plain))
-    if error is not None:
-        raise _fail(source, list(error.absolute_path), error.message)
+    schema_errors(plain, report_schema(), source, SCHEMA)
     _check_consistency(plain, source)
     return plain
 
@@ -243,10 +262,21 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         Missing file, invalid JSON (NaN and Infinity included), a missing or different schema id, or a document that
         does not match ``otkit.report/1``.
     """
+    p, doc = read_json_document(path, "report.json", SCHEMA, "report")
+    return validate_report(doc, source=str(p))
+
+
+def read_json_document(path: str | os.PathLike[str], default_name: str, schema: str, what: str
+                       ) -> tuple[Path, dict[str, Any]]:
+    """Read ``DIR/default_name`` for a folder, else the file itself, as a JSON object whose ``schema`` is ``schema``.
+
+    Not validated further (the caller does). Raises a one-line :class:`UserError` for a missing file, text that is
+    not JSON (NaN and Infinity included), JSON nested deeper than :data:`MAX_NESTING`, or another schema id.
+    """
     p = Path(path)
     if p.is_dir():
-        p = p / "report.json"
-    require_file(p, "report")
+        p = p / default_name
+    require_file(p, what)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError as e:
@@ -256,16 +286,16 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     except ValueError as e:
         raise UserError(f"{p} is not valid JSON: {e}") from None
     except RecursionError:
-        raise UserError(f"{p} is not a report: JSON nested deeper than Python can read") from None
+        raise UserError(f"{p} is not a {what}: JSON nested deeper than Python can read") from None
     if _nesting(doc) > MAX_NESTING:
-        raise UserError(f"{p} is not a report: JSON nested deeper than {MAX_NESTING} levels")
+        raise UserError(f"{p} is not a {what}: JSON nested deeper than {MAX_NESTING} levels")
     if not isinstance(doc, dict):
-        raise UserError(f"{p} is not a report: expected a JSON object, got {type(doc).__name__}")
-    schema = doc.get("schema")
-    if schema != SCHEMA:
-        what = "has no schema id" if schema is None else f"has schema {schema!r}"
-        raise UserError(f"{p} {what}; this kit reads {SCHEMA}")
-    return validate_report(doc, source=str(p))
+        raise UserError(f"{p} is not a {what}: expected a JSON object, got {type(doc).__name__}")
+    found = doc.get("schema")
+    if found != schema:
+        said = "has no schema id" if found is None else f"has schema {found!r}"
+        raise UserError(f"{p} {said}; this kit reads {schema}")
+    return p, doc
 
 
 # ---------------------------------------------------------------------------------------------------- adversarials

@@ -34,6 +34,11 @@ rungs = 4
 blackbox_samples = 10
 [audit.gates]
 "pgd-linf" = 0.01
+[certify]
+formats = ["onnx-int8"]
+n = 300
+samples = 6
+attack_n = 100
 """
 
 
@@ -46,7 +51,7 @@ def test_docs_show_the_embedded_default_verbatim():
     body = "\n".join(line for line in default_run_text().splitlines() if not line.startswith("#")).strip()
     assert block.strip() == body
     cfg = load_run_config(None)
-    assert cfg.train["defense"] == "sat" and cfg.audit.gates == {"pgd-linf": 0.1}
+    assert cfg.train["defense"] == "sat" and cfg.audit.gates == {"linf": 0.1}
 
 
 def test_tiny_run_end_to_end(tmp_path):
@@ -66,6 +71,11 @@ def test_tiny_run_end_to_end(tmp_path):
     resolved = json.loads((folder / "run-config.json").read_text())
     assert resolved["train"]["epochs"] == 2 and resolved["train"]["batch_size"] == 64  # defaults filled in
     assert "report.md" in res.output and "skipped" in res.output
+    # the certificate [certify] asks for: of the int8 file, beside its audit, in the summary and on screen
+    cert = json.loads((folder / "certify" / "onnx-int8" / "certificate.json").read_text())
+    assert cert["engine"]["precision"] == "int8" and cert["data"]["n"] == 6 and cert["attack"] is not None
+    assert fmts["onnx-int8"]["certified_auac"] == cert["certified"]["auac"] and "certified_auac" not in fmts["onnx"]
+    assert "certified AUAC" in res.output and "certificate.md" in res.output
 
 
 @pytest.mark.parametrize("text,message", [
@@ -77,6 +87,10 @@ def test_tiny_run_end_to_end(tmp_path):
     ("[audit]\nattacks = [\"nope@0.1\"]", "unknown attack"),
     ("[audit]\nattacks = [\"pgd-linf@0.3\"]\n[audit.gates]\n\"fmn-l2\" = 0.2", "neither an audited attack"),
     ("name = \"a/b\"", "plain folder name"),
+    ("[export]\nformats = [\"onnx\"]\n[certify]\nformats = [\"onnx-int8\"]", "does not build"),
+    ("[certify]\nsigma = 0", "sigma"),
+    ("[certify]\nsmoothing = \"uniform\"", "smoothing must be"),
+    ("[certify]\nalpha = 2.0", "alpha"),
     ("[train\n", "not valid TOML"),
 ])
 def test_bad_run_files_exit_2(tmp_path, text, message):

@@ -33,7 +33,9 @@ from kit.errors import UserError
 AUDIT_EXIT = """\b
 Exit statuses:
   0  pass: the engine matches its twin and every gate holds
-  1  fail: verdict mismatch, or a --min-auac gate failed (the report says which)
+  1  fail: verdict mismatch (an attack's curves or a threat model's worst
+     case), a --min-auac gate failed, or an error flag not allowed with
+     --allow-flag (the report's first sentence says which)
   2  usage or input error, --out in use by another run, or a refused write; no
      report is written and nothing on disk changes
   130 interrupted (Ctrl-C): finished batches are kept, --resume continues"""
@@ -215,7 +217,8 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
 RUN_EXIT = """\b
 Exit statuses:
   0  every artifact passed its audit
-  1  an audit failed (verdict mismatch or a gate); the summary says which
+  1  an audit or a certificate failed (verdict mismatch, a gate, an error
+     flag not allowed); the summary says which
   2  usage or input error (bad run file, missing data), or a refused write
   130 interrupted (Ctrl-C): --resume continues"""
 
@@ -275,11 +278,12 @@ def print_run_summary(summary: dict[str, Any]) -> None:
             rows.append({"artifact": r["format"], "status": "skipped"})
             continue
         auacs = "  ".join(f"{k} {v:.3f}" for k, v in (r.get("worst_case_auac") or r["engine_auac"]).items())
+        certified = f"{r['certified_auac']:.3f}" if "certified_auac" in r else "-"
         rows.append({"artifact": r["format"], "precision": r["precision"], "agreement": f"{r['top1_agreement']:.4f}",
-                     "worst-case AUAC (upper bound)": auacs, "flags": str(r["flags"]), "verdict": r["verdict"],
-                     "status": r["status"]})
-    click.echo(table(rows, ["artifact", "precision", "agreement", "worst-case AUAC (upper bound)", "flags", "verdict",
-                            "status"]))
+                     "worst-case AUAC (upper bound)": auacs, "certified AUAC (lower bound)": certified,
+                     "flags": str(r["flags"]), "verdict": r["verdict"], "status": r["status"]})
+    click.echo(table(rows, ["artifact", "precision", "agreement", "worst-case AUAC (upper bound)",
+                            "certified AUAC (lower bound)", "flags", "verdict", "status"]))
     for r in summary["artifacts"]:
         if r["status"] == "skipped":
             click.echo(f"\n{r['format']} skipped: {r['note']}")
@@ -287,4 +291,6 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     for r in summary["artifacts"]:
         if r["status"] != "skipped":
             click.echo(f"  {r['report']}")
+            if "certificate" in r:
+                click.echo(f"  {r['certificate']} ({r['certificate_status']})")
     click.echo(f"\nrun {summary['run']}: {summary['status']} in {summary['seconds']:.0f} s")

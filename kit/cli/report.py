@@ -52,6 +52,86 @@ def _report_path(source: Path) -> Path:
     return source / "report.json" if source.is_dir() else source
 
 
+def _is_certificate(source: Path) -> bool:
+    """A certificate folder (certificate.json and no report.json) or a file whose schema is the certificate's."""
+    if source.is_dir():
+        return (source / "certificate.json").is_file() and not (source / "report.json").is_file()
+    if source.is_file() and source.suffix == ".json" and source.stat().st_size < 1 << 26:
+        try:
+            import json
+
+            return json.loads(source.read_text(encoding="utf-8")).get("schema") == "otkit.certificate/1"
+        except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+            return False
+    return False
+
+
+def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twin_path: Path | None, recheck: int,
+                        waive: list[str], data_spec: str | None, as_json: bool, arch: str | None,
+                        engine_input: Any) -> None:
+    """``otkit verify`` of a certificate: the engine's (and twin's) hashes, every derived figure re-derived from the
+    counts, and the first N examples certified again with the certificate's seeds (--recheck N; needs the data)."""
+    from evaluators.certificate import load_certificate, recompute_certificate
+    from exporters.engines import load_engine
+    from kit.io import require_file
+    from kit.runtime import resolve_device
+
+    doc = load_certificate(source)
+    require_file(engine_path, "engine file")
+    problems: list[str] = []
+    hashes = [_engine_row(engine_path, doc["engine"]["sha256"])]
+    if doc["twin"] is not None:
+        if twin_path is not None:
+            require_file(twin_path, "twin checkpoint")
+            hashes.append(_hash_row("twin sha256", twin_path, doc["twin"]["sha256"]))
+        elif "twin" not in waive:
+            problems.append("twin not checked: give --twin CHECKPOINT (or --waive twin)")
+    for h in hashes:
+        if h["match"] is False:
+            problems.append(f"{h['item']} differs: {h['file']} is {h['actual']}, the certificate says {h['expected']}")
+    differences = recompute_certificate(doc)
+    problems += differences
+    replayed: list[str] = []
+    if "data" in waive or "recheck" in waive or recheck == 0:
+        note = "waived" if ("data" in waive or "recheck" in waive) else "--recheck 0"
+        if note == "--recheck 0":
+            problems.append("recheck skipped (--recheck 0): give --recheck N (or --waive recheck)")
+    else:
+        from evaluators.replay import replay_certificate
+
+        device = resolve_device((ctx.find_root().obj or {}).get("device", "auto"))
+        raw = doc["engine"].get("input_convention")
+        if engine_input is None and raw is not None:
+            from kit.convention import InputConvention
+
+            engine_input = InputConvention.from_dict(raw, "certificate: engine.input_convention")
+        engine = load_engine(engine_path, device, arch=arch, input_convention=engine_input)
+        replayed = replay_certificate(doc, engine, device, examples=recheck, spec=data_spec)
+        note = f"{min(recheck, doc['data']['n'])} example(s) certified again"
+    problems += replayed
+    ok = not problems
+    if as_json:
+        emit_json({"certificate": str(source), "match": ok, "hashes": hashes,
+                   "recomputed": {"match": not differences, "differences": differences},
+                   "replayed": {"note": note, "match": not replayed, "differences": replayed},
+                   "waived": waive, "problems": problems})
+    else:
+        rows = [{"item": h["item"], "file": os.path.basename(h["file"]), "certificate says": _short(h["expected"]),
+                 "found": _short(h["actual"] or "-"), "result": "match" if h["match"] else "DIFFERS"} for h in hashes]
+        rows.append({"item": "derived figures", "file": "certificate.json", "certificate says": "p_lower, radii, curve",
+                     "found": "recomputed equal" if not differences else f"{len(differences)} field(s) differ",
+                     "result": "match" if not differences else "DIFFERS"})
+        rows.append({"item": "certified examples", "file": "", "certificate says": "predictions and counts",
+                     "found": note if not replayed else f"{len(replayed)} difference(s)",
+                     "result": ("waived" if note == "waived" else "NOT CHECKED" if note == "--recheck 0" else
+                                "match" if not replayed else "DIFFERS")})
+        click.echo(table(rows, ["item", "file", "certificate says", "found", "result"]))
+    for line in problems:
+        click.echo(f"verify: {line}", err=True)
+    if not ok:
+        ctx.exit(1)
+
+
 # -------------------------------------------------------------------------------------------------------------- report
 @click.command("report", epilog="""\b
 Exit statuses:
@@ -249,6 +329,10 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     from kit.io import require_file
 
     waive = [w for w in WAIVABLE if w in waived]
+    if _is_certificate(report_file):
+        _verify_certificate(ctx, report_file, engine_path, twin_path, recheck, waive, data_spec, as_json, arch,
+                            engine_input)
+        return
     loaded: dict[str, Any] = {}
 
     def _device() -> Any:
