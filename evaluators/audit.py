@@ -402,22 +402,46 @@ def int8_graph(engine_format: str, engine_path: Path) -> tuple[Path | None, str]
     return graph, f"the int8 graph it was built from ({name}) with fake quantisation (Q/DQ kept)"
 
 
+def _radii(v: torch.Tensor, eps_max: float) -> list[float | None]:
+    """Per-example radii as the report stores them: ``None`` where nothing was found up to ``eps_max``."""
+    return [float(r) if math.isfinite(r) and r <= eps_max else None for r in v.tolist()]
+
+
+class TwinOnlyJudge:
+    """The twin-only side of the differential search: a candidate counts when the twin is fooled and the engine is
+    not (the mirror of the engine-only search, so both worst cases get the same effort)."""
+
+    def __init__(self, twin: nn.Module, engine: Engine) -> None:
+        self.twin, self.engine = twin, engine
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (self.twin(x).argmax(1) != y) & (self.engine(x).argmax(1) == y)
+
+
 def _engine_only_search(twin: nn.Module, replica: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor,
-                        norm: Norm, eps_max: float, cfg: AuditConfig) -> torch.Tensor:
+                        norm: Norm, eps_max: float, cfg: AuditConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, the smallest radius at which the differential attack found an input that fools the engine while
-    the twin stays correct (``inf`` where none was found up to eps_max); batches of ``cfg.batch_size``."""
+    the twin stays correct, and the mirror search's (twin fooled, engine correct; the replica's gradients keep it
+    right); ``inf`` where none was found up to eps_max; batches of ``cfg.batch_size``."""
     from kit.attacks.differential import Differential
 
-    out = []
-    bar = open_bar(f"engine-only: differential-{norm.value}", total=len(x), unit="ex")
+    out: dict[str, list[torch.Tensor]] = {"engine": [], "twin": []}
+    bar = open_bar(f"engine-only: differential-{norm.value}", total=2 * len(x), unit="ex")
     for i in range(0, len(x), cfg.batch_size):
         xb, yb = x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]
-        attack = Differential(twin, replica=replica, norm=norm.value, steps=cfg.engine_only_steps, seed=cfg.seed)
-        attack.judge = EngineJudge(engine)
-        res = min_eps_search(attack, xb, yb, eps_max, cfg.rungs, cfg.tol, on_step=bar.within(i, len(xb)))
-        out.append(res.eps_star.detach().cpu().double())
+        for side, k, (model, other, judge) in (
+                ("engine", 0, (twin, replica, EngineJudge(engine))),
+                ("twin", 1, (replica, twin, TwinOnlyJudge(twin, engine)))):
+            attack = Differential(model, replica=other, norm=norm.value, steps=cfg.engine_only_steps, seed=cfg.seed,
+                                  evasive=side == "engine")
+            attack.judge = judge
+            res = min_eps_search(attack, xb, yb, eps_max, cfg.rungs, cfg.tol,
+                                 on_step=bar.within(k * len(x) + i, len(xb)))
+            out[side].append(res.eps_star.detach().cpu().double())
     bar.close()
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+    empty = torch.empty(0, dtype=torch.float64)
+    return (torch.cat(out["engine"]) if out["engine"] else empty, torch.cat(out["twin"]) if out["twin"] else empty)
 
 
 def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_eps: Sequence[Any],
@@ -443,6 +467,8 @@ def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_
         t[: tb.size] = np.minimum(t[: tb.size], tb)
     if engine_only is not None:
         e = np.minimum(e, np.array([np.inf if v is None else float(v) for v in engine_only["eps"]]))
+        if engine_only.get("twin_eps") is not None:  # absent in reports written before the mirror search
+            t = np.minimum(t, np.array([np.inf if v is None else float(v) for v in engine_only["twin_eps"]]))
     extra = [f"{blackbox['attack']} (black box)"] if blackbox is not None else []
     extra += [f"{engine_only['attack']} (engine-only)"] if engine_only is not None else []
     return {
@@ -798,15 +824,23 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                                 f"Square on the engine fools {n_c} of {n_bb} example(s) at a smaller radius than every "
                                 f"twin-guided {norm.value} attack; " + "; ".join(why) + "; the worst-case curve counts "
                                 "them", attack=f"square-{norm.value}"))
-        # the twin judged on the same adversarials: where one fools it too, it is a twin adversarial at that radius
-        # (so the worst case compares like with like: a weak twin-guided search does not read as an engine defect)
+        # the same search on the twin, so that both worst cases get the same black-box effort, and each side's
+        # adversarials judged by the other side too (as the twin-guided search does): a search too weak on both
+        # models, or more effort on one side, does not read as an engine defect
+        square_t = get_attack(f"square-{norm.value}").build(twin, seed=cfg.seed, queries=cfg.blackbox_queries)
+        bar = open_bar(f"black box: square-{norm.value} on the twin", total=n_bb, unit="ex")
+        res_t = min_eps_search(square_t, x[:n_bb], y[:n_bb], eps_max, cfg.rungs, cfg.tol, on_step=bar.within(0, n_bb))
+        bar.close()
+        found_t = res_t.eps_star.detach().cpu().double()
         with torch.no_grad():
             fools_twin = (twin(res.x_adv).argmax(1) != y[:n_bb]).cpu()
+        fools_engine = (engine(res_t.x_adv).argmax(1) != y[:n_bb]).cpu()
+        inf = torch.full_like(found, math.inf)
+        eng = torch.minimum(found, torch.where(fools_engine, found_t, inf))
+        tw = torch.minimum(found_t, torch.where(fools_twin, found, inf))
         blackbox[norm] = {"attack": f"square-{norm.value}", "queries": cfg.blackbox_queries, "samples": n_bb,
-                          "radii": "minimum-epsilon search (every rung, then bisection)",
-                          "eps": [float(v) if math.isfinite(v) and v <= eps_max else None for v in found.tolist()],
-                          "twin_eps": [float(v) if math.isfinite(v) and v <= eps_max and bool(f) else None
-                                       for v, f in zip(found.tolist(), fools_twin.tolist())]}
+                          "radii": "minimum-epsilon search (every rung, then bisection), on the engine and on the twin",
+                          "eps": _radii(eng, eps_max), "twin_eps": _radii(tw, eps_max)}
 
     # 3b. engine-only: where the engine's own arithmetic (int8 rounding, fp16) is weaker than the twin's, found by the
     # differential attack on a differentiable replica of it (kit/attacks/differential.py), judged by the engine
@@ -816,13 +850,15 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         if replica is None or norm not in LP_NORMS:
             continue
         eps_max = max(e for e, _ in items)
-        eps_eo = _engine_only_search(twin, replica, engine, x, y, norm, eps_max, cfg)
+        eps_eo, eps_to = _engine_only_search(twin, replica, engine, x, y, norm, eps_max, cfg)
         grid = eps_grid(eps_max, cfg.points)
         t_best = torch.stack(twin_by_norm[norm]).min(0).values.double().numpy()
         e_best = torch.stack([e for _, e in items]).min(0).values.double().numpy()
         engine_only[norm] = {
             "attack": f"differential-{norm.value}", "replica": replica_kind, "steps": cfg.engine_only_steps,
             "eps": [float(v) if math.isfinite(v) else None for v in eps_eo.tolist()],
+            # the mirror search: twin fooled, engine right (the twin side of the worst case gets the same effort)
+            "twin_eps": [float(v) if math.isfinite(v) else None for v in eps_to.tolist()],
             # engine-only adversarials within each grid radius: the differential attack's, and the twin-guided
             # search's (an engine eps* at most r where the twin held beyond r)
             "count": [int((eps_eo.numpy() <= r).sum()) for r in grid],

@@ -43,7 +43,18 @@ def worst_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
              "engine-only adversarials at eps_max (differential / twin-guided)":
                  f"{w['engine_only']['count'][-1]} / {w['engine_only']['twin_guided_count'][-1]}"
                  if w.get("engine_only") else "-",
+             "black box: engine fooled below the twin": str(blackbox_engine_only(w)) if w.get("blackbox") else "-",
+             "verdict": w.get("fidelity", {}).get("verdict", "-"),
              "attacks": ", ".join(w["attacks"])} for w in doc.get("worst_case", [])]
+
+
+def blackbox_engine_only(worst: dict[str, Any]) -> int:
+    """On how many examples the black box fooled the engine at a smaller radius than the twin (``blackbox.eps``
+    below ``blackbox.twin_eps``, or the twin never fooled; reports written before ``twin_eps`` count every black-box
+    adversarial)."""
+    bb = worst["blackbox"]
+    twin = bb.get("twin_eps") or [None] * len(bb["eps"])
+    return sum(e is not None and (t is None or e < t) for e, t in zip(bb["eps"], twin))
 
 
 def _attack_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
@@ -376,7 +387,7 @@ def render_html(doc: dict[str, Any], png_bytes: bytes | None) -> str:
         uri = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
         out.append(f'<p><img alt="twin and engine accuracy curves per attack" src="{uri}"></p>')
     if doc.get("worst_case"):
-        out += ["<h2>Worst case per threat model</h2>", *_html_table(worst_rows(doc), "")]
+        out += ["<h2>Worst case per threat model</h2>", *_html_table(worst_rows(doc), "verdict")]
     out += ["<h2>Attacks</h2>", *_html_table(_attack_rows(doc), "verdict")]
     reasons = _reasons(doc)
     if reasons:

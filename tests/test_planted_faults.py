@@ -62,10 +62,11 @@ def test_a_flip_the_gradients_do_not_see_fails_the_audit(triggered, tmp_path):
     assert res.exit_code == 1 and doc["verdict"] == "mismatch" and doc["status"] == "fail"
     first = (out / "report.md").read_text().split("\n\n")[1]
     assert first.startswith("The audit fails: worst case linf")
-    # the black box found adversarials that fool only the engine: they are not on the twin's side
+    # the black box (run on both models, each side's adversarials judged by the other) fools the engine at smaller
+    # radii than the twin on examples where the trigger fires
     bb = worst["blackbox"]
-    only_engine = [e for e, t in zip(bb["eps"], bb["twin_eps"]) if e is not None and t is None]
-    assert only_engine
+    below = [e for e, t in zip(bb["eps"], bb["twin_eps"]) if e is not None and (t is None or e < t - 1e-9)]
+    assert len(below) >= 3
     from evaluators.recompute import recompute_report
 
     assert recompute_report(doc) == []

@@ -74,6 +74,12 @@ def flag_effect(doc: dict[str, Any], check: dict[str, Any]) -> str:
     return effect(doc, check)
 
 
+def blackbox_engine_only(worst: dict[str, Any]) -> int:
+    from evaluators.render import blackbox_engine_only as count
+
+    return count(worst)
+
+
 def _engine_only_text(w: dict[str, Any]) -> str:
     eo = w.get("engine_only")
     return f"{eo['count'][-1]} (twin-guided {eo['twin_guided_count'][-1]})" if eo else "-"
@@ -94,9 +100,11 @@ def print_audit(doc: dict[str, Any]) -> None:
                  "95% CI": f"[{w['engine']['auac_ci'][0]:.4f}, {w['engine']['auac_ci'][1]:.4f}]",
                  "twin": f"{w['twin']['auac']:.4f}",
                  "engine-only found": _engine_only_text(w),
+                 "black box, engine below twin": str(blackbox_engine_only(w)) if w.get("blackbox") else "-",
+                 "verdict": w.get("fidelity", {}).get("verdict", "-"),
                  "over": ", ".join(w["attacks"])} for w in doc["worst_case"]]
         click.echo(table(rows, ["threat model", "eps_max", "engine worst-case AUAC", "95% CI", "twin",
-                                "engine-only found", "over"]))
+                                "engine-only found", "black box, engine below twin", "verdict", "over"]))
         click.echo("")
     click.echo(table(audit_rows(doc), AUDIT_COLUMNS))
     click.echo("(every AUAC comes from attacks: an empirical upper bound on robustness, not a certificate)")
