@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,16 +140,28 @@ def sample_counts(
     num, batch = check_count("num", num), check_count("batch", batch)
     num_classes = _check_classes(num_classes)
     block = noise_block(x)
+    blocks = -(-num // block)  # exactly the draws ``num`` copies need: the generator ends where it would serially
     counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)
     pending: list[torch.Tensor] = []  # drawn, not yet classified
-    have = drawn = done = 0
-    with torch.no_grad():
+    have = done = 0
+
+    def draw() -> torch.Tensor:
+        with torch.no_grad():
+            return noise.sample(x, block, generator)
+
+    # the next block is drawn in a second thread while ``classify`` runs (torch and ONNX Runtime release the GIL):
+    # one thread, one generator, blocks in order, so the copies are those of a serial loop
+    with ThreadPoolExecutor(max_workers=1) as pool, torch.no_grad():
+        ahead: Future[torch.Tensor] | None = pool.submit(draw)
+        issued = 1
         while done < num:
             size = min(batch, num - done)
             while have < size:
-                pending.append(noise.sample(x, block, generator))
+                assert ahead is not None  # ``blocks`` blocks cover ``num`` copies
+                pending.append(ahead.result())
                 have += block
-                drawn += block
+                ahead = pool.submit(draw) if issued < blocks else None
+                issued += ahead is not None
             chunk = pending[0] if len(pending) == 1 else torch.cat(pending)
             take, rest = chunk[:size], chunk[size:]
             pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
