@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["plot_certificate_png", "plot_png", "render_certificate_html", "render_certificate_markdown",
+__all__ = ["certificate_rows", "plot_certificate_png", "plot_png", "render_certificate_html", "render_certificate_markdown",
            "render_html", "render_markdown"]
 
 _NORM_LABEL = {"linf": "L-inf", "l2": "L2", "wasserstein": "Wasserstein"}
@@ -396,21 +396,25 @@ def render_html(doc: dict[str, Any], png_bytes: bytes | None) -> str:
     gates = _gate_rows(doc)
     out += _html_table(gates, "result") if gates else ["<p>No AUAC gate was set.</p>"]
     out.append("<h2>Checks</h2>")
+    return "\n".join(out + _html_checks_and_provenance(doc, _provenance_rows(doc))) + "\n"
+
+
+def _html_checks_and_provenance(doc: dict[str, Any], provenance: list[tuple[str, str, bool]]) -> list[str]:
+    """The end of a page: the flags (or that none was raised), the provenance table, the closing tags."""
+    out = []
     if doc["checks"]:
         out.append("<ul>")
-        for c in doc["checks"]:
-            sev = c["severity"]
-            out.append(f'<li><span class="sev sev-{_h(sev)}">{_h(sev)}</span>{_h(flag_effect(doc, c))} '
-                       f'<code>{_h(c["id"])}</code> ({_h(c["attack"] or "model")}): {_h(c["message"])}</li>')
+        out += [f'<li><span class="sev sev-{_h(c["severity"])}">{_h(c["severity"])}</span>{_h(flag_effect(doc, c))} '
+                f'<code>{_h(c["id"])}</code> ({_h(c["attack"] or "model")}): {_h(c["message"])}</li>'
+                for c in doc["checks"]]
         out.append("</ul>")
     else:
         out.append("<p>No check raised a flag.</p>")
     out += ["<h2>Provenance</h2>", "<table>"]
-    for label, value, code in _provenance_rows(doc):
+    for label, value, code in provenance:
         cell = f"<code>{_h(value)}</code>" if code else _h(value)
         out.append(f"<tr><th>{_h(label)}</th><td>{cell}</td></tr>")
-    out += ["</table>", "</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    return out + ["</table>", "</body>", "</html>"]
 
 
 # ----------------------------------------------------------------------------------------------------- certificates
@@ -446,7 +450,8 @@ def _certificate_summary(doc: dict[str, Any]) -> str:
     return text
 
 
-def _certificate_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+def certificate_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """The certified curve at five radii (0, r_max/4, ..., r_max), beside the attack curve when there is one."""
     c = doc["certified"]
     grid, acc = c["radius_grid"], c["accuracy"]
     a = doc.get("attack")
@@ -465,7 +470,7 @@ def render_certificate_markdown(doc: dict[str, Any]) -> str:
     curve when there is one), checks and provenance."""
     mark = "\u2705" if doc["status"] == "pass" else "\u274c"
     out = [f"# {mark} {_md(_certificate_title(doc))}", "", _md(_certificate_summary(doc)), "",
-           "## Certified accuracy", "", *_md_table(_certificate_rows(doc), free=()), ""]
+           "## Certified accuracy", "", *_md_table(certificate_rows(doc), free=()), ""]
     out += ["## Gates", ""]
     out += [f"- certified AUAC {g['certified_auac']:.4f} >= {g['min_certified_auac']:g}: "
             f"{'passed' if g['passed'] else 'FAILED'}" for g in doc["gates"]] or ["No gate was set."]
@@ -499,22 +504,9 @@ def render_certificate_html(doc: dict[str, Any], png_bytes: bytes | None) -> str
     if png_bytes:
         uri = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
         out.append(f'<p><img alt="certified accuracy (lower bound) and attack accuracy (upper bound)" src="{uri}"></p>')
-    out += ["<h2>Certified accuracy</h2>", *_html_table(_certificate_rows(doc), "")]
+    out += ["<h2>Certified accuracy</h2>", *_html_table(certificate_rows(doc), "")]
     out.append("<h2>Checks</h2>")
-    if doc["checks"]:
-        out.append("<ul>")
-        out += [f'<li><span class="sev sev-{_h(c["severity"])}">{_h(c["severity"])}</span>{_h(flag_effect(doc, c))} '
-                f'<code>{_h(c["id"])}</code> ({_h(c["attack"] or "model")}): {_h(c["message"])}</li>'
-                for c in doc["checks"]]
-        out.append("</ul>")
-    else:
-        out.append("<p>No check raised a flag.</p>")
-    out += ["<h2>Provenance</h2>", "<table>"]
-    for label, value, code in _cert_provenance(doc):
-        cell = f"<code>{_h(value)}</code>" if code else _h(value)
-        out.append(f"<tr><th>{_h(label)}</th><td>{cell}</td></tr>")
-    out += ["</table>", "</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _html_checks_and_provenance(doc, _cert_provenance(doc))) + "\n"
 
 
 def plot_certificate_png(doc: dict[str, Any], dpi: int = 110) -> bytes:

@@ -56,16 +56,11 @@ def print_certificate(doc: dict[str, Any]) -> None:
                f"{sm['kind']} smoothing, sigma {sm['sigma']:g}, n0 {sm['n0']}, n {sm['n']}, alpha {sm['alpha']:g}")
     click.echo(f"smoothed accuracy {c['smoothed_accuracy']:.4f}, abstains {c['abstain_rate']:.4f}; the largest radius "
                f"n = {sm['n']} samples can certify is {sm['max_radius']:.4g}\n")
-    grid, acc = c["radius_grid"], c["accuracy"]
-    a = doc.get("attack")
-    picks = sorted({round(i * (len(grid) - 1) / 4) for i in range(5)})
-    rows = []
-    for i in picks:
-        row = {"radius": f"{grid[i]:.4g}", "certified accuracy": f"{acc[i]:.4f}"}
-        if a:
-            row["attack accuracy"] = f"{a['accuracy'][i]:.4f}"
-        rows.append(row)
+    from evaluators.render import certificate_rows
+
+    rows = certificate_rows(doc)
     click.echo(table(rows, list(rows[0])))
+    a = doc.get("attack")
     click.echo(f"\ncertified AUAC {c['auac']:.4f} up to radius {c['r_max']:.4g}: a certified lower bound, each radius "
                f"at confidence {1 - sm['alpha']:g}")
     if a:
