@@ -128,6 +128,9 @@ def _summary(doc: dict[str, Any]) -> str:
     gates = doc["gates"]
     passed = sum(g["passed"] for g in gates)
     gate_text = f"{passed} of {len(gates)} AUAC gate(s) passed." if gates else "No AUAC gate was set."
+    waived = [c["id"] for c in doc["checks"] if c["severity"] == "error" and c["id"] in doc.get("allowed_flags", [])]
+    if waived:  # a pass that needed a waiver says so up front
+        head += f"Error flag(s) waived with --allow-flag: {', '.join(dict.fromkeys(waived))}. "
     return (f"{head}The engine {_basename(e['path'])} ({e['format']}, {e['precision']}{providers}) was audited "
             f"against its "
             f"PyTorch twin {_basename(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
