@@ -31,12 +31,18 @@ from evaluators.report import plain_json, read_json_document, schema_errors
 from kit.errors import UserError
 from kit.io import atomic_write
 
-__all__ = ["CERTIFICATE_FILES", "SCHEMA", "certificate_schema", "certified_curve", "load_certificate", "recompute_certificate",
+__all__ = ["ATTACK_BOUND", "CERTIFICATE_FILES", "CERTIFIED_BOUND", "SCHEMA", "certificate_schema", "certified_curve", "load_certificate", "recompute_certificate",
            "remove_certificate", "validate_certificate", "write_certificate"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "otkit.certificate/1"
+
+#: what every certified figure is; the document says so in its ``bound`` field, its pages and the CLI's summary
+CERTIFIED_BOUND = "certified lower bound (randomized smoothing): each radius holds with probability at least 1 - alpha"
+
+#: what the attack on the smoothed engine is (``attack.bound``)
+ATTACK_BOUND = "empirical upper bound from attacks"
 
 #: the files of a certificate folder, in the order :func:`write_certificate` writes them (the JSON last)
 CERTIFICATE_FILES = ("certified.png", "certificate.md", "certificate.html", "certificate.json")
@@ -124,10 +130,35 @@ def recompute_certificate(doc: dict[str, Any]) -> list[str]:
     same("certified.accuracy", doc["certified"]["accuracy"], curve["accuracy"])
     same("certified.auac", doc["certified"]["auac"], curve["auac"])
     same("certified.smoothed_accuracy", doc["certified"]["smoothed_accuracy"], correct.mean() if len(correct) else 0)
+    same("certified.abstain_rate", doc["certified"]["abstain_rate"], (pred < 0).mean() if len(pred) else 0)
+    same("certified.mean_radius", doc["certified"]["mean_radius"],
+         np.where(correct, radius, 0.0).mean() if len(correct) else 0)
     for g in doc["gates"]:
+        same("gates.certified_auac", g["certified_auac"], curve["auac"])
         if g["passed"] != (curve["auac"] >= g["min_certified_auac"]):
             out.append(f"gates: passed {g['passed']} but certified AUAC {curve['auac']:.6g} vs "
                        f"{g['min_certified_auac']:g}")
+    errors = [c["id"] for c in doc["checks"] if c["severity"] == "error" and c["id"] not in doc["allowed_flags"]]
+    status = "pass" if all(g["passed"] for g in doc["gates"]) and not errors else "fail"
+    if doc["status"] != status:
+        out.append(f"status: certificate says {doc['status']}, recomputed {status}")
+    if doc["bound"] != CERTIFIED_BOUND:
+        out.append(f"bound: certificate says {doc['bound']!r}, a certificate of this kit says {CERTIFIED_BOUND!r}")
+    att = doc["attack"]
+    if att is not None:
+        # the attack's curve from its per-example eps* (the eps* themselves only a new attack could check)
+        if att["bound"] != ATTACK_BOUND:
+            out.append(f"attack.bound: certificate says {att['bound']!r}, an attack's figure is {ATTACK_BOUND!r}")
+        r_max = doc["certified"]["r_max"]
+        eps = np.array([np.inf if v is None else float(v) for v in att["eps_star"]])
+        grid = np.asarray(att["eps_grid"], dtype=float)
+        same("attack.eps_grid", grid, doc["certified"]["radius_grid"])
+        same("attack.accuracy", att["accuracy"], [(eps > r).mean() if len(eps) else 0.0 for r in grid])
+        same("attack.auac", att["auac"], np.minimum(eps, r_max).mean() / r_max if len(eps) else 0.0)
+        violated = any(c["id"] == "certificate-violated" for c in doc["checks"])
+        if bool(att["violations"]) != violated:
+            out.append(f"checks: {len(att['violations'])} violation(s) recorded but the certificate-violated flag is "
+                       f"{'raised' if violated else 'absent'}")
     return out
 
 

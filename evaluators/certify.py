@@ -41,7 +41,7 @@ import torch.nn as nn
 
 import kit
 from evaluators import checks as C
-from evaluators.certificate import certified_curve, remove_certificate
+from evaluators.certificate import ATTACK_BOUND, CERTIFIED_BOUND, certified_curve, remove_certificate
 from evaluators.state import BatchState
 from exporters.engines import Engine
 from kit.errors import UserError
@@ -50,8 +50,7 @@ from kit.runtime import open_bar
 SCHEMA = "otkit.certificate/1"
 STATE_DIR = ".certify-state"
 
-#: what every certified figure is; the document says so in its ``bound`` field, its pages and the CLI's summary
-CERTIFIED_BOUND = "certified lower bound (randomized smoothing): each radius holds with probability at least 1 - alpha"
+
 
 #: default noise samples per example (``--n``) by device: Cohen et al. use 100,000; a CPU gets a tenth
 DEFAULT_N = {"cuda": 100_000, "cpu": 10_000}
@@ -396,7 +395,7 @@ def attack_smoothed(inp: CertifyInputs, cfg: CertifyConfig, noise: Any, predicti
     grid = np.linspace(0.0, r_max, cfg.points)
     accuracy = [float((eps_star > r).mean()) if n_all else 0.0 for r in grid]
     clipped = np.minimum(eps_star, r_max)
-    return {"name": f"smoothadv-{name}", "bound": "empirical upper bound from attacks", "attack": name,
+    return {"name": f"smoothadv-{name}", "bound": ATTACK_BOUND, "attack": name,
             "method": f"{name} on the soft smoothed twin (m {cfg.attack_m} noise samples per step), each candidate "
                       f"judged by the engine's smoothed prediction (PREDICT, {cfg.attack_n} samples)", "m": cfg.attack_m,
             "steps": cfg.attack_steps, "predict_n": cfg.attack_n, "radii": [float(r) for r in rungs],

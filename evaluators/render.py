@@ -528,7 +528,7 @@ def plot_certificate_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
     a = doc.get("attack")
     if a:
         ax.plot(a["eps_grid"], a["accuracy"], "--", drawstyle="steps-post", color="tab:red",
-                label=f"{_mpl_text(a['name'])} (AUAC {a['auac']:.3f}, upper bound)")
+                label=f"{_mpl_text(a['name'])} (AUAC {a['auac']:.3f}, empirical upper bound)")
     norm = doc["smoothing"]["norm"]
     ax.set_xlabel(f"radius ({_NORM_LABEL.get(norm, norm)})")
     ax.set_ylabel("accuracy of the smoothed engine")

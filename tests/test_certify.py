@@ -221,6 +221,19 @@ def test_the_sandwich_certified_below_attack_and_no_violation(exported, tmp_path
     # every fooled example was fooled by a real point: eps* is its L2 distance, within the last rung
     assert all(e is None or 0 <= e <= a["radii"][-1] + 1e-6 for e in a["eps_star"])
     assert "empirical upper bound" in (tmp_path / "s" / "certificate.md").read_text()
+    assert recompute_certificate(doc) == []
+    # a hand-edited attack curve, status, bound text or summary figure is caught by the re-derivation
+    import copy
+
+    for edit, field in ((lambda d: d["attack"].update(auac=0.99), "attack.auac"),
+                        (lambda d: d["attack"]["accuracy"].__setitem__(10, 0.1), "attack.accuracy"),
+                        (lambda d: d["attack"].update(bound="certified"), "attack.bound"),
+                        (lambda d: d.update(status="fail"), "status"),
+                        (lambda d: d.update(bound="exact robustness"), "bound"),
+                        (lambda d: d["certified"].update(mean_radius=1.0), "certified.mean_radius")):
+        forged = copy.deepcopy(doc)
+        edit(forged)
+        assert any(line.startswith(field) for line in recompute_certificate(forged)), field
 
 
 def test_an_inflated_certificate_is_caught_by_the_attack(exported, tmp_path, monkeypatch):
@@ -270,8 +283,10 @@ def test_verify_checks_a_certificate_against_its_engine_counts_and_data(exported
     pred = np.array(doc["examples"]["prediction"])
     curve = certified_curve(np.array(doc["examples"]["radius"]), pred == label, doc["certified"]["r_max"],
                             len(doc["certified"]["radius_grid"]))
+    radii = np.array(doc["examples"]["radius"])
     doc["certified"].update(accuracy=curve["accuracy"], auac=curve["auac"],
-                            smoothed_accuracy=float((pred == label).mean()))
+                            smoothed_accuracy=float((pred == label).mean()), abstain_rate=float((pred < 0).mean()),
+                            mean_radius=float(np.where(pred == label, radii, 0.0).mean()))
     (forged / "certificate.json").write_text(json.dumps(doc))
     assert recompute_certificate(doc) == []  # consistent with itself ...
     res = run("-q", "verify", str(forged), "--engine", str(files["fp32"]), "--recheck", str(j + 1))

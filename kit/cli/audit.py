@@ -288,10 +288,10 @@ def print_run_summary(summary: dict[str, Any]) -> None:
         auacs = "  ".join(f"{k} {v:.3f}" for k, v in (r.get("worst_case_auac") or r["engine_auac"]).items())
         certified = f"{r['certified_auac']:.3f}" if "certified_auac" in r else "-"
         rows.append({"artifact": r["format"], "precision": r["precision"], "agreement": f"{r['top1_agreement']:.4f}",
-                     "worst-case AUAC (upper bound)": auacs, "certified AUAC (lower bound)": certified,
+                     "worst-case AUAC (upper bound)": auacs, "certified AUAC (lower bound, 1-alpha)": certified,
                      "flags": str(r["flags"]), "verdict": r["verdict"], "status": r["status"]})
     click.echo(table(rows, ["artifact", "precision", "agreement", "worst-case AUAC (upper bound)",
-                            "certified AUAC (lower bound)", "flags", "verdict", "status"]))
+                            "certified AUAC (lower bound, 1-alpha)", "flags", "verdict", "status"]))
     for r in summary["artifacts"]:
         if r["status"] == "skipped":
             click.echo(f"\n{r['format']} skipped: {r['note']}")

@@ -54,7 +54,8 @@ def print_certificate(doc: dict[str, Any]) -> None:
     sm, c, e, d = doc["smoothing"], doc["certified"], doc["engine"], doc["data"]
     click.echo(f"engine {e['path']} [{e['format']}, {e['precision']}] on {d['n']} examples of {d['spec']}: "
                f"{sm['kind']} smoothing, sigma {sm['sigma']:g}, n0 {sm['n0']}, n {sm['n']}, alpha {sm['alpha']:g}")
-    click.echo(f"smoothed accuracy {c['smoothed_accuracy']:.4f}, abstains {c['abstain_rate']:.4f}; the largest radius "
+    click.echo(f"smoothed accuracy {c['smoothed_accuracy']:.4f} and abstentions {c['abstain_rate']:.4f} on these examples "
+               f"(CERTIFY's predictions, each right with probability at least {1 - sm['alpha']:g}); the largest radius "
                f"n = {sm['n']} samples can certify is {sm['max_radius']:.4g}\n")
     from evaluators.render import certificate_rows
 

@@ -323,6 +323,10 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     recheck, no data) fails unless --waive names it.
 
     Every input is checked before any hash is compared (a missing file is exit status 2, not a mismatch).
+
+    A certificate (a folder with certificate.json, from otkit certify) is verified instead: the engine's (and twin's)
+    sha256, every figure re-derived from its counts, and the first N examples (--recheck) certified again with its
+    own seeds (docs/certify.md).
     """
     from evaluators.recompute import check_adversarials, recompute_report
     from evaluators.report import load_adversarials, load_report
