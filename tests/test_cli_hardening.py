@@ -110,7 +110,10 @@ def test_sigint_during_training_exits_130(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "kit", "train", "--data", "digits:8", "--epochs", "200",
                              "--batch-size", "16", "--eval-adv-samples", "0", "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # a suite started in the background (``cmd &`` in a script) inherits SIGINT ignored, and
+                            # Python then never raises KeyboardInterrupt: give the child the default disposition
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
