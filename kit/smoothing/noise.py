@@ -91,6 +91,7 @@ unbalanced attack (:mod:`kit.attacks.unbalanced`), whose outputs create and dest
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any
 
@@ -137,7 +138,7 @@ def _noise_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class NoiseModel:
+class NoiseModel(ABC):
     """A smoothing distribution and its certificate.
 
     Attributes
@@ -189,8 +190,9 @@ class NoiseModel:
             raise UserError(f"the generator is on {generator.device} but the image on {x.device}")
         return self._sample(x, count, generator)
 
+    @abstractmethod
     def _sample(self, x: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        """``count`` noisy copies of the checked image ``x`` (each model's own distribution)."""
 
     def radius(self, p_lower: Any) -> np.ndarray:
         """Certified radius (float64 array, shape of ``p_lower``) from lower bounds on the top-class probability;
@@ -203,8 +205,9 @@ class NoiseModel:
                 out[ok] = self._radius(p[ok])
         return out
 
+    @abstractmethod
     def _radius(self, p: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Radii for the lower bounds ``p`` (all above 1/2) in the model's units."""
 
     def max_radius(self, n: int, alpha: float) -> float:
         r"""The largest radius ``n`` samples can certify at confidence :math:`1 - \alpha`: every sample right gives
