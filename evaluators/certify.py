@@ -26,6 +26,7 @@ Long runs keep per-batch state under ``OUT/.certify-state/`` (:class:`evaluators
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import shutil
@@ -41,6 +42,7 @@ import torch.nn as nn
 
 import kit
 from evaluators import checks as C
+from evaluators.audit import EngineModule, failing_flags, load_audit_inputs
 from evaluators.certificate import ATTACK_BOUND, CERTIFIED_BOUND, certified_curve, remove_certificate
 from evaluators.state import BatchState
 from exporters.engines import Engine
@@ -65,7 +67,7 @@ class CertifyConfig:
     n: int
     n0: int = 100
     alpha: float = 0.001
-    noise_batch: int = 1000
+    noise_batch: int | None = None  # noisy copies per engine call; None: the engine's max batch
     batch_size: int = 16
     seed: int = 0
     points: int = 33
@@ -84,6 +86,8 @@ class CertifyConfig:
         make_noise(self.smoothing, self.sigma)  # the kind and sigma, checked once
         for name in ("n", "n0", "noise_batch", "batch_size", "attack_n", "attack_m", "attack_steps", "attack_radii"):
             v = getattr(self, name)
+            if v is None and name == "noise_batch":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         if not (isinstance(self.alpha, float | int) and 0 < self.alpha < 1):
@@ -106,7 +110,7 @@ class CertifyConfig:
     def key(self) -> dict[str, Any]:
         """The JSON-able identity of the certificate's numbers (for ``--resume``)."""
         return {"smoothing": self.smoothing, "sigma": self.sigma, "n": self.n, "n0": self.n0, "alpha": self.alpha,
-                "noise_batch": self.noise_batch, "batch_size": self.batch_size, "seed": self.seed,
+                "batch_size": self.batch_size, "seed": self.seed,  # not noise_batch: the noise is batch-independent
                 "attack": [self.attack, self.attack_n, self.attack_m, self.attack_steps, self.attack_radii]}
 
 
@@ -141,8 +145,6 @@ def load_certify_inputs(engine_path: Path, twin_path: Path | None, data_spec: st
     from exporters.formats import engine_kind
 
     if twin_path is not None:
-        from evaluators.audit import load_audit_inputs
-
         a = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers, arch=arch,
                               twin_options=twin_options, engine_input=engine_input)
         return CertifyInputs(engine=a.engine, engine_path=a.engine_path, engine_format=a.engine_format,
@@ -193,6 +195,8 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     engine, x, y = inp.engine, inp.x, inp.y
+    if cfg.noise_batch is None:
+        cfg = dataclasses.replace(cfg, noise_batch=int(engine.max_batch))
     noise = cfg.noise()
     engine_sha = engine_sha256(inp.engine_path)
     twin_sha = "sha256:" + sha256_file(inp.twin_path) if inp.twin_path is not None else None
@@ -202,7 +206,7 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
     out.mkdir(parents=True, exist_ok=True)
     state.start()
 
-    flags = C.check_outputs(_Logits(engine), x[:200])
+    flags = C.check_outputs(EngineModule(engine), x[:200])  # the audit's engine-as-module
     labels = _Labels(engine)
     n_ex, bs = len(x), cfg.batch_size
     bar = open_bar(f"certify: {cfg.smoothing} sigma {cfg.sigma:g}", total=n_ex * (cfg.n0 + cfg.n), unit="sample")
@@ -250,8 +254,6 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
     if cfg.min_certified_auac is not None:
         gates.append({"min_certified_auac": cfg.min_certified_auac, "certified_auac": curve["auac"],
                       "passed": curve["auac"] >= cfg.min_certified_auac})
-    from evaluators.audit import failing_flags
-
     status = "pass" if all(g["passed"] for g in gates) and not failing_flags(checks, cfg.allowed_flags) else "fail"
     info = inp.twin_info
     doc = {
@@ -280,17 +282,6 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
                        "engine_forwards": labels.forwards, "seconds": time.perf_counter() - t0},
     }
     return doc
-
-
-class _Logits(nn.Module):
-    """The engine as a module (for the output checks)."""
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__()
-        self.engine = engine
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine(x)
 
 
 class SoftSmoothed(nn.Module):

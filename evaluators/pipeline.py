@@ -377,9 +377,8 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
         out = folder / "certify" / fmt
         log.info("[4/4] certifying %s (%s smoothing, sigma %g)", exp.path.name, cfg.certify.smoothing,
                  cfg.certify.sigma)
-        cert_cfg = dataclasses.replace(certify_cfg, noise_batch=cfg.export.max_batch)
         inputs = load_certify_inputs(exp.path, ckpt, None, "test", cfg.certify.samples, seed, device, arch=arch)
-        doc = run_certify(inputs, cert_cfg, out, resume=resume and (out / ".certify-state" / "key.json").exists(),
+        doc = run_certify(inputs, certify_cfg, out, resume=resume and (out / ".certify-state" / "key.json").exists(),
                           command=command, versions=versions)
         write_certificate(doc, out)
         finish_certify(out)

@@ -144,7 +144,7 @@ def certify(ctx: click.Context, engine_path: Path, twin_path: Path | None, data_
     seed = command_seed(ctx, seed)
     device = command_device(ctx)
     cfg = CertifyConfig(smoothing=smoothing, sigma=sigma, n=n if n is not None else default_n(device), n0=n0,
-                        alpha=alpha, noise_batch=noise_batch or 1, batch_size=batch_size, seed=seed, r_max=r_max,
+                        alpha=alpha, noise_batch=noise_batch, batch_size=batch_size, seed=seed, r_max=r_max,
                         min_certified_auac=min_certified_auac, allowed_flags=allowed_flags, attack=attack,
                         attack_n=attack_n)
     command = shlex.join(["otkit", *sys.argv[1:]])
@@ -152,10 +152,6 @@ def certify(ctx: click.Context, engine_path: Path, twin_path: Path | None, data_
         inputs = load_certify_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers,
                                      arch=arch, twin_options=twin_options if twin_path is not None else None,
                                      engine_input=engine_input)
-        if noise_batch is None:
-            import dataclasses
-
-            cfg = dataclasses.replace(cfg, noise_batch=int(inputs.engine.max_batch))
         torch.manual_seed(seed)
         set_interrupt_hint(f"finished batches are kept in {out}: add --resume to the same command to continue")
         doc = run_certify(inputs, cfg, out, resume=resume, versions=dependency_versions(), command=command)
