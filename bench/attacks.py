@@ -5,6 +5,9 @@
    example, seconds and AUAC (target: <= 25% of the naive cost, AUAC <= naive + 0.005).
 3. Strength: per-example eps* of the default procedure vs the best of all attacks with 10x budget (target mean >= 0.97).
 
+4. ``--peer-only``: seconds per PGD step against torchattacks' PGD (installed apart, as for
+   bench/autoattack_reference.py: ``PYTHONPATH=/tmp/ta_pkg``), early stopping off, same model, batch and steps.
+
 Run: ``python bench/attacks.py [--quick]``. Uses the GPU when there is one (then also ResNet-18 at 3x32x32, batch 256).
 """
 
@@ -36,13 +39,57 @@ def step_cost(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
     x, y = x[keep], y[keep]
 
     t_fb = forward_backward_seconds(model, x, y)
-    attack = PGD(model, eps=1e-6, steps=steps, random_start=False)
+    # every step runs (early_stop=False: a tiny ball's iterates stop moving, and would leave the batch)
+    attack = PGD(model, eps=1e-6, steps=steps, random_start=False, early_stop=False)
     t_pgd = timed(lambda: attack(x, y))
     # the attack also spends one clean forward and one final forward: subtract them at forward-only cost
     with torch.no_grad():
         t_f = timed(lambda: model(x))
     per_step = (t_pgd - 2 * t_f) / steps
     return {"batch": len(x), "forward_backward_s": t_fb, "pgd_step_s": per_step, "ratio": per_step / t_fb}
+
+
+def import_torchattacks():
+    """torchattacks, installed apart from the project (see bench/autoattack_reference.py); None where absent."""
+    try:
+        from bench.autoattack_reference import import_torchattacks as imp
+
+        return imp()[0]
+    except SystemExit:
+        return None
+
+
+def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                    rounds: int = 5) -> dict | None:
+    """Seconds per PGD step, the kit's against torchattacks' PGD: same model, batch, eps, step (alpha = 2.5 eps /
+    steps), steps and random start; early stopping off. The kit's run includes its clean check and the verification
+    forward of the final iterate; "kit, clean logits given" is how the minimum-epsilon search calls it (clean check
+    once per search). Rounds alternate the two; the median of each is kept."""
+    import statistics
+
+    ta = import_torchattacks()
+    if ta is None:
+        return None
+    alpha = 2.5 * eps / steps
+    peer = ta.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    kit = PGD(model, eps=eps, steps=steps, random_start=True, early_stop=False)
+    with torch.no_grad():
+        clean = model(x)
+    sides = {"kit": lambda: kit(x, y), "kit_clean_given": lambda: kit(x, y, clean_logits=clean),
+             "torchattacks": lambda: peer(x, y)}
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for fn in sides.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for k, fn in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    per_step = {k: statistics.median(v) / steps for k, v in times.items()}
+    return {"batch": len(x), "steps": steps, "eps": eps, "torchattacks": ta.__version__,
+            "seconds_per_step": per_step,
+            "ratio_kit_vs_torchattacks": per_step["kit"] / per_step["torchattacks"],
+            "ratio_kit_clean_given_vs_torchattacks": per_step["kit_clean_given"] / per_step["torchattacks"]}
 
 
 def naive_sweep(model, x, y, eps_max: float, points: int = 16, steps: int = 20) -> dict:
@@ -113,7 +160,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="PGD steps per rung of the search")
     ap.add_argument("--rungs", type=int, default=8)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--peer-only", action="store_true",
+                    help="only the per-step comparison with torchattacks' PGD (cnn-small digits, resnet20 3x32x32)")
     args = ap.parse_args()
+    if args.peer_only:
+        peer_rows()
+        return
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = 60 if args.quick else args.samples
@@ -150,6 +202,21 @@ def main() -> None:
         print(json.dumps(out["resnet18-3x32x32-b256"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+
+
+def peer_rows() -> None:
+    """PGD per step against torchattacks on the digits cnn-small (batch 256) and resnet20 at 3x32x32 (batch 32)."""
+    torch.set_num_threads(1)
+    test = load_dataset("digits:16", "test").subset(256)
+    model = digits_model("standard", epochs=10).eval()
+    rows = {"cnn-small-1x16x16-b256": vs_torchattacks(model, test.x, test.y, 0.1, 10)}
+    torch.manual_seed(0)
+    r20 = models.create("resnet20", 10, (3, 32, 32)).eval()
+    xr = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        yr = r20(xr).argmax(1)
+    rows["resnet20-3x32x32-b32"] = vs_torchattacks(r20, xr, yr, 8 / 255, 10, rounds=3)
+    print(json.dumps({"pgd_vs_torchattacks": rows, "threads": 1}, indent=1))
 
 
 if __name__ == "__main__":

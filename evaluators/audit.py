@@ -5,12 +5,12 @@ The method (``docs/audit.md`` explains it at length):
 
 1. **Twins?** Clean logits of the twin and the engine on the audited examples: accuracies, top-1 agreement, largest
    logit gap. Agreement below ``tolerances.agreement`` makes the verdict ``mismatch`` on its own.
-2. **Sweeps.** For every attack, the minimum-epsilon search (:func:`kit.attacks.search.min_eps_search`) runs twice on
-   the same examples with the same seed, both times with the twin's gradients: once judged by the twin (eps*_twin),
-   once judged by the engine (:attr:`kit.attacks.base.Attack.judge`: a candidate counts only when the engine
-   misclassifies it, so the search goes on for an example until the engine is fooled). Each side's adversarials are
-   then evaluated on the other side too, and each example's eps* on a side is the smallest adversarial for that side
-   among all candidates. For an FP32 engine the two searches take the same path and the curves coincide.
+2. **Sweeps.** For every attack, one minimum-epsilon search with two judges (:func:`kit.attacks.search.judged_search`)
+   crafts every candidate with the twin's gradients and judges it by the twin (eps*_twin) and by the engine
+   (eps*_engine): the search goes on with an example until both sides are fooled, each side with its own ladder and
+   bisection state, so the twin's passes are spent once where the sides agree. Each side's adversarials are then
+   evaluated on the other side too, and each example's eps* on a side is the smallest adversarial for that side among
+   all candidates. For an FP32 engine both sides take the same path and the curves coincide.
 3. **Fidelity**, per attack, on one grid of ``points`` radii from 0 to eps_max: the largest gap between the two
    accuracy curves, the AUAC gap (engine - twin) with a paired bootstrap interval (examples resampled together), and
    McNemar's exact test on the paired robust / fooled outcomes at each grid radius. Verdict ``mismatch`` when
@@ -59,7 +59,7 @@ from exporters.engines import Engine
 from exporters.parity import compare_logits
 from kit.attacks.base import LP_NORMS, Norm
 from kit.attacks.registry import AttackSpec, get_attack
-from kit.attacks.search import SearchResult, min_eps_search
+from kit.attacks.search import SearchResult, judged_search, min_eps_search
 from kit.errors import UserError
 from kit.runtime import open_bar, progress_bar
 
@@ -231,6 +231,11 @@ def twin_guided_search(attack: str | AttackSpec, twin: nn.Module, engine: Engine
                        on_step: Callable[[float], None] | None = None) -> tuple[SearchResult, SearchResult, int]:
     """eps* per example on the twin and on the engine, every candidate crafted with the twin's gradients.
 
+    One minimum-epsilon search with two judges (:func:`kit.attacks.search.judged_search`): each candidate is judged by
+    the twin (its logits are at hand) and by the engine, and each side keeps its own ladder and bisection state, so
+    the twin's forward and backward passes are spent once for both sides where they agree. Then each side's
+    adversarials are judged by the other side too, and count there where they are smaller.
+
     Parameters
     ----------
     attack : str or AttackSpec
@@ -244,22 +249,19 @@ def twin_guided_search(attack: str | AttackSpec, twin: nn.Module, engine: Engine
     y : (N,) int64 tensor
     eps_max : float
     on_step : callable, optional
-        Progress of the two searches together, a fraction in [0, 1] (see :func:`kit.attacks.search.min_eps_search`).
+        Progress of the search, a fraction in [0, 1] (see :func:`kit.attacks.search.min_eps_search`).
 
     Returns
     -------
     (twin_result, engine_result, engine_forwards)
-        Each side's :class:`~kit.attacks.search.SearchResult` (``x_adv`` the adversarial for that side) and the
-        number of engine forward passes (images) spent.
+        Each side's :class:`~kit.attacks.search.SearchResult` (``x_adv`` the adversarial for that side; the twin's
+        passes of the one search in both, not to be added up) and the number of engine forward passes (images) spent.
     """
     spec = get_attack(attack) if isinstance(attack, str) else attack
-    half = (lambda f: on_step(f / 2)) if on_step is not None else None
-    res_t = min_eps_search(spec.build(twin, seed=seed), x, y, eps_max, rungs, tol, on_step=half)
     judge = EngineJudge(engine)
-    attack_e = spec.build(twin, seed=seed)
-    attack_e.judge = judge
-    rest = (lambda f: on_step(0.5 + f / 2)) if on_step is not None else None
-    res_e = min_eps_search(attack_e, x, y, eps_max, rungs, tol, on_step=rest)
+    sides = judged_search(spec.build(twin, seed=seed), x, y, eps_max, {"twin": None, "engine": judge}, rungs, tol,
+                          on_step=on_step)
+    res_t, res_e = sides["twin"], sides["engine"]
     # cross-evaluation: each side's adversarials on the other side
     engine_fooled = judge(res_t.x_adv, y)
     with torch.no_grad():
@@ -748,8 +750,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                 saved = {
                     "eps_twin": rt.eps_star.cpu().numpy(), "eps_engine": re_.eps_star.cpu().numpy(),
                     "x_twin": rt.x_adv.cpu().float().numpy(), "x_engine": re_.x_adv.cpu().float().numpy(),
-                    "fwd": (rt.forwards + re_.forwards).cpu().numpy(),
-                    "bwd": (rt.backwards + re_.backwards).cpu().numpy(),
+                    "fwd": rt.forwards.cpu().numpy(),  # one search for both sides
+                    "bwd": rt.backwards.cpu().numpy(),
                     "engine_fwd": np.array(nfe, dtype=np.int64),
                 }
                 state.save(name, b, saved)

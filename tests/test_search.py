@@ -69,3 +69,111 @@ def test_bad_arguments():
     for kwargs in ({"eps_max": -1.0}, {"eps_max": math.inf}, {"eps_max": 0.3, "rungs": 0}, {"eps_max": 0.3, "tol": 0}):
         with pytest.raises(UserError):
             min_eps_search(PGD(model), x, y, **kwargs)
+
+
+def _perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with every weight moved by relative Gaussian noise: an engine that differs a little."""
+    import copy
+
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    return other.eval()
+
+
+@pytest.mark.parametrize("name", ["pgd-linf", "pgd-l2", "apgd-ce"])
+def test_judged_search_equals_one_search_per_judge(digits_model, name):
+    """Each side of the one search sees what a search judged by that side alone finds (PGD and APGD paths depend
+    only on start and radius), for less than the two searches (an engine this different shares little of the
+    bisection; one that agrees shares everything: the next test)."""
+    from kit.attacks.registry import get_attack
+    from kit.attacks.search import judged_search
+
+    model = digits_model[1].model.eval()
+    other = _perturbed(model, 0.3, seed=1)
+    test = load_dataset("digits:16", "test").subset(64)
+    x, y = test.x, test.y
+    with torch.no_grad():
+        assert ((model(x).argmax(1) != y) != (other(x).argmax(1) != y)).any()  # some clean verdicts differ
+
+    def engine(xs, ys):
+        with torch.no_grad():
+            return other(xs).argmax(1) != ys
+
+    spec = get_attack(name)
+    eps_max = 0.3 if spec.norm.value == "linf" else 3.0
+    both = judged_search(spec.build(model, seed=3), x, y, eps_max, {"twin": None, "engine": engine}, rungs=4)
+    alone_t = min_eps_search(spec.build(model, seed=3), x, y, eps_max, rungs=4)
+    attack_e = spec.build(model, seed=3)
+    attack_e.judge = engine
+    alone_e = min_eps_search(attack_e, x, y, eps_max, rungs=4)
+    assert torch.equal(both["twin"].eps_star, alone_t.eps_star)
+    assert torch.equal(both["engine"].eps_star, alone_e.eps_star)
+    assert torch.equal(both["twin"].x_adv, alone_t.x_adv) and torch.equal(both["engine"].x_adv, alone_e.x_adv)
+    assert 0 < (both["twin"].eps_star != both["engine"].eps_star).sum()  # the sides really differ somewhere
+    one = both["twin"].backwards.sum().item()
+    two = (alone_t.backwards + alone_e.backwards).sum().item()
+    assert max(alone_t.backwards.sum().item(), alone_e.backwards.sum().item()) <= one < two, (one, two)
+
+
+def test_judged_search_with_the_same_judge_twice_costs_one_search(digits_model):
+    from kit.attacks.search import judged_search
+
+    model = digits_model[1].model.eval()
+    test = load_dataset("digits:16", "test").subset(64)
+    both = judged_search(PGD(model, steps=10), test.x, test.y, 0.3, {"a": None, "b": None}, rungs=4)
+    alone = min_eps_search(PGD(model, steps=10), test.x, test.y, 0.3, rungs=4)
+    for side in ("a", "b"):
+        assert torch.equal(both[side].eps_star, alone.eps_star)
+    assert torch.equal(both["a"].forwards, alone.forwards) and torch.equal(both["a"].backwards, alone.backwards)
+
+
+@pytest.mark.parametrize("name", ["pgd-linf", "apgd-ce", "square-linf", "wasserstein-pgd"])
+def test_the_search_checks_clean_once(digits_model, name):
+    """One clean check (a forward without gradient on the clean inputs) per example per search, not one per attack
+    run (about 20 runs per example)."""
+    from kit.attacks.registry import get_attack
+
+    model = digits_model[1].model.eval()
+    test = load_dataset("digits:16", "test").subset(32)
+    x, y = test.x, test.y
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.clean_rows = model, 0
+
+        def forward(self, xs):
+            if not xs.requires_grad:  # a check; a gradient step from the clean point itself is work, not a check
+                self.clean_rows += int((xs[:, None] == x[None]).flatten(2).all(2).any(1).sum())
+            return self.inner(xs)
+
+    counting = Counting().eval()
+    eps_max = 0.02 if name == "wasserstein-pgd" else 0.3
+    res = min_eps_search(get_attack(name).build(counting, seed=0, **({"queries": 20} if "square" in name else {})),
+                         x, y, eps_max, rungs=4)
+    assert torch.isfinite(res.eps_star).any()  # the search did run attacks
+    assert counting.clean_rows == len(x)
+
+
+def test_pgd_drops_an_iterate_that_no_longer_moves():
+    """A zero gradient leaves the iterate where it is: the attack stops spending passes on it, and returns what all
+    its steps would have returned."""
+
+    class Blind(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+
+        def forward(self, x):
+            return self.b + 0 * x.flatten(1).sum(1, keepdim=True)
+
+    x = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4, dtype=torch.long)
+    early = PGD(Blind(), eps=0.1, steps=10, random_start=False)(x, y)
+    full = PGD(Blind(), eps=0.1, steps=10, random_start=False, early_stop=False)(x, y)
+    assert not early.success.any() and torch.equal(early.x_last, full.x_last)
+    assert early.forwards.tolist() == [2] * 4 and early.backwards.tolist() == [1] * 4
+    assert full.forwards.tolist() == [12] * 4

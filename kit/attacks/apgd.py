@@ -160,11 +160,9 @@ class APGD(Attack):
         bwd = torch.zeros_like(fwd)
         x_adv, x_last = x.clone(), x.clone()
         best_loss = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)  # f_max over restarts
-        with torch.no_grad():
-            logits = self.model(x)
-        fwd += 1
+        logits, success, clean_passes = self._clean_check(x, y)
+        fwd += clean_passes
         self._check_logits(logits)
-        success = self._fooled(logits, y, x)
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         n_iter = self.steps - 1  # gradient steps per restart; the iterates are x^(0) .. x^(n_iter)
         checks = apgd_checkpoints(n_iter)
@@ -178,7 +176,7 @@ class APGD(Attack):
             if run == 0 and init is not None:
                 start = x0 + project(init[idx] - x0, e0, self.norm)
             else:
-                start = x0 + random_in_ball(x0, e0, self.norm, gen)
+                start = x0 + random_in_ball(x, eps, self.norm, gen)[idx]  # batch-independent, as in PGD
             xk = start.clamp(0, 1)
             # Per-example state; every tensor here is filtered together when examples leave the batch.
             m = idx.numel()
@@ -198,7 +196,7 @@ class APGD(Attack):
                 with torch.set_grad_enabled(not last):
                     logits = self.model(xa)
                 fwd[idx] += 1
-                fooled = self._fooled(logits, y0, xa)
+                fooled = self._fooled(logits, y0, xa, rows=idx)
                 if fooled.any():
                     hit = idx[fooled]
                     x_adv[hit] = xa.detach()[fooled]

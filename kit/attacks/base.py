@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -114,6 +114,28 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES = {"ce": ce_loss, "margin": margin_loss, "dlr": dlr_loss}
 
 
+def model_verdict(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
+    """The model's own verdict from its logits (N, K): fooled where the argmax is not ``y`` (is ``y``, targeted)."""
+    pred = logits.argmax(1)
+    return pred == y if targeted else pred != y
+
+
+class RowJudge(ABC):
+    """A judge told which example of the attack call each candidate belongs to.
+
+    :meth:`Attack._fooled` calls :meth:`judge_rows` instead of ``judge(x, y)`` when the attack's :attr:`Attack.judge`
+    is one. The minimum-epsilon search (:func:`kit.attacks.search.judged_search`) sets one to judge every candidate
+    for several sides at once (the twin and the engine of an audit), keeping each side's own smallest adversarial.
+    """
+
+    @abstractmethod
+    def judge_rows(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor,
+                   size: torch.Tensor | None) -> torch.Tensor:
+        """Verdicts (M,) bool on candidates ``x`` (M, C, H, W) of labels ``y`` (M,), with the attacked model's
+        ``logits`` (M, K) on them, for the examples ``rows`` (M,) of the call; ``size`` (M,) their Wasserstein costs
+        (``None`` for an Lp attack). ``True`` ends the attack on that example."""
+
+
 @dataclass
 class AttackResult:
     """What an attack returns, one entry per example.
@@ -138,6 +160,9 @@ class AttackResult:
     forwards: torch.Tensor
     backwards: torch.Tensor
     x_last: torch.Tensor | None = None
+    #: The attacked model's logits on the clean inputs (N, K), where the attack computed or was given them: a caller
+    #: that calls again on the same examples passes them back (``clean_logits=``) to spare the clean forward pass.
+    clean_logits: torch.Tensor | None = field(default=None, kw_only=True)
 
     @property
     def robust_accuracy(self) -> float:
@@ -167,7 +192,11 @@ class Attack(ABC):
     #: Who decides that a candidate is adversarial: ``None`` for the attacked model itself (its argmax), or a callable
     #: ``judge(x, y) -> (N,) bool`` called on every candidate the attack checks. The audit sets it to the deployed
     #: engine's verdict, so candidates crafted with the twin's gradients count only when the engine is fooled.
-    judge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    judge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | RowJudge | None = None
+    #: Clean logits handed in by the caller for the current call (see :meth:`__call__`), and those the current call
+    #: computed or was given (returned in :attr:`AttackResult.clean_logits`).
+    _clean_given: torch.Tensor | None = None
+    _clean_seen: torch.Tensor | None = None
 
     def __init__(self, model: nn.Module, eps: float = 0.0) -> None:
         self.model = model
@@ -180,15 +209,37 @@ class Attack(ABC):
             raise UserError(f"{type(self).__name__} needs a finite epsilon")
         return float(eps)
 
-    def _fooled(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _fooled(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
+                size: torch.Tensor | None = None) -> torch.Tensor:
         """Per example, whether candidate ``x`` (with the model's ``logits`` on it) is adversarial for label ``y``.
 
-        Every attack decides success here, so that :attr:`judge` can replace the model's own verdict.
+        Every attack decides success here, so that :attr:`judge` can replace the model's own verdict. ``rows`` (M,)
+        says which examples of the call the M candidates belong to (positions in the call's ``x``), and ``size`` (M,)
+        the candidates' Wasserstein costs (a Wasserstein attack's transport plans; an Lp size is measured by whoever
+        needs it): a :class:`RowJudge` needs them, and every fixed-budget attack gives them.
         """
+        if isinstance(self.judge, RowJudge):
+            if rows is None:
+                raise RuntimeError(f"{type(self).__name__} does not tell its judge which example each candidate is")
+            return self.judge.judge_rows(x.detach(), y, logits.detach(), rows, size)
         if self.judge is not None:
             return self.judge(x.detach(), y).to(device=y.device, dtype=torch.bool)
-        pred = logits.argmax(1)
-        return pred == y if self.targeted else pred != y
+        return model_verdict(logits, y, self.targeted)
+
+    def _clean_check(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The clean logits, which examples are fooled clean, and the forward passes spent (per example).
+
+        With ``clean_logits`` given to the call, nothing is run: the caller has checked that no example of the call
+        is fooled clean (by this attack's own verdict, judge included).
+        """
+        n = x.shape[0]
+        if self._clean_given is not None:
+            self._clean_seen = self._clean_given
+            return self._clean_given, torch.zeros(n, dtype=torch.bool, device=x.device), 0
+        with torch.no_grad():
+            logits = self.model(x)
+        self._clean_seen = logits.detach()
+        return logits, self._fooled(logits, y, x, rows=torch.arange(n, device=x.device)), 1
 
     def _params(self) -> dict[str, Any]:
         """Parameters shown by ``__repr__`` (subclasses extend)."""
@@ -231,6 +282,7 @@ class Attack(ABC):
         *,
         eps: float | torch.Tensor | None = None,
         init: torch.Tensor | None = None,
+        clean_logits: torch.Tensor | None = None,
     ) -> AttackResult:
         """Attack ``x`` (N, C, H, W) in [0, 1] with true labels ``y`` (N,).
 
@@ -240,6 +292,10 @@ class Attack(ABC):
             Radius per call or per example; default the constructor's.
         init : (N, C, H, W) tensor, optional
             Warm start (e.g. the adversarial found at a smaller epsilon); projected into the ball before use.
+        clean_logits : (N, K) tensor, optional
+            The model's logits on ``x`` (:attr:`AttackResult.clean_logits` of an earlier call) for examples the caller
+            knows are not fooled clean (an earlier call on them did not find them fooled clean): the attack skips its
+            clean check. The minimum-epsilon search passes them, so that its ~20 calls per example check once.
         """
         self._validate(x, y)
         eps_v = self._eps_vector(eps, x)
@@ -247,12 +303,19 @@ class Attack(ABC):
             if init.shape != x.shape:
                 raise UserError(f"init must have the inputs' shape {tuple(x.shape)}, got {tuple(init.shape)}")
             init = init.detach().to(device=x.device, dtype=x.dtype)
+        if clean_logits is not None and (clean_logits.dim() != 2 or clean_logits.shape[0] != x.shape[0]):
+            raise UserError(f"clean_logits must be (N, K) with N = {x.shape[0]}, got {tuple(clean_logits.shape)}")
         was_training = self.model.training
         self.model.train(not self.eval_mode)
+        self._clean_given, self._clean_seen = clean_logits, None
         try:
             with torch.enable_grad():
-                return self._run(x.detach(), y.to(x.device), eps_v, init)
+                res = self._run(x.detach(), y.to(x.device), eps_v, init)
+            if res.clean_logits is None:
+                res.clean_logits = self._clean_seen
+            return res
         finally:
+            self._clean_given = self._clean_seen = None
             self.model.train(was_training)
 
     @abstractmethod

@@ -191,13 +191,13 @@ class Differential(Attack):
             raise UserError(f"replica is on {p.device} but inputs are on {x.device}")
 
     def _success(self, twin_logits: torch.Tensor, replica_logits: torch.Tensor, y: torch.Tensor,
-                 x: torch.Tensor) -> torch.Tensor:
+                 x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if not self.evasive:
-            return self._fooled(replica_logits, y, x)
+            return self._fooled(replica_logits, y, x, rows=rows)
         right = twin_logits.argmax(1) == y
         fooled = torch.zeros_like(right)
         if right.any():  # the judge (the engine, in an audit) sees only the candidates the twin gets right
-            fooled[right] = self._fooled(replica_logits[right], y[right], x[right])
+            fooled[right] = self._fooled(replica_logits[right], y[right], x[right], rows=rows[right])
         return fooled
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, init: torch.Tensor | None) -> AttackResult:
@@ -214,9 +214,15 @@ class Differential(Attack):
         bwd = torch.zeros_like(fwd)
         x_adv = x.clone()
         x_last = x.clone()
-        with torch.no_grad():
-            success = self._success(self.model(x), self.replica(x), y, x)
-        fwd += 2
+        if self._clean_given is not None:  # the caller checked them (both models): none is a success clean
+            self._clean_seen = self._clean_given
+            success = torch.zeros(n, dtype=torch.bool, device=x.device)
+        else:
+            with torch.no_grad():
+                twin_clean = self.model(x)
+                success = self._success(twin_clean, self.replica(x), y, x, torch.arange(n, device=x.device))
+            self._clean_seen = twin_clean
+            fwd += 2
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
 
         for restart in range(self.restarts):
@@ -227,7 +233,7 @@ class Differential(Attack):
             if restart == 0:
                 delta = project(init[idx] - x0, e0, self.norm) if init is not None else torch.zeros_like(x0)
             else:
-                delta = random_in_ball(x0, e0, self.norm, gen)
+                delta = random_in_ball(x, eps, self.norm, gen)[idx]  # batch-independent, as in PGD
             delta = (x0 + delta).clamp(0, 1) - x0
             for step in range(self.steps + 1):
                 last = step == self.steps
@@ -236,7 +242,7 @@ class Differential(Attack):
                     twin_logits = self.model(xa)
                     replica_logits = self.replica(xa).to(twin_logits.dtype)
                 fwd[idx] += 2
-                fooled = self._success(twin_logits.detach(), replica_logits.detach(), y0, xa)
+                fooled = self._success(twin_logits.detach(), replica_logits.detach(), y0, xa, idx)
                 if fooled.any():
                     hit = idx[fooled]
                     x_adv[hit] = xa.detach()[fooled]

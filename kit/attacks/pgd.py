@@ -103,9 +103,8 @@ class PGD(Attack):
         bwd = torch.zeros_like(fwd)
         x_adv = x.clone()
         x_last = x.clone()
-        with torch.no_grad():
-            success = self._fooled(self.model(x), y, x)
-        fwd += 1
+        _, success, clean_passes = self._clean_check(x, y)
+        fwd += clean_passes
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
 
         for restart in range(self.restarts):
@@ -118,7 +117,9 @@ class PGD(Attack):
             elif restart == 0 and not self.random_start:
                 delta = torch.zeros_like(x0)
             else:
-                delta = random_in_ball(x0, e0, self.norm, gen)
+                # drawn for every example of the call, so that an example's start does not depend on which others
+                # are still being attacked (nor on who judges them)
+                delta = random_in_ball(x, eps, self.norm, gen)[idx]
             delta = (x0 + delta).clamp(0, 1) - x0
             for step in range(self.steps + 1):
                 last = step == self.steps
@@ -126,7 +127,7 @@ class PGD(Attack):
                 with torch.set_grad_enabled(not last):
                     logits = self.model(xa)
                 fwd[idx] += 1
-                fooled = self._fooled(logits, y0, xa)
+                fooled = self._fooled(logits, y0, xa, rows=idx)
                 if fooled.any():
                     hit = idx[fooled]
                     x_adv[hit] = xa.detach()[fooled]
@@ -135,11 +136,24 @@ class PGD(Attack):
                 if last or not keep.any():
                     x_last[idx] = xa.detach()
                     break
-                grad = torch.autograd.grad(loss_fn(logits, y0)[keep].sum(), xa)[0][keep]
-                idx, x0, y0, e0, delta = idx[keep], x0[keep], y0[keep], e0[keep], delta[keep]
+                if keep.all():  # no copies while every example stays (always, without early stopping)
+                    grad = torch.autograd.grad(loss_fn(logits, y0).sum(), xa)[0]
+                else:
+                    grad = torch.autograd.grad(loss_fn(logits, y0)[keep].sum(), xa)[0][keep]
+                    idx, x0, y0, e0, delta = idx[keep], x0[keep], y0[keep], e0[keep], delta[keep]
                 bwd[idx] += 1
-                delta = project(delta + sign * steepest_step(grad, self.rel_step * e0, self.norm), e0, self.norm)
-                delta = (x0 + delta).clamp(0, 1) - x0
+                step_delta = project(delta + sign * steepest_step(grad, self.rel_step * e0, self.norm), e0, self.norm)
+                step_delta = (x0 + step_delta).clamp(0, 1) - x0
+                if self.early_stop:
+                    # An iterate that did not move is a fixed point: every later step would give it again, with the
+                    # verdict just given. It leaves the batch now, sparing its remaining forward and backward passes.
+                    moved = (step_delta != delta).flatten(1).any(1)
+                    if not moved.all():
+                        x_last[idx[~moved]] = (x0 + delta)[~moved]
+                        idx, x0, y0, e0, step_delta = idx[moved], x0[moved], y0[moved], e0[moved], step_delta[moved]
+                        if idx.numel() == 0:
+                            break
+                delta = step_delta
         if self.early_stop:
             x_last[success] = x_adv[success]
         return AttackResult(x_adv, success, lp_norm(x_adv - x, self.norm), fwd, bwd, x_last)

@@ -199,7 +199,8 @@ class SmoothAdv(Attack):
         at_x = init is None and not self.random_start  # then the first evaluation in the loop is the clean check
         if not at_x:
             with torch.no_grad():
-                success = self._fooled(soft_smoothed_log_probs(self.model, x, draw(), self.sigma), y, x)
+                success = self._fooled(soft_smoothed_log_probs(self.model, x, draw(), self.sigma), y, x,
+                                       rows=torch.arange(n, device=x.device))
             fwd += m
         todo = (eps > 0) | at_x
         if self.early_stop:
@@ -221,7 +222,7 @@ class SmoothAdv(Attack):
                 loss_start[idx] = loss.detach()
             loss_last[idx] = loss.detach()
             x_last[idx] = xa.detach()
-            fooled = self._fooled(logp.detach(), y0, xa)
+            fooled = self._fooled(logp.detach(), y0, xa, rows=idx)
             new = fooled & ~success[idx]  # the first adversarial found is kept
             if new.any():
                 x_adv[idx[new]] = xa.detach()[new]

@@ -176,15 +176,15 @@ class Square(Attack):
 
     # --- queries -------------------------------------------------------------------------------------------------
 
-    def _query(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward: (objective to minimise, fooled) per example."""
+    def _query(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward: (objective to minimise, fooled) per example (``rows``: which examples of the call)."""
         with torch.no_grad():
             logits = self.model(x)
         if logits.shape[0] != x.shape[0] or logits.dim() != 2:
             raise UserError(f"model must return (N, classes) logits, got shape {tuple(logits.shape)}")
         logits = logits.to(x.dtype)
         obj = -(margin_loss if self.loss == "margin" else ce_loss)(logits, y)  # z_y - max_j z_j, or log p_y
-        return obj, self._fooled(logits, y, x)  # the judge's verdict where there is one (an engine)
+        return obj, self._fooled(logits, y, x, rows=rows)  # the judge's verdict where there is one (an engine)
 
     # --- L-inf ---------------------------------------------------------------------------------------------------
 
@@ -288,9 +288,9 @@ class Square(Attack):
         fwd = torch.zeros(n, dtype=torch.long, device=x.device)
         bwd = torch.zeros_like(fwd)
         x_adv = x.clone()
+        _, success, clean_passes = self._clean_check(x, y)
+        fwd += clean_passes
         with torch.no_grad():
-            _, success = self._query(x, y)
-            fwd += 1
             gen = torch.Generator(device=x.device).manual_seed(self.seed)
             init_fn = self._init_linf if self.norm is Norm.LINF else self._init_l2
             step_fn = self._step_linf if self.norm is Norm.LINF else self._step_l2
@@ -304,7 +304,7 @@ class Square(Attack):
                     xb = (x0 + project(init[idx] - x0, e0, self.norm)).clamp(0, 1)
                 else:
                     xb = init_fn(x0, e0, gen)
-                best, fooled = self._query(xb, y0)
+                best, fooled = self._query(xb, y0, idx)
                 fwd[idx] += 1
                 for it in range(self.queries):
                     if fooled.any():
@@ -315,7 +315,7 @@ class Square(Attack):
                     if idx.numel() == 0 or it == self.queries - 1:
                         break
                     cand = step_fn(x0, xb, e0, p_selection(self.p_init, it, self.queries), gen)
-                    obj, fooled = self._query(cand, y0)
+                    obj, fooled = self._query(cand, y0, idx)
                     fwd[idx] += 1
                     better = obj < best
                     # a misclassified query is kept as is, even in the rare case it does not lower the loss (ce)

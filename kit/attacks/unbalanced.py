@@ -190,9 +190,8 @@ class UnbalancedSinkhornAttack(Attack):
         x_adv, x_last = x.clone(), x.clone()
         norm = torch.zeros(n, dtype=x.dtype, device=x.device)
         mass_change, bound = torch.zeros_like(norm), torch.zeros_like(norm)
-        with torch.no_grad():
-            success = self._fooled(self.model(x), y, x)
-        fwd += 1
+        _, success, clean_passes = self._clean_check(x, y)
+        fwd += clean_passes
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         unconverged = 0
 
@@ -220,7 +219,7 @@ class UnbalancedSinkhornAttack(Attack):
             with torch.set_grad_enabled(not last):
                 logits = self.model(xa)
             fwd[idx] += 1
-            fooled = self._fooled(logits, y0, xa)
+            fooled = self._fooled(logits, y0, xa, rows=idx, size=cur_norm)
             # keep the best adversarial: the first one found, replaced only by one of smaller radius
             better = fooled & (~success[idx] | (cur_norm < norm[idx]))
             if better.any():

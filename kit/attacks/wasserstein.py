@@ -167,9 +167,8 @@ class WassersteinPGD(Attack):
         x_adv, x_last = x.clone(), x.clone()
         cost_adv = torch.zeros(n, device=dev, dtype=x.dtype)
         eps_success = torch.full((n,), float("inf"), device=dev, dtype=x.dtype)
-        with torch.no_grad():
-            success = self._fooled(self.model(x), y, x)
-        fwd += 1
+        _, success, clean_passes = self._clean_check(x, y)
+        fwd += clean_passes
         eps_success[success] = 0.0
 
         # per-example current radius: fixed, or growing from eps0 up to the call's eps (the cap)
@@ -193,7 +192,7 @@ class WassersteinPGD(Attack):
             with torch.set_grad_enabled(not last):
                 logits = self.model(xg)
             fwd[idx] += 1
-            fooled = self._fooled(logits.detach(), y0, xg)
+            fooled = self._fooled(logits.detach(), y0, xg, rows=idx, size=cost)
             first = fooled & ~success[idx]  # keep the first adversarial (matters with early_stop=False)
             if first.any():
                 hit = idx[first]
