@@ -12,6 +12,7 @@ import torch.nn as nn
 from scipy import sparse
 from scipy.optimize import linprog
 
+import kit.attacks.frank_wolfe as fw
 import models
 from kit.attacks.frank_wolfe import (
     FrankWolfeWasserstein,
@@ -336,3 +337,194 @@ def test_minimum_epsilon_search_takes_the_plan_cost_as_the_radius(digits_model):
     mass = data.x[idx].sum((1, 2, 3)).view(-1, 1, 1, 1)
     exact = exact_local_wasserstein(data.x[idx] / mass, res.x_adv[idx] / mass, 5, 2)
     assert (exact <= res.eps_star[idx].cpu() + 1e-4).all()
+
+
+# --- the target-side capacity oracle (issue 20) against the oracle it replaced -------------------------------------
+
+
+def _reference_capacity_lmo(score, source, capacity, cost, eps, gamma=3e-2, *, valid=None, psi=None, beta=None,
+                            max_iter=10, tol=1e-2):
+    """``capacity_lmo`` as it was before the target-side fast path (commit 3f028c6), verbatim but for the docstring:
+    the plan (N, C, k*k, H, W) computed in every sweep. The reference of the tests below."""
+    n, c, kk, h, w = score.shape
+    k = int(round(math.sqrt(kk)))
+    if not (gamma > 0 and math.isfinite(gamma)):
+        raise UserError(f"the capacity-aware oracle needs a finite entropic temperature gamma > 0, got {gamma!r}")
+    if valid is None:
+        valid = valid_offsets(h, w, k, device=score.device)
+    dev, dt = score.device, score.dtype
+    cvec = cost.to(device=dev, dtype=dt)
+    cg = (cvec / gamma).view(1, 1, kk, 1, 1)
+    cap = capacity.expand(n, c, h, w).to(dt)
+    invalid = ~valid.view(1, 1, kk, h, w)
+    scaled = score.masked_fill(invalid, float("-inf")) / gamma
+    floor = torch.full((1, 1, kk, h, w), fw._LOG_FLOOR, device=dev, dtype=dt).masked_fill(invalid, float("-inf"))
+    m = source.unsqueeze(2)
+    mult = torch.zeros(n, device=dev, dtype=dt) if psi is None else psi.to(dt).clone()
+    prices = torch.zeros(n, c, h, w, device=dev, dtype=dt) if beta is None else beta.to(dt).clone()
+    log_cap = torch.log(cap)
+    max_drop = 60.0 * gamma / float(cvec.max().clamp_min(1.0))
+    tiny = torch.finfo(dt).tiny
+    converged = torch.zeros(n, dtype=torch.bool, device=dev)
+
+    def rows() -> torch.Tensor:
+        z = scaled - neighbours(prices / gamma, k) - mult.view(-1, 1, 1, 1, 1) * cg
+        z = torch.maximum(z - z.amax(2, keepdim=True), floor)
+        return m * torch.softmax(z, dim=2)
+
+    iters = 0
+    for iters in range(1, max_iter + 1):  # noqa: B007
+        plan = rows()
+        delta = fw._cost_step(plan.sum((1, 3, 4)), cvec, eps, mult, gamma, max_drop)
+        mult = mult + delta
+        plan = plan * torch.exp(-delta.view(-1, 1, 1, 1, 1) * cg)
+        z = target_marginal(plan)
+        prices = (prices + gamma * (torch.log(z.clamp_min(tiny)) - log_cap)).clamp_min(0)
+        excess = ((z - cap) / cap).flatten(1).amax(1)
+        row_err = (plan.sum(2) - source).abs().flatten(1).sum(1)
+        converged = (excess <= tol) & (row_err <= tol)
+        if converged.all():
+            break
+    plan = rows()
+    plan, _, _ = return_excess(plan, source, cap)
+    spent = plan_cost(plan, cvec)
+    lam = torch.where(spent > eps, eps / spent.clamp_min(tiny), torch.ones_like(spent)).view(-1, 1, 1, 1, 1)
+    plan = lam * plan + (1 - lam) * identity_plan(source, k)
+    return fw.CapacityOracleResult(plan, mult, prices, iters, converged)
+
+
+def _reference_oracle(score, source, capacity, cost, *args, **kwargs):
+    """The reference behind the attack's call, which now passes the target-side score (N, C, H, W)."""
+    if score.dim() == 4:
+        score = neighbours(score, int(round(math.sqrt(cost.numel()))))
+    return _reference_capacity_lmo(score, source, capacity, cost, *args, **kwargs)
+
+
+def _saturated_batch(n, c, s, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (1.3 * torch.rand(n, c, s, s, generator=g, dtype=dtype) - 0.3).clamp(0, 1)
+    x[:, :, 2:4, 2:5] = 1.0  # saturated pixels: the capacity binds
+    grad = torch.randn(n, c, s, s, generator=g, dtype=dtype)
+    mass = x.sum((1, 2, 3)).view(-1, 1, 1, 1)
+    return x / mass, 1 / mass, grad / grad.flatten(1).abs().amax(1).view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_window_sums_are_the_plans_sums(dtype):
+    g = torch.Generator().manual_seed(0)
+    k, n, c, h, w = 5, 3, 2, 7, 6
+    img = torch.rand(n, c, h, w, generator=g, dtype=dtype)
+    other = torch.rand(n, c, h, w, generator=g, dtype=dtype)
+    kern = torch.rand(n, k * k, generator=g, dtype=dtype)
+    plan = neighbours(img, k) * kern.view(n, 1, k * k, 1, 1)  # plan[o, i] = kern[o] img[i + d(o)]
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(fw._window_sum(img, kern, k), plan.sum(2), **tol)
+    spread = other.unsqueeze(2) * kern.view(n, 1, k * k, 1, 1) * valid_offsets(h, w, k)  # plan[o, i] = kern[o] b[i]
+    torch.testing.assert_close(fw._window_spread(other, kern, k), target_marginal(spread), **tol)
+    torch.testing.assert_close(fw._window_corr(other, img, k), (other.unsqueeze(2) * neighbours(img, k)).sum((1, 3, 4)),
+                               **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("gamma", "path"), [(3e-2, "float32"), (1e-2, "float64"), (1e-3, "plan")])
+def test_target_score_oracle_matches_the_reference(dtype, gamma, path, monkeypatch):
+    """Same plans and duals as the reference on the plan-shaped score, warm-started over calls, on each path: float32
+    sums (the attack's default gamma), float64 sums (a spread of score / gamma beyond float32's) and the materialised
+    plan (beyond float64's: bit for bit the reference)."""
+    used = []
+    window_corr = fw._window_corr
+    monkeypatch.setattr(fw, "_window_corr", lambda a, b, k: (used.append(a.dtype), window_corr(a, b, k))[1])
+    src, cap, t = _saturated_batch(4, 2, 10, seed=3, dtype=dtype)
+    cost = local_cost(5).to(dtype)
+    eps = torch.tensor([0.02, 0.1, 0.3, 1.0], dtype=dtype)
+    ref_duals, new_duals = {}, {}
+    for _ in range(3):
+        ref = _reference_capacity_lmo(neighbours(t, 5), src, cap, cost, eps, gamma, max_iter=15, **ref_duals)
+        new = capacity_lmo(t, src, cap, cost, eps, gamma, max_iter=15, **new_duals)
+        _check_feasible(new.plan.double(), src.double(), cost.double(), eps.double(), 5, cap=cap.double(),
+                        tol=1e-5 if dtype == torch.float32 else 1e-12)
+        if path == "plan":
+            assert torch.equal(new.plan, ref.plan) and torch.equal(new.psi, ref.psi) and torch.equal(new.beta, ref.beta)
+        else:
+            rel = 3e-5 if dtype == torch.float32 else 1e-11
+            scale = float(ref.plan.abs().max())
+            assert float((new.plan - ref.plan).abs().max()) <= rel * scale
+            torch.testing.assert_close(new.psi, ref.psi, rtol=rel, atol=rel * float(ref.psi.abs().max()))
+            torch.testing.assert_close(new.beta, ref.beta, rtol=rel, atol=rel * gamma)
+        assert new.iterations == ref.iterations and torch.equal(new.converged, ref.converged)
+        ref_duals, new_duals = {"psi": ref.psi, "beta": ref.beta}, {"psi": new.psi, "beta": new.beta}
+        t = t.roll(1, 3)  # the next step's gradient
+    if path == "plan":
+        assert not used
+    else:  # (the float64 case may do some sweeps in float32, where the prices leave the spread small enough)
+        assert (torch.float32 if path == "float32" and dtype == torch.float32 else torch.float64) in used
+    with pytest.raises(UserError, match="shape"):
+        capacity_lmo(t[:, :1], src, cap, cost, eps)
+
+
+def test_factored_return_excess_is_return_excess():
+    k = 5
+    src, cap, t = _saturated_batch(3, 2, 9, seed=5, dtype=torch.float64)
+    cap = cap.expand_as(src)
+    g = torch.Generator().manual_seed(1)
+    e = torch.exp(t / 0.05)
+    f = torch.rand(3, k * k, generator=g, dtype=torch.float64)
+    f[:, k * k // 2] = 1
+    q = src / fw._window_sum(e, f, k)
+    plan = neighbours(e, k) * f.view(3, 1, k * k, 1, 1) * q.unsqueeze(2)
+    assert (target_marginal(plan) > cap * 1.01).any()  # over-full pixels to repair
+    for rounds in (50, 1, 0):
+        ref, _, _ = return_excess(plan, src, cap, max_rounds=rounds)
+        new = fw._factored_return_excess(e, f, q, src, cap, k, torch.float64, max_rounds=rounds)
+        torch.testing.assert_close(new, ref, rtol=1e-10, atol=1e-14)
+
+
+def _with_oracle(monkeypatch, oracle):
+    monkeypatch.setattr(fw, "capacity_lmo", oracle)
+
+
+def test_attack_iterates_match_the_reference_oracle_in_float64(monkeypatch, one_thread):
+    """The whole attack, in float64 (where rounding cannot be amplified into a different iterate), with the new
+    oracle and with the reference: the same iterates, radii and successes."""
+    model = _tiny_model(2, 10).double()
+    g = torch.Generator().manual_seed(2)
+    x = (1.3 * torch.rand(6, 2, 10, 10, generator=g, dtype=torch.float64) - 0.3).clamp(0, 1)
+    x[:, :, 3:5, 3:6] = 1.0
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    new_lmo = fw.capacity_lmo
+    for kw in ({"early_stop": False}, {"early_stop": False, "random_start": True, "seed": 3}, {}):
+        attack = FrankWolfeWasserstein(model, eps=0.3, steps=6, **kw)
+        new = attack(x, y)
+        _with_oracle(monkeypatch, _reference_oracle)
+        ref = attack(x, y)
+        _with_oracle(monkeypatch, new_lmo)
+        torch.testing.assert_close(new.x_last, ref.x_last, rtol=0, atol=1e-10)
+        torch.testing.assert_close(new.x_adv, ref.x_adv, rtol=0, atol=1e-10)
+        torch.testing.assert_close(new.norm, ref.norm, rtol=1e-10, atol=1e-14)
+        assert torch.equal(new.success, ref.success) and torch.equal(new.backwards, ref.backwards)
+
+
+def test_attack_success_and_eps_star_unchanged_on_the_digits_model(digits, monkeypatch, one_thread):
+    """float32 on the digits model: the same successes and radii at fixed radii, the same eps* of the minimum-epsilon
+    search, as with the reference oracle. (The search's tolerance is no fraction of its rung width 0.1: a fooled
+    example spends its whole budget, so with tol 0.05 the refinement test ``hi - lo > tol`` compares 0.15 - 0.1 with
+    0.05, and a rounding of the last bit, either way, decides whether it refines.)"""
+    from kit.attacks import min_eps_search
+
+    model, x, y = digits
+    x, y = x[:16], y[:16]
+    new_lmo = fw.capacity_lmo
+    runs = {}
+    for name, oracle in (("new", new_lmo), ("ref", _reference_oracle)):
+        _with_oracle(monkeypatch, oracle)
+        runs[name] = ([FrankWolfeWasserstein(model, eps=0.1, steps=8)(x, y)],
+                      min_eps_search(FrankWolfeWasserstein(model, steps=8), x[:8], y[:8], 0.3, rungs=3, tol=0.03))
+    _with_oracle(monkeypatch, new_lmo)
+    for new, ref in zip(runs["new"][0], runs["ref"][0], strict=True):
+        assert torch.equal(new.success, ref.success) and new.success.any()
+        torch.testing.assert_close(new.norm, ref.norm, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(new.x_adv, ref.x_adv, rtol=0, atol=1e-4)
+    new_s, ref_s = runs["new"][1].eps_star, runs["ref"][1].eps_star
+    assert torch.equal(torch.isfinite(new_s), torch.isfinite(ref_s)) and torch.isfinite(new_s).any()
+    torch.testing.assert_close(new_s, ref_s, rtol=1e-4, atol=1e-7)

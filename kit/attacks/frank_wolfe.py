@@ -23,7 +23,9 @@ returned image) or projects once at the end. Here the bound is part of the set, 
 
 * ``"capacity"`` (default), :func:`capacity_lmo`: the paper's entropic oracle extended with one price per target pixel
   for the bound, solved by a few warm-started Sinkhorn-like sweeps and made exactly feasible at the end. On the digits
-  model it is far stronger than the alternative (see the tests).
+  model it is far stronger than the alternative (see the tests). The attack hands it the gradient image itself (the
+  gain of a move depends only on where the mass lands), so its sweeps run on images and the plan is built once per
+  step (a step costs about 1.5 forward+backward passes of a resnet20 on one CPU thread, docs/BENCHMARKS.md).
 * ``"plain"``, :func:`wasserstein_lmo`: the paper's oracle, exact for its set (bisection on the one multiplier,
   entropic or, with ``gamma = 0``, the exact LP). Its plans ignore the bound, so after each step the iterate is brought
   back under it by :func:`return_excess`, which sends the excess arriving at an over-full pixel back to where it came
@@ -39,6 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, require_counts
 from kit.errors import UserError
@@ -394,6 +397,54 @@ def _cost_step(weight: torch.Tensor, cost: torch.Tensor, eps: torch.Tensor, psi:
     return delta
 
 
+_FACTOR_ROOM = 25.0
+"""The fast path of :func:`capacity_lmo` shifts the exponentials of each channel to at most exp(25) (the factor ``E`` of
+its docstring) and is used, in a working precision, while the normaliser of every row that carries mass stays above
+exp(30) times the precision's smallest normal number: then terms that underflow or round as subnormals (at most that
+number each, even where subnormals are flushed) move a normaliser by less than exp(-30) relative, and no intermediate
+overflows (a sum of the mass per offset is at most ``total mass * exp(25 - log(normaliser))``). Otherwise the next
+precision (float32, then float64), and beyond float64 the materialised rows."""
+
+
+def _window_sum(img: torch.Tensor, kern: torch.Tensor, k: int) -> torch.Tensor:
+    """``out[n, c, i] = sum_o kern[n, o] * img[n, c, i + d(o)]`` (0 outside the image): (N, C, H, W), (N, k*k)."""
+    n, c, h, w = img.shape
+    if img.dtype == torch.float64:  # no fast float64 convolution on CPUs: 25 shifted products
+        r = k // 2
+        padded = F.pad(img, (r, r, r, r))
+        out = torch.zeros_like(img)
+        for o in range(k * k):
+            out.addcmul_(padded[:, :, o // k : o // k + h, o % k : o % k + w], kern[:, o].view(n, 1, 1, 1))
+        return out
+    weight = kern.repeat_interleave(c, 0).view(n * c, 1, k, k)
+    return F.conv2d(img.reshape(1, n * c, h, w), weight, padding=k // 2, groups=n * c).view(n, c, h, w)
+
+
+def _window_spread(img: torch.Tensor, kern: torch.Tensor, k: int) -> torch.Tensor:
+    """``out[n, c, j] = sum_o kern[n, o] * img[n, c, j - d(o)]`` (0 outside), the adjoint of :func:`_window_sum`."""
+    n, c, h, w = img.shape
+    if img.dtype == torch.float64:
+        r = k // 2
+        out = img.new_zeros(n, c, h + 2 * r, w + 2 * r)
+        for o in range(k * k):
+            out[:, :, o // k : o // k + h, o % k : o % k + w].addcmul_(img, kern[:, o].view(n, 1, 1, 1))
+        return out[:, :, r : r + h, r : r + w]
+    weight = kern.repeat_interleave(c, 0).view(n * c, 1, k, k)
+    return F.conv_transpose2d(img.reshape(1, n * c, h, w), weight, padding=k // 2, groups=n * c).view(n, c, h, w)
+
+
+def _window_corr(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """``out[n, o] = sum_{c, i} a[n, c, i] * b[n, c, i + d(o)]`` (0 outside): (N, C, H, W) twice -> (N, k*k)."""
+    n, c, h, w = a.shape
+    r = k // 2
+    padded = F.pad(b, (r, r, r, r))
+    if a.dtype == torch.float64:
+        return torch.stack([(a * padded[:, :, o // k : o // k + h, o % k : o % k + w]).sum((1, 2, 3))
+                            for o in range(k * k)], 1)
+    return F.conv2d(padded.reshape(1, n * c, h + 2 * r, w + 2 * r), a.reshape(n * c, 1, h, w),
+                    groups=n * c).view(n, c, k * k).sum(1)
+
+
 def capacity_lmo(
     score: torch.Tensor,
     source: torch.Tensor,
@@ -434,10 +485,22 @@ def capacity_lmo(
     mix with the identity plan, :math:`\lambda S + (1 - \lambda) I`, :math:`\lambda = \min(1, \varepsilon / c(S))`,
     for the cost (both keep the source marginal and the capacity, since :math:`m \le u`).
 
+    *Target-side scores.* When the gain of a move depends only on where the mass arrives, :math:`\mathrm{score}_{oi} =
+    t_{i + d(o)}` (the attack's pulled-back gradient), pass the image :math:`t` (N, C, H, W). The exponent is then
+    :math:`(t - \beta)_{i + d(o)}/\gamma - \psi C_o/\gamma`, so :math:`S_{oi} = q_i E_{i + d(o)} F_o` with
+    :math:`E = e^{(t - \beta)/\gamma}` (per channel, shifted by its largest), :math:`F_o = e^{-\psi C_o/\gamma}`,
+    :math:`q = m / R` and the normaliser :math:`R_i = \sum_o E_{i + d(o)} F_o`: the sweeps need only the image-sized
+    :math:`E, q`, and the sums the dual steps read (the mass per offset, the target marginal :math:`E \odot
+    (F \star q)`, the row sums) are k x k window convolutions; the plan is built once, at the end. Same iterates as
+    the (N, C, k*k, H, W) score ``neighbours(t)`` up to float rounding. A sweep where some row's normaliser would leave
+    float32's range (a spread of :math:`(t - \beta)/\gamma` over a channel of about 80 or more) is done in float64,
+    and one beyond float64's (about 700) on the full plan, as for an (N, C, k*k, H, W) score.
+
     Parameters
     ----------
-    score : (N, C, k*k, H, W) tensor
-        Gain per unit of mass moved along each offset; entries on invalid offsets are ignored.
+    score : (N, C, k*k, H, W) or (N, C, H, W) tensor
+        Gain per unit of mass moved along each offset; entries on invalid offsets are ignored. Or the target-side
+        score :math:`t` (above), with ``k`` taken from ``cost``.
     source : (N, C, H, W) tensor
         Source marginal :math:`m \ge 0`, with :math:`m \le u`.
     capacity : tensor broadcastable to (N, C, H, W)
@@ -448,6 +511,8 @@ def capacity_lmo(
         Cost budgets, >= 0.
     gamma : float
         Entropic temperature (> 0) in the units of ``score``. The sweeps converge more slowly for small ``gamma``.
+    valid : (k*k, H, W) bool tensor, optional
+        :func:`kit.ot.local.valid_offsets`, computed when omitted (with a target-side score, the only mask allowed).
     psi, beta : tensors, optional
         Warm starts, (N,) and (N, C, H, W).
     max_iter : int
@@ -460,8 +525,13 @@ def capacity_lmo(
     -------
     CapacityOracleResult
     """
-    n, c, kk, h, w = score.shape
+    kk = cost.numel()
     k = int(round(math.sqrt(kk)))
+    n, c, h, w = source.shape
+    target_side = score.dim() == 4
+    if target_side and score.shape != source.shape:
+        raise UserError(f"a target-side score must have the source's shape {tuple(source.shape)}, got "
+                        f"{tuple(score.shape)}")
     if not (gamma > 0 and math.isfinite(gamma)):
         raise UserError(f"the capacity-aware oracle needs a finite entropic temperature gamma > 0, got {gamma!r}")
     if valid is None:
@@ -471,7 +541,6 @@ def capacity_lmo(
     cg = (cvec / gamma).view(1, 1, kk, 1, 1)
     cap = capacity.expand(n, c, h, w).to(dt)
     invalid = ~valid.view(1, 1, kk, h, w)
-    scaled = score.masked_fill(invalid, float("-inf")) / gamma
     floor = torch.full((1, 1, kk, h, w), _LOG_FLOOR, device=dev, dtype=dt).masked_fill(invalid, float("-inf"))
     m = source.unsqueeze(2)
     mult = torch.zeros(n, device=dev, dtype=dt) if psi is None else psi.to(dt).clone()
@@ -480,33 +549,110 @@ def capacity_lmo(
     max_drop = 60.0 * gamma / float(cvec.max().clamp_min(1.0))
     tiny = torch.finfo(dt).tiny
     converged = torch.zeros(n, dtype=torch.bool, device=dev)
+    has_mass = source > 0
+    # the working precisions of the fast path (none below the score's), each with its least normaliser (_FACTOR_ROOM)
+    tiers: list[tuple[torch.dtype, float]] = []
+    if target_side:
+        log_mass = math.log(max(1.0, float(source.sum((1, 2, 3)).max())))
+        tiers = [(wdt, math.exp(math.log(torch.finfo(wdt).tiny) + 30 + log_mass))
+                 for wdt in (torch.float32, torch.float64) if torch.finfo(wdt).eps <= torch.finfo(dt).eps]
+    scaled_plan: list[torch.Tensor] = [] if target_side else [score.masked_fill(invalid, float("-inf")) / gamma]
+
+    def scaled() -> torch.Tensor:
+        """The (N, C, k*k, H, W) score over gamma, -inf on invalid offsets (built on demand from a target score)."""
+        if not scaled_plan:
+            scaled_plan.append(neighbours(score, k).masked_fill(invalid, float("-inf")) / gamma)
+        return scaled_plan[0]
 
     def rows() -> torch.Tensor:
-        z = scaled - neighbours(prices / gamma, k) - mult.view(-1, 1, 1, 1, 1) * cg
+        z = scaled() - neighbours(prices / gamma, k) - mult.view(-1, 1, 1, 1, 1) * cg
         z = torch.maximum(z - z.amax(2, keepdim=True), floor)
         return m * torch.softmax(z, dim=2)
 
+    def factors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(E, F, q)`` of a target-side score (the docstring's) in the first working precision that holds them, or
+        None where the materialised rows are needed."""
+        for wdt, least in tiers:  # (none for an (N, C, k*k, H, W) score)
+            u = (score.to(wdt) - prices.to(wdt)) / gamma
+            e = torch.exp(u - (u.amax((2, 3), keepdim=True) - _FACTOR_ROOM))
+            f = torch.exp(-mult.to(wdt).view(-1, 1) * (cvec.to(wdt) / gamma).view(1, kk))
+            norm = _window_sum(e, f, k)
+            if not bool(((norm < least) & has_mass).any()):
+                return e, f, torch.where(has_mass, source.to(wdt) / norm, torch.zeros_like(norm))
+        return None
+
     iters = 0
     for iters in range(1, max_iter + 1):  # noqa: B007  (the count is read after the loop)
-        plan = rows()
+        fac = factors()
+        if fac is None:
+            plan = rows()
+            moved = plan.sum((1, 3, 4))
+        else:
+            e, f, q = fac
+            moved = (f * _window_corr(q, e, k)).to(dt)
         # cost block: exact step of psi with the rows held fixed
-        delta = _cost_step(plan.sum((1, 3, 4)), cvec, eps, mult, gamma, max_drop)
+        delta = _cost_step(moved, cvec, eps, mult, gamma, max_drop)
         mult = mult + delta
-        plan = plan * torch.exp(-delta.view(-1, 1, 1, 1, 1) * cg)
+        if fac is None:
+            plan = plan * torch.exp(-delta.view(-1, 1, 1, 1, 1) * cg)
+            z, row_sum = target_marginal(plan), plan.sum(2)
+        else:
+            f = f * torch.exp(-delta.to(f.dtype).view(-1, 1) * (cvec.to(f.dtype) / gamma).view(1, kk))
+            z, row_sum = (e * _window_spread(q, f, k)).to(dt), (q * _window_sum(e, f, k)).to(dt)
         # capacity block: exact step of each price with the rows and psi held fixed
-        z = target_marginal(plan)
         prices = (prices + gamma * (torch.log(z.clamp_min(tiny)) - log_cap)).clamp_min(0)
         excess = ((z - cap) / cap).flatten(1).amax(1)
-        row_err = (plan.sum(2) - source).abs().flatten(1).sum(1)  # unit-mass scale: total mass is 1
+        row_err = (row_sum - source).abs().flatten(1).sum(1)  # unit-mass scale: total mass is 1
         converged = (excess <= tol) & (row_err <= tol)
         if converged.all():
             break
-    plan = rows()
-    plan, _, _ = return_excess(plan, source, cap)
+    fac = factors()
+    plan = return_excess(rows(), source, cap)[0] if fac is None else _factored_return_excess(*fac, source, cap, k, dt)
     spent = plan_cost(plan, cvec)
     lam = torch.where(spent > eps, eps / spent.clamp_min(tiny), torch.ones_like(spent)).view(-1, 1, 1, 1, 1)
-    plan = lam * plan + (1 - lam) * identity_plan(source, k)
+    # lam * plan + (1 - lam) * identity_plan(source, k), in place (the same roundings)
+    plan.mul_(lam)
+    plan[:, :, kk // 2] += (1 - lam.view(-1, 1, 1, 1)) * source
     return CapacityOracleResult(plan, mult, prices, iters, converged)
+
+
+def _factored_return_excess(e: torch.Tensor, f: torch.Tensor, q: torch.Tensor, source: torch.Tensor,
+                            cap: torch.Tensor, k: int, dtype: torch.dtype, max_rounds: int = 50) -> torch.Tensor:
+    r""":func:`return_excess` of the plan :math:`S_{oi} = q_i E_{i + d(o)} F_o` of a target-side score
+    (:func:`capacity_lmo`; ``e, f, q`` in its working precision), on images, and the plan it returns (in ``dtype``).
+
+    A round scales the mass arriving at an over-full pixel :math:`j` from elsewhere by :math:`\alpha_j` and sends
+    the rest back to the centre offset of its source: the moving entries stay :math:`q_i E'_{i + d(o)} F_o` with
+    :math:`E' = E \odot \prod \alpha`, the mass arriving from elsewhere is :math:`E' \odot (F^0 \star q)` (with
+    :math:`F^0` the kernel without its centre), and the returned mass is :math:`q_i \sum_{o \ne c} E'_{i + d(o)}
+    (1 - \alpha_{i + d(o)}) F_o`. Same rounds, thresholds (those of ``dtype``) and fallback as :func:`return_excess`;
+    the plan is built once, at the end.
+    """
+    n, c, h, w = source.shape
+    kk = k * k
+    centre = kk // 2
+    tiny = torch.finfo(q.dtype).tiny
+    rtol = 8 * torch.finfo(dtype).eps
+    f0 = f.clone()
+    f0[:, centre] = 0
+    stay = q * e * f[:, centre].view(-1, 1, 1, 1)
+    elsewhere = _window_spread(q, f0, k)  # arriving from other pixels = e * elsewhere, for the current e
+    limit = (cap * (1 + rtol)).to(q.dtype)
+    cap = cap.to(q.dtype)
+    for rounds in range(max_rounds + 1):
+        arriving = e * elsewhere
+        over = stay + arriving > limit
+        if not over.any() or rounds == max_rounds:
+            break
+        alpha = torch.where(over, ((cap - stay) / arriving.clamp_min(tiny)).clamp(0, 1), torch.ones_like(e))
+        stay = stay + q * _window_sum(e * (1 - alpha), f0, k)
+        e = e * alpha
+    plan = neighbours(e, k).mul_(f0.view(n, 1, kk, 1, 1)).mul_(q.unsqueeze(2))
+    plan[:, :, centre] = stay
+    plan = plan.to(dtype)
+    if over.any():  # after max_rounds: return_excess's exact fallback (the mix with the identity plan)
+        plan = return_excess(plan, source, cap.to(dtype), max_rounds=0)[0]
+    return plan
 
 
 class FrankWolfeWasserstein(Attack):
@@ -673,11 +819,19 @@ class FrankWolfeWasserstein(Attack):
         radius = torch.zeros(n, dtype=dt, device=dev)
         mass_all = x.sum((1, 2, 3))
 
-        # the clean forward pass doubles as the first gradient pass
-        xa = x.clone().requires_grad_(True)
-        logits = self.model(xa)
-        fwd += 1
-        success = self._fooled(logits.detach(), y, xa)
+        # the clean forward pass doubles as the first gradient pass (without a random start)
+        xa = x.clone().requires_grad_(not self.random_start)
+        if self._clean_given is not None and self.random_start:  # the caller checked them clean: nothing to run
+            logits = self._clean_given
+        else:
+            with torch.set_grad_enabled(not self.random_start):
+                logits = self.model(xa)
+            fwd += 1
+        if self._clean_given is None:
+            success = self._fooled(logits.detach(), y, xa, rows=torch.arange(n, device=dev))
+        else:  # the caller checked them clean
+            success = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._clean_seen = logits.detach()
         idx = (~success & (eps > 0) & (mass_all > 0)).nonzero().squeeze(1)
         if idx.numel() == 0:
             return AttackResult(x_adv, success, radius, fwd, bwd, x_last)
@@ -712,8 +866,8 @@ class FrankWolfeWasserstein(Attack):
 
         for t in range(self.steps + 1):  # t: the iterate; iterate 0 is the start, iterate t + 1 follows step t
             if grad is None:
-                fooled = self._fooled(logits.detach(), y0, xa)
                 pc = plan_cost(plan, cost)
+                fooled = self._fooled(logits.detach(), y0, xa, rows=idx, size=pc)
                 better = fooled & (pc < best)
                 if better.any():
                     hit = idx[better]
@@ -726,21 +880,25 @@ class FrankWolfeWasserstein(Attack):
                 if t == self.steps or not keep.any():
                     break
                 grad = torch.autograd.grad(sign * loss_fn(logits, y0)[keep].sum(), xa)[0][keep]
-                sel = keep.nonzero().squeeze(1)
-                idx, y0, e0, m5, src, cap, plan, best = (
-                    idx[sel], y0[sel], e0[sel], m5[sel], src[sel], cap[sel], plan[sel], best[sel])
-                duals = {key: v[sel] for key, v in duals.items()}
+                if not bool(keep.all()):  # (the plan is the largest tensor: copied only when someone leaves)
+                    sel = keep.nonzero().squeeze(1)
+                    idx, y0, e0, m5, src, cap, plan, best = (
+                        idx[sel], y0[sel], e0[sel], m5[sel], src[sel], cap[sel], plan[sel], best[sel])
+                    duals = {key: v[sel] for key, v in duals.items()}
                 bwd[idx] += 1
             if not torch.isfinite(grad).all():
                 raise UserError("the model returned non-finite gradients; cannot attack it")
             with torch.no_grad():
                 # pull the gradient back to the plan, normalised per example by its largest entry (the paper's code)
                 gscale = grad.flatten(1).abs().amax(1)
-                score = neighbours(grad / gscale.clamp_min(torch.finfo(dt).tiny).view(-1, 1, 1, 1), k)
+                score = grad / gscale.clamp_min(torch.finfo(dt).tiny).view(-1, 1, 1, 1)
+                if self.oracle == "plain":
+                    score = neighbours(score, k)  # the capacity oracle takes the target-side score as it is
                 s = self._oracle(score, src, cap, e0, valid, duals)
-                s = torch.where((gscale > 0).view(-1, 1, 1, 1, 1), s, plan)  # a zero gradient: stay
+                if not bool((gscale > 0).all()):
+                    s = torch.where((gscale > 0).view(-1, 1, 1, 1, 1), s, plan)  # a zero gradient: stay
                 eta = 2.0 / (t + 2)
-                plan = (1 - eta) * plan + eta * s
+                plan = plan.mul_(1 - eta).add_(s.mul_(eta))  # (1 - eta) * plan + eta * s, in place (s is the oracle's)
                 if self.oracle == "plain":
                     plan = self._cap(plan, src, cap)
             xa, logits = forward(plan, t + 1 < self.steps)
