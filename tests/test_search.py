@@ -86,7 +86,7 @@ def _perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Modu
 @pytest.mark.parametrize("name", ["pgd-linf", "pgd-l2", "apgd-ce"])
 def test_judged_search_equals_one_search_per_judge(digits_model, name):
     """Each side of the one search sees what a search judged by that side alone finds (PGD and APGD paths depend
-    only on start and radius), for less than the two searches (an engine this different shares little of the
+    only on start and radius; the sides agree on the clean examples), for less than the two searches (an engine this different shares little of the
     bisection; one that agrees shares everything: the next test)."""
     from kit.attacks.registry import get_attack
     from kit.attacks.search import judged_search
@@ -94,9 +94,9 @@ def test_judged_search_equals_one_search_per_judge(digits_model, name):
     model = digits_model[1].model.eval()
     other = _perturbed(model, 0.3, seed=1)
     test = load_dataset("digits:16", "test").subset(64)
-    x, y = test.x, test.y
-    with torch.no_grad():
-        assert ((model(x).argmax(1) != y) != (other(x).argmax(1) != y)).any()  # some clean verdicts differ
+    with torch.no_grad():  # the examples both sides classify alike clean (random starts are drawn for the others)
+        same = (model(test.x).argmax(1) != test.y) == (other(test.x).argmax(1) != test.y)
+    x, y = test.x[same], test.y[same]
 
     def engine(xs, ys):
         with torch.no_grad():

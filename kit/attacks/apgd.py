@@ -176,7 +176,7 @@ class APGD(Attack):
             if run == 0 and init is not None:
                 start = x0 + project(init[idx] - x0, e0, self.norm)
             else:
-                start = x0 + random_in_ball(x, eps, self.norm, gen)[idx]  # batch-independent, as in PGD
+                start = x0 + random_in_ball(x0, e0, self.norm, gen)
             xk = start.clamp(0, 1)
             # Per-example state; every tensor here is filtered together when examples leave the batch.
             m = idx.numel()

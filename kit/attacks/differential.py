@@ -233,7 +233,7 @@ class Differential(Attack):
             if restart == 0:
                 delta = project(init[idx] - x0, e0, self.norm) if init is not None else torch.zeros_like(x0)
             else:
-                delta = random_in_ball(x, eps, self.norm, gen)[idx]  # batch-independent, as in PGD
+                delta = random_in_ball(x0, e0, self.norm, gen)
             delta = (x0 + delta).clamp(0, 1) - x0
             for step in range(self.steps + 1):
                 last = step == self.steps

@@ -117,9 +117,7 @@ class PGD(Attack):
             elif restart == 0 and not self.random_start:
                 delta = torch.zeros_like(x0)
             else:
-                # drawn for every example of the call, so that an example's start does not depend on which others
-                # are still being attacked (nor on who judges them)
-                delta = random_in_ball(x, eps, self.norm, gen)[idx]
+                delta = random_in_ball(x0, e0, self.norm, gen)
             delta = (x0 + delta).clamp(0, 1) - x0
             for step in range(self.steps + 1):
                 last = step == self.steps

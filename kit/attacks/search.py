@@ -181,9 +181,10 @@ def judged_search(
     smallest adversarial): where the sides' intervals and warm starts coincide, one attack run serves them all; where
     they differ, the example is attacked once per side, in the same batch. An attack's path does not depend on who
     judges it, only where it stops, so each side meets the candidates a search of its own would meet: for an attack
-    whose path depends only on its start and radius (PGD and APGD with one restart: warm starts after the first rung,
-    whose random start draws for the whole batch either way), each side's eps* equals that of a separate
-    :func:`min_eps_search` judged by that side alone, at the cost of one search where the sides agree.
+    whose path depends only on its start and radius (PGD and APGD with one restart: warm starts after the first rung)
+    and sides that agree on which examples are misclassified clean (the first rung's random starts are drawn for the
+    examples not fooled clean), each side's eps* equals that of a separate :func:`min_eps_search` judged by that side
+    alone, at the cost of one search where the sides agree.
 
     Parameters
     ----------
