@@ -727,9 +727,9 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     flags += C.check_outputs(twin, x[:200])
     flags += C.check_gradients(twin, x[:200], y[:200])
     if inp.engine_format == "onnx":  # the precision the file claims must be what its graph computes
-        from exporters.graph import load_onnx, precision_census
+        from exporters.graph import precision_census, read_graph
 
-        f = C.check_deployed_precision(engine.precision, precision_census(load_onnx(inp.engine_path)[0]),
+        f = C.check_deployed_precision(engine.precision, precision_census(read_graph(inp.engine_path)[0]),
                                        inp.engine_path.name)
         flags += [f] if f else []
     by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}

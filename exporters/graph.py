@@ -6,6 +6,12 @@ decodes the kit's ``otkit.*`` entries, :func:`graph_interface` checks that it is
 and :func:`infer_precision` names its precision when no metadata does; :func:`precision_census` counts what the graph
 really computes in reduced precision and :func:`deployed_precision` names it from those counts. Neither backend
 imports the other; what they share lives here. Writing metadata is the ONNX exporter's (:mod:`exporters.onnx.metadata`).
+
+Running a file needs no ``onnx`` package (about 0.7 s of CPU to import): :func:`read_graph` parses it with the kit's
+own reader (:mod:`exporters.onnxproto`) and leaves validation to ONNX Runtime, which checks the graph when it opens
+it. Every function here reads either an ``onnx.ModelProto`` or that reader's message; only :func:`load_onnx` (a
+checked ``onnx.ModelProto``, for export, the TensorRT build, the twin rebuilt from a graph, ``engine info``) imports
+``onnx``.
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from exporters.formats import META_PREFIX, Precision
+from exporters.onnxproto import AttributeType, DataLocation, TensorType, decode_error, parse_model
 from kit.errors import UserError
 from kit.io import require_file
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = [
     "Interface",
@@ -35,15 +44,16 @@ __all__ = [
     "infer_precision",
     "load_onnx",
     "precision_census",
+    "read_graph",
     "read_metadata",
     "shape_text",
     "static_dim",
     "uses_external_data",
 ]
 
-_ONNX_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+_ONNX_FLOAT_TYPES = {TensorType.FLOAT: np.float32, TensorType.FLOAT16: np.float16}
 #: what an engine's input may be: float, or uint8 pixels 0-255 (with ``--engine-input dtype=uint8``)
-_ONNX_INPUT_TYPES = {**_ONNX_FLOAT_TYPES, onnx.TensorProto.UINT8: np.uint8}
+_ONNX_INPUT_TYPES = {**_ONNX_FLOAT_TYPES, TensorType.UINT8: np.uint8}
 
 
 def first_line(e: BaseException) -> str:
@@ -66,10 +76,10 @@ def shape_text(value: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def decode_errors() -> tuple[type[BaseException], ...]:
-    """What parsing bytes that are not an ONNX model raises."""
-    from google.protobuf.message import DecodeError
+    """What parsing bytes that are not an ONNX model raises (with ``onnx``, or :func:`read_graph`'s reader)."""
+    import onnx
 
-    return (DecodeError, ValueError, onnx.checker.ValidationError)
+    return (decode_error(), ValueError, onnx.checker.ValidationError)
 
 
 def load_onnx(source: str | Path | bytes, what: str = "ONNX file") -> tuple[onnx.ModelProto, bytes, str]:
@@ -93,23 +103,10 @@ def load_onnx(source: str | Path | bytes, what: str = "ONNX file") -> tuple[onnx
         A missing file, bytes that do not parse as an ONNX model (corrupt or truncated), bytes with external data (they
         have no folder to find it in), a missing external data file or one outside the model's folder.
     """
-    path = None
-    if isinstance(source, (bytes, bytearray)):
-        data, label = bytes(source), "<bytes>"
-    else:
-        path = require_file(source, what)
-        data, label = path.read_bytes(), str(path)
-    try:
-        proto = onnx.load_model_from_string(data)
-    except decode_errors() as e:
-        raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): {first_line(e)}") from e
-    if not proto.HasField("graph") or not len(proto.graph.node) or not len(proto.graph.output):
-        raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): it holds no complete graph")
+    import onnx
+
+    proto, data, label, path = _parse(source, what, onnx.load_model_from_string, decode_errors())
     external = uses_external_data(proto)
-    if external and path is None:
-        raise UserError(f"{label} keeps tensors in external data files: load it from its file, not from bytes")
-    if external and path is not None:
-        external_data_files(proto, path)  # refuses locations outside the model's folder and missing files
     try:
         # with external data, the checker must see the file's path: it finds (and checks) the data files from it
         onnx.checker.check_model(str(path) if external else proto)
@@ -118,10 +115,78 @@ def load_onnx(source: str | Path | bytes, what: str = "ONNX file") -> tuple[onnx
     return proto, data, label
 
 
-def _external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+def read_graph(source: str | Path | bytes, what: str = "ONNX file") -> tuple[Any, bytes, str]:
+    """Read and parse an ONNX file (or bytes) without the ``onnx`` package, for running it.
 
-    return (t for t in _get_all_tensors(proto) if uses_external_data(t))
+    As :func:`load_onnx` (the same refusals, the same external data confinement, the same messages), except that the
+    graph is not put through ``onnx.checker``: ONNX Runtime checks it when it opens the file. The model returned is
+    :mod:`exporters.onnxproto`'s ``ModelProto``, which every function of this module reads like ONNX's.
+
+    Returns
+    -------
+    proto : exporters.onnxproto ModelProto
+    data : bytes
+        The file's bytes.
+    label : str
+        The file name (or ``"<bytes>"``), for messages.
+
+    Raises
+    ------
+    UserError
+        As :func:`load_onnx`, for what can be seen without the checker.
+    """
+    proto, data, label, _ = _parse(source, what, parse_model, (decode_error(), ValueError))
+    return proto, data, label
+
+
+def _parse(source: str | Path | bytes, what: str, parse: Any,
+           errors: tuple[type[BaseException], ...]) -> tuple[Any, bytes, str, Path | None]:
+    """The file's bytes parsed with ``parse``, its graph present, its external data files confined and present."""
+    path = None
+    if isinstance(source, (bytes, bytearray)):
+        data, label = bytes(source), "<bytes>"
+    else:
+        path = require_file(source, what)
+        data, label = path.read_bytes(), str(path)
+    try:
+        proto = parse(data)
+    except errors as e:
+        raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): {first_line(e)}") from e
+    if not proto.HasField("graph") or not len(proto.graph.node) or not len(proto.graph.output):
+        raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): it holds no complete graph")
+    external = uses_external_data(proto)
+    if external and path is None:
+        raise UserError(f"{label} keeps tensors in external data files: load it from its file, not from bytes")
+    if external and path is not None:
+        external_data_files(proto, path)  # refuses locations outside the model's folder and missing files
+    return proto, data, label, path
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    """The initializers and the node attributes' tensors of ``graph`` and of its subgraphs, depth first."""
+    yield from graph.initializer
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: Any) -> Iterator[Any]:
+    for a in node.attribute:
+        if a.HasField("t"):
+            yield a.t
+        yield from a.tensors
+        if a.type == AttributeType.GRAPH:
+            yield from _graph_tensors(a.g)
+        if a.type == AttributeType.GRAPHS:
+            for g in a.graphs:
+                yield from _graph_tensors(g)
+
+
+def _external_tensors(proto: Any) -> Iterator[Any]:
+    """The tensors that keep their data in an external file: those ``onnx.external_data_helper`` finds (the
+    initializers and attribute tensors of the graph, its subgraphs and the model's functions)."""
+    functions = (t for f in proto.functions for n in f.node for t in _node_tensors(n))
+    return (t for t in (*_graph_tensors(proto.graph), *functions)
+            if t.HasField("data_location") and t.data_location == DataLocation.EXTERNAL)
 
 
 def uses_external_data(proto: onnx.ModelProto) -> bool:
@@ -194,7 +259,7 @@ def _positive_int(v: Any) -> bool:
 def elem_type_name(t: int) -> str:
     """ONNX element type name, or the raw number for a value no ONNX version defines (a corrupt file)."""
     try:
-        return onnx.TensorProto.DataType.Name(t)
+        return TensorType(t).name
     except ValueError:
         return f"element type {t}"
 
@@ -253,7 +318,7 @@ def infer_precision(proto: onnx.ModelProto) -> str:
     """``int8`` for a graph with Q/DQ nodes, ``fp16`` for float16 weights, else ``fp32`` (for files without metadata)."""
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
         return Precision.INT8.value
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
+    if any(t.data_type == TensorType.FLOAT16 for t in proto.graph.initializer):
         return Precision.FP16.value
     return Precision.FP32.value
 
@@ -272,9 +337,9 @@ _COMPUTE_WEIGHTS: dict[str, tuple[int, ...]] = {
 }
 #: Nodes a weight may pass through between its stored tensor and its operator without changing its values' precision.
 _LAYOUT_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
-_INT8_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
-_INT_TYPES = _INT8_TYPES | {onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
-                            onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64}
+_INT8_TYPES = frozenset({TensorType.INT8, TensorType.UINT8, TensorType.INT4, TensorType.UINT4})
+_INT_TYPES = _INT8_TYPES | {TensorType.INT16, TensorType.UINT16, TensorType.INT32, TensorType.UINT32,
+                            TensorType.INT64, TensorType.UINT64}
 _WEIGHT_CLASSES = ("int8", "fp16", "fp32", "other")
 
 
@@ -283,9 +348,9 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
     for node in graph.node:
         for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
+            if a.type == AttributeType.GRAPH:
                 yield from _all_graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
+            elif a.type == AttributeType.GRAPHS:
                 for g in a.graphs:
                     yield from _all_graphs(g)
 
@@ -300,12 +365,12 @@ def _elements(dims: Any) -> int:
 def _constant_tensor(node: onnx.NodeProto) -> tuple[int, int] | None:
     """``(element type, elements)`` of a Constant node's value, or ``None`` when it holds none the census counts."""
     for a in node.attribute:
-        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+        if a.name == "value" and a.type == AttributeType.TENSOR:
             return a.t.data_type, _elements(a.t.dims)
         if a.name == "value_float":
-            return onnx.TensorProto.FLOAT, 1
+            return TensorType.FLOAT, 1
         if a.name == "value_floats":
-            return onnx.TensorProto.FLOAT, len(a.floats)
+            return TensorType.FLOAT, len(a.floats)
     return None
 
 
@@ -432,7 +497,7 @@ def precision_census(proto: onnx.ModelProto) -> dict[str, Any]:
             elif node.op_type == "DequantizeLinear":
                 if dq_out is None:  # its output has its scale's type
                     scale = source(node.input[1]) if len(node.input) > 1 else None
-                    dq_out = const_type[scale] if scale is not None else onnx.TensorProto.FLOAT
+                    dq_out = const_type[scale] if scale is not None else TensorType.FLOAT
             elif node.op_type not in _LAYOUT_OPS:
                 return None
             name = node.input[0]
@@ -460,7 +525,7 @@ def precision_census(proto: onnx.ModelProto) -> dict[str, Any]:
         elif dequantised or integer_op:
             cls = "other"
         else:
-            cls = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.FLOAT: "fp32"}.get(seen, "other")
+            cls = {TensorType.FLOAT16: "fp16", TensorType.FLOAT: "fp32"}.get(seen, "other")
         if (const, cls) in classed:
             continue
         classed.add((const, cls))

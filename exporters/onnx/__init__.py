@@ -10,16 +10,23 @@
 Parsing a file (:func:`load_onnx`, external data) and its interface are shared with the TensorRT build and live in
 :mod:`exporters.graph`; they are re-exported here. This package never imports :mod:`exporters.tensorrt` or the
 factory :mod:`exporters.engines`.
+
+The names below are imported on first use (PEP 562): running a file (:class:`OnnxRuntimeEngine`) or hashing it
+(:func:`engine_sha256`) imports neither ``onnx`` nor the exporter, which the other modules need.
 """
 
 from __future__ import annotations
 
-from exporters.graph import external_data_files, load_onnx, read_metadata
-from exporters.onnx.export import INPUT_NAME, OUTPUT_NAME, OnnxGraph, torch_to_onnx
-from exporters.onnx.metadata import FORMAT_TAG, build_metadata, set_metadata
-from exporters.onnx.model import describe_onnx, engine_sha256, validate_onnx
-from exporters.onnx.runner import PROVIDERS, OnnxRuntimeEngine
-from exporters.onnx.write import OnnxExport, export_onnx, write_onnx_export
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from exporters.graph import external_data_files, load_onnx, read_metadata
+    from exporters.onnx.export import INPUT_NAME, OUTPUT_NAME, OnnxGraph, torch_to_onnx
+    from exporters.onnx.metadata import FORMAT_TAG, build_metadata, set_metadata
+    from exporters.onnx.model import describe_onnx, engine_sha256, validate_onnx
+    from exporters.onnx.runner import PROVIDERS, OnnxRuntimeEngine
+    from exporters.onnx.write import OnnxExport, export_onnx, write_onnx_export
 
 __all__ = [
     "FORMAT_TAG",
@@ -41,3 +48,30 @@ __all__ = [
     "validate_onnx",
     "write_onnx_export",
 ]
+
+#: where each public name lives
+_WHERE = {
+    "external_data_files": "exporters.graph", "load_onnx": "exporters.graph", "read_metadata": "exporters.graph",
+    "INPUT_NAME": "exporters.onnx.export", "OUTPUT_NAME": "exporters.onnx.export", "OnnxGraph": "exporters.onnx.export",
+    "torch_to_onnx": "exporters.onnx.export",
+    "FORMAT_TAG": "exporters.onnx.metadata", "build_metadata": "exporters.onnx.metadata",
+    "set_metadata": "exporters.onnx.metadata",
+    "describe_onnx": "exporters.onnx.model", "engine_sha256": "exporters.onnx.model",
+    "validate_onnx": "exporters.onnx.model",
+    "PROVIDERS": "exporters.onnx.runner", "OnnxRuntimeEngine": "exporters.onnx.runner",
+    "OnnxExport": "exporters.onnx.write", "export_onnx": "exporters.onnx.write",
+    "write_onnx_export": "exporters.onnx.write",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

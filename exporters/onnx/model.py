@@ -1,5 +1,8 @@
 """An ONNX file on disk: its checks (:func:`validate_onnx`), its identity (:func:`engine_sha256`, external data
 included) and what it is (:func:`describe_onnx`). Parsing and external-data confinement are :mod:`exporters.graph`'s.
+
+``onnx`` is imported by the checks and :func:`describe_onnx` only: :func:`engine_sha256` and :func:`combined_sha256`
+(what an audit needs) read the file with :func:`exporters.graph.read_graph`'s parser.
 """
 
 from __future__ import annotations
@@ -7,13 +10,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from exporters.graph import (
-    decode_errors,
     elem_type_name,
     external_data_files,
     first_line,
@@ -24,8 +25,12 @@ from exporters.graph import (
     shape_text,
     uses_external_data,
 )
+from exporters.onnxproto import decode_error, parse_model
 from kit.errors import UserError
 from kit.io import require_file
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["combined_sha256", "describe_onnx", "engine_sha256", "validate_onnx"]
 
@@ -46,6 +51,8 @@ def validate_onnx(proto: onnx.ModelProto, path: str | Path | None = None) -> onn
     onnx.checker.ValidationError, onnx.shape_inference.InferenceError
         On an invalid graph.
     """
+    import onnx
+
     if path is not None and uses_external_data(proto):
         onnx.checker.check_model(str(path), full_check=True)
     else:
@@ -91,8 +98,8 @@ def engine_sha256(path: str | Path) -> str:
         return "sha256:" + sha256_file(p)
     data = p.read_bytes()
     try:
-        proto = onnx.load_model_from_string(data)
-    except decode_errors():
+        proto = parse_model(data)
+    except (decode_error(), ValueError):
         return combined_sha256(data, [])  # no model, so no external data: the file's bytes are all there is
     return combined_sha256(data, external_data_files(proto, p) if uses_external_data(proto) else [])
 
@@ -105,6 +112,7 @@ def describe_onnx(path: str | Path) -> dict[str, Any]:
     UserError
         For a missing, corrupt or truncated file.
     """
+    import onnx
     import onnxruntime as ort
 
     proto, data, label = load_onnx(path)

@@ -1,4 +1,7 @@
-"""The ONNX Runtime runner: :class:`OnnxRuntimeEngine` runs an ONNX file on the CPU, CUDA or TensorRT provider."""
+"""The ONNX Runtime runner: :class:`OnnxRuntimeEngine` runs an ONNX file on the CPU, CUDA or TensorRT provider.
+
+It imports no ``onnx`` package: the file is read with :func:`exporters.graph.read_graph` and checked by ONNX Runtime.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import onnx
 import torch
 
 from exporters.base import Engine, check_input_type, check_max_batch, resolve_convention
@@ -21,11 +23,12 @@ from exporters.graph import (
     first_line,
     graph_interface,
     infer_precision,
-    load_onnx,
+    read_graph,
     read_metadata,
     uses_external_data,
 )
 from exporters.onnx.model import combined_sha256
+from exporters.onnxproto import TensorType
 from kit.convention import InputConvention
 from kit.errors import UserError
 
@@ -45,8 +48,8 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 
 
 #: ONNX element types of the float tensors the runner binds (what ``IOBinding`` takes for ``element_type``).
-_ONNX_ELEMENT = {np.float32: onnx.TensorProto.FLOAT, np.float16: onnx.TensorProto.FLOAT16,
-                 np.uint8: onnx.TensorProto.UINT8}
+_ONNX_ELEMENT = {np.float32: int(TensorType.FLOAT), np.float16: int(TensorType.FLOAT16),
+                 np.uint8: int(TensorType.UINT8)}
 _TORCH_TYPES = {np.float32: torch.float32, np.float16: torch.float16, np.uint8: torch.uint8}
 
 
@@ -143,7 +146,7 @@ class OnnxRuntimeEngine(Engine):
                  convention_flag: str = "--engine-input") -> None:
         import onnxruntime as ort
 
-        proto, data, label = load_onnx(source)
+        proto, data, label = read_graph(source)  # no onnx import: ONNX Runtime checks the graph below
         external = [] if isinstance(source, (bytes, bytearray)) or not uses_external_data(proto) else \
             external_data_files(proto, source)
         self.metadata = read_metadata(proto)

@@ -2,20 +2,27 @@
 
 Each entry fixes an attack class, its norm and the budget it runs with inside the minimum-epsilon search (fixed-budget
 attacks) or once, capped at eps_max (minimum-norm attacks). Modules are imported only when an attack is built.
+
+Importing this module imports no torch: the names (:func:`list_attacks`, :func:`expand`, :data:`PRESETS`) come from a
+plain table, and the :class:`AttackSpec` objects (:data:`ATTACKS`, :func:`get_attack`), whose norm is a
+:class:`kit.attacks.base.Norm`, are built from it on first use. ``otkit audit --help`` lists the names only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch.nn as nn
-
-from kit.attacks.base import Attack, Norm
 from kit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from kit.attacks.base import Attack, Norm
 
 
 @dataclass(frozen=True)
@@ -100,49 +107,61 @@ def _typed(text: str, like: Any, where: str) -> Any:
     return t
 
 
-_SPECS = [
-    AttackSpec("pgd-linf", "kit.attacks.pgd", "PGD", Norm.LINF, "PGD, 10 steps per rung, CE loss (Madry et al. 2018)",
-               {"steps": 10}),
-    AttackSpec("pgd-l2", "kit.attacks.pgd", "PGD", Norm.L2, "PGD in L2, 10 steps per rung, CE loss", {"steps": 10}),
-    AttackSpec("apgd-ce", "kit.attacks.apgd", "APGD", Norm.LINF, "APGD-CE, 20 steps per rung (Croce & Hein 2020)",
-               {"loss": "ce", "steps": 20}),
-    AttackSpec("apgd-dlr", "kit.attacks.apgd", "APGD", Norm.LINF, "APGD-DLR, 20 steps per rung (Croce & Hein 2020)",
-               {"loss": "dlr", "steps": 20}),
-    AttackSpec("apgd-ce-l2", "kit.attacks.apgd", "APGD", Norm.L2, "APGD-CE in L2, 20 steps per rung",
-               {"loss": "ce", "steps": 20}),
-    AttackSpec("apgd-dlr-l2", "kit.attacks.apgd", "APGD", Norm.L2, "APGD-DLR in L2, 20 steps per rung",
-               {"loss": "dlr", "steps": 20}),
-    AttackSpec("apgd-t", "kit.attacks.apgd", "APGDT", Norm.LINF,
-               "APGD-T, 9 targets x 20 steps per rung, targeted DLR loss (Croce & Hein 2020, AutoAttack)",
-               {"loss": "dlr", "steps": 20, "n_targets": 9}),
-    AttackSpec("apgd-t-l2", "kit.attacks.apgd", "APGDT", Norm.L2, "APGD-T in L2, 9 targets x 20 steps per rung",
-               {"loss": "dlr", "steps": 20, "n_targets": 9}),
-    AttackSpec("fmn-linf", "kit.attacks.fmn", "FMN", Norm.LINF, "Fast Minimum-Norm, 100 steps (Pintor et al. 2021)",
-               {"steps": 100}),
-    AttackSpec("fmn-l2", "kit.attacks.fmn", "FMN", Norm.L2, "Fast Minimum-Norm in L2, 100 steps", {"steps": 100}),
-    AttackSpec("fab-t", "kit.attacks.fab", "FABT", Norm.LINF,
-               "FAB-T, 9 targets x 100 steps + 10 bisections (Croce & Hein 2020, AutoAttack)",
-               {"steps": 100, "n_targets": 9, "final_search": 10}),
-    AttackSpec("fab-t-l2", "kit.attacks.fab", "FABT", Norm.L2, "FAB-T in L2, 9 targets x 100 steps + 10 bisections",
-               {"steps": 100, "n_targets": 9, "final_search": 10}),
-    AttackSpec("tr-linf", "kit.attacks.trust_region", "TrustRegion", Norm.LINF,
-               "Trust-Region attack, 100 steps (Yao et al. 2019; the SAT paper's evaluation)", {"steps": 100}),
-    AttackSpec("tr-l2", "kit.attacks.trust_region", "TrustRegion", Norm.L2, "Trust-Region attack in L2, 100 steps",
-               {"steps": 100}),
-    AttackSpec("square-linf", "kit.attacks.square", "Square", Norm.LINF,
-               "Square attack, 300 queries per rung, forward passes only (Andriushchenko et al. 2020)",
-               {"queries": 300}, gradient_free=True),
-    AttackSpec("square-l2", "kit.attacks.square", "Square", Norm.L2, "Square attack in L2, 300 queries per rung",
-               {"queries": 300}, gradient_free=True),
+class _Entry(NamedTuple):
+    """One row of the table :data:`ATTACKS` is built from: an :class:`AttackSpec` with its norm as text."""
+
+    name: str
+    module: str
+    cls: str
+    norm: str
+    description: str
+    kwargs: dict[str, Any] = {}  # never modified: copied into the spec
+    gradient_free: bool = False
+
+
+_ENTRIES = (
+    _Entry("pgd-linf", "kit.attacks.pgd", "PGD", "linf", "PGD, 10 steps per rung, CE loss (Madry et al. 2018)",
+           {"steps": 10}),
+    _Entry("pgd-l2", "kit.attacks.pgd", "PGD", "l2", "PGD in L2, 10 steps per rung, CE loss", {"steps": 10}),
+    _Entry("apgd-ce", "kit.attacks.apgd", "APGD", "linf", "APGD-CE, 20 steps per rung (Croce & Hein 2020)",
+           {"loss": "ce", "steps": 20}),
+    _Entry("apgd-dlr", "kit.attacks.apgd", "APGD", "linf", "APGD-DLR, 20 steps per rung (Croce & Hein 2020)",
+           {"loss": "dlr", "steps": 20}),
+    _Entry("apgd-ce-l2", "kit.attacks.apgd", "APGD", "l2", "APGD-CE in L2, 20 steps per rung",
+           {"loss": "ce", "steps": 20}),
+    _Entry("apgd-dlr-l2", "kit.attacks.apgd", "APGD", "l2", "APGD-DLR in L2, 20 steps per rung",
+           {"loss": "dlr", "steps": 20}),
+    _Entry("apgd-t", "kit.attacks.apgd", "APGDT", "linf",
+           "APGD-T, 9 targets x 20 steps per rung, targeted DLR loss (Croce & Hein 2020, AutoAttack)",
+           {"loss": "dlr", "steps": 20, "n_targets": 9}),
+    _Entry("apgd-t-l2", "kit.attacks.apgd", "APGDT", "l2", "APGD-T in L2, 9 targets x 20 steps per rung",
+           {"loss": "dlr", "steps": 20, "n_targets": 9}),
+    _Entry("fmn-linf", "kit.attacks.fmn", "FMN", "linf", "Fast Minimum-Norm, 100 steps (Pintor et al. 2021)",
+           {"steps": 100}),
+    _Entry("fmn-l2", "kit.attacks.fmn", "FMN", "l2", "Fast Minimum-Norm in L2, 100 steps", {"steps": 100}),
+    _Entry("fab-t", "kit.attacks.fab", "FABT", "linf",
+           "FAB-T, 9 targets x 100 steps + 10 bisections (Croce & Hein 2020, AutoAttack)",
+           {"steps": 100, "n_targets": 9, "final_search": 10}),
+    _Entry("fab-t-l2", "kit.attacks.fab", "FABT", "l2", "FAB-T in L2, 9 targets x 100 steps + 10 bisections",
+           {"steps": 100, "n_targets": 9, "final_search": 10}),
+    _Entry("tr-linf", "kit.attacks.trust_region", "TrustRegion", "linf",
+           "Trust-Region attack, 100 steps (Yao et al. 2019; the SAT paper's evaluation)", {"steps": 100}),
+    _Entry("tr-l2", "kit.attacks.trust_region", "TrustRegion", "l2", "Trust-Region attack in L2, 100 steps",
+           {"steps": 100}),
+    _Entry("square-linf", "kit.attacks.square", "Square", "linf",
+           "Square attack, 300 queries per rung, forward passes only (Andriushchenko et al. 2020)",
+           {"queries": 300}, gradient_free=True),
+    _Entry("square-l2", "kit.attacks.square", "Square", "l2", "Square attack in L2, 300 queries per rung",
+           {"queries": 300}, gradient_free=True),
     # Wasserstein radii are in the unit-mass scale of kit.ot (each image divided by its total mass), 5x5 local plans.
-    AttackSpec("wasserstein-pgd", "kit.attacks.wasserstein", "WassersteinPGD", Norm.WASSERSTEIN,
-               "projected-Sinkhorn PGD, 20 steps per rung (Wong et al. 2019)", {"steps": 20}),
-    AttackSpec("unbalanced-sinkhorn", "kit.attacks.unbalanced", "UnbalancedSinkhornAttack", Norm.WASSERSTEIN,
-               "unbalanced (KL-relaxed) Sinkhorn attack, 20 steps per rung", {"steps": 20}),
-    AttackSpec("fw-wasserstein", "kit.attacks.frank_wolfe", "FrankWolfeWasserstein", Norm.WASSERSTEIN,
-               "Frank-Wolfe Wasserstein attack, 20 steps per rung (Wu, Wang & Yu 2020)", {"steps": 20}),
-]
-ATTACKS: dict[str, AttackSpec] = {s.name: s for s in _SPECS}
+    _Entry("wasserstein-pgd", "kit.attacks.wasserstein", "WassersteinPGD", "wasserstein",
+           "projected-Sinkhorn PGD, 20 steps per rung (Wong et al. 2019)", {"steps": 20}),
+    _Entry("unbalanced-sinkhorn", "kit.attacks.unbalanced", "UnbalancedSinkhornAttack", "wasserstein",
+           "unbalanced (KL-relaxed) Sinkhorn attack, 20 steps per rung", {"steps": 20}),
+    _Entry("fw-wasserstein", "kit.attacks.frank_wolfe", "FrankWolfeWasserstein", "wasserstein",
+           "Frank-Wolfe Wasserstein attack, 20 steps per rung (Wu, Wang & Yu 2020)", {"steps": 20}),
+)
+
 
 #: names that stand for several attacks run together, their worst case reported per threat model: AutoAttack's
 #: standard ensemble (Croce & Hein, ICML 2020). Members are ``NAME`` or ``NAME:key=value,...`` (the parameters of
@@ -155,9 +174,30 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.cache
+def _attacks() -> dict[str, AttackSpec]:
+    """:data:`ATTACKS`, built on first use (the norms are :class:`kit.attacks.base.Norm`, which imports torch)."""
+    from kit.attacks.base import Norm
+
+    return {e.name: AttackSpec(e.name, e.module, e.cls, Norm(e.norm), e.description, dict(e.kwargs),
+                               e.gradient_free) for e in _ENTRIES}
+
+
+def __getattr__(name: str) -> Any:
+    # ATTACKS: dict[str, AttackSpec], every registered attack by name (PEP 562: built when first asked for)
+    if name == "ATTACKS":
+        return _attacks()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    #: every registered attack by name
+    ATTACKS: dict[str, AttackSpec]
+
+
 def list_attacks() -> list[str]:
-    """Registered attack names, then the presets (:data:`PRESETS`)."""
-    return [*ATTACKS, *PRESETS]
+    """Registered attack names, then the presets (:data:`PRESETS`); imports no attack (and no torch)."""
+    return [*(e.name for e in _ENTRIES), *PRESETS]
 
 
 def expand(name: str) -> tuple[str, ...]:
@@ -168,7 +208,7 @@ def expand(name: str) -> tuple[str, ...]:
 def get_attack(name: str) -> AttackSpec:
     """The spec registered under ``name``; an unknown name is a :class:`UserError` listing the known ones."""
     try:
-        return ATTACKS[name]
+        return _attacks()[name]
     except KeyError:
         if name in PRESETS:
             raise UserError(f"{name} is a preset of several attacks ({', '.join(expand(name))}), not one "

@@ -23,6 +23,7 @@ from kit.cli.common import (
     dependency_versions,
     emit_json,
     engine_input_option,
+    flag_ids,
     seed_option,
     set_interrupt_hint,
     table,
@@ -59,13 +60,6 @@ def audit_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
 
 AUDIT_COLUMNS = ["attack", "norm", "eps_max", "twin AUAC", "engine AUAC", "gap", "gap 95% CI", "max curve gap",
                  "verdict"]
-
-
-def flag_ids() -> list[str]:
-    """The validity checks' ids (for --allow-flag's help; imports the checks when called)."""
-    from evaluators.checks import CHECKS
-
-    return list(CHECKS)
 
 
 def flag_effect(doc: dict[str, Any], check: dict[str, Any]) -> str:

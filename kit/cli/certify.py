@@ -22,6 +22,7 @@ from kit.cli.common import (
     dependency_versions,
     emit_json,
     engine_input_option,
+    flag_ids,
     seed_option,
     set_interrupt_hint,
     table,
@@ -41,12 +42,6 @@ Exit statuses:
 class SmoothingKind(str, Enum):
     GAUSSIAN = "gaussian"
     WASSERSTEIN = "wasserstein"
-
-
-def _flag_ids() -> list[str]:
-    from evaluators.checks import CHECKS
-
-    return list(CHECKS)
 
 
 def print_certificate(doc: dict[str, Any]) -> None:
@@ -112,7 +107,7 @@ def print_certificate(doc: dict[str, Any]) -> None:
               help="Noise samples of the smoothed prediction that judges each attack candidate.")
 @click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDERS),
               help="ONNX Runtime provider (repeatable; default: the --device's).")
-@click.option("--allow-flag", "allowed_flags", multiple=True, metavar="ID", cls=ListedOption, listed=_flag_ids,
+@click.option("--allow-flag", "allowed_flags", multiple=True, metavar="ID", cls=ListedOption, listed=flag_ids,
               help="Let an error-level flag pass (repeatable; recorded; docs/checks.md).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted certificate in --out.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),

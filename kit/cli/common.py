@@ -21,9 +21,10 @@ from exporters.formats import ORT_PROVIDERS
 from kit.errors import UserError
 
 __all__ = [
-    "EXIT_INTERRUPTED", "EXIT_STATUSES", "PROVIDERS", "AliasOption", "LazyChoice", "ListedOption", "arch_option",
-    "attack_names", "command_device", "command_seed", "current_hint", "dependency_versions", "emit_json",
-    "engine_input_option", "os_error_message", "seed_option", "set_interrupt_hint", "table", "twin_import_options",
+    "DEFENSE_NAMES", "EXIT_INTERRUPTED", "EXIT_STATUSES", "FLAG_IDS", "PROVIDERS", "AliasOption", "LazyChoice",
+    "ListedOption", "arch_option", "attack_names", "command_device", "command_seed", "current_hint",
+    "dependency_versions", "emit_json", "engine_input_option", "flag_ids", "os_error_message", "seed_option",
+    "set_interrupt_hint", "table", "twin_import_options",
 ]
 
 EXIT_STATUSES = """\b
@@ -43,6 +44,21 @@ _WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS
 
 #: ONNX Runtime providers ``--provider`` accepts (exporters.formats imports no torch or onnx, so --help stays fast)
 PROVIDERS = list(ORT_PROVIDERS)
+
+# Names from registries whose modules import torch, copied here so that ``--help`` imports none of them;
+# tests/test_startup.py checks each copy against its registry.
+#: The validity checks' ids, in the order of :data:`evaluators.checks.CHECKS` (``--allow-flag``'s help).
+FLAG_IDS = (
+    "curve-not-monotone", "not-zero-at-unbounded-eps", "zero-gradients", "non-finite-gradients",
+    "outputs-look-like-probabilities", "randomised-outputs", "single-step-beats-multi-step",
+    "black-box-beats-white-box", "fixed-eps-contradiction", "adversarial-not-verified", "precision-not-deployed",
+    "test-blind", "engine-above-twin", "certificate-violated",
+)
+#: The defenses in registration order, as :func:`kit.defenses.list_defenses` gives them (``train --defense``'s help).
+DEFENSE_NAMES = (
+    "standard", "madry", "mixed", "trades", "atda", "sat", "got-pgd", "got-trades", "otc", "otc-adv", "unbalanced-at",
+    "wat", "gaussian", "smoothadv",
+)
 
 
 # ------------------------------------------------------------------------------------------------------ interruption
@@ -156,12 +172,22 @@ class AliasOption(click.Option):
 
 
 class LazyChoice(click.Choice):
-    """A ``click.Choice`` whose choices come from a registry, loaded only when needed (``--help`` stays fast)."""
+    """A ``click.Choice`` whose choices come from a registry, loaded only when needed (``--help`` stays fast).
 
-    def __init__(self, load: Callable[[], list[str]]) -> None:
+    ``shown``: the names ``--help`` shows without loading the registry (a copy, such as :data:`DEFENSE_NAMES`); a
+    value given on the command line is still checked against the registry itself.
+    """
+
+    def __init__(self, load: Callable[[], list[str]], shown: tuple[str, ...] | None = None) -> None:
         self._load = load
         self._loaded: tuple[str, ...] | None = None
+        self._shown = shown
         self.case_sensitive = True
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
+        if self._shown is not None and self._loaded is None and param.param_type_name == "option":
+            return f"[{'|'.join(self._shown)}]"
+        return super().get_metavar(param, ctx)
 
     @property
     def choices(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -189,8 +215,14 @@ class ListedOption(click.Option):
         return super().get_help_record(ctx)
 
 
+def flag_ids() -> list[str]:
+    """The validity checks' ids (for ``ListedOption(listed=flag_ids)``): :data:`FLAG_IDS`, no import."""
+    return list(FLAG_IDS)
+
+
 def attack_names() -> list[str]:
-    """The attack registry's names (for ``ListedOption(listed=attack_names)``; imports the registry when called)."""
+    """The attack registry's names (for ``ListedOption(listed=attack_names)``; imports the registry, which imports no
+    attack module and no torch, when called)."""
     from kit.attacks.registry import list_attacks
 
     return list_attacks()

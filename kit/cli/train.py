@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from kit.cli.common import LazyChoice, command_device, emit_json, set_interrupt_hint
+from kit.cli.common import DEFENSE_NAMES, LazyChoice, command_device, emit_json, set_interrupt_hint
 from kit.errors import UserError
 
 
@@ -70,7 +70,8 @@ def _train_config(ctx: click.Context, values: dict[str, Any], config: Path | Non
 @click.command()
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML file whose [train] table sets any training option (docs/train.md); options given here win.")
-@click.option("--defense", default="standard", type=LazyChoice(_defense_names), help="Training objective.")
+@click.option("--defense", default="standard", type=LazyChoice(_defense_names, shown=DEFENSE_NAMES),
+              help="Training objective.")
 @click.option("--arch", default="cnn-small", help="Zoo name (otkit models list) or path/to/file.py:ClassOrFactory.")
 @click.option("--data", "data_spec", default="digits", help="Dataset spec (otkit data --help).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10)

@@ -3,7 +3,7 @@
 A *spec* names a dataset kind and, for most kinds, where it lives on disk:
 
 =====================  =====================================================================================
-``digits``             scikit-learn's 8x8 digits (1797 images, shipped with scikit-learn), 1x8x8
+``digits``             scikit-learn's 8x8 digits (1797 images, embedded in the kit), 1x8x8
 ``digits:N``           the same, resized to 1xNxN (bilinear), any integer ``N >= 4``
 ``mnist:DIR``          the four MNIST IDX files, plain or ``.gz``
 ``fashion-mnist:DIR``  the four Fashion-MNIST IDX files, plain or ``.gz``
@@ -28,7 +28,7 @@ The package holds one module per format, behind the spec parser:
 ``kit.data.spec``        the spec parser: :func:`parse_spec`, :func:`dataset_kinds`, :func:`load_dataset`
 ``kit.data.dataset``     the :class:`Dataset` type (subset, loader, fingerprint) and :func:`fingerprint_arrays`
 ``kit.data._common``     helpers every format shares: seeded split, label checks, uint8 -> float conversion
-``kit.data.digits``      ``digits`` / ``digits:N`` (scikit-learn imported on first use)
+``kit.data.digits``      ``digits`` / ``digits:N`` (the embedded ``digits.npz``, read on first use)
 ``kit.data.idx``         ``mnist`` / ``fashion-mnist`` IDX files
 ``kit.data.cifar``       ``cifar10`` / ``cifar100`` batches
 ``kit.data.unpickle``    the restricted unpickler CIFAR batches are read with

@@ -106,7 +106,7 @@ def load_dataset(spec: str, split: str = "train", seed: int = 0) -> Dataset:
 def _load_arrays(kind: str, spec: str, arg: str | None, split: str, seed: int) -> Arrays:
     """Hand the spec's argument to its kind's format module, imported here: on first use, not with ``kit.data``."""
     if kind == "digits":
-        from kit.data import digits  # scikit-learn comes in only when the digits are read
+        from kit.data import digits
 
         return digits.load(spec, arg, split, seed)
     if kind in ("mnist", "fashion-mnist"):
