@@ -181,3 +181,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def lazy_exports(module: str, where: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's ``__getattr__`` and ``__dir__`` (PEP 562) importing each public name from its module on first use.
+
+    ``where`` maps each name to the module it lives in; a name found is cached in the package, so later lookups skip
+    the function. The package imports nothing heavy until a name is used (``otkit --help`` stays without torch).
+    """
+    import importlib
+
+    def __getattr__(name: str) -> Any:
+        home = where.get(name)
+        if home is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(home), name)
+        setattr(sys.modules[module], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*vars(sys.modules[module]), *where})
+
+    return __getattr__, __dir__
+
