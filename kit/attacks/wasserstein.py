@@ -77,7 +77,9 @@ class WassersteinPGD(Attack):
     eps0, eps_factor, eps_every : float, float, int
         The growing-radius protocol (above); ``eps0=None`` keeps the radius fixed.
     kernel_size, p : int, float
-        Local plans (paper: 5 x 5, Euclidean pixel distance).
+        Local plans (paper: 5 x 5, Euclidean pixel distance, i.e. ``p=2``: the cost of an offset is its p-norm). Wong
+        et al.'s released code counts differently: its ``wasserstein_cost(p=2)`` (its attack scripts' default) is the
+        squared Euclidean distance, and its ``p=1`` is this ``p=2``.
     reg : float
         Projection regularisation (:func:`~kit.ot.projection.project_wasserstein`, per unit mass). 100 here, below
         the projection's own default of 500: with ``proj_iter=50`` per step the sharper problem is further from
