@@ -1,6 +1,6 @@
 """Frank-Wolfe step cost (issue 20; figures go to docs/BENCHMARKS.md): seconds per Frank-Wolfe step over seconds per
 forward + backward of the same model and batch, with the capacity-aware oracle as it was (``before``: the oracle of
-commit 3f028c6, kept verbatim below as :func:`capacity_lmo_before`, which computes the plan (N, C, k*k, H, W) in every
+commit 3f028c6, kept verbatim as :func:`tests.test_frank_wolfe.reference_capacity_lmo`, which computes the plan (N, C, k*k, H, W) in every
 sweep) and as it is (``after``: :func:`kit.attacks.frank_wolfe.capacity_lmo` on the target-side score, which sweeps on
 images and builds the plan once).
 
@@ -37,68 +37,17 @@ sys.path.insert(0, str(_HERE.parent))
 
 import kit.attacks.frank_wolfe as fw  # noqa: E402
 from bench.common import device_description, emit, load_average  # noqa: E402
-from kit.errors import UserError  # noqa: E402
-from kit.ot.local import neighbours, plan_cost, target_marginal, valid_offsets  # noqa: E402
+from kit.ot.local import neighbours  # noqa: E402
+from tests.test_frank_wolfe import reference_capacity_lmo  # noqa: E402  (the old oracle, verbatim)
 
 CONFIGS = (("resnet20", (3, 32, 32)), ("cnn-small", (1, 28, 28)))
-
-
-def capacity_lmo_before(score, source, capacity, cost, eps, gamma=3e-2, *, valid=None, psi=None, beta=None,
-                        max_iter=10, tol=1e-2):
-    """:func:`kit.attacks.frank_wolfe.capacity_lmo` of commit 3f028c6, verbatim but for the docstring (the
-    reference of the 'before' figures); takes the (N, C, k*k, H, W) score only."""
-    n, c, kk, h, w = score.shape
-    k = int(round(math.sqrt(kk)))
-    if not (gamma > 0 and math.isfinite(gamma)):
-        raise UserError(f"the capacity-aware oracle needs a finite entropic temperature gamma > 0, got {gamma!r}")
-    if valid is None:
-        valid = valid_offsets(h, w, k, device=score.device)
-    dev, dt = score.device, score.dtype
-    cvec = cost.to(device=dev, dtype=dt)
-    cg = (cvec / gamma).view(1, 1, kk, 1, 1)
-    cap = capacity.expand(n, c, h, w).to(dt)
-    invalid = ~valid.view(1, 1, kk, h, w)
-    scaled = score.masked_fill(invalid, float("-inf")) / gamma
-    floor = torch.full((1, 1, kk, h, w), fw._LOG_FLOOR, device=dev, dtype=dt).masked_fill(invalid, float("-inf"))
-    m = source.unsqueeze(2)
-    mult = torch.zeros(n, device=dev, dtype=dt) if psi is None else psi.to(dt).clone()
-    prices = torch.zeros(n, c, h, w, device=dev, dtype=dt) if beta is None else beta.to(dt).clone()
-    log_cap = torch.log(cap)
-    max_drop = 60.0 * gamma / float(cvec.max().clamp_min(1.0))
-    tiny = torch.finfo(dt).tiny
-    converged = torch.zeros(n, dtype=torch.bool, device=dev)
-
-    def rows() -> torch.Tensor:
-        z = scaled - neighbours(prices / gamma, k) - mult.view(-1, 1, 1, 1, 1) * cg
-        z = torch.maximum(z - z.amax(2, keepdim=True), floor)
-        return m * torch.softmax(z, dim=2)
-
-    iters = 0
-    for iters in range(1, max_iter + 1):  # noqa: B007
-        plan = rows()
-        delta = fw._cost_step(plan.sum((1, 3, 4)), cvec, eps, mult, gamma, max_drop)
-        mult = mult + delta
-        plan = plan * torch.exp(-delta.view(-1, 1, 1, 1, 1) * cg)
-        z = target_marginal(plan)
-        prices = (prices + gamma * (torch.log(z.clamp_min(tiny)) - log_cap)).clamp_min(0)
-        excess = ((z - cap) / cap).flatten(1).amax(1)
-        row_err = (plan.sum(2) - source).abs().flatten(1).sum(1)
-        converged = (excess <= tol) & (row_err <= tol)
-        if converged.all():
-            break
-    plan = rows()
-    plan, _, _ = fw.return_excess(plan, source, cap)
-    spent = plan_cost(plan, cvec)
-    lam = torch.where(spent > eps, eps / spent.clamp_min(tiny), torch.ones_like(spent)).view(-1, 1, 1, 1, 1)
-    plan = lam * plan + (1 - lam) * fw.identity_plan(source, k)
-    return fw.CapacityOracleResult(plan, mult, prices, iters, converged)
 
 
 def _before(score, source, *args, **kwargs):
     """The old oracle behind the new call: the attack now passes the target-side score (N, C, H, W)."""
     if score.dim() == 4:
         score = neighbours(score, int(round(math.sqrt(args[1].numel()))))
-    return capacity_lmo_before(score, source, *args, **kwargs)
+    return reference_capacity_lmo(score, source, *args, **kwargs)
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:

@@ -342,10 +342,11 @@ def test_minimum_epsilon_search_takes_the_plan_cost_as_the_radius(digits_model):
 # --- the target-side capacity oracle (issue 20) against the oracle it replaced -------------------------------------
 
 
-def _reference_capacity_lmo(score, source, capacity, cost, eps, gamma=3e-2, *, valid=None, psi=None, beta=None,
+def reference_capacity_lmo(score, source, capacity, cost, eps, gamma=3e-2, *, valid=None, psi=None, beta=None,
                             max_iter=10, tol=1e-2):
     """``capacity_lmo`` as it was before the target-side fast path (commit 3f028c6), verbatim but for the docstring:
-    the plan (N, C, k*k, H, W) computed in every sweep. The reference of the tests below."""
+    the plan (N, C, k*k, H, W) computed in every sweep. The reference of the tests below and of bench/frank_wolfe.py's
+    'before' figures."""
     n, c, kk, h, w = score.shape
     k = int(round(math.sqrt(kk)))
     if not (gamma > 0 and math.isfinite(gamma)):
@@ -397,7 +398,7 @@ def _reference_oracle(score, source, capacity, cost, *args, **kwargs):
     """The reference behind the attack's call, which now passes the target-side score (N, C, H, W)."""
     if score.dim() == 4:
         score = neighbours(score, int(round(math.sqrt(cost.numel()))))
-    return _reference_capacity_lmo(score, source, capacity, cost, *args, **kwargs)
+    return reference_capacity_lmo(score, source, capacity, cost, *args, **kwargs)
 
 
 def _saturated_batch(n, c, s, seed, dtype=torch.float32):
@@ -439,7 +440,7 @@ def test_target_score_oracle_matches_the_reference(dtype, gamma, path, monkeypat
     eps = torch.tensor([0.02, 0.1, 0.3, 1.0], dtype=dtype)
     ref_duals, new_duals = {}, {}
     for _ in range(3):
-        ref = _reference_capacity_lmo(neighbours(t, 5), src, cap, cost, eps, gamma, max_iter=15, **ref_duals)
+        ref = reference_capacity_lmo(neighbours(t, 5), src, cap, cost, eps, gamma, max_iter=15, **ref_duals)
         new = capacity_lmo(t, src, cap, cost, eps, gamma, max_iter=15, **new_duals)
         _check_feasible(new.plan.double(), src.double(), cost.double(), eps.double(), 5, cap=cap.double(),
                         tol=1e-5 if dtype == torch.float32 else 1e-12)
