@@ -17,8 +17,8 @@ The method (``docs/audit.md`` explains it at length):
    ``|AUAC gap| > tolerances.auac``, or when at some grid radius the curves differ by more than ``tolerances.curve``
    and McNemar's test finds the difference significant (p < ``tolerances.alpha``); else ``match``.
 4. **Black box.** The Square attack (forward passes only) runs on the engine itself for the first
-   ``blackbox_samples`` examples, in a minimum-epsilon search of its own (every rung, then bisection) per L-inf / L2
-   threat model; where it fools an example below every twin-guided attack's radius, the
+   ``blackbox_samples`` examples, per L-inf / L2 threat model, where it can still lower a worst case: one run at the
+   smallest radius a twin-guided attack needed (eps_max where none did), then bisection where it fooled; where it fools an example below every twin-guided attack's radius, the
    ``black-box-beats-white-box`` flag says so (and whether the twin falls there too). **Engine-only**: the
    differential attack on a replica of the engine's arithmetic (int8 fake quantisation, fp16), judged by the engine.
 5. **Worst case** per threat model: per example the smallest eps* of any attack of that norm, the black box and the
@@ -793,9 +793,12 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         by_norm.setdefault(req.spec.norm, []).append((eps_max, eps_e))
         twin_by_norm.setdefault(req.spec.norm, []).append(eps_t)
 
-    # 3. black box on the engine: Square (forward passes only) in a minimum-epsilon search of its own, at every rung of
-    # the ladder and then bisected; its radii join the worst case, and where it fools an example below the smallest
-    # radius of every twin-guided attack, a flag says so (and whether the twin falls there too)
+    # 3. black box on the engine: Square (forward passes only) where it can still teach something, as AutoAttack runs
+    # it only on the points still robust: one run per example at the smallest radius any twin-guided attack of the
+    # norm needed on either side (eps_max where none did), then bisection where it fooled. Its radii join the worst
+    # case, and where it fools an example below every twin-guided attack, a flag says so (and whether the twin falls
+    # there too). Without a ladder below that radius: Square does not warm-start, and one run at the top radius is as
+    # strong as a run at every rung (docs/BENCHMARKS.md), for a fraction of the queries.
     n_bb = min(cfg.blackbox_samples, len(x))
     blackbox: dict[Norm, dict[str, Any]] = {}
     for norm, items in by_norm.items():
@@ -803,9 +806,12 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
             continue
         eps_max = max(e for e, _ in items)
         best = torch.stack([e for _, e in items]).min(0).values[:n_bb].cpu().double()
+        best_t = torch.stack(twin_by_norm[norm]).min(0).values[:n_bb].cpu().double()
+        known = torch.maximum(best, best_t).to(x.device)  # below it, a black-box radius lowers a worst case
         square = get_attack(f"square-{norm.value}").build(engine_mod, seed=cfg.seed, queries=cfg.blackbox_queries)
         bar = open_bar(f"black box: square-{norm.value}", total=n_bb, unit="ex")
-        res = min_eps_search(square, x[:n_bb], y[:n_bb], eps_max, cfg.rungs, cfg.tol, on_step=bar.within(0, n_bb))
+        res = min_eps_search(square, x[:n_bb], y[:n_bb], eps_max, 1, cfg.tol, on_step=bar.within(0, n_bb),
+                             known=known)
         bar.close()
         found = res.eps_star.detach().cpu().double()
         margin = cfg.tol or eps_max / 256  # both searches bisect to this: closer radii are the same boundary
@@ -831,7 +837,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         # models, or more effort on one side, does not read as an engine defect
         square_t = get_attack(f"square-{norm.value}").build(twin, seed=cfg.seed, queries=cfg.blackbox_queries)
         bar = open_bar(f"black box: square-{norm.value} on the twin", total=n_bb, unit="ex")
-        res_t = min_eps_search(square_t, x[:n_bb], y[:n_bb], eps_max, cfg.rungs, cfg.tol, on_step=bar.within(0, n_bb))
+        res_t = min_eps_search(square_t, x[:n_bb], y[:n_bb], eps_max, 1, cfg.tol, on_step=bar.within(0, n_bb),
+                               known=known)
         bar.close()
         found_t = res_t.eps_star.detach().cpu().double()
         with torch.no_grad():
@@ -841,7 +848,9 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         eng = torch.minimum(found, torch.where(fools_engine, found_t, inf))
         tw = torch.minimum(found_t, torch.where(fools_twin, found, inf))
         blackbox[norm] = {"attack": f"square-{norm.value}", "queries": cfg.blackbox_queries, "samples": n_bb,
-                          "radii": "minimum-epsilon search (every rung, then bisection), on the engine and on the twin",
+                          "radii": "one run at the smallest radius a twin-guided attack needed on either side "
+                                   "(eps_max where none did), then bisection where it fooled; on the engine and on "
+                                   "the twin",
                           "eps": _radii(eng, eps_max), "twin_eps": _radii(tw, eps_max)}
 
     # 3b. engine-only: where the engine's own arithmetic (int8 rounding, fp16) is weaker than the twin's, found by the

@@ -79,6 +79,7 @@ def min_eps_search(
     tol: float | None = None,
     warm_start: bool = True,
     on_step: Callable[[float], None] | None = None,
+    known: torch.Tensor | None = None,
 ) -> SearchResult:
     """Smallest epsilon per example at which a fixed-budget attack fools the model, up to ``eps_max``.
 
@@ -101,6 +102,14 @@ def min_eps_search(
     on_step : callable, optional
         Called after every attack run with the estimated fraction of the search done (in [0, 1], 1 at the end), for
         progress bars within a batch.
+    known : (N,) tensor, optional
+        Per example, a radius at which it is already known to be fooled (the smallest eps* of the attacks run before:
+        as AutoAttack, attack only where something can still be learnt). The ladder's radii are capped there (its
+        last rung is ``known`` itself), and the search stops with an example once the attack resisted at a radius at
+        least this large: nothing it could still find would be smaller. Such an example keeps the adversarial it had
+        found by then, or none (``inf``). An example whose ladder is fooled below ``known`` is searched as without
+        it (exactly so where the attack's path for an example does not depend on the others in its batch: PGD and
+        APGD once their random starts are drawn).
 
     Returns
     -------
@@ -108,7 +117,8 @@ def min_eps_search(
         ``eps_star`` is the norm of the smallest adversarial verified by the model (an upper bound on the true
         minimum), 0 for examples misclassified clean, ``inf`` for examples not fooled up to ``eps_max``.
     """
-    return judged_search(attack, x, y, eps_max, {"model": attack.judge}, rungs, tol, warm_start, on_step)["model"]
+    return judged_search(attack, x, y, eps_max, {"model": attack.judge}, rungs, tol, warm_start, on_step,
+                         known)["model"]
 
 
 @contextmanager
@@ -172,6 +182,7 @@ def judged_search(
     tol: float | None = None,
     warm_start: bool = True,
     on_step: Callable[[float], None] | None = None,
+    known: torch.Tensor | None = None,
 ) -> dict[str, SearchResult]:
     """:func:`min_eps_search` for several judges at once: one search, each candidate judged by every side.
 
@@ -193,8 +204,8 @@ def judged_search(
     judges : mapping of side name to judge
         ``judge(x, y) -> (N,) bool`` (fooled), e.g. a deployed engine's verdict, or ``None`` for the attacked model's
         own verdict (free: its logits are at hand). A judge is shown only the candidates of rows still waiting for it.
-    x, y, eps_max, rungs, tol, warm_start, on_step
-        As for :func:`min_eps_search`.
+    x, y, eps_max, rungs, tol, warm_start, on_step, known
+        As for :func:`min_eps_search` (``known`` holds for every side).
 
     Returns
     -------
@@ -234,6 +245,9 @@ def judged_search(
     lo = torch.zeros(k_sides, n, dtype=x.dtype, device=dev)  # largest radius at which the side resisted
     hi = torch.full((k_sides, n), math.inf, dtype=x.dtype, device=dev)  # smallest radius at which it was fooled
     clean: torch.Tensor | None = None  # the clean logits, from the first run (which checks every example clean)
+    # radii already known to fool each example: a side that resisted at or beyond it leaves the search
+    known = (torch.full((n,), math.inf, dtype=x.dtype, device=dev) if known is None
+             else torch.as_tensor(known, device=dev).to(x.dtype).reshape(n))
 
     def run(ex: torch.Tensor, want: torch.Tensor, eps: torch.Tensor,
             init: torch.Tensor | None) -> tuple[torch.Tensor, AttackResult]:
@@ -265,20 +279,21 @@ def judged_search(
     fooled = torch.zeros(k_sides, n, dtype=torch.bool, device=dev)
     last: torch.Tensor | None = None  # the previous rung's last iterates (attacks that return them)
     for k in range(1, rungs + 1):
-        active = (~fooled).any(0).nonzero().squeeze(1)
+        wanted = ~fooled & ((lo < known) | (k == 1))  # the first rung checks every example clean
+        active = wanted.any(0).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        r = eps_max * k / rungs
-        want = ~fooled[:, active].T
-        hit, res = run(active, want, torch.full((active.numel(),), r, dtype=x.dtype, device=dev),
-                       last[active] if warm_start and last is not None else None)
+        r = torch.clamp(known[active], max=eps_max * k / rungs)  # no rung above what is known to fool
+        want = wanted[:, active].T
+        hit, res = run(active, want, r, last[active] if warm_start and last is not None else None)
         if res.x_last is not None:  # else (Square) each rung starts as the attack starts on its own
             if last is None:
                 last = x.detach().clone()
             last[active] = res.x_last
         for s in range(k_sides):
-            hi[s, active[want[:, s] & hit[:, s]]] = r
-            lo[s, active[want[:, s] & ~hit[:, s]]] = r
+            won, held = want[:, s] & hit[:, s], want[:, s] & ~hit[:, s]
+            hi[s, active[won]] = r[won]
+            lo[s, active[held]] = r[held]
         fooled[:, active] |= hit.T
 
     # Bisection on each side's [lo, hi] for every fooled example with eps* > 0, all in one batch with per-example
@@ -286,7 +301,7 @@ def judged_search(
     # the attack's path does not depend on who judges it, so each side sees what a search of its own would.
     hi = torch.minimum(hi, eps_star.to(x.dtype))
     while True:
-        need = (hi - lo > tol) & (eps_star > 0) & torch.isfinite(eps_star)
+        need = (hi - lo > tol) & (eps_star > 0) & torch.isfinite(eps_star) & (lo < known)
         if not need.any():
             break
         ex_parts, want_parts, mid_parts, init_parts = [], [], [], []
