@@ -20,7 +20,8 @@ For each model and each ``--samples`` size, both builds run
 ``otkit audit --engine E --twin T --data D --attack pgd-linf@EPS --samples N --seed 0 --allow-flag test-blind``
 (defaults otherwise: black box on 100 examples, engine-only search). Reported per run: wall seconds, CPU seconds
 (user + system of the child), the report's twin forward / backward passes per example, and per example whether the
-new eps* (twin and engine side) is equal, smaller or larger than the old. Start-up is measured apart: ``otkit audit
+new eps* (twin and engine side) is equal, smaller or larger than the old, for the attack and for the threat
+model's worst case (where the black box's radii join). Start-up is measured apart: ``otkit audit
 --help`` (wall, CPU) for each build.
 
 Run::
@@ -151,6 +152,10 @@ def audit_once(tree: Path, files: dict[str, str], eps: float, samples: int, out:
     att = report["attacks"][0]
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "passes": att["passes"],
             "eps_twin": att["twin"]["eps_star"], "eps_engine": att["engine"]["eps_star"],
+            "worst_twin": report["worst_case"][0]["twin"]["eps_star"],
+            "worst_engine": report["worst_case"][0]["engine"]["eps_star"],
+            "worst_auac_engine": report["worst_case"][0]["engine"]["auac"],
+            "blackbox_flags": sum(c["id"] == "black-box-beats-white-box" for c in report["checks"]),
             "auac_twin": att["twin"]["auac"], "auac_engine": att["engine"]["auac"], "status": report["status"]}
 
 
@@ -187,10 +192,14 @@ def main() -> None:
                                          / max(o["passes"]["forward_per_example"], 1e-9), 3)
             row["eps_twin"] = compare(o.pop("eps_twin"), w.pop("eps_twin"))
             row["eps_engine"] = compare(o.pop("eps_engine"), w.pop("eps_engine"))
+            # the worst case: the black box's radii join the twin-guided ones there
+            row["worst_twin"] = compare(o.pop("worst_twin"), w.pop("worst_twin"))
+            row["worst_engine"] = compare(o.pop("worst_engine"), w.pop("worst_engine"))
             log(f"{model} n={n}: wall {o['wall_s']} -> {w['wall_s']} s ({row['wall_ratio']}x), CPU {o['cpu_s']} -> "
                 f"{w['cpu_s']} s ({row['cpu_ratio']}x), backward/example "
                 f"{o['passes']['backward_per_example']:.1f} -> {w['passes']['backward_per_example']:.1f}, "
-                f"eps* twin {row['eps_twin']}, engine {row['eps_engine']}")
+                f"eps* twin {row['eps_twin']}, engine {row['eps_engine']}; worst case twin {row['worst_twin']}, "
+                f"engine {row['worst_engine']}")
             result["audits"].append(row)
     result["load_after"] = os.getloadavg()
     print(json.dumps(result, indent=1))

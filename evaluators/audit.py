@@ -60,6 +60,7 @@ from exporters.parity import compare_logits
 from kit.attacks.base import LP_NORMS, Norm
 from kit.attacks.registry import AttackSpec, get_attack
 from kit.attacks.search import SearchResult, judged_search, min_eps_search
+from kit.distributed import World, host_label
 from kit.errors import UserError
 from kit.runtime import open_bar, progress_bar
 
@@ -421,29 +422,80 @@ class TwinOnlyJudge:
             return (self.twin(x).argmax(1) != y) & (self.engine(x).argmax(1) == y)
 
 
-def _engine_only_search(twin: nn.Module, replica: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor,
-                        norm: Norm, eps_max: float, cfg: AuditConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example, the smallest radius at which the differential attack found an input that fools the engine while
-    the twin stays correct, and the mirror search's (twin fooled, engine correct; the replica's gradients keep it
-    right); ``inf`` where none was found up to eps_max; batches of ``cfg.batch_size``."""
+def _engine_only_batch(twin: nn.Module, replica: nn.Module, engine: Engine, xb: torch.Tensor, yb: torch.Tensor,
+                       norm: Norm, eps_max: float, cfg: AuditConfig,
+                       on_step: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+    """For one batch: per example the smallest radius at which the differential attack found an input that fools the
+    engine while the twin stays correct (``engine``), and the mirror search's (twin fooled, engine correct; the
+    replica's gradients keep it right: ``twin``); ``inf`` where none was found up to eps_max."""
     from kit.attacks.differential import Differential
 
-    out: dict[str, list[torch.Tensor]] = {"engine": [], "twin": []}
-    bar = open_bar(f"engine-only: differential-{norm.value}", total=2 * len(x), unit="ex")
-    for i in range(0, len(x), cfg.batch_size):
-        xb, yb = x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]
-        for side, k, (model, other, judge) in (
-                ("engine", 0, (twin, replica, EngineJudge(engine))),
-                ("twin", 1, (replica, twin, TwinOnlyJudge(twin, engine)))):
-            attack = Differential(model, replica=other, norm=norm.value, steps=cfg.engine_only_steps, seed=cfg.seed,
-                                  evasive=side == "engine")
-            attack.judge = judge
-            res = min_eps_search(attack, xb, yb, eps_max, cfg.rungs, cfg.tol,
-                                 on_step=bar.within(k * len(x) + i, len(xb)))
-            out[side].append(res.eps_star.detach().cpu().double())
-    bar.close()
-    empty = torch.empty(0, dtype=torch.float64)
-    return (torch.cat(out["engine"]) if out["engine"] else empty, torch.cat(out["twin"]) if out["twin"] else empty)
+    out = {}
+    for side, k, (model, other, judge) in (
+            ("engine", 0, (twin, replica, EngineJudge(engine))),
+            ("twin", 1, (replica, twin, TwinOnlyJudge(twin, engine)))):
+        attack = Differential(model, replica=other, norm=norm.value, steps=cfg.engine_only_steps, seed=cfg.seed,
+                              evasive=side == "engine")
+        attack.judge = judge
+        res = min_eps_search(attack, xb, yb, eps_max, cfg.rungs, cfg.tol,
+                             on_step=None if on_step is None else (lambda f, k=k: on_step((k + f) / 2)))
+        out[side] = res.eps_star.detach().cpu().double().numpy()
+    return out
+
+
+def _blackbox_batch(twin: nn.Module, engine: Engine, engine_mod: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+                    norm: Norm, eps_max: float, known: torch.Tensor, cfg: AuditConfig,
+                    on_step: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+    """For one batch: Square on the engine and on the twin (forward passes only), where it can still lower a worst
+    case: one run per example at ``known`` (the smallest radius a twin-guided attack needed on either side, inf
+    where none did: then eps_max), then bisection where it fooled. Returns each search's radii (``found`` on the
+    engine, ``found_t`` on the twin) and whether each search's adversarial fools the other model too."""
+    m = len(xb)
+    results = []
+    for k, model in enumerate((engine_mod, twin)):
+        square = get_attack(f"square-{norm.value}").build(model, seed=cfg.seed, queries=cfg.blackbox_queries)
+        results.append(min_eps_search(square, xb, yb, eps_max, 1, cfg.tol, known=known,
+                                      on_step=None if on_step is None else (lambda f, k=k: on_step((k + f) / 2))))
+    res, res_t = results
+    with torch.no_grad():
+        fools_twin = (twin(res.x_adv).argmax(1) != yb).cpu().numpy()
+    fools_engine = (engine(res_t.x_adv).argmax(1) != yb).cpu().numpy()
+    return {"found": res.eps_star.detach().cpu().double().numpy(), "found_t": res_t.eps_star.detach().cpu().double()
+            .numpy(), "fools_twin": fools_twin.astype(bool).reshape(m), "fools_engine": fools_engine.astype(bool)
+            .reshape(m)}
+
+
+def _clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor, bs: int,
+                  tols: Tolerances) -> dict[str, Any]:
+    """1. The clean check: both models on the clean examples, their agreement and largest logit gap, judged."""
+    twin_logits = _predict(twin, x, bs, "clean: twin")
+    engine_logits = _predict(engine, x, bs, "clean: engine")
+    parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y,
+                            runtime="tensorrt" if engine.backend == "tensorrt" else "onnxruntime")
+    # the FP32 tolerance holds where the engine computes in fp32 on the very pixels the twin sees
+    gap_tol = parity.tolerance if engine.input_convention.dtype == "float32" else None
+    return {
+        "twin_accuracy": parity.twin_accuracy,
+        "engine_accuracy": parity.engine_accuracy,
+        "top1_agreement": parity.top1_agreement,
+        "max_logit_gap": parity.max_abs_diff,
+        "max_logit_gap_tolerance": gap_tol,
+        **clean_judgement(parity.top1_agreement, len(x), tols, parity.max_abs_diff, gap_tol),
+    }
+
+
+def _part_layout(cfg: AuditConfig, eps_by_norm: Mapping[Norm, float], engine_only: bool, n_bb: int,
+                 starts: Sequence[int]) -> list[tuple[str, int, list[str]]]:
+    """The audit's per-batch parts, in the order every rank exchanges them: (part, number of batches, array keys)."""
+    out = [(r.spec.name, len(starts), ["eps_twin", "eps_engine", "x_twin", "x_engine", "fwd", "bwd", "engine_fwd"])
+           for r in cfg.attacks]
+    lp = [norm for norm in eps_by_norm if norm in LP_NORMS]
+    if n_bb:
+        n_b = sum(1 for i in starts if i < n_bb)
+        out += [(f"blackbox-{norm.value}", n_b, ["found", "found_t", "fools_twin", "fools_engine"]) for norm in lp]
+    if engine_only:
+        out += [(f"engine-only-{norm.value}", len(starts), ["engine", "twin"]) for norm in lp]
+    return out
 
 
 def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_eps: Sequence[Any],
@@ -678,12 +730,17 @@ def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None,
 
 
 def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = False, command: str = "",
-              versions: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+              versions: dict[str, Any] | None = None,
+              world: World | None = None) -> tuple[dict[str, Any] | None, dict[str, dict[str, np.ndarray]]]:
     """Run the audit; return the report document and the engine-side adversarials (for ``adversarials.npz``).
 
     The caller writes them (:func:`evaluators.report.write_report`). Per-batch state is kept in
     ``out/.audit-state/`` while the audit runs; ``resume=True`` reuses the batches already done (the engine, twin,
     data and configuration must be the same).
+
+    Under ``torchrun`` (``world``, :func:`kit.distributed.world`), every process calls this with the same inputs:
+    each computes its own batches (``batch % processes == rank``), every batch's arrays go to every rank, and the
+    lead rank alone derives the report; the others get ``(None, {})``. The report equals the one-process report.
     """
     from exporters.onnx import engine_sha256
     from kit.io import sha256_file
@@ -699,30 +756,103 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"],
            "engine_input": engine.input_convention.to_dict(), "twin_weights": inp.twin_info.weights_sha256,
            "twin_input": _twin_origin(inp.twin_info).get("input_convention")}
+    world = world or World()
+    hosts = world.gather_text(host_label(x.device))
+    gpus = world.gather_text(torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else "cpu")
+    if inp.engine_format == "tensorrt" and len(set(gpus)) > 1:
+        raise UserError("a TensorRT engine is built for one GPU type, but the processes run on "
+                        f"{', '.join(sorted(set(gpus)))}: audit it on one kind of GPU (docs/distributed.md)")
     state = _state(out, key, resume)  # checks only: a refused resume changes nothing on disk
-    out.mkdir(parents=True, exist_ok=True)
-    state.start()
+    if world.lead:
+        out.mkdir(parents=True, exist_ok=True)
+    state.begin(world)
     bs = cfg.batch_size
+    if world.lead:  # 1. clean twins check
+        clean = _clean_record(twin, engine, x, y, bs, tols)
 
-    # 1. clean twins check
-    twin_logits = _predict(twin, x, bs, "clean: twin")
-    engine_logits = _predict(engine, x, bs, "clean: engine")
-    parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y,
-                            runtime="tensorrt" if engine.backend == "tensorrt" else "onnxruntime")
-    # the FP32 tolerance holds where the engine computes in fp32 on the very pixels the twin sees
-    gap_tol = parity.tolerance if engine.input_convention.dtype == "float32" else None
-    clean = {
-        "twin_accuracy": parity.twin_accuracy,
-        "engine_accuracy": parity.engine_accuracy,
-        "top1_agreement": parity.top1_agreement,
-        "max_logit_gap": parity.max_abs_diff,
-        "max_logit_gap_tolerance": gap_tol,
-        **clean_judgement(parity.top1_agreement, len(x), tols, parity.max_abs_diff, gap_tol),
-    }
-
-    # 2. sweeps, batch by batch (each batch independent of the others, resumable)
+    # 2. sweeps, batch by batch: each batch independent of the others, resumable, and under torchrun computed by the
+    # rank that owns it (batch % processes == rank); the black box and the engine-only search follow the same
+    # batches, then every batch's arrays go to the lead rank, which alone judges and writes
     engine_mod = EngineModule(engine)
     records, flags, adversarials = [], [], {}
+    starts = list(range(0, len(x), bs))
+    mine = [b for b in range(len(starts)) if world.owns(b)]
+    parts: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+
+    def shard(part: str, desc: str, total: int, todo: Sequence[int], work: Callable[[int, Callable], dict]) -> None:
+        """Run ``work(b, on_step)`` for this rank's batches ``todo`` of ``part`` (or load what a previous run saved)."""
+        got = parts.setdefault(part, {})
+        bar = open_bar(desc, total=total, unit="ex")  # moves within a batch, as its searches advance
+        for b in todo:
+            i = starts[b]
+            bar.set(i)
+            saved = state.load(part, b)
+            if saved is None:
+                saved = work(b, bar.within(i, min(bs, total - i)))
+                state.save(part, b, saved)
+            got[b] = saved
+        bar.close()
+
+    for req in cfg.attacks:
+        def guided(b: int, on_step: Callable, spec: AttackSpec = req.spec, eps_max: float = req.eps_max) -> dict:
+            xb, yb = x[starts[b]:starts[b] + bs], y[starts[b]:starts[b] + bs]
+            rt, re_, nfe = twin_guided_search(spec, twin, engine, xb, yb, eps_max, seed=cfg.seed, rungs=cfg.rungs,
+                                              tol=cfg.tol, on_step=on_step)
+            return {"eps_twin": rt.eps_star.cpu().numpy(), "eps_engine": re_.eps_star.cpu().numpy(),
+                    "x_twin": rt.x_adv.cpu().float().numpy(), "x_engine": re_.x_adv.cpu().float().numpy(),
+                    "fwd": rt.forwards.cpu().numpy(),  # one search for both sides
+                    "bwd": rt.backwards.cpu().numpy(), "engine_fwd": np.array(nfe, dtype=np.int64)}
+        shard(req.spec.name, req.spec.name, len(x), mine, guided)
+
+    # 3. black box: Square (forward passes only) on the engine and on the twin, where it can still teach something, as
+    # AutoAttack runs it only on the points still robust: one run per example at the smallest radius any
+    # twin-guided attack of the norm needed on either side (eps_max where none did), then bisection where it fooled.
+    # Its radii join the worst case, and where it fools an example below every twin-guided attack, a flag says so (and
+    # whether the twin falls there too). Without a ladder below that radius: Square does not warm-start, and one run
+    # at the top radius is as strong as a run at every rung (docs/BENCHMARKS.md), for a fraction of the queries. The
+    # same search on the twin gives both worst cases the same black-box effort, each side's adversarials judged by
+    # the other side too (as the twin-guided search does): a search too weak on both models, or more effort on one
+    # side, does not read as an engine defect.
+    n_bb = min(cfg.blackbox_samples, len(x))
+    eps_by_norm: dict[Norm, float] = {}
+    for req in cfg.attacks:
+        eps_by_norm[req.spec.norm] = max(eps_by_norm.get(req.spec.norm, 0.0), req.eps_max)
+    names_by_norm = {norm: [r.spec.name for r in cfg.attacks if r.spec.norm is norm] for norm in eps_by_norm}
+    for norm, eps_max in eps_by_norm.items():
+        if norm not in LP_NORMS or n_bb == 0:
+            continue
+
+        def blackbox_batch(b: int, on_step: Callable, norm: Norm = norm, eps_max: float = eps_max) -> dict:
+            m = min(bs, n_bb - starts[b])
+            own = [parts[name][b] for name in names_by_norm[norm]]
+            best = np.min([p["eps_engine"][:m] for p in own], axis=0)
+            best_t = np.min([p["eps_twin"][:m] for p in own], axis=0)
+            known = torch.from_numpy(np.maximum(best, best_t)).to(x.device)  # below it, a radius lowers a worst case
+            xb, yb = x[starts[b]:starts[b] + m], y[starts[b]:starts[b] + m]
+            return _blackbox_batch(twin, engine, engine_mod, xb, yb, norm, eps_max, known, cfg, on_step)
+        shard(f"blackbox-{norm.value}", f"black box: square-{norm.value}, engine and twin", n_bb,
+              [b for b in mine if starts[b] < n_bb], blackbox_batch)
+
+    # 3b. engine-only: where the engine's own arithmetic (int8 rounding, fp16) is weaker than the twin's, found by the
+    # differential attack on a differentiable replica of it (kit/attacks/differential.py), judged by the engine
+    replica, replica_kind = build_replica(inp) if cfg.engine_only else (None, "not run (--no-engine-only)")
+    for norm, eps_max in eps_by_norm.items():
+        if replica is None or norm not in LP_NORMS:
+            continue
+
+        def engine_only_batch(b: int, on_step: Callable, norm: Norm = norm, eps_max: float = eps_max) -> dict:
+            xb, yb = x[starts[b]:starts[b] + bs], y[starts[b]:starts[b] + bs]
+            return _engine_only_batch(twin, replica, engine, xb, yb, norm, eps_max, cfg, on_step)
+        shard(f"engine-only-{norm.value}", f"engine-only: differential-{norm.value}", len(x), mine, engine_only_batch)
+
+    # every batch's arrays on every rank, bit for bit (each from the rank that computed it); the lead goes on alone
+    all_parts: dict[str, list[dict[str, np.ndarray]]] = {}
+    for part, n_batches, part_keys in _part_layout(cfg, eps_by_norm, replica is not None, n_bb, starts):
+        got = parts.get(part, {})
+        all_parts[part] = [world.share(b, got.get(b), part_keys) for b in range(n_batches)]
+    if not world.lead:
+        return None, {}
+
     flags += C.check_outputs(engine_mod, x[:200])
     flags += C.check_outputs(twin, x[:200])
     flags += C.check_gradients(twin, x[:200], y[:200])
@@ -734,32 +864,12 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         flags += [f] if f else []
     by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}
     twin_by_norm: dict[Norm, list[torch.Tensor]] = {}
-    starts = list(range(0, len(x), bs))
     for req in cfg.attacks:
         name, eps_max = req.spec.name, req.eps_max
-        parts = []
-        bar = open_bar(name, total=len(x), unit="ex")  # moves within a batch, as its searches advance
-        for b, i in enumerate(starts):
-            bar.set(i)
-            saved = state.load(name, b)
-            if saved is None:
-                xb, yb = x[i : i + bs], y[i : i + bs]
-                rt, re_, nfe = twin_guided_search(req.spec, twin, engine, xb, yb, eps_max, seed=cfg.seed,
-                                                  rungs=cfg.rungs, tol=cfg.tol,
-                                                  on_step=bar.within(i, len(xb)))
-                saved = {
-                    "eps_twin": rt.eps_star.cpu().numpy(), "eps_engine": re_.eps_star.cpu().numpy(),
-                    "x_twin": rt.x_adv.cpu().float().numpy(), "x_engine": re_.x_adv.cpu().float().numpy(),
-                    "fwd": rt.forwards.cpu().numpy(),  # one search for both sides
-                    "bwd": rt.backwards.cpu().numpy(),
-                    "engine_fwd": np.array(nfe, dtype=np.int64),
-                }
-                state.save(name, b, saved)
-            parts.append(saved)
-        bar.close()
-        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("eps_twin", "eps_engine", "x_twin", "x_engine",
-                                                                  "fwd", "bwd")}
-        engine_fwd = sum(int(p["engine_fwd"]) for p in parts)
+        got = all_parts[name]
+        cat = {k: np.concatenate([p[k] for p in got]) for k in ("eps_twin", "eps_engine", "x_twin", "x_engine",
+                                                                "fwd", "bwd")}
+        engine_fwd = sum(int(p["engine_fwd"]) for p in got)
         eps_t = torch.from_numpy(cat["eps_twin"])
         eps_e = torch.from_numpy(cat["eps_engine"])
         x_e = torch.from_numpy(cat["x_engine"]).to(x.device)
@@ -793,35 +903,22 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         by_norm.setdefault(req.spec.norm, []).append((eps_max, eps_e))
         twin_by_norm.setdefault(req.spec.norm, []).append(eps_t)
 
-    # 3. black box on the engine: Square (forward passes only) where it can still teach something, as AutoAttack runs
-    # it only on the points still robust: one run per example at the smallest radius any twin-guided attack of the
-    # norm needed on either side (eps_max where none did), then bisection where it fooled. Its radii join the worst
-    # case, and where it fools an example below every twin-guided attack, a flag says so (and whether the twin falls
-    # there too). Without a ladder below that radius: Square does not warm-start, and one run at the top radius is as
-    # strong as a run at every rung (docs/BENCHMARKS.md), for a fraction of the queries.
-    n_bb = min(cfg.blackbox_samples, len(x))
     blackbox: dict[Norm, dict[str, Any]] = {}
     for norm, items in by_norm.items():
         if norm not in LP_NORMS or n_bb == 0:
             continue
-        eps_max = max(e for e, _ in items)
+        eps_max = eps_by_norm[norm]
+        got = all_parts[f"blackbox-{norm.value}"]
+        bb = {k: np.concatenate([p[k] for p in got]) for k in ("found", "found_t", "fools_twin", "fools_engine")}
         best = torch.stack([e for _, e in items]).min(0).values[:n_bb].cpu().double()
-        best_t = torch.stack(twin_by_norm[norm]).min(0).values[:n_bb].cpu().double()
-        known = torch.maximum(best, best_t).to(x.device)  # below it, a black-box radius lowers a worst case
-        square = get_attack(f"square-{norm.value}").build(engine_mod, seed=cfg.seed, queries=cfg.blackbox_queries)
-        bar = open_bar(f"black box: square-{norm.value}", total=n_bb, unit="ex")
-        res = min_eps_search(square, x[:n_bb], y[:n_bb], eps_max, 1, cfg.tol, on_step=bar.within(0, n_bb),
-                             known=known)
-        bar.close()
-        found = res.eps_star.detach().cpu().double()
+        found, found_t = torch.from_numpy(bb["found"]), torch.from_numpy(bb["found_t"])
+        fools_twin, fools_engine = torch.from_numpy(bb["fools_twin"]), torch.from_numpy(bb["fools_engine"])
         margin = cfg.tol or eps_max / 256  # both searches bisect to this: closer radii are the same boundary
         contra = torch.isfinite(found) & (found + margin < best)
         if contra.any():
             # Does Square's adversarial fool the twin too? Then the twin-guided attacks are merely too weak there;
             # if only the engine falls, the twin's gradients do not lead where the engine is vulnerable.
-            with torch.no_grad():
-                twin_too = contra.to(x.device) & (twin(res.x_adv).argmax(1) != y[:n_bb])
-            n_c, n_t = int(contra.sum()), int(twin_too.sum())
+            n_c, n_t = int(contra.sum()), int((contra & fools_twin).sum())
             why = []
             if n_t:
                 why.append(f"{n_t} of them fool the twin as well (the twin-guided attacks are too weak there)")
@@ -832,18 +929,6 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                                 f"Square on the engine fools {n_c} of {n_bb} example(s) at a smaller radius than every "
                                 f"twin-guided {norm.value} attack; " + "; ".join(why) + "; the worst-case curve counts "
                                 "them", attack=f"square-{norm.value}"))
-        # the same search on the twin, so that both worst cases get the same black-box effort, and each side's
-        # adversarials judged by the other side too (as the twin-guided search does): a search too weak on both
-        # models, or more effort on one side, does not read as an engine defect
-        square_t = get_attack(f"square-{norm.value}").build(twin, seed=cfg.seed, queries=cfg.blackbox_queries)
-        bar = open_bar(f"black box: square-{norm.value} on the twin", total=n_bb, unit="ex")
-        res_t = min_eps_search(square_t, x[:n_bb], y[:n_bb], eps_max, 1, cfg.tol, on_step=bar.within(0, n_bb),
-                               known=known)
-        bar.close()
-        found_t = res_t.eps_star.detach().cpu().double()
-        with torch.no_grad():
-            fools_twin = (twin(res.x_adv).argmax(1) != y[:n_bb]).cpu()
-        fools_engine = (engine(res_t.x_adv).argmax(1) != y[:n_bb]).cpu()
         inf = torch.full_like(found, math.inf)
         eng = torch.minimum(found, torch.where(fools_engine, found_t, inf))
         tw = torch.minimum(found_t, torch.where(fools_twin, found, inf))
@@ -853,15 +938,14 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                                    "the twin",
                           "eps": _radii(eng, eps_max), "twin_eps": _radii(tw, eps_max)}
 
-    # 3b. engine-only: where the engine's own arithmetic (int8 rounding, fp16) is weaker than the twin's, found by the
-    # differential attack on a differentiable replica of it (kit/attacks/differential.py), judged by the engine
     engine_only: dict[Norm, dict[str, Any]] = {}
-    replica, replica_kind = build_replica(inp) if cfg.engine_only else (None, "not run (--no-engine-only)")
     for norm, items in by_norm.items():
         if replica is None or norm not in LP_NORMS:
             continue
-        eps_max = max(e for e, _ in items)
-        eps_eo, eps_to = _engine_only_search(twin, replica, engine, x, y, norm, eps_max, cfg)
+        eps_max = eps_by_norm[norm]
+        got = all_parts[f"engine-only-{norm.value}"]
+        eps_eo = torch.from_numpy(np.concatenate([p["engine"] for p in got]))
+        eps_to = torch.from_numpy(np.concatenate([p["twin"] for p in got]))
         grid = eps_grid(eps_max, cfg.points)
         t_best = torch.stack(twin_by_norm[norm]).min(0).values.double().numpy()
         e_best = torch.stack([e for _, e in items]).min(0).values.double().numpy()
@@ -933,7 +1017,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         "artifacts": {"adversarials": "adversarials.npz" if adversarials else None},
         "provenance": {"kit_version": kit.__version__, "versions": dict(versions or {}), "device": str(x.device),
                        "seed": cfg.seed, "command": command, "started": started,
-                       "seconds": time.perf_counter() - t0},
+                       "seconds": time.perf_counter() - t0, "processes": world.size, "hosts": hosts},
     }
     return doc, adversarials
 

@@ -46,6 +46,7 @@ from evaluators.audit import EngineModule, failing_flags, load_audit_inputs
 from evaluators.certificate import ATTACK_BOUND, CERTIFIED_BOUND, certified_curve, remove_certificate
 from evaluators.state import BatchState
 from exporters.engines import Engine
+from kit.distributed import World, host_label
 from kit.errors import UserError
 from kit.runtime import open_bar
 
@@ -183,10 +184,13 @@ class _Labels:
 
 
 def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bool = False, command: str = "",
-                versions: dict[str, Any] | None = None) -> dict[str, Any]:
+                versions: dict[str, Any] | None = None, world: World | None = None) -> dict[str, Any] | None:
     """Certify every example of ``inp`` (and, with a twin, attack the smoothed engine); return the document.
 
-    The caller writes it (:func:`evaluators.certificate.write_certificate`).
+    The caller writes it (:func:`evaluators.certificate.write_certificate`). Under ``torchrun`` (``world``), each
+    process certifies its own batches (``batch % processes == rank``; the noise is drawn per example from (seed,
+    index), so the counts do not depend on who computes them), every batch's arrays go to every rank, and the lead
+    rank alone returns the document; the others get ``None``.
     """
     from exporters.onnx import engine_sha256
     from kit.io import sha256_file
@@ -202,16 +206,22 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
     twin_sha = "sha256:" + sha256_file(inp.twin_path) if inp.twin_path is not None else None
     key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"],
            "engine_input": engine.input_convention.to_dict()}
+    world = world or World()
+    hosts = world.gather_text(host_label(x.device))
     state = _state(out, key, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    state.start()
+    if world.lead:
+        out.mkdir(parents=True, exist_ok=True)
+    state.begin(world)
 
-    flags = C.check_outputs(EngineModule(engine), x[:200])  # the audit's engine-as-module
+    flags = C.check_outputs(EngineModule(engine), x[:200]) if world.lead else []  # the audit's engine-as-module
     labels = _Labels(engine)
     n_ex, bs = len(x), cfg.batch_size
     bar = open_bar(f"certify: {cfg.smoothing} sigma {cfg.sigma:g}", total=n_ex * (cfg.n0 + cfg.n), unit="sample")
-    parts = []
-    for b, i in enumerate(range(0, n_ex, bs)):
+    mine: dict[int, dict[str, np.ndarray]] = {}
+    starts = list(range(0, n_ex, bs))
+    for b, i in enumerate(starts):
+        if not world.owns(b):
+            continue
         saved = state.load("certify", b)
         if saved is None:
             rows = []
@@ -223,9 +233,10 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
             saved = {"prediction": np.array([r[0] for r in rows], dtype=np.int64),
                      "count": np.array([r[1] for r in rows], dtype=np.int64)}
             state.save("certify", b, saved)
-        parts.append(saved)
+        mine[b] = saved
         bar.set(min(i + bs, n_ex) * (cfg.n0 + cfg.n))
     bar.close()
+    parts = [world.share(b, mine.get(b), ["prediction", "count"]) for b in range(len(starts))]
     prediction = np.concatenate([p["prediction"] for p in parts])
     count = np.concatenate([p["count"] for p in parts])
     # every derived figure from the counts alone, as `otkit verify` re-derives it
@@ -239,7 +250,11 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
 
     attack = None
     if inp.twin is not None and cfg.attack:
-        attack = attack_smoothed(inp, cfg, noise, prediction, radius, r_max, state)
+        attack = attack_smoothed(inp, cfg, noise, prediction, radius, r_max, state, world)
+    engine_forwards = world.total(labels.forwards)  # every rank's
+    if not world.lead:
+        return None
+    if attack is not None:
         if attack["violations"]:
             v = attack["violations"]
             flags.append(C.flag("certificate-violated",
@@ -279,7 +294,8 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
         "gates": gates,
         "provenance": {"kit_version": kit.__version__, "versions": dict(versions or {}), "device": str(x.device),
                        "seed": cfg.seed, "command": command, "started": started,
-                       "engine_forwards": labels.forwards, "seconds": time.perf_counter() - t0},
+                       "engine_forwards": engine_forwards, "seconds": time.perf_counter() - t0,
+                       "processes": world.size, "hosts": hosts},
     }
     return doc
 
@@ -313,7 +329,7 @@ SMOOTHED_ATTACK = {"gaussian": "pgd-l2", "wasserstein": "wasserstein-pgd"}
 
 
 def attack_smoothed(inp: CertifyInputs, cfg: CertifyConfig, noise: Any, prediction: np.ndarray, radius: np.ndarray,
-                    r_max: float, state: BatchState) -> dict[str, Any]:
+                    r_max: float, state: BatchState, world: World | None = None) -> dict[str, Any]:
     r"""The attack curve of the smoothed engine (an empirical upper bound) and the certificates it contradicts.
 
     Per example, a ladder of ``cfg.attack_radii`` radii up to ``r_max``: at each, the threat model's attack
@@ -326,7 +342,9 @@ def attack_smoothed(inp: CertifyInputs, cfg: CertifyConfig, noise: Any, predicti
 
     A *violation* is a candidate inside an example's certified radius that PREDICT assigns to another class than the
     certified one: ``certificate-violated``. Per-example noise comes from (seed, index) generators, rung by rung.
+    Under ``torchrun`` each process attacks its own batches (``world``), and every rank gets every batch's result.
     """
+    world = world or World()
     from kit.attacks.registry import get_attack
     from kit.smoothing import example_generator, predict
 
@@ -341,7 +359,11 @@ def attack_smoothed(inp: CertifyInputs, cfg: CertifyConfig, noise: Any, predicti
     eps_star[(prediction >= 0) & (prediction != y.cpu().numpy())] = 0.0
     violations: list[dict[str, Any]] = []
     bar = open_bar(f"attack: {name} on the smoothed engine", total=n_all * len(rungs), unit="rung")
-    for b, i in enumerate(range(0, n_all, cfg.batch_size)):
+    starts = list(range(0, n_all, cfg.batch_size))
+    mine: dict[int, dict[str, np.ndarray]] = {}
+    for b, i in enumerate(starts):
+        if not world.owns(b):
+            continue
         saved = state.load("attack", b)
         if saved is None:
             idx = np.arange(i, min(i + cfg.batch_size, n_all))
@@ -374,6 +396,11 @@ def attack_smoothed(inp: CertifyInputs, cfg: CertifyConfig, noise: Any, predicti
                         viol[t] = (r, dist, label, p_value)
             saved = {"eps": found, "violations": viol}
             state.save("attack", b, saved)
+        mine[b] = saved
+        bar.set(min(i + cfg.batch_size, n_all) * len(rungs))
+    bar.close()
+    for b, i in enumerate(starts):
+        saved = world.share(b, mine.get(b), ["eps", "violations"])
         eps_star[i:i + len(saved["eps"])] = saved["eps"]
         for t, (_r, dist, label, p_value) in enumerate(saved["violations"]):
             if label >= 0:
@@ -381,8 +408,6 @@ def attack_smoothed(inp: CertifyInputs, cfg: CertifyConfig, noise: Any, predicti
                 violations.append({"index": j, "radius": float(radius[j]), "eps": float(dist),
                                    "certified_class": int(prediction[j]), "attacked_class": int(label),
                                    "p_value": float(p_value)})
-        bar.set(min(i + cfg.batch_size, n_all) * len(rungs))
-    bar.close()
     grid = np.linspace(0.0, r_max, cfg.points)
     accuracy = [float((eps_star > r).mean()) if n_all else 0.0 for r in grid]
     clipped = np.minimum(eps_star, r_max)
@@ -393,7 +418,7 @@ def attack_smoothed(inp: CertifyInputs, cfg: CertifyConfig, noise: Any, predicti
             "eps_grid": [float(v) for v in grid],
             "eps_star": [float(v) if np.isfinite(v) else None for v in eps_star],
             "accuracy": accuracy, "auac": float(clipped.mean() / r_max) if n_all else 0.0,
-            "violations": violations, "engine_forwards": labels.forwards}
+            "violations": violations, "engine_forwards": world.total(labels.forwards)}
 
 
 def finish(out: Path) -> None:

@@ -26,6 +26,7 @@ import tomllib
 import torch
 
 from exporters.formats import ExportFormat
+from kit.distributed import World
 from kit.errors import UserError
 from kit.io import atomic_write, folder_lock
 
@@ -275,14 +276,20 @@ def _tensorrt_unavailable(device: torch.device) -> str | None:
 
 
 def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume: bool = False,
-                 command: str = "", versions: dict[str, Any] | None = None) -> dict[str, Any]:
+                 command: str = "", versions: dict[str, Any] | None = None,
+                 world: World | None = None) -> dict[str, Any] | None:
     """Run the whole job; return the summary (also written to ``summary.json`` in the run folder).
 
     ``resume`` continues the training from its last epoch and each audit from its last batch. The summary's
     ``status`` is ``fail`` when any audit failed (a gate, or the verdict ``mismatch``). The whole configuration and,
     with ``resume``, the saved states are checked before anything is written; the run folder is locked
     (:func:`kit.io.folder_lock`) while the run works in it.
+
+    Under ``torchrun`` (``world``), the lead process trains and exports while the others wait; then every process
+    audits and certifies its own batches of each artifact (:func:`evaluators.audit.run_audit`), and the lead alone
+    writes the reports and returns the summary (the others get ``None``).
     """
+    world = world or World()
     cfg.validate()
     audit_cfg = cfg.audit_config(seed)
     train_cfg = cfg.train_config(seed)
@@ -292,13 +299,16 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
 
         for fmt in cfg.export.formats:  # a changed [audit] is refused now, not after the training and the exports
             check_resumable(cfg.folder / "audit" / fmt, audit_cfg)
+    if not world.lead:
+        return _run_locked(cfg, audit_cfg, train_cfg, certify_cfg, device=device, seed=seed, resume=resume,
+                           command=command, versions=versions, world=world)
     with folder_lock(cfg.folder, "--name or --out", command=command or None):
         return _run_locked(cfg, audit_cfg, train_cfg, certify_cfg, device=device, seed=seed, resume=resume,
-                           command=command, versions=versions)
+                           command=command, versions=versions, world=world)
 
 
 def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any, *, device: torch.device, seed: int,
-                resume: bool, command: str, versions: dict[str, Any] | None) -> dict[str, Any]:
+                resume: bool, command: str, versions: dict[str, Any] | None, world: World) -> dict[str, Any] | None:
     """:func:`run_pipeline`'s work, checked and with the run folder locked."""
     from evaluators.audit import finish, load_audit_inputs, run_audit
     from evaluators.certificate import write_certificate
@@ -318,46 +328,59 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
             json.dump({**cfg.to_dict(), "train": train_cfg.to_dict(), "seed": seed, "device": str(device)}, f,
                       indent=2)
 
-    # 1. train
-    ckpt = folder / "model.safetensors"
-    resume_train = resume and ckpt.with_suffix(".resume.pt").exists()
-    log.info("[1/4] training %s with %s on %s for %d epochs", train_cfg.arch, train_cfg.defense, train_cfg.data,
-             train_cfg.epochs)
-    # a run re-run without --resume replaces its training (the old files stay until the first epoch replaces them)
-    trained = train(train_cfg, ckpt, device=device, resume=resume_train, overwrite=not resume_train,
-                    on_start=write_run_config,
-                    on_epoch=lambda r: log.info("  epoch %d  loss %.4f  held-out acc %.4f", r["epoch"], r["loss"],
-                                                r["test_acc"]))
-    clean_acc = trained.final.get("test_acc")
+    artifacts: list[tuple[str, Path, Any]] = []  # (format, file, its export record: the lead's alone)
+    rows: list[dict[str, Any]] = []
+    trained, clean_acc = None, None
     # the run file's [train] arch was named by the user: a file architecture may be imported again to reload the twin
     arch = train_cfg.arch if is_file_arch(train_cfg.arch) else None
+    ckpt = folder / "model.safetensors"
+    if world.lead:  # the others wait for the model and its artifacts, then share the audits
+        # 1. train
+        resume_train = resume and ckpt.with_suffix(".resume.pt").exists()
+        log.info("[1/4] training %s with %s on %s for %d epochs", train_cfg.arch, train_cfg.defense, train_cfg.data,
+                 train_cfg.epochs)
+        # a run re-run without --resume replaces its training (the old files stay until the first epoch replaces them)
+        trained = train(train_cfg, ckpt, device=device, resume=resume_train, overwrite=not resume_train,
+                        on_start=write_run_config,
+                        on_epoch=lambda r: log.info("  epoch %d  loss %.4f  held-out acc %.4f", r["epoch"], r["loss"],
+                                                    r["test_acc"]))
+        clean_acc = trained.final.get("test_acc")
 
-    # 2. export
-    (folder / "export").mkdir(exist_ok=True)
-    artifacts, rows = [], []
-    for fmt in cfg.export.formats:
-        out = folder / "export" / _ARTIFACT_NAMES[fmt]
-        if ExportFormat(fmt) is ExportFormat.TENSORRT:
-            why = _tensorrt_unavailable(device)
-            if why:
-                log.info("[2/4] %s: skipped (%s)", fmt, why)
-                rows.append({"format": fmt, "status": "skipped", "note": why})
-                continue
-        log.info("[2/4] exporting %s", out.name)
-        exp = export_checkpoint(ckpt, fmt, out, max_batch=cfg.export.max_batch, samples=cfg.export.samples,
-                                calibration_samples=cfg.export.calibration_samples, device=device, seed=seed,
-                                arch=arch)
-        parity = exp.reports[-1][2]
-        artifacts.append((fmt, exp, parity))
+        # 2. export
+        (folder / "export").mkdir(exist_ok=True)
+        for fmt in cfg.export.formats:
+            out = folder / "export" / _ARTIFACT_NAMES[fmt]
+            if ExportFormat(fmt) is ExportFormat.TENSORRT:
+                why = _tensorrt_unavailable(device)
+                if why:
+                    log.info("[2/4] %s: skipped (%s)", fmt, why)
+                    rows.append({"format": fmt, "status": "skipped", "note": why})
+                    continue
+            log.info("[2/4] exporting %s", out.name)
+            exp = export_checkpoint(ckpt, fmt, out, max_batch=cfg.export.max_batch, samples=cfg.export.samples,
+                                    calibration_samples=cfg.export.calibration_samples, device=device, seed=seed,
+                                    arch=arch)
+            artifacts.append((fmt, exp.path, exp))
+
+    world.barrier()
+    if not world.lead:
+        for fmt in cfg.export.formats:
+            if ExportFormat(fmt) is not ExportFormat.TENSORRT or not _tensorrt_unavailable(device):
+                artifacts.append((fmt, folder / "export" / _ARTIFACT_NAMES[fmt], None))
 
     # 3. audit each artifact
-    for fmt, exp, _parity in artifacts:
+    for fmt, path, exp in artifacts:
         out = folder / "audit" / fmt
-        out.mkdir(parents=True, exist_ok=True)
-        log.info("[3/4] auditing %s against the twin", exp.path.name)
-        inputs = load_audit_inputs(exp.path, ckpt, None, "test", a.samples, seed, device, arch=arch)
-        doc, adversarials = run_audit(inputs, audit_cfg, out, resume=resume and (out / ".audit-state" / "key.json").exists(),
-                                      command=command, versions=versions)
+        if world.lead:
+            out.mkdir(parents=True, exist_ok=True)
+        log.info("[3/4] auditing %s against the twin", path.name)
+        inputs = load_audit_inputs(path, ckpt, None, "test", a.samples, seed, device, arch=arch)
+        # the lead's view of the folder decides (another process may see the state the lead is starting)
+        again = world.gather_text(str(resume and (out / ".audit-state" / "key.json").exists()))[0] == "True"
+        doc, adversarials = run_audit(inputs, audit_cfg, out, resume=again, command=command, versions=versions,
+                                      world=world)
+        if doc is None:
+            continue
         write_report(doc, out, adversarials)
         finish(out)
         rows.append({"format": fmt, "status": doc["status"], "verdict": doc["verdict"],
@@ -371,15 +394,17 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
                      "sha256": exp.sha256})
     # 4. certify the artifacts [certify] names: a certified lower bound beside the audit's upper bound
     by_format = {r["format"]: r for r in rows}
-    for fmt, exp, _parity in artifacts:
+    for fmt, path, _exp in artifacts:
         if fmt not in cfg.certify.formats:
             continue
         out = folder / "certify" / fmt
-        log.info("[4/4] certifying %s (%s smoothing, sigma %g)", exp.path.name, cfg.certify.smoothing,
+        log.info("[4/4] certifying %s (%s smoothing, sigma %g)", path.name, cfg.certify.smoothing,
                  cfg.certify.sigma)
-        inputs = load_certify_inputs(exp.path, ckpt, None, "test", cfg.certify.samples, seed, device, arch=arch)
-        doc = run_certify(inputs, certify_cfg, out, resume=resume and (out / ".certify-state" / "key.json").exists(),
-                          command=command, versions=versions)
+        inputs = load_certify_inputs(path, ckpt, None, "test", cfg.certify.samples, seed, device, arch=arch)
+        again = world.gather_text(str(resume and (out / ".certify-state" / "key.json").exists()))[0] == "True"
+        doc = run_certify(inputs, certify_cfg, out, resume=again, command=command, versions=versions, world=world)
+        if doc is None:
+            continue
         write_certificate(doc, out)
         finish_certify(out)
         row = by_format[fmt]
@@ -388,6 +413,8 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
         row["certificate_status"] = doc["status"]
         if doc["status"] != "pass":
             row["status"] = "fail"
+    if not world.lead or trained is None:
+        return None
     rows.sort(key=lambda r: r["status"] == "skipped")  # audited artifacts first, in format order
     audited = [r for r in rows if r["status"] != "skipped"]
     summary = {

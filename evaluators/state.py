@@ -68,6 +68,36 @@ class BatchState:
         with atomic_write(self.dir / "key.json", "w") as f:
             json.dump(self.key, f, indent=1)
 
+    def begin(self, world: Any) -> None:
+        """:meth:`start` for a run over several processes (:class:`kit.distributed.World`): the lead rank starts,
+        the others wait for it, then use its state where they share its filesystem, else start their own (same key,
+        the lead's run id); each rank then writes and resumes only its own batches."""
+        import uuid
+
+        if world.lead:
+            self.start()
+            rid = self.dir / "run-id"
+            if not self.resume or not rid.exists():
+                with atomic_write(rid, "w") as f:
+                    f.write(uuid.uuid4().hex)
+            token = rid.read_text()
+        world.barrier()
+        token = world.gather_text(token if world.lead else "")[0]
+        if world.lead:
+            return
+        rid = self.dir / "run-id"
+        if rid.exists() and rid.read_text() == token:
+            return  # the lead's folder (a shared filesystem), or this node's own from the same run
+        if self.resume:
+            raise UserError(f"cannot resume the {self.what} in {self.out} on this node: its state is not the lead "
+                            "rank's run (give every node the same shared --out, or run without --resume)")
+        shutil.rmtree(self.dir, ignore_errors=True)  # another run's batches on this node's own filesystem
+        self.dir.mkdir(parents=True)
+        with atomic_write(self.dir / "key.json", "w") as f:
+            json.dump(self.key, f, indent=1)
+        with atomic_write(rid, "w") as f:
+            f.write(token)
+
     def path(self, part: str, batch: int) -> Path:
         return self.dir / f"{part}.{batch:06d}.npz"
 

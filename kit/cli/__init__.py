@@ -42,6 +42,14 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _who() -> str:
+    """``(rank N) `` in a process other than the lead of a ``torchrun`` job, so its messages say whose they are."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    return f"(rank {rank}) " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and rank != "0" else ""
+
+
 class KitGroup(click.Group):
     """A click group whose every failure is one line on stderr with a documented exit status.
 
@@ -70,15 +78,15 @@ class KitGroup(click.Group):
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            click.echo(f"Error: {_one_line(e.format_message())}{hint}", err=True)
+            click.echo(f"Error: {_who()}{_one_line(e.format_message())}{hint}", err=True)
             sys.exit(2)
         except click.ClickException as e:
-            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
+            click.echo(f"Error: {_who()}{_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
             hint = current_hint()
             tail = f"; {hint}" if hint else ""
-            click.echo(f"Interrupted{tail}", err=True)
+            click.echo(f"Interrupted{tail}" if not _who() else f"Interrupted {_who().strip()}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)

@@ -20,10 +20,12 @@ from kit.cli.common import (
     attack_names,
     command_device,
     command_seed,
+    command_world,
     dependency_versions,
     emit_json,
     engine_input_option,
     flag_ids,
+    lead_lock,
     seed_option,
     set_interrupt_hint,
     table,
@@ -180,18 +182,18 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     from evaluators.audit import AuditConfig, Gate, Tolerances, finish, load_audit_inputs, run_audit
     from evaluators.evaluate import AttackRequest, check_radii
     from evaluators.report import write_report
-    from kit.io import folder_lock
 
     seed = command_seed(ctx, seed)
     cfg = AuditConfig(attacks=AttackRequest.parse_all(attacks, eps_max), batch_size=batch_size,
                       rungs=rungs, seed=seed, gates=[Gate.parse(g) for g in gates],
                       tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
                       blackbox_samples=blackbox_samples, allowed_flags=allowed_flags, engine_only=engine_only)
+    world = command_world()  # under torchrun: this process's rank (docs/distributed.md)
     device = command_device(ctx)
     command = shlex.join(["otkit", *sys.argv[1:]])
-    # one process per report folder, for the whole audit; taken first, so a second audit is refused at once (a
-    # folder the lock creates is removed again if the audit fails before writing anything)
-    with folder_lock(out, "--out", command=command):
+    # one audit per report folder; taken first, so a second audit is refused at once (a folder the lock creates is
+    # removed again if the audit fails before writing anything); under torchrun the lead process holds it for all
+    with lead_lock(out, command):
         inputs = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers,
                                    arch=arch, twin_options=twin_options, engine_input=engine_input)
         check_radii(cfg.attacks, inputs.engine.input_shape)
@@ -199,7 +201,9 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
         set_interrupt_hint(f"finished batches are kept in {out}: add --resume to the same command to continue")
         # run_audit checks the resume state before it removes the old report (an exit 2 changes nothing on disk)
         doc, adversarials = run_audit(inputs, cfg, out, resume=resume, versions=dependency_versions(),
-                                      command=command)
+                                      command=command, world=world)
+        if doc is None:  # another process's batches are done: the lead writes the report
+            return
         paths = write_report(doc, out, adversarials)
         finish(out)
     if as_json:
@@ -260,8 +264,11 @@ def run(ctx: click.Context, run_file: Path | None, name: str | None, out_dir: Pa
         emit_json(cfg.to_dict())
         return
     set_interrupt_hint("finished steps are kept in the run folder: add --resume to the same command to continue")
+    world = command_world()  # under torchrun: the lead trains and exports, every process audits (docs/distributed.md)
     summary = run_pipeline(cfg, device=command_device(ctx), seed=command_seed(ctx, seed), resume=resume,
-                           command=shlex.join(["otkit", *sys.argv[1:]]), versions=dependency_versions())
+                           command=shlex.join(["otkit", *sys.argv[1:]]), versions=dependency_versions(), world=world)
+    if summary is None:  # another process: its batches are done, the lead writes the summary
+        return
     if as_json:
         emit_json(summary)
     else:

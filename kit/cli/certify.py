@@ -19,10 +19,12 @@ from kit.cli.common import (
     arch_option,
     command_device,
     command_seed,
+    command_world,
     dependency_versions,
     emit_json,
     engine_input_option,
     flag_ids,
+    lead_lock,
     seed_option,
     set_interrupt_hint,
     table,
@@ -86,8 +88,9 @@ def print_certificate(doc: dict[str, Any]) -> None:
 @click.option("--sigma", type=float, required=True, help="Noise level (standard deviation of the noise).")
 @click.option("--n0", type=click.IntRange(min=1), default=100, show_default=True,
               help="Noise samples that choose the class.")
-@click.option("--n", "n", type=click.IntRange(min=1), default=None, show_default="100000 on CUDA, 10000 on CPU",
-              help="Noise samples that certify it.")
+@click.option("--n", "--noise-samples", "n", type=click.IntRange(min=1), default=None,
+              show_default="100000 on CUDA, 10000 on CPU",
+              help="Noise samples that certify it (--noise-samples under torchrun, whose parser takes --n).")
 @click.option("--alpha", type=float, default=0.001, show_default=True,
               help="Each radius is wrong with probability at most alpha.")
 @click.option("--samples", type=click.IntRange(min=1), default=100, show_default=True,
@@ -134,22 +137,25 @@ def certify(ctx: click.Context, engine_path: Path, twin_path: Path | None, data_
 
     from evaluators.certificate import write_certificate
     from evaluators.certify import CertifyConfig, default_n, finish, load_certify_inputs, run_certify
-    from kit.io import folder_lock
 
     seed = command_seed(ctx, seed)
+    world = command_world()  # under torchrun: this process's rank (docs/distributed.md)
     device = command_device(ctx)
     cfg = CertifyConfig(smoothing=smoothing, sigma=sigma, n=n if n is not None else default_n(device), n0=n0,
                         alpha=alpha, noise_batch=noise_batch, batch_size=batch_size, seed=seed, r_max=r_max,
                         min_certified_auac=min_certified_auac, allowed_flags=allowed_flags, attack=attack,
                         attack_n=attack_n)
     command = shlex.join(["otkit", *sys.argv[1:]])
-    with folder_lock(out, "--out", command=command):
+    with lead_lock(out, command):
         inputs = load_certify_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers,
                                      arch=arch, twin_options=twin_options if twin_path is not None else None,
                                      engine_input=engine_input)
         torch.manual_seed(seed)
         set_interrupt_hint(f"finished batches are kept in {out}: add --resume to the same command to continue")
-        doc = run_certify(inputs, cfg, out, resume=resume, versions=dependency_versions(), command=command)
+        doc = run_certify(inputs, cfg, out, resume=resume, versions=dependency_versions(), command=command,
+                          world=world)
+        if doc is None:  # another process's batches are done: the lead writes the certificate
+            return
         paths = write_certificate(doc, out)
         finish(out)
     if as_json:

@@ -5,13 +5,15 @@ Imports only click and the kit's light modules (no command module, no torch at i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib.metadata
 import importlib.util
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,7 +24,7 @@ from kit.errors import UserError
 
 __all__ = [
     "DEFENSE_NAMES", "EXIT_INTERRUPTED", "EXIT_STATUSES", "FLAG_IDS", "PROVIDERS", "AliasOption", "LazyChoice",
-    "ListedOption", "arch_option", "attack_names", "command_device", "command_seed", "current_hint",
+    "ListedOption", "arch_option", "attack_names", "command_device", "command_seed", "command_world", "lead_lock", "current_hint",
     "dependency_versions", "emit_json", "engine_input_option", "flag_ids", "os_error_message", "seed_option",
     "set_interrupt_hint", "table", "twin_import_options",
 ]
@@ -142,10 +144,38 @@ def emit_json(obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------ device and seed
 def command_device(ctx: click.Context):  # noqa: ANN201  (torch.device; torch is imported lazily)
-    """The device of the global ``otkit --device`` option, resolved (``auto``: CUDA when present)."""
+    """The device of the global ``otkit --device`` option, resolved (``auto``: CUDA when present); under ``torchrun``
+    each process's own GPU (``cuda:LOCAL_RANK``)."""
+    from kit.distributed import rank_device
     from kit.runtime import resolve_device
 
-    return resolve_device(ctx.find_root().obj["device"])
+    spec = ctx.find_root().obj["device"]
+    return rank_device(resolve_device(spec), spec, command_world())
+
+
+def command_world():  # noqa: ANN201  (kit.distributed.World)
+    """This process's place in the run (:func:`kit.distributed.world`; one process outside ``torchrun``). Ranks other
+    than the lead show no progress bars."""
+    from kit.distributed import world
+    from kit.runtime import set_quiet
+
+    w = world()
+    if not w.lead:
+        set_quiet(True)
+    return w
+
+
+@contextlib.contextmanager
+def lead_lock(out: Path, command: str) -> Iterator[None]:
+    """The output folder's lock (:func:`kit.io.folder_lock`), held by the lead process alone: under ``torchrun`` every
+    process works for the same folder."""
+    from kit.io import folder_lock
+
+    if command_world().lead:
+        with folder_lock(out, "--out", command=command):
+            yield
+    else:
+        yield
 
 
 def seed_option(f: Callable[..., Any]) -> Callable[..., Any]:
