@@ -201,3 +201,59 @@ def test_a_bad_torchrun_environment_is_one_line(tmp_path):
                          env=_env(WORLD_SIZE="2", RANK="7"), capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("Error: "), res.stderr
     assert "RANK=7" in res.stderr
+
+
+RUN = """
+name = "tiny"
+[train]
+defense = "standard"
+data = "digits:16"
+epochs = 1
+eval_samples = 100
+[export]
+formats = ["onnx-int8"]
+samples = 64
+calibration_samples = 64
+[audit]
+attacks = ["pgd-linf@0.3"]
+samples = 20
+batch_size = 8
+rungs = 3
+blackbox_samples = 8
+[certify]
+formats = ["onnx-int8"]
+n = 100
+samples = 5
+batch_size = 2
+attack_n = 50
+"""
+
+
+def test_run_over_processes_equals_one_process(tmp_path):
+    """``otkit run`` under torchrun: the lead trains and exports, both processes audit and certify; the reports and
+    the summary's figures are the one-process run's."""
+    (tmp_path / "run.toml").write_text(RUN)
+    outs = {}
+    for nproc in (None, 2):
+        out = tmp_path / f"runs-{nproc}"
+        res = run(nproc, ["run", str(tmp_path / "run.toml"), "--out", str(out), "--json"])
+        assert res.returncode in (0, 1), res.stderr[-3000:]
+        outs[nproc] = out / "tiny"
+    one, two = outs[None], outs[2]
+
+    def figures(path: Path) -> dict:  # the files' paths and hashes name the run folder (their metadata records it)
+        doc = _report(path.parent, path.name)
+        twin, engine = doc.pop("twin"), doc.pop("engine")
+        return {**doc, "weights": twin["weights_sha256"], "precision": engine["precision"]}
+
+    for part in ("audit/onnx-int8/report.json", "certify/onnx-int8/certificate.json"):
+        a, b = figures(one / part), figures(two / part)
+        for key in a:
+            assert a[key] == b[key], (part, key)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    for s in (a, b):
+        s.pop("seconds"), s.pop("run"), s.pop("checkpoint")
+        for row in s["artifacts"]:
+            for k in ("report", "artifact", "certificate"):
+                row.pop(k, None)
+    assert a == b

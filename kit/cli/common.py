@@ -11,6 +11,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,8 +161,9 @@ def command_world():  # noqa: ANN201  (kit.distributed.World)
     from kit.runtime import set_quiet
 
     w = world()
-    if not w.lead:
+    if not w.lead:  # one voice: the lead's bars and status lines (errors still come from every process)
         set_quiet(True)
+        logging.getLogger().setLevel(logging.WARNING)
     return w
 
 
