@@ -465,6 +465,15 @@ def _blackbox_batch(twin: nn.Module, engine: Engine, engine_mod: nn.Module, xb: 
             .reshape(m)}
 
 
+def check_cluster(engine_format: str, devices: Sequence[str]) -> None:
+    """Refuse a TensorRT engine on processes whose devices differ (``devices``: one name per rank): an engine is
+    built for one GPU type and TensorRT version, and a report must not mix what ran where."""
+    kinds = sorted(set(devices))
+    if engine_format == "tensorrt" and len(kinds) > 1:
+        raise UserError(f"a TensorRT engine is built for one GPU type, but the processes run on {', '.join(kinds)}: "
+                        "audit it on one kind of GPU, with one engine per GPU type (docs/distributed.md)")
+
+
 def _clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor, bs: int,
                   tols: Tolerances) -> dict[str, Any]:
     """1. The clean check: both models on the clean examples, their agreement and largest logit gap, judged."""
@@ -758,10 +767,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
            "twin_input": _twin_origin(inp.twin_info).get("input_convention")}
     world = world or World()
     hosts = world.gather_text(host_label(x.device))
-    gpus = world.gather_text(torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else "cpu")
-    if inp.engine_format == "tensorrt" and len(set(gpus)) > 1:
-        raise UserError("a TensorRT engine is built for one GPU type, but the processes run on "
-                        f"{', '.join(sorted(set(gpus)))}: audit it on one kind of GPU (docs/distributed.md)")
+    check_cluster(inp.engine_format, world.gather_text(torch.cuda.get_device_name(x.device)
+                                                      if x.device.type == "cuda" else "cpu"))
     state = _state(out, key, resume)  # checks only: a refused resume changes nothing on disk
     if world.lead:
         out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ import torch.nn as nn
 
 import kit
 from evaluators import checks as C
-from evaluators.audit import EngineModule, failing_flags, load_audit_inputs
+from evaluators.audit import EngineModule, check_cluster, failing_flags, load_audit_inputs
 from evaluators.certificate import ATTACK_BOUND, CERTIFIED_BOUND, certified_curve, remove_certificate
 from evaluators.state import BatchState
 from exporters.engines import Engine
@@ -208,6 +208,8 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
            "engine_input": engine.input_convention.to_dict()}
     world = world or World()
     hosts = world.gather_text(host_label(x.device))
+    check_cluster(inp.engine_format, world.gather_text(torch.cuda.get_device_name(x.device)
+                                                      if x.device.type == "cuda" else "cpu"))
     state = _state(out, key, resume)
     if world.lead:
         out.mkdir(parents=True, exist_ok=True)

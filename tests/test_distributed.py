@@ -257,3 +257,13 @@ def test_run_over_processes_equals_one_process(tmp_path):
             for k in ("report", "artifact", "certificate"):
                 row.pop(k, None)
     assert a == b
+
+
+def test_a_tensorrt_engine_is_refused_on_mixed_gpus():
+    from evaluators.audit import check_cluster
+    from kit.errors import UserError
+
+    check_cluster("tensorrt", ["NVIDIA H100 80GB HBM3"] * 4)  # one kind: fine
+    check_cluster("onnx", ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"])  # ONNX runs anywhere
+    with pytest.raises(UserError, match="A100-SXM4-40GB, NVIDIA H100 80GB HBM3"):
+        check_cluster("tensorrt", ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"])
