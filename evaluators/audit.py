@@ -17,8 +17,9 @@ The method (``docs/audit.md`` explains it at length):
    ``|AUAC gap| > tolerances.auac``, or when at some grid radius the curves differ by more than ``tolerances.curve``
    and McNemar's test finds the difference significant (p < ``tolerances.alpha``); else ``match``.
 4. **Black box.** The Square attack (forward passes only) runs on the engine itself for the first
-   ``blackbox_samples`` examples, per L-inf / L2 threat model, where it can still lower a worst case: one run at the
-   smallest radius a twin-guided attack needed (eps_max where none did), then bisection where it fooled; where it fools an example below every twin-guided attack's radius, the
+   ``blackbox_samples`` examples, per L-inf / L2 threat model: one run at eps_max, then bisection (each step
+   warm-started from its smallest adversarial) that stops once Square resisted at a radius some twin-guided attack
+   already needed (it can no longer lower a worst case there); where it fools an example below every twin-guided attack's radius, the
    ``black-box-beats-white-box`` flag says so (and whether the twin falls there too). **Engine-only**: the
    differential attack on a replica of the engine's arithmetic (int8 fake quantisation, fp16), judged by the engine.
 5. **Worst case** per threat model: per example the smallest eps* of any attack of that norm, the black box and the
@@ -447,9 +448,10 @@ def _blackbox_batch(twin: nn.Module, engine: Engine, engine_mod: nn.Module, xb: 
                     norm: Norm, eps_max: float, known: torch.Tensor, cfg: AuditConfig,
                     on_step: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
     """For one batch: Square on the engine and on the twin (forward passes only), where it can still lower a worst
-    case: one run per example at ``known`` (the smallest radius a twin-guided attack needed on either side, inf
-    where none did: then eps_max), then bisection where it fooled. Returns each search's radii (``found`` on the
-    engine, ``found_t`` on the twin) and whether each search's adversarial fools the other model too."""
+    case: one run per example at eps_max, then bisection, which stops with an example once Square resisted at
+    ``known`` (the smallest radius a twin-guided attack needed on either side; inf where none did). Returns each
+    search's radii (``found`` on the engine, ``found_t`` on the twin) and whether each search's adversarial fools
+    the other model too."""
     m = len(xb)
     results = []
     for k, model in enumerate((engine_mod, twin)):
@@ -812,14 +814,16 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         shard(req.spec.name, req.spec.name, len(x), mine, guided)
 
     # 3. black box: Square (forward passes only) on the engine and on the twin, where it can still teach something, as
-    # AutoAttack runs it only on the points still robust: one run per example at the smallest radius any
-    # twin-guided attack of the norm needed on either side (eps_max where none did), then bisection where it fooled.
-    # Its radii join the worst case, and where it fools an example below every twin-guided attack, a flag says so (and
-    # whether the twin falls there too). Without a ladder below that radius: Square does not warm-start, and one run
-    # at the top radius is as strong as a run at every rung (docs/BENCHMARKS.md), for a fraction of the queries. The
-    # same search on the twin gives both worst cases the same black-box effort, each side's adversarials judged by
-    # the other side too (as the twin-guided search does): a search too weak on both models, or more effort on one
-    # side, does not read as an engine defect.
+    # AutoAttack runs it only on the points still robust: one run per example at eps_max, then bisection, each step
+    # warm-started from the smallest adversarial so far, which stops with an example once Square resisted at a radius
+    # a twin-guided attack of the norm already needed on either side (below it, a radius lowers a worst case). Its
+    # radii join the worst case, and where it fools an example below every twin-guided attack, a flag says so (and
+    # whether the twin falls there too). No ladder: Square does not warm-start from its last iterate, and the warm
+    # start that counts is the bisection's, from an adversarial found above; as strong as the ladder of every rung,
+    # for about half its queries or less (bench/blackbox.py, docs/BENCHMARKS.md). The same search on the twin gives
+    # both worst cases the same black-box effort, each side's adversarials judged by the other side too (as the
+    # twin-guided search does): a search too weak on both models, or more effort on one side, does not read as an
+    # engine defect.
     n_bb = min(cfg.blackbox_samples, len(x))
     eps_by_norm: dict[Norm, float] = {}
     for req in cfg.attacks:
@@ -940,9 +944,9 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         eng = torch.minimum(found, torch.where(fools_engine, found_t, inf))
         tw = torch.minimum(found_t, torch.where(fools_twin, found, inf))
         blackbox[norm] = {"attack": f"square-{norm.value}", "queries": cfg.blackbox_queries, "samples": n_bb,
-                          "radii": "one run at the smallest radius a twin-guided attack needed on either side "
-                                   "(eps_max where none did), then bisection where it fooled; on the engine and on "
-                                   "the twin",
+                          "radii": "one run at eps_max, then bisection warm-started from each adversarial, stopped "
+                                   "once Square resisted at a radius a twin-guided attack needed (on either side); "
+                                   "on the engine and on the twin",
                           "eps": _radii(eng, eps_max), "twin_eps": _radii(tw, eps_max)}
 
     engine_only: dict[Norm, dict[str, Any]] = {}

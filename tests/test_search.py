@@ -179,27 +179,21 @@ def test_pgd_drops_an_iterate_that_no_longer_moves():
     assert full.forwards.tolist() == [12] * 4
 
 
-def test_known_radii_cap_the_ladder_and_stop_the_search(digits_model):
-    """No rung above the radius already known to fool an example, and no search once the attack resisted there: an
-    example whose ladder is fooled a whole rung below ``known`` is searched exactly as without it (PGD's path for an
-    example does not depend on the others once its first rung's random start is drawn); every other one ends with a
-    verified adversarial or none, and the whole search costs less."""
+def test_known_radii_stop_the_search_where_it_can_no_longer_beat_them(digits_model):
+    """An example leaves the search once it resisted at a radius at least as large as the one already known to fool
+    it: below ``known`` every eps* is what the full search finds (PGD's path for an example does not depend on the
+    others once its first rung's random start is drawn), above it only a prefix of that search's work was done."""
     model = digits_model[1].model.eval()
     test = load_dataset("digits:16", "test").subset(96)
-    eps_max, rungs = 0.3, 4
-    full = min_eps_search(PGD(model, steps=10, seed=5), test.x, test.y, eps_max, rungs=rungs)
+    full = min_eps_search(PGD(model, steps=10, seed=5), test.x, test.y, 0.3, rungs=4)
     gen = torch.Generator().manual_seed(0)
-    finite = torch.where(torch.isfinite(full.eps_star), full.eps_star, torch.full_like(full.eps_star, eps_max))
-    u = torch.rand(2, len(finite), generator=gen, dtype=torch.float64)
-    known = finite * (0.5 + u[0]) + 0.15 * u[1]  # below and above each eps*
+    finite = torch.where(torch.isfinite(full.eps_star), full.eps_star, torch.full_like(full.eps_star, 0.3))
+    known = finite * (0.5 + torch.rand(len(finite), generator=gen, dtype=torch.float64))  # below and above eps*
     known[::7] = math.inf  # nothing known: the whole search
-    part = min_eps_search(PGD(model, steps=10, seed=5), test.x, test.y, eps_max, rungs=rungs, known=known)
-    same = full.eps_star + eps_max / rungs <= known  # its first fooled rung is at most known
-    assert 0 < same.sum() < len(same)
-    assert torch.equal(part.eps_star[same], full.eps_star[same]) and torch.equal(part.x_adv[same], full.x_adv[same])
-    ok = torch.isfinite(part.eps_star) & (part.eps_star > 0)
-    with torch.no_grad():
-        assert (model(part.x_adv[ok]).argmax(1) != test.y[ok]).all()
-    linf = (part.x_adv[ok] - test.x[ok]).flatten(1).abs().amax(1).double()
-    assert torch.allclose(linf, part.eps_star[ok]) and (part.eps_star[ok] <= eps_max + 1e-6).all()
-    assert part.backwards.sum() < full.backwards.sum()
+    part = min_eps_search(PGD(model, steps=10, seed=5), test.x, test.y, 0.3, rungs=4, known=known)
+    below = full.eps_star < known
+    assert 0 < below.sum() < len(below)
+    assert torch.equal(part.eps_star[below], full.eps_star[below])
+    assert torch.equal(part.x_adv[below], full.x_adv[below])
+    assert (part.eps_star[~below] >= full.eps_star[~below]).all()  # a prefix of the same search: never smaller
+    assert (part.backwards <= full.backwards).all() and part.backwards.sum() < full.backwards.sum()

@@ -104,12 +104,12 @@ def min_eps_search(
         progress bars within a batch.
     known : (N,) tensor, optional
         Per example, a radius at which it is already known to be fooled (the smallest eps* of the attacks run before:
-        as AutoAttack, attack only where something can still be learnt). The ladder's radii are capped there (its
-        last rung is ``known`` itself), and the search stops with an example once the attack resisted at a radius at
-        least this large: nothing it could still find would be smaller. Such an example keeps the adversarial it had
-        found by then, or none (``inf``). An example whose ladder is fooled below ``known`` is searched as without
-        it (exactly so where the attack's path for an example does not depend on the others in its batch: PGD and
-        APGD once their random starts are drawn).
+        as AutoAttack, attack only where something can still be learnt). The search stops with an example once the
+        attack resisted at a radius at least this large: nothing it could still find would be smaller. Such an
+        example keeps the adversarial it had found by then (from a rung above ``known``, before the bisection narrowed
+        it), or none (``inf``). Where the attack's path for an example does not depend on the others in its batch
+        (PGD and APGD once their random starts are drawn), every eps* below ``known`` is exactly what the search
+        without it finds, and the others are at least that.
 
     Returns
     -------
@@ -283,7 +283,7 @@ def judged_search(
         active = wanted.any(0).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        r = torch.clamp(known[active], max=eps_max * k / rungs)  # no rung above what is known to fool
+        r = torch.full((active.numel(),), eps_max * k / rungs, dtype=x.dtype, device=dev)
         want = wanted[:, active].T
         hit, res = run(active, want, r, last[active] if warm_start and last is not None else None)
         if res.x_last is not None:  # else (Square) each rung starts as the attack starts on its own
