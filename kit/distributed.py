@@ -180,7 +180,12 @@ def world() -> World:
         raise UserError("this torch build has no torch.distributed: run without torchrun")
     if not dist.is_initialized():
         # gloo: the exchange carries small CPU arrays; a long first batch must not time the others out
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
+        try:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
+        except (ValueError, RuntimeError) as e:  # torchrun's rendezvous variables missing or unreachable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot join the run's processes (WORLD_SIZE={size}, RANK={rank}): {first}; launch "
+                            "with torchrun (docs/distributed.md)") from None
     _WORLD = World(rank=rank, size=size, local_rank=local, _group=dist.group.WORLD)
     # leave the group before the interpreter tears down (a group destroyed by its finaliser can abort the process)
     atexit.register(reset)

@@ -195,12 +195,15 @@ def test_one_process_world_shares_nothing():
         w.share(0, None, ["eps"])
 
 
-def test_a_bad_torchrun_environment_is_one_line(tmp_path):
+@pytest.mark.parametrize("env,message", [({"WORLD_SIZE": "2", "RANK": "7"}, "RANK=7"),
+                                         ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR")])
+def test_a_bad_torchrun_environment_is_one_line(tmp_path, env, message):
+    """A rank outside the world, or a world without torchrun's rendezvous variables: one line, exit 2."""
     res = subprocess.run([sys.executable, "-m", "kit", "audit", "--engine", "x.onnx", "--twin", "y", "--attack",
                           "pgd-linf@0.1", "--out", str(tmp_path / "o")],
-                         env=_env(WORLD_SIZE="2", RANK="7"), capture_output=True, text=True, cwd=ROOT)
+                         env=_env(**env), capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("Error: "), res.stderr
-    assert "RANK=7" in res.stderr
+    assert message in res.stderr
 
 
 RUN = """
