@@ -254,8 +254,8 @@ def test_audit_progress_moves_inside_a_batch_and_in_every_phase(onnx_engine, tmp
     assert len(inside) >= 4 and any(v != int(v) for v in inside)
     assert sweep == sorted(sweep)  # never moves backwards
     assert {"clean: twin", "clean: engine"} <= rec.bars.keys()
-    bb = [v for v in rec.bars["black box: square-linf"] if v != "closed"]
-    assert len(bb) > 10  # one tick per Square query
+    bb = [v for v in rec.bars["black box: square-linf, engine and twin"] if v != "closed"]
+    assert len(bb) > 10  # a tick per Square run: on each side, the run at eps_max and every bisection step
 
 
 def test_progress_is_off_without_a_terminal(capsys):
