@@ -180,6 +180,8 @@ class OnnxRuntimeEngine(Engine):
         }
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if self.device.type == "cpu":  # the process's thread count (OMP_NUM_THREADS, torch.set_num_threads) holds for
+            so.intra_op_num_threads = torch.get_num_threads()  # both: torchrun's workers must not oversubscribe
         try:
             # a model with external data is opened from its path: ONNX Runtime finds the data from the model's folder
             self._session = ort.InferenceSession(str(source) if external else data, sess_options=so, providers=wanted,
