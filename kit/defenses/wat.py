@@ -114,7 +114,9 @@ class WAT(Defense):
       mass-preserving, :mod:`kit.ot.projection`). The paper's λ = 1000 on MNIST (mass about 100) is ``reg`` about
       10, its 3000 on CIFAR-10 about 2; the default ``reg=100`` is the kit attack's (a sharper projection that spends
       the budget on real transport; measured stronger on digits, see :class:`~kit.attacks.wasserstein.WassersteinPGD`).
-    - **Local plans** 5 x 5, Euclidean pixel distance (§5 "Hyperparameters").
+    - **Local plans** 5 x 5, Euclidean pixel distance: the paper's cost (§5 "Hyperparameters", the 1-Wasserstein
+      distance). The released training scripts default to ``--p 2``, which in their code's convention (the exponent
+      of the *squared* distance) is the squared Euclidean cost; the kit follows the paper.
     - **Model mode.** The adversary runs with the model in eval mode by default (``attack_eval_mode``), as the kit's
       other defenses; the released scripts attack in train mode (only the CIFAR ResNet has batch norm).
     - **Preset.** ``preset="auto"`` takes the CIFAR numbers for 3-channel inputs and the MNIST numbers otherwise;
