@@ -61,7 +61,7 @@ from exporters.parity import compare_logits
 from kit.attacks.base import LP_NORMS, Norm
 from kit.attacks.registry import AttackSpec, get_attack
 from kit.attacks.search import SearchResult, judged_search, min_eps_search
-from kit.distributed import World, host_label
+from kit.distributed import World, device_name, host_label
 from kit.errors import UserError
 from kit.runtime import open_bar, progress_bar
 
@@ -72,6 +72,9 @@ AUAC_BOUND = "empirical upper bound from attacks"
 
 SCHEMA = "otkit.report/1"
 STATE_DIR = ".audit-state"
+#: the arrays each batch saves (and sends to the other ranks): a twin-guided search, the black box
+GUIDED_KEYS = ("eps_twin", "eps_engine", "x_twin", "x_engine", "fwd", "bwd", "engine_fwd")
+BLACKBOX_KEYS = ("found", "found_t", "fools_twin", "fools_engine")
 
 
 class Verdict:
@@ -452,7 +455,6 @@ def _blackbox_batch(twin: nn.Module, engine: Engine, engine_mod: nn.Module, xb: 
     ``known`` (the smallest radius a twin-guided attack needed on either side; inf where none did). Returns each
     search's radii (``found`` on the engine, ``found_t`` on the twin) and whether each search's adversarial fools
     the other model too."""
-    m = len(xb)
     results = []
     for k, model in enumerate((engine_mod, twin)):
         square = get_attack(f"square-{norm.value}").build(model, seed=cfg.seed, queries=cfg.blackbox_queries)
@@ -460,11 +462,17 @@ def _blackbox_batch(twin: nn.Module, engine: Engine, engine_mod: nn.Module, xb: 
                                       on_step=None if on_step is None else (lambda f, k=k: on_step((k + f) / 2))))
     res, res_t = results
     with torch.no_grad():
-        fools_twin = (twin(res.x_adv).argmax(1) != yb).cpu().numpy()
-    fools_engine = (engine(res_t.x_adv).argmax(1) != yb).cpu().numpy()
+        fools_twin = twin(res.x_adv).argmax(1) != yb
+    fools_engine = engine(res_t.x_adv).argmax(1) != yb
     return {"found": res.eps_star.detach().cpu().double().numpy(), "found_t": res_t.eps_star.detach().cpu().double()
-            .numpy(), "fools_twin": fools_twin.astype(bool).reshape(m), "fools_engine": fools_engine.astype(bool)
-            .reshape(m)}
+            .numpy(), "fools_twin": fools_twin.cpu().numpy(), "fools_engine": fools_engine.cpu().numpy()}
+
+
+def placement(world: World, engine_format: str, device: Any) -> list[str]:
+    """Every rank's host and device (:func:`kit.distributed.host_label`), after :func:`check_cluster` on their kinds."""
+    hosts = world.gather_text(host_label(device))
+    check_cluster(engine_format, world.gather_text(device_name(device)))
+    return hosts
 
 
 def check_cluster(engine_format: str, devices: Sequence[str]) -> None:
@@ -493,20 +501,6 @@ def _clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Ten
         "max_logit_gap_tolerance": gap_tol,
         **clean_judgement(parity.top1_agreement, len(x), tols, parity.max_abs_diff, gap_tol),
     }
-
-
-def _part_layout(cfg: AuditConfig, eps_by_norm: Mapping[Norm, float], engine_only: bool, n_bb: int,
-                 starts: Sequence[int]) -> list[tuple[str, int, list[str]]]:
-    """The audit's per-batch parts, in the order every rank exchanges them: (part, number of batches, array keys)."""
-    out = [(r.spec.name, len(starts), ["eps_twin", "eps_engine", "x_twin", "x_engine", "fwd", "bwd", "engine_fwd"])
-           for r in cfg.attacks]
-    lp = [norm for norm in eps_by_norm if norm in LP_NORMS]
-    if n_bb:
-        n_b = sum(1 for i in starts if i < n_bb)
-        out += [(f"blackbox-{norm.value}", n_b, ["found", "found_t", "fools_twin", "fools_engine"]) for norm in lp]
-    if engine_only:
-        out += [(f"engine-only-{norm.value}", len(starts), ["engine", "twin"]) for norm in lp]
-    return out
 
 
 def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_eps: Sequence[Any],
@@ -768,9 +762,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
            "engine_input": engine.input_convention.to_dict(), "twin_weights": inp.twin_info.weights_sha256,
            "twin_input": _twin_origin(inp.twin_info).get("input_convention")}
     world = world or World()
-    hosts = world.gather_text(host_label(x.device))
-    check_cluster(inp.engine_format, world.gather_text(torch.cuda.get_device_name(x.device)
-                                                      if x.device.type == "cuda" else "cpu"))
+    hosts = placement(world, inp.engine_format, x.device)
     state = _state(out, key, resume)  # checks only: a refused resume changes nothing on disk
     if world.lead:
         out.mkdir(parents=True, exist_ok=True)
@@ -785,14 +777,17 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     engine_mod = EngineModule(engine)
     records, flags, adversarials = [], [], {}
     starts = list(range(0, len(x), bs))
-    mine = [b for b in range(len(starts)) if world.owns(b)]
-    parts: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    parts: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # this rank's batches, per part
+    layout: list[tuple[str, int, Sequence[str]]] = []  # every part: its number of batches and array keys
 
-    def shard(part: str, desc: str, total: int, todo: Sequence[int], work: Callable[[int, Callable], dict]) -> None:
-        """Run ``work(b, on_step)`` for this rank's batches ``todo`` of ``part`` (or load what a previous run saved)."""
+    def shard(part: str, desc: str, total: int, keys: Sequence[str], work: Callable[[int, Callable], dict]) -> None:
+        """Run ``work(b, on_step)`` (arrays ``keys``) for this rank's batches of ``part``, the batches of the first
+        ``total`` examples (or load what a previous run saved)."""
         got = parts.setdefault(part, {})
+        batches = [b for b, i in enumerate(starts) if i < total]
+        layout.append((part, len(batches), keys))
         bar = open_bar(desc, total=total, unit="ex")  # moves within a batch, as its searches advance
-        for b in todo:
+        for b in (b for b in batches if world.owns(b)):
             i = starts[b]
             bar.set(i)
             saved = state.load(part, b)
@@ -811,7 +806,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
                     "x_twin": rt.x_adv.cpu().float().numpy(), "x_engine": re_.x_adv.cpu().float().numpy(),
                     "fwd": rt.forwards.cpu().numpy(),  # one search for both sides
                     "bwd": rt.backwards.cpu().numpy(), "engine_fwd": np.array(nfe, dtype=np.int64)}
-        shard(req.spec.name, req.spec.name, len(x), mine, guided)
+        shard(req.spec.name, req.spec.name, len(x), GUIDED_KEYS, guided)
 
     # 3. black box: Square (forward passes only) on the engine and on the twin, where it can still teach something, as
     # AutoAttack runs it only on the points still robust: one run per example at eps_max, then bisection, each step
@@ -841,8 +836,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
             known = torch.from_numpy(np.maximum(best, best_t)).to(x.device)  # below it, a radius lowers a worst case
             xb, yb = x[starts[b]:starts[b] + m], y[starts[b]:starts[b] + m]
             return _blackbox_batch(twin, engine, engine_mod, xb, yb, norm, eps_max, known, cfg, on_step)
-        shard(f"blackbox-{norm.value}", f"black box: square-{norm.value}, engine and twin", n_bb,
-              [b for b in mine if starts[b] < n_bb], blackbox_batch)
+        shard(f"blackbox-{norm.value}", f"black box: square-{norm.value}, engine and twin", n_bb, BLACKBOX_KEYS,
+              blackbox_batch)
 
     # 3b. engine-only: where the engine's own arithmetic (int8 rounding, fp16) is weaker than the twin's, found by the
     # differential attack on a differentiable replica of it (kit/attacks/differential.py), judged by the engine
@@ -854,13 +849,13 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         def engine_only_batch(b: int, on_step: Callable, norm: Norm = norm, eps_max: float = eps_max) -> dict:
             xb, yb = x[starts[b]:starts[b] + bs], y[starts[b]:starts[b] + bs]
             return _engine_only_batch(twin, replica, engine, xb, yb, norm, eps_max, cfg, on_step)
-        shard(f"engine-only-{norm.value}", f"engine-only: differential-{norm.value}", len(x), mine, engine_only_batch)
+        shard(f"engine-only-{norm.value}", f"engine-only: differential-{norm.value}", len(x), ("engine", "twin"),
+              engine_only_batch)
 
     # every batch's arrays on every rank, bit for bit (each from the rank that computed it); the lead goes on alone
     all_parts: dict[str, list[dict[str, np.ndarray]]] = {}
-    for part, n_batches, part_keys in _part_layout(cfg, eps_by_norm, replica is not None, n_bb, starts):
-        got = parts.get(part, {})
-        all_parts[part] = [world.share(b, got.get(b), part_keys) for b in range(n_batches)]
+    for part, n_batches, keys in layout:
+        all_parts[part] = [world.share(b, parts[part].get(b), keys) for b in range(n_batches)]
     if not world.lead:
         return None, {}
 
@@ -920,7 +915,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
             continue
         eps_max = eps_by_norm[norm]
         got = all_parts[f"blackbox-{norm.value}"]
-        bb = {k: np.concatenate([p[k] for p in got]) for k in ("found", "found_t", "fools_twin", "fools_engine")}
+        bb = {k: np.concatenate([p[k] for p in got]) for k in BLACKBOX_KEYS}
         best = torch.stack([e for _, e in items]).min(0).values[:n_bb].cpu().double()
         found, found_t = torch.from_numpy(bb["found"]), torch.from_numpy(bb["found_t"])
         fools_twin, fools_engine = torch.from_numpy(bb["fools_twin"]), torch.from_numpy(bb["fools_engine"])

@@ -42,11 +42,11 @@ import torch.nn as nn
 
 import kit
 from evaluators import checks as C
-from evaluators.audit import EngineModule, check_cluster, failing_flags, load_audit_inputs
+from evaluators.audit import EngineModule, failing_flags, load_audit_inputs, placement
 from evaluators.certificate import ATTACK_BOUND, CERTIFIED_BOUND, certified_curve, remove_certificate
 from evaluators.state import BatchState
 from exporters.engines import Engine
-from kit.distributed import World, host_label
+from kit.distributed import World
 from kit.errors import UserError
 from kit.runtime import open_bar
 
@@ -207,9 +207,7 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
     key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"],
            "engine_input": engine.input_convention.to_dict()}
     world = world or World()
-    hosts = world.gather_text(host_label(x.device))
-    check_cluster(inp.engine_format, world.gather_text(torch.cuda.get_device_name(x.device)
-                                                      if x.device.type == "cuda" else "cpu"))
+    hosts = placement(world, inp.engine_format, x.device)
     state = _state(out, key, resume)
     if world.lead:
         out.mkdir(parents=True, exist_ok=True)

@@ -376,7 +376,7 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
         log.info("[3/4] auditing %s against the twin", path.name)
         inputs = load_audit_inputs(path, ckpt, None, "test", a.samples, seed, device, arch=arch)
         # the lead's view of the folder decides (another process may see the state the lead is starting)
-        again = world.gather_text(str(resume and (out / ".audit-state" / "key.json").exists()))[0] == "True"
+        again = world.lead_says(resume and (out / ".audit-state" / "key.json").exists())
         doc, adversarials = run_audit(inputs, audit_cfg, out, resume=again, command=command, versions=versions,
                                       world=world)
         if doc is None:
@@ -401,7 +401,7 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
         log.info("[4/4] certifying %s (%s smoothing, sigma %g)", path.name, cfg.certify.smoothing,
                  cfg.certify.sigma)
         inputs = load_certify_inputs(path, ckpt, None, "test", cfg.certify.samples, seed, device, arch=arch)
-        again = world.gather_text(str(resume and (out / ".certify-state" / "key.json").exists()))[0] == "True"
+        again = world.lead_says(resume and (out / ".certify-state" / "key.json").exists())
         doc = run_certify(inputs, certify_cfg, out, resume=again, command=command, versions=versions, world=world)
         if doc is None:
             continue

@@ -118,22 +118,10 @@ def load_onnx(source: str | Path | bytes, what: str = "ONNX file") -> tuple[onnx
 def read_graph(source: str | Path | bytes, what: str = "ONNX file") -> tuple[Any, bytes, str]:
     """Read and parse an ONNX file (or bytes) without the ``onnx`` package, for running it.
 
-    As :func:`load_onnx` (the same refusals, the same external data confinement, the same messages), except that the
-    graph is not put through ``onnx.checker``: ONNX Runtime checks it when it opens the file. The model returned is
-    :mod:`exporters.onnxproto`'s ``ModelProto``, which every function of this module reads like ONNX's.
-
-    Returns
-    -------
-    proto : exporters.onnxproto ModelProto
-    data : bytes
-        The file's bytes.
-    label : str
-        The file name (or ``"<bytes>"``), for messages.
-
-    Raises
-    ------
-    UserError
-        As :func:`load_onnx`, for what can be seen without the checker.
+    Returns and raises as :func:`load_onnx` (the same refusals, the same external data confinement, the same
+    messages), except that the graph is not put through ``onnx.checker``: ONNX Runtime checks it when it opens the
+    file. The ``proto`` returned is :mod:`exporters.onnxproto`'s ``ModelProto``, which every function of this module
+    reads like ONNX's.
     """
     proto, data, label, _ = _parse(source, what, parse_model, (decode_error(), ValueError))
     return proto, data, label

@@ -116,6 +116,17 @@ class World:
         dist.all_gather(got, mine)
         return [bytes(g[1:1 + int(g[0])].tolist()).decode(errors="replace") for g in got]
 
+    def lead_says(self, flag: bool) -> bool:
+        """The lead rank's ``flag``, on every rank (a decision its view of a shared folder makes for all)."""
+        if not self.distributed:
+            return bool(flag)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([int(bool(flag))], dtype=torch.int64)
+        dist.broadcast(t, src=0)
+        return bool(t)
+
     def total(self, value: int) -> int:
         """The sum of an integer count over every rank (engine passes, say), on every rank."""
         if not self.distributed:
@@ -126,17 +137,6 @@ class World:
         t = torch.tensor([int(value)], dtype=torch.int64)
         dist.all_reduce(t)
         return int(t)
-
-    def agree(self, ok: bool) -> bool:
-        """True on every rank when ``ok`` is true on every rank (a check some ranks may fail)."""
-        if not self.distributed:
-            return ok
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        dist.all_reduce(t)
-        return int(t) == 0
 
     def close(self) -> None:
         if self.distributed and self._group is not None:
@@ -218,11 +218,16 @@ def rank_device(device: Any, spec: str, w: World) -> Any:
     return dev
 
 
+def device_name(device: Any) -> str:
+    """The kind of device: a GPU's name (``NVIDIA H100 80GB HBM3``), else ``cpu``."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(device)
+
+
 def host_label(device: Any) -> str:
     """Where this rank runs: host name, device and, on a GPU, its name (``host cuda:1 NVIDIA H100 80GB HBM3``)."""
-    label = f"{socket.gethostname()} {device}"
-    if getattr(device, "type", str(device)) == "cuda":
-        import torch
-
-        label += " " + torch.cuda.get_device_name(device)
-    return label
+    name = device_name(device)
+    return f"{socket.gethostname()} {device}" + ("" if name == "cpu" else f" {name}")

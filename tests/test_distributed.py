@@ -190,7 +190,7 @@ def test_one_process_world_shares_nothing():
     assert w.lead and not w.distributed and w.owns(0) and w.owns(7)
     arrays = {"eps": np.arange(3.0), "n": np.array(4)}
     assert w.share(0, arrays, ["eps", "n"]) == arrays
-    assert w.gather_text("host cpu") == ["host cpu"] and w.total(5) == 5 and w.agree(True)
+    assert w.gather_text("host cpu") == ["host cpu"] and w.total(5) == 5 and w.lead_says(True)
     with pytest.raises(ValueError):
         w.share(0, None, ["eps"])
 

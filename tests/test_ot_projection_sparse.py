@@ -32,14 +32,9 @@ ot = pytest.importorskip("ot")
 
 FAST = {"reg": 100.0}
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-10k"
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops, steadier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _sparse(n: int, c: int, h: int, seed: int, empty: float = 0.6, saturated: float = 0.15) -> tuple[torch.Tensor,
