@@ -60,7 +60,7 @@ Every time is recorded as wall time and as process CPU time: on a shared, loaded
 wait for a core, and with one thread the CPU time is close to what an idle core would take.
 
 Run: ``python bench/ot_projection.py [--data-root ../shared/data] [--real mnist,fashion-mnist,cifar-shaped]
-[--repeat 3] [--quick] [--no-install] [--synthetic] [--json out.json]``.
+[--repeat 3] [--regs 100,250] [--quick] [--no-install] [--synthetic] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -396,9 +396,11 @@ def _feasibility(x: torch.Tensor, z: torch.Tensor) -> dict:
 
 
 def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: int = 3, n_exact: int = 4,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 regs: tuple[float, ...] = (), log: Callable[[str], None] | None = None) -> dict:
     """Ours against Wong et al.'s code on one batch of real images, at the kit's defaults and at the paper's problem:
-    CPU seconds (median of ``repeat``, one thread), iterations, budget use (exact W / eps on ``n_exact`` examples)."""
+    CPU seconds (median of ``repeat``, one thread), iterations, budget use (exact W / eps on ``n_exact`` examples).
+    ``regs``: also our defaults at each of these ``reg`` (per unit mass), settings named ``reg_<value>`` -- the
+    trade-off between the problem's sharpness (budget use) and time."""
     size = "x".join(map(str, x.shape[1:]))
     lam_paper = PAPER_REG.get(size, 1000.0)
     t = real_targets(x)
@@ -406,7 +408,8 @@ def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: 
     settings: dict[str, dict[str, Any]] = {
         "defaults": {}, "paper_problem": paper,
         # their stopping rule: the dual rise alone (no row-error requirement), per example
-        "paper_problem_wong_rule": {**paper, "ztol": None, "tol": 1e-4, "marginal_tol": float("inf")}}
+        "paper_problem_wong_rule": {**paper, "ztol": None, "tol": 1e-4, "marginal_tol": float("inf")},
+        **{f"reg_{r:g}": {"reg": float(r)} for r in regs}}
     out: dict = {"lambda_paper": lam_paper, "eps": eps, "mass_mean": round(float(x.sum((1, 2, 3)).mean()), 2),
                  "zero_pixels": round(float((x == 0).float().mean()), 4)}
     # Wong et al.'s side: the same call at every setting (their own defaults are the paper's lambda)
@@ -451,7 +454,8 @@ def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: 
 
 
 def run_real(data_root: Path, names: tuple[str, ...] = tuple(REAL_DATA), batch: int = 32, repeat: int = 3,
-             n_exact: int = 4, install: bool = True, log: Callable[[str], None] | None = None) -> dict:
+             n_exact: int = 4, install: bool = True, regs: tuple[float, ...] = (),
+             log: Callable[[str], None] | None = None) -> dict:
     """:func:`compare_real` on each real dataset (one thread); datasets that are absent are skipped and say so."""
     ps, source = load_wong(install, log)
     doc: dict = {"peer": source, "threads": 1, "load_before": load_average(), "datasets": {}, "skipped": []}
@@ -467,7 +471,8 @@ def run_real(data_root: Path, names: tuple[str, ...] = tuple(REAL_DATA), batch: 
                 continue
             if log:
                 log(why)
-            doc["datasets"][name] = {"data": why, **compare_real(x, ps, name, repeat=repeat, n_exact=n_exact, log=log)}
+            doc["datasets"][name] = {"data": why, **compare_real(x, ps, name, repeat=repeat, n_exact=n_exact,
+                                                                    regs=regs, log=log)}
     finally:
         torch.set_num_threads(old)
     doc["load_after"] = load_average()
@@ -483,7 +488,7 @@ def summary_lines(doc: dict) -> list[str]:
             f"{'Wong it':>7} {'budget ours':>12} {'budget Wong':>12}")
     lines.append(head)
     for name, d in doc["datasets"].items():
-        for sname in ("defaults", "paper_problem", "paper_problem_wong_rule"):
+        for sname in [k for k in d if k not in ("lambda_paper", "eps", "mass_mean", "zero_pixels", "wong", "data")]:
             for tgt, row in d[sname].items():
                 peer = d["wong"].get(tgt if tgt != "step2" else "step2_" + sname, {})
                 bo, bw = row["budget_use"], peer.get("budget_use")
@@ -508,6 +513,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timing runs per figure (median)")
     ap.add_argument("--no-exact", action="store_true", help="synthetic part: skip the exact LPs (budget use)")
     ap.add_argument("--sizes", default="1x28x28,3x32x32", help="synthetic part: comma-separated CxHxW")
+    ap.add_argument("--regs", default="", help="real part: also our defaults at these comma-separated reg values")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -517,7 +523,8 @@ def main() -> None:
     names = tuple(n for n in args.real.split(",") if n)
     if names:
         out["real"] = run_real(args.data_root, names, batch=args.batch, repeat=1 if args.quick else args.repeat,
-                               n_exact=1 if args.quick else 4, install=not args.no_install, log=log)
+                               n_exact=1 if args.quick else 4, install=not args.no_install,
+                               regs=tuple(float(r) for r in args.regs.split(",") if r), log=log)
         for line in summary_lines(out["real"]):
             log(line)
     if args.synthetic:
