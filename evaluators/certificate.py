@@ -31,7 +31,7 @@ from evaluators.report import plain_json, read_json_document, schema_errors
 from kit.errors import UserError
 from kit.io import atomic_write
 
-__all__ = ["ATTACK_BOUND", "CERTIFICATE_FILES", "CERTIFIED_BOUND", "SCHEMA", "certificate_schema", "certified_curve", "load_certificate", "recompute_certificate",
+__all__ = ["ATTACK_BOUND", "CERTIFICATE_FILES", "CERTIFIED_BOUND", "SCHEMA", "SIGNATURE_FILE", "certificate_schema", "certified_curve", "load_certificate", "recompute_certificate",
            "remove_certificate", "validate_certificate", "write_certificate"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ ATTACK_BOUND = "empirical upper bound from attacks"
 
 #: the files of a certificate folder, in the order :func:`write_certificate` writes them (the JSON last)
 CERTIFICATE_FILES = ("certified.png", "certificate.md", "certificate.html", "certificate.json")
+#: The signature bundle ``--sign-key`` writes beside the certificate (evaluators.attestation).
+SIGNATURE_FILE = "certificate.sigstore.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -177,7 +179,8 @@ def remove_certificate(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Delete a folder's certificate files, ``certificate.json`` FIRST (an interrupted re-run never looks complete)."""
     out = Path(out_dir)
     removed = []
-    for name in reversed(CERTIFICATE_FILES):
+    names = list(reversed(CERTIFICATE_FILES))  # certificate.json first, then its signature, then the rest
+    for name in [names[0], SIGNATURE_FILE, *names[1:]]:
         p = out / name
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -195,8 +198,9 @@ def write_certificate(doc: dict[str, Any], out_dir: str | os.PathLike[str]) -> l
     except OSError as e:
         raise UserError(f"cannot create certificate folder {out}: {e.strerror}") from None
     png_path, md, page, main = (out / name for name in CERTIFICATE_FILES)
-    with contextlib.suppress(FileNotFoundError):
-        main.unlink()
+    for stale in (main, out / SIGNATURE_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     png = plot_certificate_png(doc)
     with atomic_write(png_path) as f:
         f.write(png)

@@ -29,6 +29,7 @@ from exporters.formats import ExportFormat
 from kit.distributed import World
 from kit.errors import UserError
 from kit.io import atomic_write, folder_lock
+from kit.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def _tensorrt_unavailable(device: torch.device) -> str | None:
 
 def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume: bool = False,
                  command: str = "", versions: dict[str, Any] | None = None,
-                 world: World | None = None) -> dict[str, Any] | None:
+                 world: World | None = None, sign_key: SigningKey | None = None) -> dict[str, Any] | None:
     """Run the whole job; return the summary (also written to ``summary.json`` in the run folder).
 
     ``resume`` continues the training from its last epoch and each audit from its last batch. The summary's
@@ -288,6 +289,8 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
     Under ``torchrun`` (``world``), the lead process trains and exports while the others wait; then every process
     audits and certifies its own batches of each artifact (:func:`evaluators.audit.run_audit`), and the lead alone
     writes the reports and returns the summary (the others get ``None``).
+
+    ``sign_key`` signs every report and certificate as it is written (:func:`evaluators.attestation.sign_folder`).
     """
     world = world or World()
     cfg.validate()
@@ -301,15 +304,17 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
             check_resumable(cfg.folder / "audit" / fmt, audit_cfg)
     if not world.lead:
         return _run_locked(cfg, audit_cfg, train_cfg, certify_cfg, device=device, seed=seed, resume=resume,
-                           command=command, versions=versions, world=world)
+                           command=command, versions=versions, world=world, sign_key=sign_key)
     with folder_lock(cfg.folder, "--name or --out", command=command or None):
         return _run_locked(cfg, audit_cfg, train_cfg, certify_cfg, device=device, seed=seed, resume=resume,
-                           command=command, versions=versions, world=world)
+                           command=command, versions=versions, world=world, sign_key=sign_key)
 
 
 def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any, *, device: torch.device, seed: int,
-                resume: bool, command: str, versions: dict[str, Any] | None, world: World) -> dict[str, Any] | None:
+                resume: bool, command: str, versions: dict[str, Any] | None, world: World,
+                sign_key: SigningKey | None = None) -> dict[str, Any] | None:
     """:func:`run_pipeline`'s work, checked and with the run folder locked."""
+    from evaluators.attestation import sign_folder
     from evaluators.audit import finish, load_audit_inputs, run_audit
     from evaluators.certificate import write_certificate
     from evaluators.certify import finish as finish_certify
@@ -382,6 +387,8 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
         if doc is None:
             continue
         write_report(doc, out, adversarials)
+        if sign_key is not None:
+            sign_folder(out, sign_key)
         finish(out)
         rows.append({"format": fmt, "status": doc["status"], "verdict": doc["verdict"],
                      # the audit's own clean figures (one agreement everywhere), not the export's parity samples
@@ -406,6 +413,8 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
         if doc is None:
             continue
         write_certificate(doc, out)
+        if sign_key is not None:
+            sign_folder(out, sign_key, "certificate")
         finish_certify(out)
         row = by_format[fmt]
         row["certified_auac"] = doc["certified"]["auac"]

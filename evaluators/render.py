@@ -15,10 +15,10 @@ import math
 import re
 from typing import Any
 
-__all__ = ["certificate_rows", "plot_certificate_png", "plot_png", "render_certificate_html", "render_certificate_markdown",
-           "render_html", "render_markdown"]
+__all__ = ["NORM_LABEL", "certificate_rows", "md_table", "md_text", "plot_certificate_png", "plot_png",
+           "render_certificate_html", "render_certificate_markdown", "render_html", "render_markdown", "worst_rows"]
 
-_NORM_LABEL = {"linf": "L-inf", "l2": "L2", "wasserstein": "Wasserstein"}
+NORM_LABEL = {"linf": "L-inf", "l2": "L2", "wasserstein": "Wasserstein"}
 
 
 # ------------------------------------------------------------------------------------------------------ formatting
@@ -211,25 +211,25 @@ def _provenance_rows(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~&!])")
 
 
-def _md(text: Any) -> str:
+def md_text(text: Any) -> str:
     """Text safe anywhere in GitHub-flavoured Markdown (table cells too): one line, punctuation backslash-escaped."""
     return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def _md_code(text: str) -> str:
-    """An inline code span (a fence longer than any backtick run inside); for table cells use :func:`_md`."""
+    """An inline code span (a fence longer than any backtick run inside); for table cells use :func:`md_text`."""
     text = " ".join(text.split())
     fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def _md_table(rows: list[dict[str, str]], free: tuple[str, ...] = ("attack",)) -> list[str]:
+def md_table(rows: list[dict[str, str]], free: tuple[str, ...] = ("attack",)) -> list[str]:
     """A GFM table; the ``free`` columns hold text from the document and are escaped, the others are the kit's own
     formatting (numbers, enums) and only have ``|`` escaped."""
 
     def cell(col: str, value: str) -> str:
-        return _md(value) if col in free else " ".join(value.split()).replace("|", "\\|")
+        return md_text(value) if col in free else " ".join(value.split()).replace("|", "\\|")
 
     cols = list(rows[0])
     lines = ["| " + " | ".join(cell("", c) for c in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
@@ -256,25 +256,25 @@ def render_markdown(doc: dict[str, Any]) -> str:
         The Markdown text, ending with a newline.
     """
     mark = "\u2705" if doc["status"] == "pass" else "\u274c"
-    out = [f"# {mark} {_title(doc)}", "", _md(_summary(doc)), ""]
+    out = [f"# {mark} {_title(doc)}", "", md_text(_summary(doc)), ""]
     if doc.get("worst_case"):
-        out += ["## Worst case per threat model", "", *_md_table(worst_rows(doc)), ""]
+        out += ["## Worst case per threat model", "", *md_table(worst_rows(doc)), ""]
     out += ["## Attacks", ""]
-    out += _md_table(_attack_rows(doc))
+    out += md_table(_attack_rows(doc))
     reasons = _reasons(doc)
     if reasons:
-        out += [""] + [f"- **{_md(name)}**: {_md(reason)}" for name, reason in reasons]
+        out += [""] + [f"- **{md_text(name)}**: {md_text(reason)}" for name, reason in reasons]
     out += ["", f"**Clean inputs:** {_clean_line(doc)}", "", "## Gates", ""]
     gates = _gate_rows(doc)
-    out += _md_table(gates) if gates else ["No AUAC gate was set."]
+    out += md_table(gates) if gates else ["No AUAC gate was set."]
     out += ["", "## Checks", ""]
     if doc["checks"]:
-        out += [f"- **{_md(c['severity'])}**{flag_effect(doc, c)} {_md_code(c['id'])} "
-                f"({_md(c['attack'] or 'model')}): {_md(c['message'])}" for c in doc["checks"]]
+        out += [f"- **{md_text(c['severity'])}**{flag_effect(doc, c)} {_md_code(c['id'])} "
+                f"({md_text(c['attack'] or 'model')}): {md_text(c['message'])}" for c in doc["checks"]]
     else:
         out.append("No check raised a flag.")
     out += ["", "## Provenance", ""]
-    out += [f"- {label}: {_md_code(value) if code else _md(value)}" for label, value, code in _provenance_rows(doc)]
+    out += [f"- {label}: {_md_code(value) if code else md_text(value)}" for label, value, code in _provenance_rows(doc)]
     return "\n".join(out) + "\n"
 
 
@@ -307,7 +307,7 @@ def plot_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
         verdict = a["fidelity"]["verdict"]
         ax.set_title(_mpl_text(f"{a['name']}: {verdict}"), fontsize=10,
                      color="tab:red" if verdict == "mismatch" else "black")
-        ax.set_xlabel(f"epsilon ({_NORM_LABEL.get(a['norm'], a['norm'])})")
+        ax.set_xlabel(f"epsilon ({NORM_LABEL.get(a['norm'], a['norm'])})")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
@@ -472,16 +472,16 @@ def render_certificate_markdown(doc: dict[str, Any]) -> str:
     """A certificate as GitHub-flavoured Markdown: the summary, the certified curve at five radii (beside the attack
     curve when there is one), checks and provenance."""
     mark = "\u2705" if doc["status"] == "pass" else "\u274c"
-    out = [f"# {mark} {_md(_certificate_title(doc))}", "", _md(_certificate_summary(doc)), "",
-           "## Certified accuracy", "", *_md_table(certificate_rows(doc), free=()), ""]
+    out = [f"# {mark} {md_text(_certificate_title(doc))}", "", md_text(_certificate_summary(doc)), "",
+           "## Certified accuracy", "", *md_table(certificate_rows(doc), free=()), ""]
     out += ["## Gates", ""]
     out += [f"- certified AUAC {g['certified_auac']:.4f} >= {g['min_certified_auac']:g}: "
             f"{'passed' if g['passed'] else 'FAILED'}" for g in doc["gates"]] or ["No gate was set."]
     out += ["", "## Checks", ""]
-    out += [f"- **{_md(c['severity'])}**{flag_effect(doc, c)} {_md_code(c['id'])} ({_md(c['attack'] or 'model')}): "
-            f"{_md(c['message'])}" for c in doc["checks"]] or ["No check raised a flag."]
+    out += [f"- **{md_text(c['severity'])}**{flag_effect(doc, c)} {_md_code(c['id'])} ({md_text(c['attack'] or 'model')}): "
+            f"{md_text(c['message'])}" for c in doc["checks"]] or ["No check raised a flag."]
     out += ["", "## Provenance", ""]
-    out += [f"- {label}: {_md_code(value) if code else _md(value)}" for label, value, code in _cert_provenance(doc)]
+    out += [f"- {label}: {_md_code(value) if code else md_text(value)}" for label, value, code in _cert_provenance(doc)]
     return "\n".join(out) + "\n"
 
 
@@ -530,7 +530,7 @@ def plot_certificate_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
         ax.plot(a["eps_grid"], a["accuracy"], "--", drawstyle="steps-post", color="tab:red",
                 label=f"{_mpl_text(a['name'])} (AUAC {a['auac']:.3f}, empirical upper bound)")
     norm = doc["smoothing"]["norm"]
-    ax.set_xlabel(f"radius ({_NORM_LABEL.get(norm, norm)})")
+    ax.set_xlabel(f"radius ({NORM_LABEL.get(norm, norm)})")
     ax.set_ylabel("accuracy of the smoothed engine")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)

@@ -44,6 +44,7 @@ from kit.io import atomic_write, require_file
 __all__ = [
     "ADVERSARIAL_FIELDS",
     "REPORT_FILES",
+    "SIGNATURE_FILE",
     "SCHEMA",
     "load_adversarials",
     "load_report",
@@ -67,6 +68,8 @@ SCHEMA = "otkit.report/1"
 
 #: The files of a report folder, in the order :func:`write_report` writes them (``report.json`` last).
 REPORT_FILES = ("adversarials.npz", "curves.png", "report.md", "report.html", "report.json")
+#: The signature bundle ``--sign-key`` writes beside the report (evaluators.attestation); a rewrite removes a stale one.
+SIGNATURE_FILE = "report.sigstore.json"
 
 #: Arrays stored per attack in adversarials.npz (key ``NAME/FIELD``) and their dtypes.
 ADVERSARIAL_FIELDS: dict[str, Any] = {
@@ -378,7 +381,8 @@ def remove_report(out_dir: str | os.PathLike[str]) -> list[Path]:
     """
     out = Path(out_dir)
     removed = []
-    for name in reversed(REPORT_FILES):  # report.json first
+    names = list(reversed(REPORT_FILES))  # report.json first, then its signature, then the rest
+    for name in [names[0], SIGNATURE_FILE, *names[1:]]:
         p = out / name
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -434,8 +438,9 @@ def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str],
     except OSError as e:
         raise UserError(f"cannot create report folder {out}: {e.strerror}") from None
     npz, png_path, md, page, report_json = (out / name for name in REPORT_FILES)
-    with contextlib.suppress(FileNotFoundError):
-        report_json.unlink()  # a stale report.json must not outlive a failed rewrite
+    for stale in (report_json, out / SIGNATURE_FILE):  # neither may outlive a failed rewrite (nor sign a new one)
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     written = []
     if npz_bytes is not None:
         with atomic_write(npz) as f:

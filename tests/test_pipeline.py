@@ -56,7 +56,8 @@ def test_docs_show_the_embedded_default_verbatim():
 
 def test_tiny_run_end_to_end(tmp_path):
     (tmp_path / "run.toml").write_text(TINY)
-    res = run("run", tmp_path / "run.toml", "--out", tmp_path / "runs")
+    assert run("keygen", "--out", tmp_path / "k").exit_code == 0
+    res = run("run", tmp_path / "run.toml", "--out", tmp_path / "runs", "--sign-key", tmp_path / "k.key")
     folder = tmp_path / "runs" / "tiny"
     summary = json.loads((folder / "summary.json").read_text())
     assert res.exit_code == (0 if summary["status"] == "pass" else 1), res.output
@@ -76,6 +77,18 @@ def test_tiny_run_end_to_end(tmp_path):
     assert cert["engine"]["precision"] == "int8" and cert["data"]["n"] == 6 and cert["attack"] is not None
     assert fmts["onnx-int8"]["certified_auac"] == cert["certified"]["auac"] and "certified_auac" not in fmts["onnx"]
     assert "certified AUAC" in res.output and "certificate.md" in res.output
+    # --sign-key signed every report and the certificate: otkit verify --public-key accepts each
+    from kit.signing import load_public_key, open_bundle
+
+    pub = load_public_key(tmp_path / "k.pub")
+    for sub, bundle in (("audit/onnx", "report.sigstore.json"), ("audit/onnx-int8", "report.sigstore.json"),
+                        ("certify/onnx-int8", "certificate.sigstore.json")):
+        statement, problems = open_bundle(folder / sub / bundle, pub)
+        assert not problems and statement["predicate"]["engine"]["sha256"] == fmts[sub.split("/")[1]]["sha256"]
+    engine = fmts["onnx"]["artifact"]
+    res = run("verify", folder / "audit" / "onnx", "--engine", engine, "--twin", folder / "model.safetensors",
+              "--public-key", tmp_path / "k.pub", "--waive", "data")
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.parametrize("text,message", [

@@ -518,8 +518,8 @@ def test_remove_report_deletes_report_json_first(doc, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "unlink", spy)
     removed = R.remove_report(tmp_path)
-    assert order[0] == "report.json" and sorted(order) == sorted(R.REPORT_FILES)
-    assert [p.name for p in removed] == order
+    assert order[0] == "report.json" and sorted(order) == sorted([*R.REPORT_FILES, R.SIGNATURE_FILE])
+    assert [p.name for p in removed] == [n for n in order if n != R.SIGNATURE_FILE]  # the report was not signed
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
     assert R.remove_report(tmp_path) == [] and R.remove_report(tmp_path / "missing") == []
 

@@ -14,10 +14,12 @@ from typing import Any
 import click
 
 from kit.cli.common import (
+    CI,
     PROVIDERS,
     ListedOption,
     arch_option,
     attack_names,
+    ci_options,
     command_device,
     command_seed,
     command_world,
@@ -26,8 +28,10 @@ from kit.cli.common import (
     engine_input_option,
     flag_ids,
     lead_lock,
+    publish_ci,
     seed_option,
     set_interrupt_hint,
+    sign_key_option,
     table,
     twin_import_options,
 )
@@ -158,6 +162,8 @@ def print_audit(doc: dict[str, Any]) -> None:
               help="Folder for report.json, report.md, report.html, curves.png, adversarials.npz.")
 @seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@sign_key_option
+@ci_options
 @arch_option
 @engine_input_option
 @twin_import_options
@@ -166,8 +172,8 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
           attacks: tuple[str, ...], eps_max: float | None, samples: int, batch_size: int, rungs: int,
           tol_auac: float, tol_curve: float, min_agreement: float, alpha: float, gates: tuple[str, ...], blackbox_samples: int,
           providers: tuple[str, ...], allowed_flags: tuple[str, ...], engine_only: bool, resume: bool, out: Path,
-          seed: int | None,
-          as_json: bool, arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
+          seed: int | None, as_json: bool, sign_key: Any = None, ci: CI = CI.NONE, junit: Path | None = None,
+          arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Audit a deployed engine against its PyTorch twin and write the AUAC robustness report.
 
     Every AUAC comes from attacks: an empirical upper bound on the engine's robustness (a stronger attack can only
@@ -205,6 +211,10 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
         if doc is None:  # another process's batches are done: the lead writes the report
             return
         paths = write_report(doc, out, adversarials)
+        if sign_key is not None:
+            from evaluators.attestation import sign_folder
+
+            paths.append(sign_folder(out, sign_key))
         finish(out)
     if as_json:
         emit_json(doc)
@@ -216,6 +226,9 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
         click.echo(f"{clean['reason']}: the engine and the twin disagree before any attack; if either was made outside "
                    "the kit, check what it takes (--engine-input, --input-range/--mean/--std/--input-layout; "
                    "docs/byom.md)", err=True)
+    # the Markdown as written (write_report adds the adversarials' hash to its own copy of the document)
+    publish_ci(ci, junit, [(f"audit of {engine_path.name}", doc, (out / "report.md").read_text("utf-8"), out)],
+               as_json)
     if doc["status"] != "pass":
         ctx.exit(1)
 
@@ -239,9 +252,12 @@ Exit statuses:
 @click.option("--resume", is_flag=True, help="Continue the training and the audits where they stopped.")
 @seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout instead of the table.")
+@sign_key_option
+@ci_options
 @click.pass_context
 def run(ctx: click.Context, run_file: Path | None, name: str | None, out_dir: Path | None, epochs: int | None,
-        print_config: bool, resume: bool, seed: int | None, as_json: bool) -> None:
+        print_config: bool, resume: bool, seed: int | None, as_json: bool, sign_key: Any = None, ci: CI = CI.NONE,
+        junit: Path | None = None) -> None:
     """The main job: train, export (ONNX fp32/fp16/int8, TensorRT where available), audit each artifact, report.
 
     RUN_FILE is a TOML run description (docs/run.md); without it the embedded default runs: SAT on digits with a
@@ -266,15 +282,36 @@ def run(ctx: click.Context, run_file: Path | None, name: str | None, out_dir: Pa
     set_interrupt_hint("finished steps are kept in the run folder: add --resume to the same command to continue")
     world = command_world()  # under torchrun: the lead trains and exports, every process audits (docs/distributed.md)
     summary = run_pipeline(cfg, device=command_device(ctx), seed=command_seed(ctx, seed), resume=resume,
-                           command=shlex.join(["otkit", *sys.argv[1:]]), versions=dependency_versions(), world=world)
+                           command=shlex.join(["otkit", *sys.argv[1:]]), versions=dependency_versions(), world=world,
+                           sign_key=sign_key)
     if summary is None:  # another process: its batches are done, the lead writes the summary
         return
     if as_json:
         emit_json(summary)
     else:
         print_run_summary(summary)
+    publish_ci(ci, junit, run_documents(summary), as_json)
     if summary["status"] != "pass":
         ctx.exit(1)
+
+
+def run_documents(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any], str, Path]]:
+    """(title, document, Markdown, folder) of every report and certificate a run wrote, for :func:`publish_ci`."""
+    from evaluators.certificate import load_certificate
+    from evaluators.report import load_report
+
+    out = []
+    for r in summary["artifacts"]:
+        if r["status"] == "skipped":
+            continue
+        folder = Path(r["report"]).parent
+        out.append((f"audit of {r['format']}", load_report(folder), (folder / "report.md").read_text("utf-8"),
+                    folder))
+        if "certificate" in r:
+            folder = Path(r["certificate"]).parent
+            out.append((f"certificate of {r['format']}", load_certificate(folder),
+                        (folder / "certificate.md").read_text("utf-8"), folder))
+    return out
 
 
 def print_run_summary(summary: dict[str, Any]) -> None:

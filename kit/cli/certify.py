@@ -14,9 +14,11 @@ from typing import Any
 import click
 
 from kit.cli.common import (
+    CI,
     PROVIDERS,
     ListedOption,
     arch_option,
+    ci_options,
     command_device,
     command_seed,
     command_world,
@@ -25,8 +27,10 @@ from kit.cli.common import (
     engine_input_option,
     flag_ids,
     lead_lock,
+    publish_ci,
     seed_option,
     set_interrupt_hint,
+    sign_key_option,
     table,
     twin_import_options,
 )
@@ -117,6 +121,8 @@ def print_certificate(doc: dict[str, Any]) -> None:
               help="Folder for certificate.json, certificate.md, certificate.html, certified.png.")
 @seed_option
 @click.option("--json", "as_json", is_flag=True, help="Print certificate.json to stdout instead of the summary.")
+@sign_key_option
+@ci_options
 @arch_option
 @engine_input_option
 @twin_import_options
@@ -125,8 +131,8 @@ def certify(ctx: click.Context, engine_path: Path, twin_path: Path | None, data_
             smoothing: str, sigma: float, n0: int, n: int | None, alpha: float, samples: int, batch_size: int,
             noise_batch: int | None, r_max: float | None, min_certified_auac: float | None, attack: bool,
             attack_n: int, providers: tuple[str, ...], allowed_flags: tuple[str, ...], resume: bool, out: Path,
-            seed: int | None, as_json: bool, arch: str | None = None, engine_input: Any = None,
-            twin_options: Any = None) -> None:
+            seed: int | None, as_json: bool, sign_key: Any = None, ci: CI = CI.NONE, junit: Path | None = None,
+            arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Certify a deployed engine by randomized smoothing: provable radii, computed on the engine itself.
 
     The certified accuracy curve and AUAC are lower bounds on the smoothed engine's robustness (each radius holds with
@@ -157,11 +163,17 @@ def certify(ctx: click.Context, engine_path: Path, twin_path: Path | None, data_
         if doc is None:  # another process's batches are done: the lead writes the certificate
             return
         paths = write_certificate(doc, out)
+        if sign_key is not None:
+            from evaluators.attestation import sign_folder
+
+            paths.append(sign_folder(out, sign_key, "certificate"))
         finish(out)
     if as_json:
         emit_json(doc)
     else:
         print_certificate(doc)
     click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
+    publish_ci(ci, junit, [(f"certificate of {engine_path.name}", doc, (out / "certificate.md").read_text("utf-8"),
+                            out)], as_json)
     if doc["status"] != "pass":
         ctx.exit(1)

@@ -12,8 +12,10 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
 import platform
 from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +354,85 @@ def engine_input_option(f: Callable[..., Any]) -> Callable[..., Any]:
         help="What an engine exported outside the kit takes, applied outside it so epsilons stay in [0, 1] pixels: "
              "fields range=LO,HI mean=M,.. std=S,.. layout=nchw|nhwc dtype=float32|float16|uint8 separated by ';' "
              "or a preset (imagenet, cifar10, mnist, inception). The kit's own exports record it.")(f)
+
+
+def sign_key_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--sign-key KEY`` (or ``$OTKIT_SIGN_KEY``): sign what the command writes (docs/signing.md). The key is read
+    when the command line is parsed, so a bad key stops the command before any work; the command gets ``sign_key``
+    as a :class:`kit.signing.SigningKey` or None."""
+
+    def load(ctx: click.Context, param: click.Parameter, value: Path | None) -> Any:
+        if value is None:
+            return None
+        from kit.signing import load_signing_key
+
+        return load_signing_key(value)
+
+    return click.option(
+        "--sign-key", "sign_key", default=None, envvar="OTKIT_SIGN_KEY", callback=load,
+        type=click.Path(dir_okay=False, path_type=Path), metavar="KEY",
+        help="Sign the report with this ed25519 private key (otkit keygen): an in-toto statement of the engine, twin, "
+             "data fingerprint and every file written, in a Sigstore bundle beside it (*.sigstore.json); "
+             "otkit verify --public-key checks it. Password, if any, in $OTKIT_SIGN_PASSWORD. [env: "
+             "OTKIT_SIGN_KEY]")(f)
+
+
+class CI(str, Enum):
+    """Where ``--ci`` sends its annotations and summary."""
+
+    AUTO = "auto"
+    GITHUB = "github"
+    NONE = "none"
+
+
+def ci_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--ci auto|github|none`` and ``--junit FILE`` (docs/release.md); the command gets ``ci`` (a :class:`CI`
+    resolved: ``auto`` is ``github`` when ``GITHUB_ACTIONS`` is ``true``) and ``junit`` (a Path or None, its
+    folder checked when the command line is parsed)."""
+
+    def resolve(ctx: click.Context, param: click.Parameter, value: str) -> CI:
+        ci = CI(value)
+        if ci is CI.AUTO:
+            return CI.GITHUB if os.environ.get("GITHUB_ACTIONS") == "true" else CI.NONE
+        return ci
+
+    def check_junit(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+        if value is not None and not value.resolve().parent.is_dir():
+            raise UserError(f"--junit {value}: no such folder {value.resolve().parent}")
+        return value
+
+    f = click.option("--junit", "junit", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                     metavar="FILE", callback=check_junit,
+                     help="Also write the gates, verdicts and flags as JUnit XML test cases (Jenkins, GitLab).")(f)
+    return click.option("--ci", "ci", type=click.Choice([c.value for c in CI]), default=CI.AUTO.value,
+                        show_default=True, callback=resolve,
+                        help="github: append the summary to $GITHUB_STEP_SUMMARY and print ::error / ::warning "
+                             "annotations for failed gates, verdicts and flags; auto: github when $GITHUB_ACTIONS is "
+                             "true.")(f)
+
+
+def publish_ci(ci: CI, junit: Path | None, items: list[tuple[str, dict[str, Any], str, Path]],
+               as_json: bool = False) -> None:
+    """What ``--ci`` and ``--junit`` ask for, for the documents a command wrote: ``items`` holds (title, document,
+    its Markdown, its folder). Annotations go to stdout, where the runner reads workflow commands, or to stderr with
+    ``--json`` (stdout then holds the JSON alone; the runner reads both streams of a ``run`` step)."""
+    from evaluators.ci import annotation, append_step_summary, cases, junit_xml
+    from kit.io import atomic_write
+
+    if ci is CI.GITHUB:
+        for title, doc, _, _ in items:
+            for c in cases(doc):
+                if c.level is not None:
+                    click.echo(annotation(c.level, f"otkit {title}: {c.name}", c.message), err=as_json)
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            for title, _, markdown, folder in items:
+                if append_step_summary(summary, markdown + "\n", str(folder)):
+                    click.echo(f"the step summary was cut to GitHub's 1 MiB limit; {title} is whole in {folder}",
+                               err=True)
+        else:
+            click.echo("--ci github: GITHUB_STEP_SUMMARY is not set, so no step summary was written", err=True)
+    if junit is not None:
+        with atomic_write(junit) as f:
+            f.write(junit_xml([(title, doc) for title, doc, _, _ in items]))
+        click.echo(f"wrote {junit}", err=True)

@@ -32,12 +32,14 @@ Exit statuses:
      adversarials, the audited examples replayed (fingerprint, clean
      accuracies, eps* = 0 sets, adversarial distances, radii), and every
      figure re-derived from the per-example eps* (curves, AUACs, intervals,
-     fidelity, verdicts, gates, status); only what --waive names may be
+     fidelity, verdicts, gates, status), and with --public-key the
+     signature and every subject it signs; only what --waive names may be
      left unchecked
   1  a difference (each named on stderr), or the twin, adversarials.npz,
-     the recheck or the data missing without --waive
+     the recheck or the data missing without --waive; with --public-key,
+     no bundle, a damaged one, or no signature by that key
   2  usage or input error (missing report, engine or twin, corrupt
-     adversarials.npz, report not otkit.report/1)"""
+     adversarials.npz, report not otkit.report/1, unreadable public key)"""
 
 
 class ReportFormat(str, Enum):
@@ -46,6 +48,8 @@ class ReportFormat(str, Enum):
     MD = "md"
     HTML = "html"
     JSON = "json"
+    MODEL_INDEX = "model-index"
+    MODEL_CARD = "model-card"
 
 
 def _report_path(source: Path) -> Path:
@@ -68,7 +72,7 @@ def _is_certificate(source: Path) -> bool:
 
 def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twin_path: Path | None, recheck: int,
                         waive: list[str], data_spec: str | None, as_json: bool, arch: str | None,
-                        engine_input: Any) -> None:
+                        engine_input: Any, pub: Any) -> None:
     """``otkit verify`` of a certificate: the engine's (and twin's) hashes, every derived figure re-derived from the
     counts, and the first N examples certified again with the certificate's seeds (--recheck N; needs the data)."""
     from evaluators.certificate import load_certificate, recompute_certificate
@@ -109,12 +113,15 @@ def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twi
         replayed = replay_certificate(doc, engine, device, examples=recheck, spec=data_spec)
         note = f"{min(recheck, doc['data']['n'])} example(s) certified again"
     problems += replayed
+    folder = source if source.is_dir() else source.parent
+    signature = _signature(doc, folder, pub, hashes)
+    problems += signature["problems"]
     ok = not problems
     if as_json:
         emit_json({"certificate": str(source), "match": ok, "hashes": hashes,
                    "recomputed": {"match": not differences, "differences": differences},
                    "replayed": {"note": note, "match": not replayed, "differences": replayed},
-                   "waived": waive, "problems": problems})
+                   "signature": signature, "waived": waive, "problems": problems})
     else:
         rows = [{"item": h["item"], "file": os.path.basename(h["file"]), "certificate says": _short(h["expected"]),
                  "found": _short(h["actual"] or "-"), "result": "match" if h["match"] else "DIFFERS"} for h in hashes]
@@ -125,9 +132,12 @@ def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twi
                      "found": note if not replayed else f"{len(replayed)} difference(s)",
                      "result": ("waived" if note == "waived" else "NOT CHECKED" if note == "--recheck 0" else
                                 "match" if not replayed else "DIFFERS")})
+        rows.append(_signature_row(signature, "certificate says"))
         click.echo(table(rows, ["item", "file", "certificate says", "found", "result"]))
     for line in problems:
         click.echo(f"verify: {line}", err=True)
+    if signature["note"]:
+        click.echo(f"verify: {signature['note']}", err=True)
     if not ok:
         ctx.exit(1)
 
@@ -136,38 +146,80 @@ def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twi
 @click.command("report", epilog="""\b
 Exit statuses:
   0  rendered
-  2  usage or input error (missing file, invalid JSON, report not otkit.report/1)""")
+  2  usage or input error (missing file, invalid JSON, report not otkit.report/1,
+     a bad --source-url)""")
 @click.argument("source", metavar="DIR|REPORT.json", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice([f.value for f in ReportFormat]), default=ReportFormat.MD.value,
               show_default=True, help="md: release notes; html: one self-contained page (plot embedded); json: the "
-                                      "validated document.")
+                                      "validated document; model-index: the Hugging Face model card's model-index "
+                                      "metadata (YAML front matter); model-card: a README section with the table and "
+                                      "plots (docs/release.md).")
+@click.option("--certificate", "certificates", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="model-index / model-card: add the certified AUAC of this certificate (otkit certify's folder) as "
+                   "a lower bound beside the audit's upper bounds (repeatable). SOURCE may itself be a certificate.")
+@click.option("--name", "model_name", default=None, help="model-index / model-card: the model's name "
+                                                          "[default: the engine file's name]")
+@click.option("--source-url", default=None, metavar="URL",
+              help="model-index / model-card: where the report is published (the release page), written as each "
+                   "result's source.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write to this file (atomically) instead of stdout.")
-def report(source: Path, fmt: str, out: Path | None) -> None:
-    """Re-render an audit report from its report.json (the folder or the file).
+def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: str | None, source_url: str | None,
+           out: Path | None) -> None:
+    """Re-render an audit report from its report.json (the folder or the file), or write its release metadata.
 
     The document is validated against otkit.report/1 first. For html the accuracy plot is drawn again from the
-    document and embedded, so the page needs no other file.
+    document and embedded, so the page needs no other file. model-index and model-card read SOURCE (a report or a
+    certificate) and every --certificate: clean accuracy, worst-case AUAC per threat model (empirical upper bounds)
+    and certified AUAC (lower bounds), each metric named with its bound.
     """
     import json
 
     from evaluators.report import load_report, plot_png, render_html, render_markdown
     from kit.io import atomic_write
 
-    doc = load_report(source)
     kind = ReportFormat(fmt)
-    if kind is ReportFormat.MD:
-        text = render_markdown(doc)
+    if kind in (ReportFormat.MODEL_INDEX, ReportFormat.MODEL_CARD):
+        text = _release_text(kind, source, certificates, model_name, source_url)
+    elif certificates or model_name is not None or source_url is not None:
+        raise UserError("--certificate, --name and --source-url go with --format model-index or model-card")
+    elif kind is ReportFormat.MD:
+        text = render_markdown(load_report(source))
     elif kind is ReportFormat.HTML:
+        doc = load_report(source)
         text = render_html(doc, plot_png(doc))
     else:
-        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+        text = json.dumps(load_report(source), indent=2, allow_nan=False) + "\n"
     if out is None:
         click.echo(text, nl=False)
         return
     with atomic_write(out, "w") as f:
         f.write(text)
     click.echo(f"wrote {out}", err=True)
+
+
+def _release_text(kind: ReportFormat, source: Path, certificates: tuple[Path, ...], name: str | None,
+                  source_url: str | None) -> str:
+    """``--format model-index`` / ``model-card``: the documents read and checked, then rendered."""
+    import re
+
+    from evaluators.certificate import load_certificate
+    from evaluators.release import check_with_huggingface_hub, model_card, model_index, model_index_yaml
+    from evaluators.report import load_report
+
+    if source_url is not None and not re.fullmatch(r"https?://[^\s<>\"'`]+", source_url):
+        raise UserError(f"--source-url must be an http(s) URL without spaces or quotes, got {source_url!r}")
+    if name is not None and (not name.strip() or len(name) > 200 or any(c in name for c in "\n\r")):
+        raise UserError(f"--name must be one line of at most 200 characters, got {name!r}")
+    report_doc = None if _is_certificate(source) else load_report(source)
+    certs = ([load_certificate(source)] if report_doc is None else []) + [load_certificate(c) for c in certificates]
+    if kind is ReportFormat.MODEL_CARD:
+        return model_card(report_doc, certs, name=name, source_url=source_url)
+    index = model_index(report_doc, certs, name=name, source_url=source_url)
+    problem = check_with_huggingface_hub(index)
+    if problem is not None:  # our output disagrees with the reference reader: a bug of ours, said plainly
+        raise RuntimeError(f"the model-index does not round-trip through huggingface_hub: {problem}")
+    return model_index_yaml(index)
 
 
 # -------------------------------------------------------------------------------------------------------------- verify
@@ -249,6 +301,37 @@ def _recheck(engine: Any, npz_path: Path, stored: dict[str, dict[str, Any]], bud
     return rows
 
 
+def _signature(doc: dict[str, Any], folder: Path, pub: Any, hashes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The signature check of ``otkit verify --public-key`` (:func:`evaluators.attestation.check_signature`), with
+    the engine and twin digests just computed from the files given; without a key, a note when a bundle is there."""
+    from evaluators.attestation import BUNDLE_NAMES, check_signature, document_kind
+
+    bundle = folder / BUNDLE_NAMES[document_kind(doc)]
+    if pub is None:
+        note = (f"{bundle.name} is beside it: give --public-key PUB to check the signature" if bundle.is_file()
+                else "")
+        return {"checked": False, "bundle": str(bundle), "subjects": [], "problems": [], "note": note}
+    actual = {h["item"]: h["actual"] for h in hashes}
+    rows, problems = check_signature(doc, folder, pub, engine_sha256=actual.get("engine sha256"),
+                                     twin_sha256=actual.get("twin sha256"))
+    return {"checked": True, "bundle": str(bundle), "keyid": pub.keyid, "subjects": rows, "problems": problems,
+            "note": ""}
+
+
+def _signature_row(signature: dict[str, Any], says: str) -> dict[str, Any]:
+    """The signature's row of verify's table."""
+    name = os.path.basename(signature["bundle"])
+    if not signature["checked"]:
+        found = "present, not checked" if signature["note"] else "not signed"
+        return {"item": "signature", "file": name if signature["note"] else "", says: "-", "found": found,
+                "result": "NOT CHECKED" if signature["note"] else "-"}
+    n = len(signature["subjects"])
+    bad = signature["problems"]
+    return {"item": "signature", "file": name, says: f"key {signature['keyid'][:16]}...",
+            "found": f"{n} subject(s) match" if not bad else f"{len(bad)} problem(s)",
+            "result": "match" if not bad else "DIFFERS"}
+
+
 def _engine_row(engine_path: Path, expected: str) -> dict[str, Any]:
     """The engine's hash row: :func:`exporters.onnx.engine_sha256` (an ONNX file's external data included)."""
     from exporters.onnx import engine_sha256
@@ -300,6 +383,10 @@ def _engine_input(doc: dict[str, Any], given: Any) -> Any:
               help="Where the report's dataset lies here, if not at its recorded spec (the drawn examples must have "
                    "the report's fingerprint).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--public-key", "public_key", default=None, type=click.Path(dir_okay=False, path_type=Path), metavar="PUB",
+              help="Check the report's signature (report.sigstore.json beside it, from --sign-key) with this ed25519 "
+                   "public key, and every subject it signs: the engine and twin given here, the data fingerprint and "
+                   "each file of the folder. A report without a valid signature by this key fails.")
 @click.option("--arch", "arch", default=None, metavar="FILE.py:NAME",
               help="With --recheck of a checkpoint engine whose architecture is your own Python file: that file, "
                    "imported (its code runs) only if NAME and its sha256 match the checkpoint. Never imported without "
@@ -308,8 +395,8 @@ def _engine_input(doc: dict[str, Any], given: Any) -> Any:
 @twin_import_options
 @click.pass_context
 def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: Path | None, recheck: int,
-           waived: tuple[str, ...], data_spec: str | None, as_json: bool, arch: str | None = None,
-           engine_input: Any = None, twin_options: Any = None) -> None:
+           waived: tuple[str, ...], data_spec: str | None, as_json: bool, public_key: Path | None = None,
+           arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Check a report against the files it names and against its own per-example results.
 
     The sha256 of the engine (with an ONNX file's external data files), of the twin and of adversarials.npz must be
@@ -333,9 +420,14 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     from kit.io import require_file
 
     waive = [w for w in WAIVABLE if w in waived]
+    pub = None
+    if public_key is not None:
+        from kit.signing import load_public_key
+
+        pub = load_public_key(public_key)
     if _is_certificate(report_file):
         _verify_certificate(ctx, report_file, engine_path, twin_path, recheck, waive, data_spec, as_json, arch,
-                            engine_input)
+                            engine_input, pub)
         return
     loaded: dict[str, Any] = {}
 
@@ -448,6 +540,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                                 f"{actual}, the report's had {expected} (give the flags it was audited with)")
 
     differences = recompute_report(doc)
+    signature = _signature(doc, rpath.parent, pub, hashes)
 
     for h in hashes:
         if h["match"] is False:
@@ -460,6 +553,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                             f"engine now {b['pred']}, label {b['y']}, logit margin {b['margin']:.3g})")
     problems += replayed
     problems += differences
+    problems += signature["problems"]
     ok = not problems
     if as_json:
         emit_json({"report": str(rpath), "match": ok, "hashes": hashes,
@@ -468,7 +562,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                     "recheck": rechecked, "recheck_note": recheck_note,
                     "recomputed": {"match": not differences, "differences": differences},
                     "replayed": {"note": replay_note, "match": not replayed, "differences": replayed},
-                    "waived": waive, "problems": problems})
+                    "signature": signature, "waived": waive, "problems": problems})
     else:
         def result(h: dict[str, Any]) -> str:
             if h["match"] is None:
@@ -498,9 +592,12 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         rows.append({"item": "derived figures", "file": rpath.name, "report says": "curves, AUACs, fidelity, gates",
                      "found": "recomputed equal" if not differences else f"{len(differences)} field(s) differ",
                      "result": "match" if not differences else "DIFFERS"})
+        rows.append(_signature_row(signature, "report says"))
         click.echo(table(rows, ["item", "file", "report says", "found", "result"]))
     for line in problems:
         click.echo(f"verify: {line}", err=True)
+    if signature["note"]:
+        click.echo(f"verify: {signature['note']}", err=True)
     if waive:
         click.echo(f"verify: waived: {', '.join(waive)}", err=True)
     if not ok:
