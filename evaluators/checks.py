@@ -44,6 +44,7 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "test-blind": (Severity.ERROR, "too few examples for the fidelity tests to see the tolerated differences"),
     "engine-above-twin": (Severity.WARNING, "an attack finds the engine significantly more robust than its twin"),
     "certificate-violated": (Severity.ERROR, "an attack on the smoothed engine beat a certified radius"),
+    "verifier-beats-attacks": (Severity.WARNING, "a formal verifier found adversarials the attacks missed"),
 }
 
 

@@ -16,7 +16,8 @@ import re
 from typing import Any
 
 __all__ = ["NORM_LABEL", "certificate_rows", "md_table", "md_text", "plot_certificate_png", "plot_png",
-           "render_certificate_html", "render_certificate_markdown", "render_html", "render_markdown", "worst_rows"]
+           "render_certificate_html", "render_certificate_markdown", "render_html", "render_markdown",
+           "verification_rows", "verification_text", "worst_rows"]
 
 NORM_LABEL = {"linf": "L-inf", "l2": "L2", "wasserstein": "Wasserstein"}
 
@@ -273,9 +274,31 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"({md_text(c['attack'] or 'model')}): {md_text(c['message'])}" for c in doc["checks"]]
     else:
         out.append("No check raised a flag.")
+    if doc.get("verification"):
+        out += ["", "## Formal verification", "", md_text(verification_text(doc["verification"])), ""]
+        out += md_table(verification_rows(doc["verification"]), free=())
     out += ["", "## Provenance", ""]
     out += [f"- {label}: {_md_code(value) if code else md_text(value)}" for label, value, code in _provenance_rows(doc)]
     return "\n".join(out) + "\n"
+
+
+def verification_text(v: dict[str, Any]) -> str:
+    """What a report's ``verification`` section is, in one paragraph."""
+    who = v["verifier"] or "a formal verifier"
+    what = ("the audited engine" if v["is_audited_engine"]
+            else f"an fp32 ONNX file of the same model ({v['source_sha256'][:19]}...), not the audited engine")
+    return (f"{who} checked L-inf balls the attacks called robust, on {what}. An unsat answer is a proof that no "
+            "input in the ball changes the prediction: the verified accuracy is a lower bound, with no confidence "
+            "level; the attacks' accuracy at the same radius is an upper bound. A sat answer is an adversarial the "
+            "attacks missed.")
+
+
+def verification_rows(v: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per radius of a report's ``verification`` section."""
+    return [{"radius": _num(r["radius"], ".4g"), "properties": str(r["properties"]), "unsat (proved)": str(r["unsat"]),
+             "sat (adversarial)": str(r["sat"]), "unknown": str(r["unknown"]),
+             "verified accuracy (lower bound)": _num(r["verified_accuracy"]),
+             "attack accuracy (upper bound)": _num(r["attack_accuracy"])} for r in v["radii"]]
 
 
 # ------------------------------------------------------------------------------------------------------------ plot
@@ -413,6 +436,9 @@ def _html_checks_and_provenance(doc: dict[str, Any], provenance: list[tuple[str,
         out.append("</ul>")
     else:
         out.append("<p>No check raised a flag.</p>")
+    if doc.get("verification"):
+        out += ["<h2>Formal verification</h2>", f"<p>{_h(verification_text(doc['verification']))}</p>",
+                *_html_table(verification_rows(doc["verification"]), "")]
     out += ["<h2>Provenance</h2>", "<table>"]
     for label, value, code in provenance:
         cell = f"<code>{_h(value)}</code>" if code else _h(value)

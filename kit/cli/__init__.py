@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from kit.cli import audit, certify, data, engine, evaluate, info, keys, models, report, train
+from kit.cli import audit, certify, data, engine, evaluate, info, keys, models, report, spec, train
 from kit.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_STATUSES,
@@ -123,7 +123,8 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) 
 
 
 for _command in (info.info, data.data, models.models, train.train, evaluate.evaluate, engine.export, engine.engine,
-                 audit.audit, certify.certify, audit.run, report.report, report.verify, keys.keygen):
+                 audit.audit, certify.certify, audit.run, report.report, report.verify, keys.keygen,
+                 spec.export_spec):
     cli.add_command(_command)
 del _command
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from kit.cli.common import emit_json, engine_input_option, table, twin_import_options
+from kit.cli.common import emit_json, engine_input_option, sign_key_option, table, twin_import_options
 from kit.errors import UserError
 
 __all__ = ["DEFAULT_RECHECK", "ReportFormat", "VERIFY_EXIT_STATUSES", "WAIVABLE", "report", "verify"]
@@ -162,10 +162,20 @@ Exit statuses:
 @click.option("--source-url", default=None, metavar="URL",
               help="model-index / model-card: where the report is published (the release page), written as each "
                    "result's source.")
+@click.option("--verifier-results", "results", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="CSV", help="Fold a formal verifier's sat / unsat / unknown answers on the benchmark of "
+                                  "otkit export-spec (--spec) into the report, in place: its verification section, "
+                                  "and the verifier-beats-attacks flag for a sat the attacks missed (docs/verifiers.md).")
+@click.option("--spec", "spec_dir", default=None, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="With --verifier-results: the benchmark folder (its otkit-spec.json).")
+@click.option("--verifier", default=None, metavar="NAME", help="With --verifier-results: the verifier's name and "
+                                                              "version, recorded in the report.")
+@sign_key_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write to this file (atomically) instead of stdout.")
 def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: str | None, source_url: str | None,
-           out: Path | None) -> None:
+           results: Path | None, spec_dir: Path | None, verifier: str | None, out: Path | None,
+           sign_key: Any = None) -> None:
     """Re-render an audit report from its report.json (the folder or the file), or write its release metadata.
 
     The document is validated against otkit.report/1 first. For html the accuracy plot is drawn again from the
@@ -179,6 +189,11 @@ def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: s
     from kit.io import atomic_write
 
     kind = ReportFormat(fmt)
+    if results is not None or spec_dir is not None:
+        _fold(source, results, spec_dir, verifier, sign_key)
+        return
+    if verifier is not None:
+        raise UserError("--verifier goes with --verifier-results")
     if kind in (ReportFormat.MODEL_INDEX, ReportFormat.MODEL_CARD):
         text = _release_text(kind, source, certificates, model_name, source_url)
     elif certificates or model_name is not None or source_url is not None:
@@ -196,6 +211,42 @@ def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: s
     with atomic_write(out, "w") as f:
         f.write(text)
     click.echo(f"wrote {out}", err=True)
+
+
+def _fold(source: Path, results: Path | None, spec_dir: Path | None, verifier: str | None, sign_key: Any) -> None:
+    """``--verifier-results``: the answers folded into the report folder, rewritten in place (re-signed with
+    ``--sign-key``; an old signature is removed, since the report changed)."""
+    import json
+
+    from evaluators.formal import fold_results, read_results
+    from evaluators.render import verification_rows
+    from evaluators.report import load_adversarials, load_report, write_report
+    from kit.io import require_file
+
+    if results is None or spec_dir is None:
+        raise UserError("--verifier-results and --spec go together")
+    if not source.is_dir():
+        raise UserError(f"--verifier-results rewrites a report folder: give the folder, not {source}")
+    doc = load_report(source)
+    manifest_path = require_file(spec_dir / "otkit-spec.json", "benchmark manifest")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{manifest_path}: not valid JSON") from None
+    folded = fold_results(doc, manifest, read_results(results), verifier=verifier or "")
+    stored = doc["artifacts"]["adversarials"]
+    adversarials = load_adversarials(source / stored) if stored else None
+    paths = write_report(folded, source, adversarials)
+    if sign_key is not None:
+        from evaluators.attestation import sign_folder
+
+        paths.append(sign_folder(source, sign_key))
+    click.echo(table(verification_rows(folded["verification"]),
+                     list(verification_rows(folded["verification"])[0])))
+    beaten = [c for c in folded["checks"] if c["id"] == "verifier-beats-attacks"]
+    for c in beaten:
+        click.echo(f"warning: verifier-beats-attacks: {c['message']}", err=True)
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
 
 
 def _release_text(kind: ReportFormat, source: Path, certificates: tuple[Path, ...], name: str | None,
