@@ -91,8 +91,8 @@ def _linf_eps_star(doc: Mapping[str, Any]) -> tuple[list[float | None], float, s
 
 
 def _single_batch(proto: Any) -> Any:
-    """A copy of the model with the first dimension of its inputs and outputs fixed to 1 (verifiers want static
-    shapes), every tensor inside the proto."""
+    """A copy of the model (its tensors already inside it) with the first dimension of its inputs and outputs fixed
+    to 1: verifiers want static shapes."""
     import onnx
 
     m = onnx.ModelProto()
@@ -102,10 +102,6 @@ def _single_batch(proto: Any) -> Any:
         if len(dims):
             dims[0].Clear()
             dims[0].dim_value = 1
-    for t in m.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:  # load_onnx read the data: keep it inside
-            t.data_location = onnx.TensorProto.DEFAULT
-            del t.external_data[:]
     return m
 
 
@@ -136,7 +132,7 @@ def export_spec(doc: Mapping[str, Any], engine_path: str | os.PathLike[str], out
     import onnx
 
     from evaluators.replay import audited_examples
-    from exporters.graph import infer_precision, load_onnx
+    from exporters.graph import infer_precision, load_onnx, uses_external_data
     from exporters.onnx import engine_sha256
     from kit.convention import InputConvention
     from kit.io import atomic_write
@@ -155,6 +151,10 @@ def export_spec(doc: Mapping[str, Any], engine_path: str | os.PathLike[str], out
             raise UserError(f"radius {r:g} is above the audit's L-inf eps_max {eps_max:g}: the audit says nothing "
                             "about it")
     proto, _, label = load_onnx(engine_path, "--engine")
+    if uses_external_data(proto):  # verifiers read one file: the data goes inside (load_onnx checked where it lies)
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, str(Path(engine_path).resolve().parent))
     if len(proto.graph.input) != 1 or len(proto.graph.output) != 1:
         raise UserError(f"{label}: a verifier benchmark needs one input and one output, this graph has "
                         f"{len(proto.graph.input)} and {len(proto.graph.output)}")

@@ -16,6 +16,14 @@ torch.set_num_threads(int(os.environ.get("OTKIT_TEST_THREADS", "2")))
 
 
 @pytest.fixture(autouse=True)
+def _no_ci_environment(monkeypatch):
+    """The suite behaves the same inside a CI job: no GitHub Actions detection (--ci auto), no step summary, no
+    signing key or password from the environment. Tests of those set them themselves."""
+    for name in ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "OTKIT_SIGN_KEY", "OTKIT_SIGN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_progress():
     """Progress bars off in tests; tests that check them turn them on explicitly."""
     from kit.runtime import set_quiet

@@ -151,6 +151,37 @@ def test_a_stored_adversarial_is_a_sat_witness_of_its_ball(audited, tmp_path):
     assert any((m @ logits <= rh.reshape(-1)).all() for m, rh in spec)
 
 
+@pytest.mark.slow
+def test_an_engine_with_external_data_is_written_as_one_file(audited, tmp_path):
+    import onnx
+
+    root, engine, _, _ = audited
+    proto = onnx.load(str(engine))
+    onnx.external_data_helper.convert_model_to_external_data(proto, all_tensors_to_one_file=True,
+                                                             location="w.data", size_threshold=64)
+    ext = tmp_path / "ext" / "model.onnx"
+    ext.parent.mkdir()
+    onnx.save(proto, str(ext))
+    assert (ext.parent / "w.data").is_file()
+    # not the audited engine's bytes (the report hashed the self-contained file): refused as another file...
+    assert_user_error(run("export-spec", root / "audit", "--engine", ext, "--out", tmp_path / "b"),
+                      "not the audited engine")
+    # ...so audit it as it is, then export: one file, the same logits
+    res = run("-q", "audit", "--engine", ext, "--twin", audited[3], "--attack", "pgd-linf@0.3", "--samples", "20",
+              "--batch-size", "20", "--rungs", "2", "--blackbox-samples", "0", "--allow-flag", "test-blind",
+              "--ci", "none", "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    assert run("export-spec", tmp_path / "a", "--engine", ext, "--radius", "0.05", "--max-examples", "2", "--out",
+               tmp_path / "b").exit_code == 0
+    written = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx"), load_external_data=False)
+    assert not onnx.external_data_helper.uses_external_data(written.graph.initializer[0]) and \
+        not any(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
+    x = np.random.default_rng(0).uniform(size=(1, 1, 16, 16)).astype(np.float32)
+    a = ort.InferenceSession(str(tmp_path / "b" / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(engine), providers=["CPUExecutionProvider"])
+    assert np.array_equal(a.run(None, {a.get_inputs()[0].name: x})[0], b.run(None, {b.get_inputs()[0].name: x})[0])
+
+
 def _results(bench: Path, answers: dict[int, str], header: bool = True) -> Path:
     rows = list(csv.reader((bench / "instances.csv").read_text().splitlines()))
     path = bench / "results.csv"
