@@ -781,3 +781,28 @@ def test_fingerprint_arrays() -> None:
     assert fingerprint_arrays(x2, ds.y) != fp
     assert fingerprint_arrays(ds.x.reshape(10, 1, 4, 1), ds.y) != fp  # same bytes, other shape
     assert fingerprint_arrays(ds.x.double(), ds.y.int()) == fp  # dtype-normalised
+
+
+def test_stratified_subset_keeps_class_proportions():
+    """Dataset.stratified against counts computed here: floor of each class's share, remainders to the largest
+    fractional parts, every pick a member of its class, the seeded permutation's order kept, deterministic."""
+    import numpy as np
+    import torch
+
+    from kit.data import Dataset
+
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)
+    x = torch.arange(100, dtype=torch.float32).view(100, 1, 1, 1).contiguous()
+    ds = Dataset(x=x, y=y, class_names=["a", "b", "c", "d"], spec="t", split="train")
+    sub = ds.stratified(13, seed=4)
+    counts = np.bincount(sub.y.numpy(), minlength=4)
+    # shares 6.5, 3.9, 1.95, 0.65 -> floors 6, 3, 1, 0 (10); the 3 left go to 0.95, 0.9, 0.65: classes 2, 1, 3
+    assert counts.tolist() == [6, 4, 2, 1] and len(sub) == 13
+    perm = np.random.default_rng(4).permutation(100)
+    picked = sub.x.view(-1).long().numpy()
+    pos = [int(np.flatnonzero(perm == i)[0]) for i in picked]
+    assert pos == sorted(pos)  # permutation order
+    for c in range(4):  # each class's picks are its first members in the permutation
+        members = [i for i in perm if y[i] == c]
+        assert sorted(i for i in picked if y[i] == c) == sorted(members[: counts[c]])
+    assert torch.equal(ds.stratified(13, seed=4).x, sub.x) and ds.stratified(200) is ds

@@ -382,3 +382,18 @@ def test_every_defense_trains_resumes_and_loads_from_the_cli(defense, tiny_cifar
     with torch.no_grad():
         logits = model(torch.rand(2, 3, 32, 32))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def test_train_samples_trains_on_a_stratified_subset(tmp_path):
+    """train_samples > 0: the checkpoint records that subset (its size and fingerprint, Dataset.stratified's); 0
+    leaves the record as before (no train_samples key: earlier runs' configurations and hashes stay equal)."""
+    full = load_dataset("digits", "train")
+    want = full.stratified(300, seed=0)
+    r = train(TrainConfig(data="digits", epochs=1, eval_samples=20, eval_adv_samples=0, train_samples=300),
+              tmp_path / "sub.safetensors")
+    ds = r.info.dataset
+    assert ds["n_train"] == 300 and ds["fingerprint"] == want.fingerprint
+    assert r.info.train_config["train_samples"] == 300
+    assert "train_samples" not in TrainConfig().to_dict()
+    with pytest.raises(UserError, match="train samples"):
+        TrainConfig(train_samples=-1).validate()

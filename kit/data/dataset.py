@@ -164,6 +164,37 @@ class Dataset:
             split=self.split,
         )
 
+    def stratified(self, n: int, seed: int = 0) -> Dataset:
+        r"""``n`` images with the classes in the dataset's proportions: per class, the first of a seeded permutation.
+
+        Class ``c`` with :math:`N_c` of the :math:`N` images gets :math:`\lfloor n N_c / N \rfloor` of them, and the
+        images still missing go to the classes with the largest remainders (ties: the smaller class index). The
+        result keeps the permutation's order. ``n >= len(self)`` returns ``self``.
+
+        Raises
+        ------
+        UserError
+            If ``n`` is not an integer >= 1 or ``seed`` is not an integer >= 0.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise UserError(f"subset size must be an integer >= 1, got {n!r} (dataset {self.spec})")
+        check_seed(seed)
+        if n >= len(self):
+            return self
+        perm = np.random.default_rng(int(seed)).permutation(len(self))
+        labels = self.y.numpy()[perm]
+        classes, counts = np.unique(labels, return_counts=True)
+        share = n * counts / len(self)
+        take = np.floor(share).astype(np.int64)
+        order = np.lexsort((classes, -(share - take)))  # largest remainder first, then the smaller class
+        take[order[: int(n) - int(take.sum())]] += 1
+        keep = np.zeros(len(perm), dtype=bool)
+        for c, k in zip(classes, take):
+            keep[np.flatnonzero(labels == c)[:k]] = True
+        idx = torch.from_numpy(perm[keep].astype(np.int64))
+        return Dataset(x=self.x.index_select(0, idx).contiguous(), y=self.y.index_select(0, idx),
+                       class_names=self.class_names, spec=self.spec, split=self.split)
+
     def loader(self, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
         """A DataLoader over ``TensorDataset(x, y)``.
 

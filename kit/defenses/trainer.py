@@ -81,7 +81,9 @@ class TrainConfig:
     """Everything that determines a training run (saved beside the checkpoint and inside it).
 
     ``augment`` is one of :class:`Augment`; ``amp`` asks for mixed precision (CUDA only: on a CPU the run warns and
-    trains in float32); ``eval_adv_samples`` held-out examples are attacked after every epoch (0: none).
+    trains in float32); ``eval_adv_samples`` held-out examples are attacked after every epoch (0: none);
+    ``train_samples`` > 0 trains on a class-stratified subset of that many training images
+    (:meth:`kit.data.Dataset.stratified`, seeded by ``data_seed``; 0, the default, is the whole split).
     """
 
     defense: str = "standard"
@@ -100,6 +102,7 @@ class TrainConfig:
     data_seed: int = 0
     eval_samples: int = 1000
     eval_adv_samples: int = 128
+    train_samples: int = 0
     augment: str = Augment.AUTO.value
     amp: bool = False
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +128,8 @@ class TrainConfig:
             raise UserError(f"eval samples must be at least 1, got {self.eval_samples}")
         if self.eval_adv_samples < 0:
             raise UserError(f"eval adversarial samples must be >= 0, got {self.eval_adv_samples}")
+        if self.train_samples < 0:
+            raise UserError(f"train samples must be >= 0 (0: the whole training split), got {self.train_samples}")
         if self.augment not in {a.value for a in Augment}:
             raise UserError(f"unknown augment {self.augment!r}; known: {', '.join(a.value for a in Augment)}")
         create_defense(self.defense, **self.defense_params)  # an unknown defense or parameter name, before any work
@@ -139,6 +144,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
+        if not self.train_samples:  # the whole split: left out, so records (and hashes) of earlier runs stay equal
+            del d["train_samples"]
         return d
 
     @classmethod
@@ -476,6 +483,8 @@ def _train_locked(cfg: TrainConfig, out: Path, device: torch.device, resume: boo
                   on_start: Callable[[], None] | None = None) -> TrainResult:
     """:func:`train`'s work, with ``out`` locked and checked."""
     train_set = load_dataset(cfg.data, "train", seed=cfg.data_seed)
+    if cfg.train_samples:  # a class-stratified subset of the training split
+        train_set = train_set.stratified(cfg.train_samples, seed=cfg.data_seed)
     held_out = load_dataset(cfg.data, "test", seed=cfg.data_seed).subset(cfg.eval_samples, seed=cfg.data_seed,
                                                                          notice=False)  # eval_samples is a cap
     augment = resolve_augment(cfg.augment, train_set.input_shape)
