@@ -1,4 +1,10 @@
-r"""Defense benchmark (issue 6): train every registered defense on digits:16, then measure its robustness.
+r"""Defense benchmark (issues 6 and 23): train every registered defense on a dataset, then measure its robustness.
+
+``--data`` picks a preset (:data:`PRESETS`): ``digits`` (scikit-learn's digits at 16 x 16, the CI-sized table of
+issue 6), ``mnist`` (``--data-root``/mnist-10k) and ``fashion-mnist`` (``--data-root``/fashion-mnist, a 10,000-image
+stratified training subset), the last two at the papers' settings (:func:`paper_recipes`: L-inf 0.3 / 0.1 and a
+PGD-40 training adversary, SAT in both values, an OTC lambda sweep, GOT at beta 10 as the paper trains MNIST, WAT
+with its growing radius, the smoothing defenses) and evaluated with AutoAttack's worst case for L-inf.
 
 Per defense: clean accuracy; the exact AUAC (SAT paper, seed ``000_e2e3710bc929b9d7.txt``, §IV) of three
 minimum-epsilon searches on a fixed seeded test subset,
@@ -12,16 +18,19 @@ with :math:`\varepsilon^*_i` the smallest radius at which the attack fools examp
 ``pgd-linf@0.3``, ``pgd-l2@2.0`` and ``fw-wasserstein@0.3`` (unit-mass scale, 5 x 5 local plans); and training seconds
 per epoch relative to ``standard``, timed in this run (see :func:`epoch_seconds`).
 
-Every defense of :func:`kit.defenses.list_defenses` is run, at run time, in the order of :data:`RECIPES` (cheap
-first) and then any defense registered later with :func:`generic_recipe`, in three phases: train them all, time
-their training steps interleaved (:func:`epoch_seconds`), evaluate them one by one (the JSON file is rewritten after
-each). Trained checkpoints are cached in ``bench/.cache/defenses-<name>-<key>.safetensors``, ``key`` the hash of the
-full training configuration, so a rerun only evaluates; an interrupted training resumes from its last epoch. The key
-does not cover the code: after a defense's code changed, rerun it with ``--retrain``.
+Every row of the preset (:func:`all_rows`: its recipes, cheapest first, then any registered defense they do not cover
+with :func:`generic_recipe`) is run in three phases: train them all, time their training steps interleaved
+(:func:`epoch_seconds`, with each one's peak resident memory), evaluate them one by one (the JSON file is rewritten
+after each). Trained checkpoints are cached in ``bench/.cache/defenses-<name>-<key>.safetensors``, ``key`` the hash
+of the full training configuration, and evaluations in ``bench/.cache/defenses-eval-<key>.json``, so separate
+invocations (``--only NAME``) build the table piece by piece: an interrupted training resumes from its last epoch, and
+``--json FILE`` keeps the rows of earlier invocations with the same settings. The keys do not cover the code: after a
+defense's code changed, rerun it with ``--retrain``.
 
 Run (results and the recipe of each defense in ``docs/RESULTS.md``)::
 
-    OMP_NUM_THREADS=1 nice -n 5 python bench/defenses.py [--quick] [--only NAME ...] [--json FILE]
+    OMP_NUM_THREADS=1 nice -n 5 python bench/defenses.py [--data digits|mnist|fashion-mnist] [--data-root DIR]
+        [--quick] [--only NAME ...] [--json FILE]
 
 One JSON document goes to stdout (device, CPU model, torch version, recipes, the table); progress goes to stderr.
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,18 +72,45 @@ from kit.io import atomic_write  # noqa: E402
 
 log = logging.getLogger("bench.defenses")
 
-DATA = "digits:16"
-#: L-inf training radius of every L-inf defense on digits:16 (pixels in [0, 1]). 0.3 (MNIST's) was measured too
-#: large for these 1348 blurred 16 x 16 images: Madry at 0.3 for 40 epochs ends at 0.86 clean accuracy and 0.16
-#: accuracy under its own PGD-7, against 0.96 and 0.51 at 0.2.
-EPS_LINF = 0.2
-#: The evaluation: (column, registered attack, eps_max). L2 2.0 is the L2 radius of an L-inf ball of 0.125 on 256
-#: pixels; the Wasserstein radius is in the unit-mass scale (moving all of an image's mass by one pixel costs 1).
-ATTACKS: tuple[tuple[str, str, float], ...] = (
-    ("linf", "pgd-linf", 0.3),
-    ("l2", "pgd-l2", 2.0),
-    ("wasserstein", "fw-wasserstein", 0.3),
-)
+@dataclass(frozen=True)
+class Preset:
+    """One dataset's benchmark: its data, the L-inf defenses' training radius and adversary (the papers' where they
+    train on that dataset), the evaluation attacks and the schedule. ``{root}`` in ``spec`` is ``--data-root``."""
+
+    name: str
+    spec: str
+    eps_linf: float
+    #: the L-inf training adversary: (steps, absolute step size); None keeps each defense's own default
+    adversary: tuple[int, float] | None
+    #: the evaluation: (column, registered attack or preset such as autoattack, eps_max)
+    attacks: tuple[tuple[str, str, float], ...]
+    epochs: int = 30
+    train_samples: int = 0  # > 0: a class-stratified subset of the training split
+    note: str = ""
+
+    def data(self, root: Path) -> str:
+        return self.spec.format(root=root)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    # L-inf 0.2 on digits:16: 0.3 (MNIST's) was measured too large for these 1348 blurred 16 x 16 images (Madry at
+    # 0.3 for 40 epochs ends at 0.86 clean accuracy and 0.16 under its own PGD-7, against 0.96 and 0.51 at 0.2). L2
+    # 2.0 is the L2 radius of an L-inf ball of 0.125 on 256 pixels; Wasserstein radii are in the unit-mass scale
+    # (moving all of an image's mass by one pixel costs 1).
+    Preset("digits", "digits:16", 0.2, None,
+           (("linf", "pgd-linf", 0.3), ("l2", "pgd-l2", 2.0), ("wasserstein", "fw-wasserstein", 0.3)),
+           note="the CI-sized table: scikit-learn's digits, 16 x 16"),
+    # MNIST at the papers' settings: L-inf 0.3, PGD-40 of 0.01 (Madry et al.; TRADES; GOT App. A.3)
+    Preset("mnist", "mnist:{root}/mnist-10k", 0.3, (40, 0.01),
+           (("linf", "autoattack", 0.4), ("l2", "pgd-l2", 3.0), ("wasserstein", "fw-wasserstein", 0.5)),
+           epochs=40, note="10,000 real MNIST digits (8,051 train / 1,949 test), 28 x 28"),
+    # Fashion-MNIST: L-inf 0.1 (the papers that report it), the same PGD-40 of 0.01; a 10,000-image stratified
+    # training subset to fit a CPU session (the full 60,000 on a GPU)
+    Preset("fashion-mnist", "fashion-mnist:{root}/fashion-mnist", 0.1, (40, 0.01),
+           (("linf", "autoattack", 0.15), ("l2", "pgd-l2", 1.5), ("wasserstein", "fw-wasserstein", 0.3)),
+           epochs=40, train_samples=10_000,
+           note="Fashion-MNIST, 28 x 28: a 10,000-image class-stratified subset of the 60,000 training images"),
+)}
 RUNGS = 8  # ladder rungs of the minimum-epsilon search (otkit evaluate's default); bisection to eps_max / 256
 EVAL_SEED = 0  # seed of the test subset (Dataset.subset) and of the attacks' random starts
 
@@ -91,25 +128,40 @@ class Recipe:
     lr: float = 0.05
     eval_adv_samples: int = 128  # held-out examples attacked after every epoch (the plateau check)
     note: str = ""
+    label: str = ""  # the row's name when one defense has several rows (sat-transport, otc lam sweeps)
+    data: str = "digits:16"
+    train_samples: int = 0
+
+    @property
+    def row(self) -> str:
+        return self.label or self.defense
 
     def train_config(self, quick: bool) -> TrainConfig:
-        return TrainConfig(defense=self.defense, arch=self.arch, data=DATA, epochs=min(self.epochs, 2) if quick
+        return TrainConfig(defense=self.defense, arch=self.arch, data=self.data, epochs=min(self.epochs, 2) if quick
                            else self.epochs, optimizer=self.optimizer, lr=self.lr, defense_params=dict(self.params),
-                           eval_adv_samples=min(self.eval_adv_samples, 32) if quick else self.eval_adv_samples)
+                           eval_adv_samples=min(self.eval_adv_samples, 32) if quick else self.eval_adv_samples,
+                           train_samples=self.train_samples)
 
     def summary(self, quick: bool) -> dict[str, Any]:
         cfg = self.train_config(quick)
-        return {"arch": cfg.arch, "epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr,
-                "params": dict(self.params), "note": self.note}
+        return {"defense": self.defense, "arch": cfg.arch, "epochs": cfg.epochs, "optimizer": cfg.optimizer,
+                "lr": cfg.lr, "params": dict(self.params), "note": self.note}
 
 
-def _linf(**extra: Any) -> dict[str, Any]:
-    return {"eps": EPS_LINF, **extra}
+def recipes(preset: Preset, root: Path) -> dict[str, Recipe]:
+    """The rows of ``preset``, cheapest first, keyed by row name (:data:`DIGITS_RECIPES` or the papers' recipes)."""
+    rows = DIGITS_RECIPES if preset.name == "digits" else paper_recipes(preset)
+    return {r.row: dataclasses.replace(r, data=preset.data(root), train_samples=preset.train_samples)
+            for r in rows}
 
 
-#: The per-defense recipes, cheapest first. Radii are the digits ones; adversary step counts are the defenses' own
-#: defaults except where noted (to fit the whole run in about 45 minutes on a loaded 2-core CPU).
-RECIPES: dict[str, Recipe] = {r.defense: r for r in (
+def _linf(eps: float = 0.2, **extra: Any) -> dict[str, Any]:
+    return {"eps": eps, **extra}
+
+
+#: The digits rows, cheapest first. L-inf radius 0.2 (see :data:`PRESETS`); adversary step counts are the defenses'
+#: own defaults except where noted (to fit the whole run in about 45 minutes on a loaded 2-core CPU).
+DIGITS_RECIPES: tuple[Recipe, ...] = (
     Recipe("standard"),
     Recipe("madry", _linf(), note="PGD-7 (default), step 2.5*eps/7"),
     Recipe("mixed", _linf(), note="PGD-7, clean and adversarial halves weighted equally"),
@@ -133,20 +185,64 @@ RECIPES: dict[str, Recipe] = {r.defense: r for r in (
     Recipe("unbalanced-at", {"steps": 5, "max_iter": 100}, epochs=10, eval_adv_samples=32,
            note="KL-relaxed Sinkhorn adversary at eps 0.2, 5 steps instead of 20, 100 projection iterations "
                 "instead of 300; 10 epochs"),
-)}
+)
 
 
-def generic_recipe(name: str) -> Recipe:
-    """A recipe for a defense registered after this file was written: its own defaults, the digits L-inf radius
+def paper_recipes(preset: Preset) -> tuple[Recipe, ...]:
+    """The rows of a real-data preset at the papers' settings (the notes say what differs and why).
+
+    Every L-inf defense trains against ``preset.adversary`` (MNIST: PGD-40 of 0.01 at 0.3, Madry et al.; TRADES
+    and GOT use the same on MNIST); SAT in both of its values; OTC with a sweep of its lambda; GOT as the paper
+    trains MNIST (Adam 1e-3, beta 10); WAT with the paper's growing radius (its MNIST preset)."""
+    eps = preset.eps_linf
+    steps, step = preset.adversary or (7, 2.5 * eps / 7)
+    pgd = {"eps": eps, "steps": steps, "rel_step": step / eps}
+    adam = {"optimizer": Optimizer.ADAM.value, "lr": 1e-3}
+    e = preset.epochs
+    adv = f"PGD-{steps} of {step:g} at {eps:g}"
+    return (
+        Recipe("standard", epochs=e),
+        Recipe("madry", pgd, epochs=e, note=adv),
+        Recipe("mixed", pgd, epochs=e, note=f"{adv}, clean and adversarial halves weighted equally"),
+        Recipe("atda", pgd, epochs=e, note=f"{adv}, lambda 1/3"),
+        Recipe("trades", {**pgd, "beta": 6.0}, epochs=e, note=f"KL-{adv}, beta 6 (TRADES' MNIST setting)"),
+        Recipe("sat", {**pgd, "value": "entropic"}, epochs=e, note=f"{adv}; entropic Sinkhorn divergence (the "
+               "paper's), sigma 1, 50 iterations"),
+        Recipe("sat", {**pgd, "value": "transport"}, epochs=e, label="sat-transport",
+               note=f"{adv}; the released code's value: <P, C> of each plan, gradient through the iterations"),
+        *(Recipe("otc", {"lam": lam}, epochs=e, arch="otc", label=f"otc-lam{lam:g}", **adam,
+                 note=f"lambda {lam:g} (sweep), Adam 1e-3 (the paper's Algorithm 1)") for lam in (0.1, 1.0, 10.0)),
+        Recipe("otc-adv", pgd, epochs=e, arch="otc", **adam, note=f"otc (lambda 1) on {adv}, Adam 1e-3"),
+        Recipe("got-pgd", {**pgd, "beta": 10.0}, epochs=e, arch="cnn-cw", **adam,
+               note=f"beta 10, {adv}, Adam 1e-3, the C&W CNN (the paper's MNIST setting, App. A.3), -S variant"),
+        Recipe("got-trades", {**pgd, "beta": 10.0}, epochs=e, arch="cnn-cw", **adam,
+               note=f"beta 10, KL-{adv}, alpha 6, Adam 1e-3, the C&W CNN, -S variant"),
+        Recipe("wat", {"preset": "mnist"}, epochs=e, eval_adv_samples=64,
+               note="the paper's growing radius (MNIST preset: eps0 0.1 x1.4 every 5 of 50 steps)"),
+        Recipe("unbalanced-at", {}, epochs=e, eval_adv_samples=32, note="its defaults (eps 0.2, 20 steps)"),
+        Recipe("gaussian", {"sigma": 0.25}, epochs=e, note="Gaussian noise augmentation, sigma 0.25"),
+        Recipe("smoothadv", {"sigma": 0.25}, epochs=e, note="SmoothAdv, sigma 0.25, its defaults"),
+    )
+
+
+def generic_recipe(name: str, preset: Preset) -> Recipe:
+    """A recipe for a defense registered after this file was written: its own defaults, the preset's L-inf radius
     when it has an L-inf ``eps``, the ``otc`` architecture when its name starts with ``otc``."""
     cls = type(create_defense(name))
-    params = _linf() if "eps" in cls.defaults and cls.defaults.get("norm", "linf") == "linf" else {}
-    return Recipe(name, params, arch="otc" if name.startswith("otc") else "cnn-small",
-                  note="generic recipe (defense not in bench/defenses.py RECIPES): its defaults")
+    params = _linf(preset.eps_linf) if "eps" in cls.defaults and cls.defaults.get("norm", "linf") == "linf" else {}
+    return Recipe(name, params, epochs=preset.epochs, arch="otc" if name.startswith("otc") else "cnn-small",
+                  note="generic recipe (defense without a recipe in bench/defenses.py): its defaults")
 
 
-def recipe_for(name: str) -> Recipe:
-    return RECIPES[name] if name in RECIPES else generic_recipe(name)
+def all_rows(preset: Preset, root: Path) -> dict[str, Recipe]:
+    """Every row of ``preset``: its recipes, then a generic one for each registered defense they do not cover."""
+    rows = recipes(preset, root)
+    covered = {r.defense for r in rows.values()}
+    for name in list_defenses():
+        if name not in covered:
+            r = generic_recipe(name, preset)
+            rows[r.row] = dataclasses.replace(r, data=preset.data(root), train_samples=preset.train_samples)
+    return rows
 
 
 def cache_path(cfg: TrainConfig) -> Path:
@@ -281,43 +377,102 @@ def epoch_seconds(steppers: dict[str, _Stepper], rounds: int) -> dict[str, dict[
     return out
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_wasserstein: int) -> dict[str, Any]:
-    """The three minimum-epsilon searches on ``(x, y)`` (the Wasserstein one on the first ``n_wasserstein``)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_wasserstein: int,
+             attacks: tuple[tuple[str, str, float], ...]) -> dict[str, Any]:
+    """The minimum-epsilon searches of ``attacks`` on ``(x, y)`` (the Wasserstein one on the first
+    ``n_wasserstein``). A preset (``autoattack``) runs each of its attacks and its column is their worst case: per
+    example the smallest eps* any of them found (each member's AUAC is recorded too)."""
     out = {}
-    for column, name, eps_max in ATTACKS:
-        req = AttackRequest.parse(f"{name}@{eps_max}", None)
+    for column, name, eps_max in attacks:
+        requests = AttackRequest.parse_all([f"{name}@{eps_max}"], None)
         n = n_wasserstein if column == "wasserstein" else len(x)
         t0 = time.perf_counter()
+        members: dict[str, float] = {}
+        worst = None
+        passes = 0.0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
-            res = run_search(req.spec, model, x[:n], y[:n], eps_max, seed=EVAL_SEED, batch_size=256, rungs=RUNGS,
-                             tol=None)
-        rec = curve_record(res.eps_star, eps_max, seed=EVAL_SEED)
+            for req in requests:
+                res = run_search(req.spec, model, x[:n], y[:n], eps_max, seed=EVAL_SEED, batch_size=256,
+                                 rungs=RUNGS, tol=None)
+                worst = res.eps_star if worst is None else torch.minimum(worst, res.eps_star)
+                members[req.spec.name] = round(curve_record(res.eps_star, eps_max, seed=EVAL_SEED)["auac"], 4)
+                passes += (res.forwards + res.backwards).double().mean().item()
+        rec = curve_record(worst, eps_max, seed=EVAL_SEED)
         out[column] = {
             "attack": name, "eps_max": eps_max, "n": n, "auac": round(rec["auac"], 4),
             "auac_ci95": [round(v, 4) for v in rec["auac_ci"]],
             "acc_at_eps_max": round(rec["accuracy"][-1], 4),
             "acc_at_half_eps_max": round(rec["accuracy"][len(rec["accuracy"]) // 2], 4),
-            "passes_per_example": round((res.forwards + res.backwards).double().mean().item(), 1),
+            "passes_per_example": round(passes, 1),
             "solver_warnings": len(caught), "seconds": round(time.perf_counter() - t0, 1),
         }
+        if len(requests) > 1:
+            out[column]["members_auac"] = members
         log.info("  %s@%g on %d: AUAC %.3f [%.3f, %.3f] (%.0f s)", name, eps_max, n, rec["auac"], *rec["auac_ci"],
                  out[column]["seconds"])
     return out
 
 
-def selected(only: list[str] | None) -> list[str]:
-    """The defenses to run: ``only`` (validated against the registry) or all, in :data:`RECIPES` order first."""
-    registered = list_defenses()
+def _memory_probe(recipe: Recipe, quick: bool, checkpoint: str | None, steps: int) -> float:
+    """In a fresh process: load the data and the model, take ``steps`` training steps; the process's peak resident
+    memory in MiB (``ru_maxrss``)."""
+    import resource
+
+    torch.set_num_threads(1)
+    cfg = recipe.train_config(quick)
+    train_set = load_dataset(cfg.data, "train")
+    if cfg.train_samples:
+        train_set = train_set.stratified(cfg.train_samples, seed=cfg.data_seed)
+    model = load_twin(checkpoint, torch.device("cpu"))[0] if checkpoint else build_fresh(cfg, train_set)
+    stepper = _Stepper(recipe, cfg, model, train_set)
+    for _ in range(steps):
+        stepper.step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mib(recipe: Recipe, quick: bool, checkpoint: Path | None, steps: int = 3) -> float | None:
+    """Peak resident memory (MiB) of a fresh process that loads the data and this row's model and takes ``steps``
+    of its training steps: what training it needs, the interpreter, torch and the data included (the same for every
+    row, so differences between rows are the defense's). None where processes cannot be spawned."""
+    import multiprocessing
+
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return round(pool.apply(_memory_probe, (recipe, quick, str(checkpoint) if checkpoint else None, steps)), 1)
+    except (OSError, RuntimeError) as e:
+        log.warning("peak memory of %s not measured: %s", recipe.row, e)
+        return None
+
+
+def cached_evaluation(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_wasserstein: int,
+                      attacks: tuple[tuple[str, str, float], ...]) -> dict[str, Any]:
+    """:func:`evaluate`, kept in ``bench/.cache/defenses-eval-<key>.json`` (key: the checkpoint's bytes, the test
+    examples and the attacks), so that a rerun, or another invocation with ``--only``, does not repeat it. The key
+    does not cover the attacks' code: delete the file after changing it."""
+    from kit.data import fingerprint_arrays
+    from kit.io import sha256_file
+
+    key = hashlib.sha256(json.dumps({"ckpt": sha256_file(path), "data": fingerprint_arrays(x, y), "n_w": n_wasserstein,
+                                     "attacks": attacks, "rungs": RUNGS, "seed": EVAL_SEED},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    cache = CACHE / f"defenses-eval-{key}.json"
+    if cache.exists():
+        log.info("  evaluation cached in %s", cache.name)
+        return json.loads(cache.read_text())
+    out = evaluate(model, x, y, n_wasserstein, attacks)
+    with atomic_write(cache, "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def selected(only: list[str] | None, rows: dict[str, Recipe]) -> list[str]:
+    """The rows to run: ``only`` (validated against the preset's rows) or all, in the rows' order."""
     if only:
-        unknown = [n for n in only if n not in registered]
+        unknown = [n for n in only if n not in rows]
         if unknown:
-            raise UserError(f"unknown defense(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
-        wanted = set(only)
-    else:
-        wanted = set(registered)
-    order = [n for n in RECIPES if n in registered] + [n for n in registered if n not in RECIPES]
-    return [n for n in order if n in wanted]
+            raise UserError(f"unknown row(s) {', '.join(unknown)}; this preset's: {', '.join(rows)}")
+    return [n for n in rows if not only or n in only]
 
 
 def summarize(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -336,7 +491,10 @@ def summarize(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", metavar="NAME", help="run only this defense (repeatable)")
+    ap.add_argument("--data", choices=list(PRESETS), default="digits", help="the dataset preset (module docstring)")
+    ap.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
+                    help="folder holding mnist-10k/ and fashion-mnist/ (IDX)")
+    ap.add_argument("--only", action="append", metavar="NAME", help="run only this row (repeatable)")
     ap.add_argument("--quick", action="store_true", help="2 epochs, 40 + 20 test examples, 3 timed steps (smoke run)")
     ap.add_argument("--samples", type=int, default=200, help="seeded test subset for the L-inf and L2 searches")
     ap.add_argument("--wasserstein-samples", type=int, default=100, help="first N of that subset for fw-wasserstein")
@@ -346,8 +504,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the document here (after every defense, atomically)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    preset = PRESETS[args.data]
     try:
-        names = selected(args.only)
+        rows = all_rows(preset, args.data_root)
+        names = selected(args.only, rows)
         if min(args.samples, args.wasserstein_samples, args.time_batches, args.threads) < 1:
             raise UserError("--samples, --wasserstein-samples, --time-batches and --threads must be at least 1")
     except UserError as e:
@@ -358,8 +518,15 @@ def main() -> None:
     n_w = min(20 if args.quick else args.wasserstein_samples, n)
     batches = 3 if args.quick else args.time_batches
 
-    train_set = load_dataset(DATA, "train")
-    test_full = load_dataset(DATA, "test")
+    data = preset.data(args.data_root)
+    try:
+        train_set = load_dataset(data, "train")
+        test_full = load_dataset(data, "test")
+    except UserError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if preset.train_samples:
+        train_set = train_set.stratified(preset.train_samples, seed=0)
     test = test_full.subset(n, seed=EVAL_SEED)
     doc: dict[str, Any] = {
         "benchmark": "bench/defenses.py",
@@ -369,16 +536,25 @@ def main() -> None:
                    "nice": os.nice(0), "platform": platform.platform(), "python": platform.python_version()},
         "torch": torch.__version__, "kit_version": kit.__version__,
         "load_1_5_15min_start": [round(v, 2) for v in os.getloadavg()],
-        "settings": {"quick": args.quick, "data": DATA, "eps_linf_train": EPS_LINF,
+        "settings": {"quick": args.quick, "preset": preset.name, "data": data, "eps_linf_train": preset.eps_linf,
+                     "train_adversary": preset.adversary, "train_samples": preset.train_samples or len(train_set),
                      "test_subset": {"n": n, "seed": EVAL_SEED, "of": len(test_full)}, "wasserstein_n": n_w,
-                     "attacks": [{"column": c, "attack": a, "eps_max": e} for c, a, e in ATTACKS],
+                     "attacks": [{"column": c, "attack": a, "eps_max": e} for c, a, e in preset.attacks],
                      "search": {"rungs": RUNGS, "tol": "eps_max/256", "seed": EVAL_SEED},
                      "time_batches": batches},
         "registered": list_defenses(),
-        "recipes": {name: recipe_for(name).summary(args.quick) for name in names},
+        "recipes": {name: rows[name].summary(args.quick) for name in names},
         "rows": {}, "complete": False,
     }
     device = torch.device("cpu")
+    if args.json and args.json.exists():  # rows of earlier invocations (--only) with the same settings are kept
+        try:
+            old = json.loads(args.json.read_text())
+        except ValueError:
+            old = {}
+        if old.get("settings") == doc["settings"]:
+            doc["rows"] = {k: v for k, v in old.get("rows", {}).items() if k not in names}
+            doc["recipes"] = {**old.get("recipes", {}), **doc["recipes"]}
 
     def write() -> None:
         doc["summary"] = summarize(doc["rows"])
@@ -392,13 +568,13 @@ def main() -> None:
     paths: dict[str, tuple[Path, bool, float]] = {}
     for name in names:
         t0 = time.perf_counter()
-        path, fresh = trained(recipe_for(name), args.quick, args.retrain)
+        path, fresh = trained(rows[name], args.quick, args.retrain)
         paths[name] = (path, fresh, time.perf_counter() - t0)
 
     # 2. time training steps of all of them, interleaved; standard is the reference even when not selected
     steppers: dict[str, _Stepper] = {}
     for name in dict.fromkeys(["standard", *names]):
-        recipe = recipe_for(name)
+        recipe = rows[name]
         cfg = recipe.train_config(args.quick)
         if name in paths:
             model = load_twin(paths[name][0], device)[0]
@@ -410,6 +586,8 @@ def main() -> None:
     log.info("timing %d training steps of each of %d defenses, interleaved", batches, len(steppers))
     timing = epoch_seconds(steppers, batches)
     del steppers
+    memory = {name: peak_rss_mib(rows[name], args.quick, paths[name][0] if name in paths else None)
+              for name in names}
     ref_s = timing["standard"]["epoch_s"]
     doc["standard_epoch_time"] = timing["standard"]
     for name in names:
@@ -426,8 +604,9 @@ def main() -> None:
             "checkpoint": str(path.relative_to(CACHE.parent.parent)),
             "trained_in_this_run": fresh, "train_wall_s": round(train_s, 1) if fresh else None,
             "clean_acc_test": round(accuracy(model, test_full, device), 4), "clean_acc_subset": round(clean_subset, 4),
-            "auac": evaluate(model, test.x, test.y, n_w),
+            "auac": cached_evaluation(path, model, test.x, test.y, n_w, preset.attacks),
             "epoch_time": timing[name], "epoch_s_vs_standard": round(timing[name]["epoch_s"] / ref_s, 2),
+            "peak_rss_mib": memory[name],
             "convergence": convergence(read_metrics(path)),
         }
         doc["rows"][name] = row
