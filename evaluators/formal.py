@@ -143,7 +143,7 @@ def export_spec(doc: Mapping[str, Any], engine_path: str | os.PathLike[str], out
     if max_examples < 1 or not (timeout > 0):
         raise UserError("--max-examples must be at least 1 and --timeout positive")
     eps_star, eps_max, source = _linf_eps_star(doc)
-    radii = [eps_max / 4, eps_max / 2] if radii is None else [float(r) for r in radii]
+    radii = [eps_max / 4, eps_max / 2] if radii is None else sorted({float(r) for r in radii})
     for r in radii:
         if not (0 < r <= 1):
             raise UserError(f"every radius must be in (0, 1] (L-inf, pixels in [0, 1]), got {r}")
@@ -220,11 +220,11 @@ def export_spec(doc: Mapping[str, Any], engine_path: str | os.PathLike[str], out
     if not instances:
         raise UserError("no example is robust at these radii by the audit (and classified correctly by the ONNX "
                         "file): nothing to verify; choose smaller --radius values")
+    onnx.checker.check_model(model_bytes)  # the batch-1 copy is a valid model before anything is written
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     (out / "vnnlib").mkdir(exist_ok=True)
     with atomic_write(out / "onnx" / "model.onnx") as f:
         f.write(model_bytes)
-    onnx.checker.check_model(model_bytes)
     for name, text in files.items():
         with atomic_write(out / "vnnlib" / name, "w") as f:
             f.write(text)
