@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -399,6 +400,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_wasserstein: 
                 members[req.spec.name] = round(curve_record(res.eps_star, eps_max, seed=EVAL_SEED)["auac"], 4)
                 passes += (res.forwards + res.backwards).double().mean().item()
         rec = curve_record(worst, eps_max, seed=EVAL_SEED)
+        eps = [None if not math.isfinite(v) else round(v, 6) for v in worst.tolist()]
         out[column] = {
             "attack": name, "eps_max": eps_max, "n": n, "auac": round(rec["auac"], 4),
             "auac_ci95": [round(v, 4) for v in rec["auac_ci"]],
@@ -409,6 +411,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_wasserstein: 
         }
         if len(requests) > 1:
             out[column]["members_auac"] = members
+        out[column]["eps_star"] = eps
         log.info("  %s@%g on %d: AUAC %.3f [%.3f, %.3f] (%.0f s)", name, eps_max, n, rec["auac"], *rec["auac_ci"],
                  out[column]["seconds"])
     return out
@@ -445,6 +448,36 @@ def peak_rss_mib(recipe: Recipe, quick: bool, checkpoint: Path | None, steps: in
         return None
 
 
+def certified_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, n: int = 1000, n0: int = 64,
+                 alpha: float = 0.001) -> dict[str, Any]:
+    """Cohen et al.'s CERTIFY of the Gaussian-smoothed model (sigma, ``n`` noise samples, confidence 1 - alpha) on
+    ``(x, y)``: certified L2 accuracy at a few radii and the certified AUAC up to the largest radius ``n`` can
+    certify (lower bounds)."""
+    from kit.smoothing import certified_accuracy, certified_auac, certify, example_generator, make_noise
+    from kit.smoothing.bounds import lower_confidence_bound
+
+    noise = make_noise("gaussian", sigma)
+    model.eval()
+
+    @torch.no_grad()
+    def classify(batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).argmax(1)
+
+    radii, correct = [], []
+    t0 = time.perf_counter()
+    for i in range(len(x)):
+        c = certify(classify, x[i], noise, n0, n, alpha, 500, example_generator(EVAL_SEED, i), 10)
+        radii.append(c.radius)
+        correct.append(c.prediction == int(y[i]))
+    r_max = float(noise.radius(float(lower_confidence_bound(n, n, alpha))))
+    grid = [0.0, 0.25, 0.5, 1.0, 1.5]
+    return {"sigma": sigma, "n": n, "alpha": alpha, "examples": len(x), "r_max": round(r_max, 4),
+            "certified_auac": round(certified_auac(radii, correct, r_max), 4),
+            "certified_acc": dict(zip(map(str, grid), (round(v, 4) for v in certified_accuracy(radii, correct,
+                                                                                                grid)))),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def cached_evaluation(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_wasserstein: int,
                       attacks: tuple[tuple[str, str, float], ...]) -> dict[str, Any]:
     """:func:`evaluate`, kept in ``bench/.cache/defenses-eval-<key>.json`` (key: the checkpoint's bytes, the test
@@ -454,7 +487,7 @@ def cached_evaluation(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Te
     from kit.io import sha256_file
 
     key = hashlib.sha256(json.dumps({"ckpt": sha256_file(path), "data": fingerprint_arrays(x, y), "n_w": n_wasserstein,
-                                     "attacks": attacks, "rungs": RUNGS, "seed": EVAL_SEED},
+                                     "attacks": attacks, "rungs": RUNGS, "seed": EVAL_SEED, "version": 2},
                                     sort_keys=True).encode()).hexdigest()[:16]
     cache = CACHE / f"defenses-eval-{key}.json"
     if cache.exists():
@@ -502,7 +535,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/RESULTS.md)")
     ap.add_argument("--retrain", action="store_true", help="ignore cached checkpoints of the selected defenses")
     ap.add_argument("--json", type=Path, help="also write the document here (after every defense, atomically)")
+    ap.add_argument("--table", type=Path, metavar="JSON", help="print the Markdown table of a document and exit")
     args = ap.parse_args()
+    if args.table:
+        print("\n".join(table_lines(json.loads(args.table.read_text()))))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     preset = PRESETS[args.data]
     try:
@@ -605,16 +642,57 @@ def main() -> None:
             "trained_in_this_run": fresh, "train_wall_s": round(train_s, 1) if fresh else None,
             "clean_acc_test": round(accuracy(model, test_full, device), 4), "clean_acc_subset": round(clean_subset, 4),
             "auac": cached_evaluation(path, model, test.x, test.y, n_w, preset.attacks),
+            "acc_at_eps_train": None,
             "epoch_time": timing[name], "epoch_s_vs_standard": round(timing[name]["epoch_s"] / ref_s, 2),
             "peak_rss_mib": memory[name],
             "convergence": convergence(read_metrics(path)),
         }
+        linf = row["auac"].get("linf")
+        if linf and "eps_star" in linf:  # the attacks' accuracy at the training radius (an upper bound)
+            e_train = preset.eps_linf
+            row["acc_at_eps_train"] = round(sum(e is None or e > e_train for e in linf["eps_star"]) / linf["n"], 4)
+        if rows[name].defense in ("gaussian", "smoothadv") and not args.quick:
+            sigma = float(rows[name].params.get("sigma", 0.25))
+            log.info("  certifying %d examples (Gaussian sigma %g)", min(n_w, len(test.x)), sigma)
+            row["certified_l2"] = certified_l2(model, test.x[:n_w], test.y[:n_w], sigma)
         doc["rows"][name] = row
         write()
     doc["complete"] = True
     doc["seconds"] = round(time.perf_counter() - t_start, 1)
     write()
     print(json.dumps(doc, indent=1))
+
+
+def table_lines(doc: dict[str, Any]) -> list[str]:
+    """The Markdown table of a JSON document of this script (``--table FILE``): one line per row, every figure an
+    upper bound from attacks except the certified column."""
+    s = doc["settings"]
+    cols = {c["column"]: c for c in s["attacks"]}
+    head = ["row", "clean acc (test)"]
+    for c in ("linf", "l2", "wasserstein"):
+        if c in cols:
+            head.append(f"{c} AUAC @{cols[c]['eps_max']:g} ({cols[c]['attack']}) [95% CI]")
+    head += [f"acc @ linf {s['eps_linf_train']:g}", "certified L2 AUAC (lower bound)", "s/epoch (x standard)",
+             "peak MiB", "held-out clean / adv, last 5 epochs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for name, r in doc["rows"].items():
+        cells = [name, f"{r['clean_acc_test']:.4f}"]
+        for c in ("linf", "l2", "wasserstein"):
+            if c in cols:
+                a = r["auac"].get(c)
+                cells.append(f"{a['auac']:.3f} [{a['auac_ci95'][0]:.3f}, {a['auac_ci95'][1]:.3f}]" if a else "-")
+        acc = r.get("acc_at_eps_train")
+        cells.append("-" if acc is None else f"{acc:.3f}")
+        cert = r.get("certified_l2")
+        cells.append(f"{cert['certified_auac']:.3f} (r_max {cert['r_max']:g})" if cert else "-")
+        cells.append(f"{r['epoch_time']['epoch_s']:.1f} ({r['epoch_s_vs_standard']:.1f}x)")
+        cells.append("-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}")
+        conv = r["convergence"]
+        clean = "/".join(f"{v:.2f}" for v in conv["test_acc_last"])
+        adv = "/".join(f"{v:.2f}" for v in conv.get("test_adv_acc_last", []))
+        cells.append(clean + (f"; {adv}" if adv else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def build_fresh(cfg: TrainConfig, train_set: Dataset) -> nn.Module:
