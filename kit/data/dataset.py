@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,23 +147,13 @@ class Dataset:
         UserError
             If ``n`` is not an integer >= 1 or ``seed`` is not an integer >= 0.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise UserError(f"subset size must be an integer >= 1, got {n!r} (dataset {self.spec})")
-        check_seed(seed)
+        self._check_subset(n, seed)
         if n > len(self) and notice:  # a stated notice, never a silent change of what was asked
             logger.warning("note: %d examples requested but %s (%s split) has %d; using all %d", n, self.spec,
                            self.split, len(self), len(self))
         if n >= len(self):
             return self
-        perm = np.random.default_rng(int(seed)).permutation(len(self))[: int(n)]
-        idx = torch.from_numpy(perm.astype(np.int64))
-        return Dataset(
-            x=self.x.index_select(0, idx).contiguous(),
-            y=self.y.index_select(0, idx),
-            class_names=self.class_names,
-            spec=self.spec,
-            split=self.split,
-        )
+        return self._take(np.random.default_rng(int(seed)).permutation(len(self))[: int(n)])
 
     def stratified(self, n: int, seed: int = 0) -> Dataset:
         r"""``n`` images with the classes in the dataset's proportions: per class, the first of a seeded permutation.
@@ -176,9 +167,7 @@ class Dataset:
         UserError
             If ``n`` is not an integer >= 1 or ``seed`` is not an integer >= 0.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise UserError(f"subset size must be an integer >= 1, got {n!r} (dataset {self.spec})")
-        check_seed(seed)
+        self._check_subset(n, seed)
         if n >= len(self):
             return self
         perm = np.random.default_rng(int(seed)).permutation(len(self))
@@ -191,7 +180,16 @@ class Dataset:
         keep = np.zeros(len(perm), dtype=bool)
         for c, k in zip(classes, take):
             keep[np.flatnonzero(labels == c)[:k]] = True
-        idx = torch.from_numpy(perm[keep].astype(np.int64))
+        return self._take(perm[keep])
+
+    def _check_subset(self, n: Any, seed: Any) -> None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise UserError(f"subset size must be an integer >= 1, got {n!r} (dataset {self.spec})")
+        check_seed(seed)
+
+    def _take(self, positions: np.ndarray) -> Dataset:
+        """The images at ``positions``, in that order (same class names, spec and split)."""
+        idx = torch.from_numpy(positions.astype(np.int64))
         return Dataset(x=self.x.index_select(0, idx).contiguous(), y=self.y.index_select(0, idx),
                        class_names=self.class_names, spec=self.spec, split=self.split)
 
