@@ -219,12 +219,20 @@ def test_verifier_answers_fold_into_the_report(audited, tmp_path):
     # the folded report still verifies: every derived figure, the adversarials' new hash, the replay
     res = run("-q", "verify", rep, "--engine", engine, "--twin", twin)
     assert res.exit_code == 0, res.output
+    # a signed report: folding removes the old signature (the report changed) and --sign-key signs the new one
+    assert run("keygen", "--out", tmp_path / "k").exit_code == 0
+    res = run("report", rep, "--verifier-results", results, "--spec", tmp_path / "b", "--sign-key",
+              tmp_path / "k.key")
+    assert res.exit_code == 0 and (rep / "report.sigstore.json").is_file()
+    res = run("-q", "verify", rep, "--engine", engine, "--twin", twin, "--public-key", tmp_path / "k.pub")
+    assert res.exit_code == 0, res.output
     # folding again replaces the section (all unsat now), and the flag goes
     res = run("report", rep, "--verifier-results", _results(tmp_path / "b", {}, header=False), "--spec",
               tmp_path / "b")
     doc = json.loads((rep / "report.json").read_text())
     assert doc["verification"]["radii"][0]["unsat"] == 5 and not any(
         c["id"] == "verifier-beats-attacks" for c in doc["checks"])
+    assert not (rep / "report.sigstore.json").exists()  # no stale signature beside the changed report
 
 
 @pytest.mark.slow
