@@ -470,11 +470,11 @@ def certified_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: floa
         radii.append(c.radius)
         correct.append(c.prediction == int(y[i]))
     r_max = float(noise.radius(float(lower_confidence_bound(n, n, alpha))))
-    grid = [0.0, 0.25, 0.5, 1.0, 1.5]
+    grid = sorted({0.0, 0.25, 0.5, round(r_max, 4)})  # radii above r_max cannot be certified with n samples
     return {"sigma": sigma, "n": n, "alpha": alpha, "examples": len(x), "r_max": round(r_max, 4),
             "certified_auac": round(certified_auac(radii, correct, r_max), 4),
-            "certified_acc": dict(zip(map(str, grid), (round(v, 4) for v in certified_accuracy(radii, correct,
-                                                                                                grid)))),
+            "certified_acc": {f"{g:g}": round(float(v), 4) for g, v in zip(grid, certified_accuracy(radii, correct,
+                                                                                                    grid))},
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
