@@ -67,7 +67,7 @@ from kit.checkpoint import load_twin, read_checkpoint  # noqa: E402
 from kit.data import Dataset, load_dataset  # noqa: E402
 from kit.defenses import create_defense, list_defenses  # noqa: E402
 from kit.defenses.base import Defense  # noqa: E402
-from kit.defenses.trainer import Optimizer, TrainConfig, accuracy, sidecar, train  # noqa: E402
+from kit.defenses.trainer import Optimizer, TrainConfig, accuracy, sidecar, train, training_set  # noqa: E402
 from kit.errors import UserError  # noqa: E402
 from kit.io import atomic_write  # noqa: E402
 
@@ -424,9 +424,7 @@ def _memory_probe(recipe: Recipe, quick: bool, checkpoint: str | None, steps: in
 
     torch.set_num_threads(1)
     cfg = recipe.train_config(quick)
-    train_set = load_dataset(cfg.data, "train")
-    if cfg.train_samples:
-        train_set = train_set.stratified(cfg.train_samples, seed=cfg.data_seed)
+    train_set = training_set(cfg)
     model = load_twin(checkpoint, torch.device("cpu"))[0] if checkpoint else build_fresh(cfg, train_set)
     stepper = _Stepper(recipe, cfg, model, train_set)
     for _ in range(steps):
@@ -556,14 +554,12 @@ def main() -> None:
     batches = 3 if args.quick else args.time_batches
 
     data = preset.data(args.data_root)
-    try:
-        train_set = load_dataset(data, "train")
+    try:  # what every row trains on (the recipes share data and training subset): the first row's
+        train_set = training_set(rows[names[0]].train_config(args.quick))
         test_full = load_dataset(data, "test")
     except UserError as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)
-    if preset.train_samples:
-        train_set = train_set.stratified(preset.train_samples, seed=0)
     test = test_full.subset(n, seed=EVAL_SEED)
     doc: dict[str, Any] = {
         "benchmark": "bench/defenses.py",

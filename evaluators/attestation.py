@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluators import certificate, report
-from kit.io import atomic_write, sha256_file
+from kit.io import atomic_write, path_name, sha256_file
 from kit.signing import PublicKey, SigningKey, make_statement, open_bundle, sign_statement
 
 __all__ = ["BUNDLE_NAMES", "PREDICATE_TYPES", "check_signature", "document_kind", "sign_folder", "subjects"]
@@ -38,23 +38,24 @@ _MAIN = {"report": "report.json", "certificate": "certificate.json"}
 
 def document_kind(doc: dict[str, Any]) -> str:
     """``"report"`` or ``"certificate"``, from the document's schema."""
-    return "certificate" if str(doc.get("schema", "")).startswith("otkit.certificate") else "report"
+    return "certificate" if certificate.is_certificate(doc) else "report"
 
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1] if digest.startswith("sha256:") else digest
 
 
-def _name(path: str) -> str:
-    return os.path.basename(path.replace("\\", "/")) or path
-
-
-def subjects(doc: dict[str, Any], folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The statement's subjects for ``doc`` and the files of its ``folder`` (module docstring), in a fixed order."""
+def subjects(doc: dict[str, Any], folder: str | os.PathLike[str], *, engine_sha256: str | None = None,
+             twin_sha256: str | None = None) -> list[dict[str, Any]]:
+    """The statement's subjects for ``doc`` and the files of its ``folder`` (module docstring), in a fixed order.
+    ``engine_sha256`` / ``twin_sha256`` (``"sha256:<hex>"``), when given, stand in for the document's record of
+    those files (``otkit verify`` hashes the files it is given)."""
     kind = document_kind(doc)
-    out = [{"name": f"engine/{_name(doc['engine']['path'])}", "digest": {"sha256": _hex(doc["engine"]["sha256"])}}]
+    engine = engine_sha256 or doc["engine"]["sha256"]
+    out = [{"name": f"engine/{path_name(doc['engine']['path'])}", "digest": {"sha256": _hex(engine)}}]
     if doc.get("twin"):
-        out.append({"name": f"twin/{_name(doc['twin']['path'])}", "digest": {"sha256": _hex(doc["twin"]["sha256"])}})
+        twin = twin_sha256 or doc["twin"]["sha256"]
+        out.append({"name": f"twin/{path_name(doc['twin']['path'])}", "digest": {"sha256": _hex(twin)}})
     data = doc["data"]
     out.append({"name": f"dataset/{data['spec']}#{data['split']}", "digest": {"sha256": _hex(data["fingerprint"])}})
     folder = Path(folder)
@@ -109,13 +110,8 @@ def check_signature(doc: dict[str, Any], folder: str | os.PathLike[str], public_
             findings.append(f"{bundle.name}: a subject without a name or a sha256 digest")
             continue
         signed[s["name"]] = digest["sha256"]
-    found = {s["name"]: s["digest"]["sha256"] for s in subjects(doc, folder)}
-    # the files given to verify, where they stand in for the document's record
-    given = {"engine/": engine_sha256, "twin/": twin_sha256}
-    for name in list(found):
-        for prefix, digest in given.items():
-            if name.startswith(prefix) and digest is not None:
-                found[name] = _hex(digest)
+    found = {s["name"]: s["digest"]["sha256"]
+             for s in subjects(doc, folder, engine_sha256=engine_sha256, twin_sha256=twin_sha256)}
     rows = []
     for name in sorted(set(signed) | set(found), key=lambda n: (n not in signed, n)):
         exp, act = signed.get(name), found.get(name)

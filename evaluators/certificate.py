@@ -31,7 +31,7 @@ from evaluators.report import plain_json, read_json_document, schema_errors
 from kit.errors import UserError
 from kit.io import atomic_write
 
-__all__ = ["ATTACK_BOUND", "CERTIFICATE_FILES", "CERTIFIED_BOUND", "SCHEMA", "SIGNATURE_FILE", "certificate_schema", "certified_curve", "load_certificate", "recompute_certificate",
+__all__ = ["ATTACK_BOUND", "CERTIFICATE_FILES", "CERTIFIED_BOUND", "SCHEMA", "SIGNATURE_FILE", "certificate_schema", "certified_curve", "is_certificate", "load_certificate", "recompute_certificate",
            "remove_certificate", "validate_certificate", "write_certificate"]
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,11 @@ def remove_certificate(out_dir: str | os.PathLike[str]) -> list[Path]:
             p.unlink()
             removed.append(p)
     return removed
+
+
+def is_certificate(doc: dict[str, Any]) -> bool:
+    """Whether a document is a certificate (``otkit.certificate/1``) rather than an audit report."""
+    return doc.get("schema") == SCHEMA
 
 
 def write_certificate(doc: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evaluators.certificate import is_certificate
+
 __all__ = ["STEP_SUMMARY_LIMIT", "Case", "annotation", "append_step_summary", "cases", "escape_data",
            "escape_property", "junit_xml"]
 
@@ -61,7 +63,7 @@ def _flag_cases(doc: dict[str, Any]) -> list[Case]:
 
 def cases(doc: dict[str, Any]) -> list[Case]:
     """The cases of an ``otkit.report/1`` or ``otkit.certificate/1`` document (module docstring)."""
-    if str(doc.get("schema", "")).startswith("otkit.certificate"):
+    if is_certificate(doc):
         out = [Case(f"gate certified AUAC >= {g['min_certified_auac']:g}", "passed" if g["passed"] else "failed",
                     f"certified AUAC {g['certified_auac']:.4f} (lower bound) against the gate "
                     f"{g['min_certified_auac']:g}", "gate", None if g["passed"] else "error")

@@ -82,12 +82,11 @@ def _linf_eps_star(doc: Mapping[str, Any]) -> tuple[list[float | None], float, s
     if not attacks:
         raise UserError("the report has no L-inf attack: VNN-LIB boxes state L-inf balls (audit with pgd-linf, "
                         "apgd-ce or autoattack)")
-    n = len(attacks[0]["engine"]["eps_star"])
-    best: list[float | None] = []
-    for i in range(n):
-        found = [a["engine"]["eps_star"][i] for a in attacks if a["engine"]["eps_star"][i] is not None]
-        best.append(min(found) if found else None)
-    return best, max(float(a["eps_max"]) for a in attacks), ", ".join(a["name"] for a in attacks)
+    from evaluators.recompute import eps_array
+
+    best = np.min(np.stack([eps_array(a["engine"]["eps_star"]) for a in attacks]), axis=0)
+    return ([float(v) if np.isfinite(v) else None for v in best], max(float(a["eps_max"]) for a in attacks),
+            ", ".join(a["name"] for a in attacks))
 
 
 def _single_batch(proto: Any) -> Any:

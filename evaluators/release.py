@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from evaluators.render import NORM_LABEL, certificate_rows, md_table, md_text
+from kit.io import path_name
 
 __all__ = ["MODEL_INDEX_FIELDS", "check_with_huggingface_hub", "model_card", "model_index", "model_index_yaml"]
 
@@ -31,10 +32,6 @@ MODEL_INDEX_FIELDS = {
 }
 #: The metric types written: clean accuracy, the attacks' worst case, the certificate.
 METRIC_TYPES = {"clean": "accuracy", "attack": "robust-auac", "certified": "certified-auac"}
-
-
-def _basename(path: str) -> str:
-    return os.path.basename(path.replace("\\", "/").rstrip("/")) or path
 
 
 def _round(v: float) -> float:
@@ -105,7 +102,7 @@ def model_index(report: dict[str, Any] | None, certificates: Sequence[dict[str, 
     docs = ([report] if report is not None else []) + list(certificates)
     if not docs:
         raise ValueError("model_index needs a report or a certificate")
-    name = name or os.path.splitext(_basename(docs[0]["engine"]["path"]))[0]
+    name = name or os.path.splitext(path_name(docs[0]["engine"]["path"]))[0]
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for doc in docs:
         key = (doc["data"]["spec"], doc["data"]["split"])
@@ -158,7 +155,7 @@ def model_card(report: dict[str, Any] | None, certificates: Sequence[dict[str, A
     out = ["## Robustness", ""]
     out.append(md_text(
         f"Measured with otkit on {d['n']} examples of the {d['split']} split of {index[0]['results'][0]['dataset']['name']}"
-        f" (data fingerprint {d['fingerprint'][:19]}...), on the deployed engine {_basename(e['path'])} "
+        f" (data fingerprint {d['fingerprint'][:19]}...), on the deployed engine {path_name(e['path'])} "
         f"({e['format']}, {e['precision']}, {e['sha256'][:19]}...)."))
     out.append("")
     rows = []

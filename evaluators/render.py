@@ -15,6 +15,8 @@ import math
 import re
 from typing import Any
 
+from kit.io import path_name
+
 __all__ = ["NORM_LABEL", "certificate_rows", "md_table", "md_text", "plot_certificate_png", "plot_png",
            "render_certificate_html", "render_certificate_markdown", "render_html", "render_markdown",
            "verification_rows", "verification_text", "worst_rows"]
@@ -29,10 +31,6 @@ def _num(v: float, spec: str = ".4f") -> str:
 
 def _ci(ci: list[float], spec: str = ".4f") -> str:
     return f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"
-
-
-def _basename(path: str) -> str:
-    return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path
 
 
 def worst_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
@@ -132,9 +130,9 @@ def _summary(doc: dict[str, Any]) -> str:
     waived = [c["id"] for c in doc["checks"] if c["severity"] == "error" and c["id"] in doc.get("allowed_flags", [])]
     if waived:  # a pass that needed a waiver says so up front
         head += f"Error flag(s) waived with --allow-flag: {', '.join(dict.fromkeys(waived))}. "
-    return (f"{head}The engine {_basename(e['path'])} ({e['format']}, {e['precision']}{providers}) was audited "
+    return (f"{head}The engine {path_name(e['path'])} ({e['format']}, {e['precision']}{providers}) was audited "
             f"against its "
-            f"PyTorch twin {_basename(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
+            f"PyTorch twin {path_name(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
             f"{d['spec']} (seed {d['seed']}). {k} attack(s) driven by the twin's gradients were evaluated on both "
             f"models: {matched} of {k} accuracy curve(s) match within tolerance (AUAC gap at most {tol['auac']:g}; "
             f"curve gaps above {tol['curve']:g} count where McNemar p is below {tol['alpha']:g}). "
@@ -337,7 +335,7 @@ def plot_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(attacks):]:
         ax.set_visible(False)
-    fig.suptitle(_mpl_text(f"{_basename(doc['engine']['path'])} vs twin: {doc['verdict']}, {doc['status']}"))
+    fig.suptitle(_mpl_text(f"{path_name(doc['engine']['path'])} vs twin: {doc['verdict']}, {doc['status']}"))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -453,7 +451,7 @@ _SMOOTHING_LABEL = {"gaussian": "Gaussian noise (L2 radii; Cohen, Rosenfeld & Ko
 
 
 def _certificate_title(doc: dict[str, Any]) -> str:
-    return f"Certificate of {_basename(doc['engine']['path'])}: {doc['status']}"
+    return f"Certificate of {path_name(doc['engine']['path'])}: {doc['status']}"
 
 
 def _certificate_summary(doc: dict[str, Any]) -> str:
@@ -464,7 +462,7 @@ def _certificate_summary(doc: dict[str, Any]) -> str:
     fails += [f"error flag {f['id']}" for f in doc["checks"]
               if f["severity"] == "error" and f["id"] not in doc.get("allowed_flags", [])]
     head = f"The certificate fails: {'; '.join(fails)}. " if fails else ""
-    text = (f"{head}The engine {_basename(e['path'])} ({e['format']}, {e['precision']}) was smoothed with "
+    text = (f"{head}The engine {path_name(e['path'])} ({e['format']}, {e['precision']}) was smoothed with "
             f"{_SMOOTHING_LABEL.get(sm['kind'], sm['kind'])} at sigma {sm['sigma']:g} and certified on {d['n']} "
             f"examples of the {d['split']} split of {d['spec']} (seed {d['seed']}) with n0 {sm['n0']} and n "
             f"{sm['n']} noise samples each. Certified AUAC {c['auac']:.4f} up to radius {c['r_max']:.4g}; the smoothed "
@@ -561,7 +559,7 @@ def plot_certificate_png(doc: dict[str, Any], dpi: int = 110) -> bytes:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(_mpl_text(f"{_basename(doc['engine']['path'])}, {doc['smoothing']['kind']} sigma "
+    ax.set_title(_mpl_text(f"{path_name(doc['engine']['path'])}, {doc['smoothing']['kind']} sigma "
                            f"{doc['smoothing']['sigma']:g}"), fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()

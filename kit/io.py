@@ -247,6 +247,12 @@ def _locked_in(folder: Path, lock: Path, shown: Path, option: str, command: str 
                 break
 
 
+def path_name(path: str) -> str:
+    """The last component of a path recorded as text on any system (``/`` or ``\\`` separated): the file name a
+    report shows for its engine or twin; the text itself when it has no name part."""
+    return path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or path
+
+
 def require_file(path: str | os.PathLike[str], what: str = "file") -> Path:
     """Return ``path`` as a Path, or raise :class:`UserError` if it is not an existing file."""
     p = Path(path)

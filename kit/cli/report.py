@@ -241,8 +241,8 @@ def _fold(source: Path, results: Path | None, spec_dir: Path | None, verifier: s
         from evaluators.attestation import sign_folder
 
         paths.append(sign_folder(source, sign_key))
-    click.echo(table(verification_rows(folded["verification"]),
-                     list(verification_rows(folded["verification"])[0])))
+    rows = verification_rows(folded["verification"])
+    click.echo(table(rows, list(rows[0])))
     beaten = [c for c in folded["checks"] if c["id"] == "verifier-beats-attacks"]
     for c in beaten:
         click.echo(f"warning: verifier-beats-attacks: {c['message']}", err=True)

@@ -478,13 +478,18 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
                             "replace it")
 
 
+def training_set(cfg: TrainConfig) -> Dataset:
+    """The images ``cfg`` trains on: the training split of ``cfg.data``, or its class-stratified subset of
+    ``cfg.train_samples`` images (:meth:`kit.data.Dataset.stratified`, seeded by ``data_seed``)."""
+    train_set = load_dataset(cfg.data, "train", seed=cfg.data_seed)
+    return train_set.stratified(cfg.train_samples, seed=cfg.data_seed) if cfg.train_samples else train_set
+
+
 def _train_locked(cfg: TrainConfig, out: Path, device: torch.device, resume: bool,
                   on_epoch: Callable[[dict[str, Any]], None] | None,
                   on_start: Callable[[], None] | None = None) -> TrainResult:
     """:func:`train`'s work, with ``out`` locked and checked."""
-    train_set = load_dataset(cfg.data, "train", seed=cfg.data_seed)
-    if cfg.train_samples:  # a class-stratified subset of the training split
-        train_set = train_set.stratified(cfg.train_samples, seed=cfg.data_seed)
+    train_set = training_set(cfg)
     held_out = load_dataset(cfg.data, "test", seed=cfg.data_seed).subset(cfg.eval_samples, seed=cfg.data_seed,
                                                                          notice=False)  # eval_samples is a cap
     augment = resolve_augment(cfg.augment, train_set.input_shape)
