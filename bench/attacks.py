@@ -60,11 +60,19 @@ def import_torchattacks():
 
 
 def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-                    rounds: int = 5) -> dict | None:
+                    rounds: int = 40) -> dict | None:
     """Seconds per PGD step, the kit's against torchattacks' PGD: same model, batch, eps, step (alpha = 2.5 eps /
-    steps), steps and random start; early stopping off. The kit's run includes its clean check and the verification
-    forward of the final iterate; "kit, clean logits given" is how the minimum-epsilon search calls it (clean check
-    once per search). Rounds alternate the two; the median of each is kept."""
+    steps), steps and random start; early stopping off. Rounds alternate the sides; the fastest round of each is kept
+    (on a shared machine the minimum is the stable estimate of the cost; the medians are in the output too).
+
+    The kit's PGD returns which examples its output fools, so its run includes the forward that verifies the final
+    iterate; torchattacks returns the iterate alone. Three comparisons:
+
+    - ``kit``: the kit's call as a user makes it (with its clean check) against ``torchattacks.PGD`` alone;
+    - ``kit_clean_given``: as the minimum-epsilon search calls it (the clean check once per search);
+    - ``like_for_like``: the kit, clean logits given, against torchattacks followed by the one forward a user needs to
+      learn which examples its output fools: the same work on both sides.
+    """
     import statistics
 
     ta = import_torchattacks()
@@ -75,21 +83,29 @@ def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     kit = PGD(model, eps=eps, steps=steps, random_start=True, early_stop=False)
     with torch.no_grad():
         clean = model(x)
+
+    def peer_verified() -> torch.Tensor:
+        adv = peer(x, y)
+        with torch.no_grad():
+            return model(adv).argmax(1) != y
+
     sides = {"kit": lambda: kit(x, y), "kit_clean_given": lambda: kit(x, y, clean_logits=clean),
-             "torchattacks": lambda: peer(x, y)}
+             "torchattacks": lambda: peer(x, y), "torchattacks_verified": peer_verified}
     times: dict[str, list[float]] = {k: [] for k in sides}
     for fn in sides.values():
         fn()  # warm-up
     for _ in range(rounds):
         for k, fn in sides.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()  # CPU seconds of this (one-thread) process: another tenant's load barely moves it
             fn()
-            times[k].append(time.perf_counter() - t0)
-    per_step = {k: statistics.median(v) / steps for k, v in times.items()}
-    return {"batch": len(x), "steps": steps, "eps": eps, "torchattacks": ta.__version__,
+            times[k].append(time.process_time() - t0)
+    per_step = {k: min(v) / steps for k, v in times.items()}
+    return {"batch": len(x), "steps": steps, "eps": eps, "rounds": rounds, "torchattacks": ta.__version__,
             "seconds_per_step": per_step,
+            "median_seconds_per_step": {k: statistics.median(v) / steps for k, v in times.items()},
             "ratio_kit_vs_torchattacks": per_step["kit"] / per_step["torchattacks"],
-            "ratio_kit_clean_given_vs_torchattacks": per_step["kit_clean_given"] / per_step["torchattacks"]}
+            "ratio_kit_clean_given_vs_torchattacks": per_step["kit_clean_given"] / per_step["torchattacks"],
+            "ratio_like_for_like": per_step["kit_clean_given"] / per_step["torchattacks_verified"]}
 
 
 def naive_sweep(model, x, y, eps_max: float, points: int = 16, steps: int = 20) -> dict:
@@ -215,7 +231,7 @@ def peer_rows() -> None:
     xr = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         yr = r20(xr).argmax(1)
-    rows["resnet20-3x32x32-b32"] = vs_torchattacks(r20, xr, yr, 8 / 255, 10, rounds=3)
+    rows["resnet20-3x32x32-b32"] = vs_torchattacks(r20, xr, yr, 8 / 255, 10, rounds=8)
     print(json.dumps({"pgd_vs_torchattacks": rows, "threads": 1}, indent=1))
 
 

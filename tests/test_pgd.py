@@ -133,3 +133,30 @@ def test_targeted_pgd_reaches_the_target(digits_model):
     res = PGD(result.model, eps=0.3, steps=40, targeted=True)(test.x, target)
     assert res.success.float().mean() > 0.9
     assert (result.model(res.x_adv[res.success]).argmax(1) == target[res.success]).all()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("shared_radius", [True, False])
+def test_without_early_stopping_the_first_adversarial_is_kept(norm, shared_radius):
+    """Without early stopping every example takes every step, yet ``x_adv`` is still the first adversarial iterate:
+    the one an early-stopping run (which drops an example when it is fooled, the path of the others unchanged)
+    returns. The final iterates are where the steps go on from it, so they differ from it for fooled examples."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.rand(40, 1, 6, 6, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    base = 0.08 if norm == "linf" else 0.5
+    eps = torch.full((40,), base) if shared_radius else base * (0.5 + torch.rand(40, generator=g))
+    early = PGD(model, norm=norm, steps=10, seed=2)(x, y, eps=eps)
+    full = PGD(model, norm=norm, steps=10, seed=2, early_stop=False)(x, y, eps=eps)
+    assert 0 < early.success.sum() < 40
+    assert torch.equal(early.success, full.success)
+    assert torch.equal(early.x_adv, full.x_adv)
+    assert (early.forwards[early.success] < 12).any()  # some are fooled before the last step (clean check + 11) ...
+    moved_on = (full.x_last != full.x_adv).flatten(1).any(1)
+    assert moved_on[full.success].any()  # ... and the full run's last iterate went on from there
+    assert (full.forwards == 12).all() and (full.backwards == 10).all()

@@ -31,6 +31,14 @@ def random_in_ball(like: torch.Tensor, eps: torch.Tensor, norm: Norm, gen: torch
     return g * expand_as_batch(eps * r, like)
 
 
+def _count(fwd: torch.Tensor, bwd: torch.Tensor, idx: torch.Tensor, forward: int, backward: int) -> None:
+    """Add passes to the per-example counters of rows ``idx`` (once per change of the batch, not every step)."""
+    if forward:
+        fwd[idx] += forward
+    if backward:
+        bwd[idx] += backward
+
+
 class PGD(Attack):
     r"""Projected gradient ascent on a loss, keeping the first adversarial found for each example.
 
@@ -98,7 +106,6 @@ class PGD(Attack):
     def _run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, init: torch.Tensor | None) -> AttackResult:
         n = x.shape[0]
         loss_fn = LOSSES[self.loss]
-        sign = -1.0 if self.targeted else 1.0
         fwd = torch.zeros(n, dtype=torch.long, device=x.device)
         bwd = torch.zeros_like(fwd)
         x_adv = x.clone()
@@ -119,34 +126,41 @@ class PGD(Attack):
             else:
                 delta = random_in_ball(x0, e0, self.norm, gen)
             delta = (x0 + delta).clamp(0, 1) - x0
+            radius = float(e0[0]) if bool((e0 == e0[0]).all()) else None  # rows leaving the batch keep it shared
+            nf = nb = 0  # forward and backward passes of the rows idx not yet added to fwd and bwd
             for step in range(self.steps + 1):
                 last = step == self.steps
                 xa = (x0 + delta).requires_grad_(not last)
                 with torch.set_grad_enabled(not last):
                     logits = self.model(xa)
-                fwd[idx] += 1
+                nf += 1
                 fooled = self._fooled(logits, y0, xa, rows=idx)
-                if fooled.any():
-                    hit = idx[fooled]
-                    x_adv[hit] = xa.detach()[fooled]
+                first = fooled if self.early_stop else fooled & ~success[idx]  # (early stopping drops the fooled)
+                hit = idx[first]
+                if hit.numel():
+                    x_adv[hit] = xa.detach()[first]
                     success[hit] = True
-                keep = ~fooled if self.early_stop else torch.ones_like(fooled)
-                if last or not keep.any():
+                keep = ~fooled if self.early_stop else None  # without early stopping every example stays
+                if last or (keep is not None and not keep.any()):
+                    _count(fwd, bwd, idx, nf, nb)
                     x_last[idx] = xa.detach()
                     break
-                if keep.all():  # no copies while every example stays (always, without early stopping)
+                if keep is None or keep.all():  # no copies while every example stays
                     grad = torch.autograd.grad(loss_fn(logits, y0).sum(), xa)[0]
                 else:
                     grad = torch.autograd.grad(loss_fn(logits, y0)[keep].sum(), xa)[0][keep]
+                    _count(fwd, bwd, idx, nf, nb)
+                    nf = nb = 0
                     idx, x0, y0, e0, delta = idx[keep], x0[keep], y0[keep], e0[keep], delta[keep]
-                bwd[idx] += 1
-                step_delta = project(delta + sign * steepest_step(grad, self.rel_step * e0, self.norm), e0, self.norm)
-                step_delta = (x0 + step_delta).clamp(0, 1) - x0
+                nb += 1
+                step_delta = self._step(grad, delta, x0, e0, radius)
                 if self.early_stop:
                     # An iterate that did not move is a fixed point: every later step would give it again, with the
                     # verdict just given. It leaves the batch now, sparing its remaining forward and backward passes.
                     moved = (step_delta != delta).flatten(1).any(1)
                     if not moved.all():
+                        _count(fwd, bwd, idx, nf, nb)
+                        nf = nb = 0
                         x_last[idx[~moved]] = (x0 + delta)[~moved]
                         idx, x0, y0, e0, step_delta = idx[moved], x0[moved], y0[moved], e0[moved], step_delta[moved]
                         if idx.numel() == 0:
@@ -155,6 +169,25 @@ class PGD(Attack):
         if self.early_stop:
             x_last[success] = x_adv[success]
         return AttackResult(x_adv, success, lp_norm(x_adv - x, self.norm), fwd, bwd, x_last)
+
+    def _step(self, grad: torch.Tensor, delta: torch.Tensor, x0: torch.Tensor, e0: torch.Tensor,
+              radius: float | None) -> torch.Tensor:
+        """The next perturbation: a steepest step from ``delta``, projected onto the ball, then into [0, 1] (through
+        the image, so that ``x0 + delta`` is a valid image). In place after the first operation (autograd's
+        gradient may be an expanded view, so it is not written to): the same values as out-of-place operations, bit
+        for bit, with one new tensor per step. ``radius``: the radius of every row when they share one, else None."""
+        if self.norm is Norm.LINF:
+            sd = grad.sign().mul_(expand_as_batch(self.rel_step * e0, grad))
+            sd = torch.sub(delta, sd, out=sd) if self.targeted else sd.add_(delta)
+            if radius is not None:  # one radius for all: a scalar clamp, the fastest
+                sd = sd.clamp_(-radius, radius)
+            else:  # per-example radii: minimum then maximum (clamp with broadcast bounds is several times slower)
+                e = expand_as_batch(e0, grad)
+                sd = torch.maximum(torch.minimum(sd, e, out=sd), -e, out=sd)
+        else:
+            sd = steepest_step(grad, self.rel_step * e0, self.norm)
+            sd = project(delta - sd if self.targeted else delta + sd, e0, self.norm)
+        return sd.add_(x0).clamp_(0, 1).sub_(x0)
 
 
 class FGSM(PGD):
