@@ -315,7 +315,8 @@ def test_potential_is_created_lazily_without_an_input_shape():
 
 
 @pytest.mark.parametrize(("key", "value"), [("label_matching", "yes"), ("theta", 0.0), ("beta", -1.0),
-                                            ("phi_steps", 0), ("phi_lr", float("nan"))])
+                                            ("phi_steps", 0), ("phi_lr", float("nan")), ("ramp_epochs", -1),
+                                            ("ramp_epochs", 1.5)])
 def test_bad_parameters_are_user_errors(digits_model, key, value):
     from kit.checkpoint import load_twin
 
@@ -346,3 +347,33 @@ def test_resume_restores_the_potential_exactly(tmp_path):
     # the potential took one Adam step per batch (phi_steps = 1), over both epochs, in the resumed run too
     batches = math.ceil(straight.info.dataset["n_train"] / 128)
     assert int(sa[0]["step"]) == 2 * batches
+
+
+def test_warm_up_ramps_eps_and_beta(digits_model):
+    """With ``ramp_epochs`` R, epoch e (0-based) trains as the same defense at ε and β scaled by min(1, (e+1)/R):
+    the loss equals, bit for bit, that of a defense created with the scaled values and no warm-up (same potential,
+    same adversarial start); the PGD adversary's radius (which the held-out evaluation copies) follows."""
+    from kit.checkpoint import load_twin
+
+    model = load_twin(digits_model[0])[0].train()
+    t = load_dataset("digits:16", "test").subset(16)
+    pgd = create_defense("got-pgd", eps=0.2, steps=2, ramp_epochs=4)
+    pgd.setup(model)
+    seen = []
+    for epoch in range(6):
+        pgd.start_epoch(epoch, 6)
+        seen.append((pgd.ramp, pgd.madry.adversary.eps))
+    assert seen == [(f, 0.2 * f) for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)]
+
+    def loss(defense):
+        torch.manual_seed(1)
+        defense.setup(model)
+        defense.start_epoch(1, 10)
+        torch.manual_seed(2)
+        return defense.loss(model, t.x, t.y)[0]
+
+    for name in ("got-pgd", "got-trades"):
+        ramped = loss(create_defense(name, eps=0.2, beta=10.0, steps=2, ramp_epochs=4))  # factor 0.5
+        scaled = loss(create_defense(name, eps=0.2 * 0.5, beta=10.0 * 0.5, steps=2))
+        full = loss(create_defense(name, eps=0.2, beta=10.0, steps=2))
+        assert torch.equal(ramped, scaled) and not torch.equal(ramped, full)

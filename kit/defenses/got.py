@@ -255,6 +255,12 @@ class GOT(Defense):
         Adam learning rate of the potential (not in the paper; 1e-3 is its Adam rate for MNIST, App. A.3).
     phi_steps : int
         Ascent steps of the potential per batch (1).
+    ramp_epochs : int
+        A warm-up, not in the paper (0: none): over the first R epochs the adversary's ε and the OT weight β both
+        rise linearly, to :math:`\min(1, (e + 1)/R)` of their values in 0-based epoch :math:`e` (set by
+        :meth:`start_epoch`, a pure function of the epoch, so a resumed run matches). On MNIST at ε 0.3 with the
+        paper's PGD-40, Adam 1e-3 and the C&W CNN, GOT-PGD at β 10 without it stayed near chance and then collapsed
+        (held-out clean accuracy 0.82 at epoch 5, 0.12 at epoch 8; docs/RESULTS.md).
     """
 
     ot_defaults: ClassVar[dict[str, Any]] = {
@@ -264,6 +270,7 @@ class GOT(Defense):
         "label_matching": False,
         "phi_lr": 1e-3,
         "phi_steps": 1,
+        "ramp_epochs": 0,
     }
 
     phi: nn.Linear | None
@@ -281,6 +288,10 @@ class GOT(Defense):
         if not isinstance(p["label_matching"], bool):
             raise UserError(f"defense {self.name!r}: label_matching must be true or false, got {p['label_matching']!r}")
         self.label_matching = p["label_matching"]
+        ramp = p["ramp_epochs"]
+        if not isinstance(ramp, int) or isinstance(ramp, bool) or ramp < 0:
+            raise UserError(f"defense {self.name!r}: ramp_epochs must be an integer >= 0, got {ramp!r}")
+        self.ramp = 1.0  # this epoch's warm-up factor of eps and beta (start_epoch)
         if not (callable(getattr(model, "features", None)) and callable(getattr(model, "logits_from_features", None))):
             raise UserError(
                 f"defense {self.name!r}: incompatible architecture {type(model).__name__}: it needs features(x) "
@@ -292,6 +303,15 @@ class GOT(Defense):
         shape = getattr(model, "input_shape", None)
         if shape is not None:
             self._make_phi(self._probe(model, tuple(int(s) for s in shape)))
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """The warm-up factor of 0-based ``epoch``: min(1, (epoch + 1) / ramp_epochs), 1 without a warm-up."""
+        r = int(self.params["ramp_epochs"])
+        self.ramp = 1.0 if r == 0 else min(1.0, (epoch + 1) / r)
+
+    def eps(self) -> float:
+        """This epoch's adversarial radius: ε times the warm-up factor."""
+        return float(self.params["eps"]) * self.ramp
 
     def _probe(self, model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
         """Latent of a zero batch of two (eval mode, no gradient, the model's mode restored)."""
@@ -400,7 +420,7 @@ class GOT(Defense):
         logits, logits_adv = head(z), head(z_adv)
         task, parts = self.task_loss(logits, logits_adv, y)
         w = self.ot_term(z, logits, z_adv, logits_adv, y)
-        return task + self.beta * w, {**parts, "got_w": w.item()}
+        return task + self.beta * self.ramp * w, {**parts, "got_w": w.item()}
 
     def state_dict(self) -> dict[str, Any]:
         if self.phi is None or self.phi_opt is None:
@@ -453,6 +473,10 @@ class GOTPGD(GOT):
         self.madry = Madry(**{k: self.params[k] for k in Madry.defaults})
         self.madry.setup(model)
 
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        super().start_epoch(epoch, epochs)
+        self.madry.adversary.eps = self.eps()  # the held-out adversarial accuracy follows the training radius
+
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.madry.adversarial(model, x, y)
 
@@ -497,7 +521,7 @@ class GOTTrades(GOT):
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
-        return kl_adversary(model, x, p["eps"], int(p["steps"]), float(p["rel_step"]), p["norm"])
+        return kl_adversary(model, x, self.eps(), int(p["steps"]), float(p["rel_step"]), p["norm"])
 
     def task_loss(
         self, logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor
