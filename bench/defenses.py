@@ -546,10 +546,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/RESULTS.md)")
     ap.add_argument("--retrain", action="store_true", help="ignore cached checkpoints of the selected defenses")
     ap.add_argument("--json", type=Path, help="also write the document here (after every defense, atomically)")
-    ap.add_argument("--table", type=Path, metavar="JSON", help="print the Markdown table of a document and exit")
+    ap.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                    help="print the Markdown table of documents of one preset (their rows merged) and exit")
     args = ap.parse_args()
     if args.table:
-        print("\n".join(table_lines(json.loads(args.table.read_text()))))
+        try:
+            print("\n".join(table_lines(merged([json.loads(f.read_text()) for f in args.table]))))
+        except UserError as e:
+            sys.exit(f"Error: {e}")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     preset = PRESETS[args.data]
@@ -670,6 +674,27 @@ def main() -> None:
     doc["seconds"] = round(time.perf_counter() - t_start, 1)
     write()
     print(json.dumps(doc, indent=1))
+
+
+def merged(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One document with the rows of ``docs`` (separate invocations of one preset), in the order of the recipes; a
+    row in several documents is taken from the last. Documents of different settings (dataset, attacks, radii,
+    samples) are refused: their figures do not stand in one table."""
+    first = docs[0]
+    for d in docs[1:]:
+        if d["settings"] != first["settings"]:
+            diff = sorted(k for k in {*d["settings"], *first["settings"]}
+                          if d["settings"].get(k) != first["settings"].get(k))
+            raise UserError(f"documents of different settings cannot be merged (differ in: {', '.join(diff)})")
+    rows: dict[str, Any] = {}
+    used: dict[str, Any] = {}
+    for d in docs:
+        rows.update(d["rows"])
+        used.update(d.get("recipes", {}))
+    preset = PRESETS.get(first["settings"].get("preset", ""))
+    order = list(recipes(preset, Path("."))) if preset else list(rows)
+    ranked = sorted(rows, key=lambda k: order.index(k) if k in order else len(order))
+    return {**first, "rows": {k: rows[k] for k in ranked}, "recipes": {k: used[k] for k in ranked if k in used}}
 
 
 def table_lines(doc: dict[str, Any]) -> list[str]:
