@@ -12,6 +12,7 @@ from kit.data import load_dataset
 from kit.defenses import create_defense
 from kit.defenses.atda import coral_l1, mmd_l1
 from kit.defenses.trades import kl_adversary, kl_div_logits
+from kit.errors import UserError
 from kit.defenses.trainer import TrainConfig, train
 
 
@@ -165,3 +166,23 @@ def test_unbalanced_at_loss_is_the_seed_objective(digits_model, test_batch):
     assert loss.item() == pytest.approx(expect.item(), rel=1e-4)
     loss.backward()
     assert all(torch.isfinite(prm.grad).all() for prm in model.parameters() if prm.grad is not None)
+
+
+@pytest.mark.parametrize("defense", ["madry", "mixed", "atda", "sat", "got-pgd"])
+def test_attack_all_perturbs_the_examples_misclassified_clean(defense, digits_model, test_batch):
+    """The PGD-trained defenses leave the examples their model misclassifies clean as they are by default, and attack
+    them too with ``attack_all`` (Madry et al.'s training); a non-boolean value is refused."""
+    from kit.checkpoint import load_twin
+
+    model = load_twin(digits_model[0])[0]
+    x, y = test_batch[0][:64], (test_batch[1][:64] + 1) % 10  # wrong labels: every example "misclassified"
+    moved = {}
+    for flag in (False, True):
+        d = create_defense(defense, eps=0.1, steps=3, attack_all=flag)
+        d.setup(model)
+        adv = d.madry.adversarial(model, x, y) if defense == "got-pgd" else d.adversarial(model, x, y)
+        moved[flag] = (adv != x).flatten(1).any(1)
+        assert (adv - x).abs().max() <= 0.1 + 1e-6
+    assert not moved[False].any() and moved[True].all()
+    with pytest.raises(UserError, match="attack_all"):
+        create_defense(defense, attack_all="yes").setup(model)

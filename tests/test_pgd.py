@@ -160,3 +160,37 @@ def test_without_early_stopping_the_first_adversarial_is_kept(norm, shared_radiu
     moved_on = (full.x_last != full.x_adv).flatten(1).any(1)
     assert moved_on[full.success].any()  # ... and the full run's last iterate went on from there
     assert (full.forwards == 12).all() and (full.backwards == 10).all()
+
+
+def test_attack_all_attacks_every_example_as_madry():
+    """With ``attack_all`` and no early stopping, PGD ascends the loss from every example, those the model already
+    misclassifies included (Madry et al. attack the whole batch): ``x_last`` equals a hand-written PGD loop from the
+    same random start, while ``x_adv`` of an example fooled clean stays the clean input. Without ``attack_all`` those
+    examples are left as they are."""
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.rand(30, 1, 6, 6, generator=g)
+    y = torch.randint(0, 5, (30,), generator=g)  # random labels: many misclassified clean
+    with torch.no_grad():
+        wrong = model(x).argmax(1) != y
+    assert 5 < wrong.sum() < 30
+    eps, steps, seed = 0.05, 7, 11
+    res = PGD(model, eps=eps, steps=steps, seed=seed, early_stop=False, attack_all=True)(x, y)
+    skipped = PGD(model, eps=eps, steps=steps, seed=seed, early_stop=False)(x, y)  # the default leaves them out
+    assert torch.equal(skipped.x_last[wrong], x[wrong]) and (skipped.forwards[wrong] == 1).all()
+
+    gen = torch.Generator().manual_seed(seed)  # the reference: Madry's loop, no bookkeeping
+    delta = (2 * torch.rand(x.shape, generator=gen) - 1) * eps
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(steps):
+        xa = (x + delta).requires_grad_(True)
+        grad = torch.autograd.grad(nn.functional.cross_entropy(model(xa), y, reduction="sum"), xa)[0]
+        delta = (delta + 2.5 * eps / steps * grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+    torch.testing.assert_close(res.x_last, x + delta, rtol=0, atol=1e-6)
+    assert (res.x_last[wrong] != x[wrong]).flatten(1).any(1).all()  # the misclassified moved too
+    assert torch.equal(res.x_adv[wrong], x[wrong]) and res.success[wrong].all()
+    assert (res.forwards == steps + 2).all()  # the clean check, the steps, the final verdict

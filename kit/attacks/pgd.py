@@ -68,8 +68,13 @@ class PGD(Attack):
     seed : int
         Seeds the random starts (on the inputs' device), so results are deterministic.
     early_stop : bool
-        Drop an example from the batch once it is fooled (evaluation). ``False`` runs every step on every example and
-        returns the final iterates in ``x_last`` (adversarial training maximises the loss, as Madry et al.).
+        Drop an example from the batch once it is fooled (evaluation). ``False`` runs every step on every example it
+        attacks and returns the final iterates in ``x_last`` (adversarial training maximises the loss, as Madry et
+        al.).
+    attack_all : bool
+        Without early stopping, also attack the examples the model misclassifies clean, as Madry et al.'s training
+        does (their ``x_adv`` stays the clean input, already adversarial). ``False`` (the default) leaves them out:
+        their ``x_last`` is the clean input. Ignored with early stopping, which drops them anyway.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class PGD(Attack):
         targeted: bool = False,
         seed: int = 0,
         early_stop: bool = True,
+        attack_all: bool = False,
     ) -> None:
         self.norm = as_norm(norm)
         super().__init__(model, eps)
@@ -94,6 +100,7 @@ class PGD(Attack):
             raise UserError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         self.steps, self.restarts, self.loss, self.seed = int(steps), int(restarts), loss, int(seed)
         self.random_start, self.targeted, self.early_stop = bool(random_start), bool(targeted), bool(early_stop)
+        self.attack_all = bool(attack_all)
         self.rel_step = float(rel_step) if rel_step is not None else 2.5 / self.steps
         if self.rel_step <= 0:
             raise UserError(f"rel_step must be positive, got {rel_step}")
@@ -101,7 +108,7 @@ class PGD(Attack):
     def _params(self) -> dict[str, Any]:
         return {**super()._params(), "steps": self.steps, "rel_step": self.rel_step,
                 "random_start": self.random_start, "restarts": self.restarts, "loss": self.loss,
-                "targeted": self.targeted}
+                "targeted": self.targeted, **({"attack_all": True} if self.attack_all else {})}
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, init: torch.Tensor | None) -> AttackResult:
         n = x.shape[0]
@@ -115,7 +122,10 @@ class PGD(Attack):
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
 
         for restart in range(self.restarts):
-            idx = (~success & (eps > 0)).nonzero().squeeze(1)
+            # attack_all without early stopping (Madry et al.'s training): the first run also ascends from the examples
+            # misclassified clean; their x_adv stays the clean input, already adversarial
+            todo = eps > 0 if restart == 0 and self.attack_all and not self.early_stop else ~success & (eps > 0)
+            idx = todo.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             x0, y0, e0 = x[idx], y[idx], eps[idx]
