@@ -12,8 +12,8 @@ from kit.data import load_dataset
 from kit.defenses import create_defense
 from kit.defenses.atda import coral_l1, mmd_l1
 from kit.defenses.trades import kl_adversary, kl_div_logits
-from kit.errors import UserError
 from kit.defenses.trainer import TrainConfig, train
+from kit.errors import UserError
 
 
 def test_mmd_and_coral_match_numpy():
