@@ -135,18 +135,23 @@ def test_targeted_pgd_reaches_the_target(digits_model):
     assert (result.model(res.x_adv[res.success]).argmax(1) == target[res.success]).all()
 
 
+def _random_linear(n: int, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Generator]:
+    """A linear 5-class model with Gaussian weights, ``n`` uniform 1x6x6 inputs, and the generator for more draws."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model, torch.rand(n, 1, 6, 6, generator=g), g
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("shared_radius", [True, False])
 def test_without_early_stopping_the_first_adversarial_is_kept(norm, shared_radius):
     """Without early stopping every example takes every step, yet ``x_adv`` is still the first adversarial iterate:
     the one an early-stopping run (which drops an example when it is fooled, the path of the others unchanged)
     returns. The final iterates are where the steps go on from it, so they differ from it for fooled examples."""
-    g = torch.Generator().manual_seed(3)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 5))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    x = torch.rand(40, 1, 6, 6, generator=g)
+    model, x, g = _random_linear(40, seed=3)
     with torch.no_grad():
         y = model(x).argmax(1)
     base = 0.08 if norm == "linf" else 0.5
@@ -167,12 +172,7 @@ def test_attack_all_attacks_every_example_as_madry():
     misclassifies included (Madry et al. attack the whole batch): ``x_last`` equals a hand-written PGD loop from the
     same random start, while ``x_adv`` of an example fooled clean stays the clean input. Without ``attack_all`` those
     examples are left as they are."""
-    g = torch.Generator().manual_seed(4)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 5))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    x = torch.rand(30, 1, 6, 6, generator=g)
+    model, x, g = _random_linear(30, seed=4)
     y = torch.randint(0, 5, (30,), generator=g)  # random labels: many misclassified clean
     with torch.no_grad():
         wrong = model(x).argmax(1) != y
