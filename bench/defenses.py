@@ -31,6 +31,7 @@ Run (results and the recipe of each defense in ``docs/RESULTS.md``)::
 
     OMP_NUM_THREADS=1 nice -n 5 python bench/defenses.py [--data digits|mnist|fashion-mnist] [--data-root DIR]
         [--quick] [--only NAME ...] [--json FILE]
+    python bench/defenses.py --table FILE [FILE ...]     # the Markdown table of one or more invocations' documents
 
 One JSON document goes to stdout (device, CPU model, torch version, recipes, the table); progress goes to stderr.
 """
