@@ -78,6 +78,13 @@ class Defense(ABC):
         return f"{type(self).__name__}({args})"
 
 
+def warmup_factor(epoch: int, ramp_epochs: int) -> float:
+    """The linear warm-up of 0-based ``epoch`` over ``ramp_epochs`` epochs: min(1, (epoch + 1) / ramp_epochs), and 1
+    without a warm-up (``ramp_epochs`` 0). A pure function of the epoch, so a resumed run matches an uninterrupted one
+    (:meth:`Defense.start_epoch`)."""
+    return 1.0 if ramp_epochs <= 0 else min(1.0, (epoch + 1) / ramp_epochs)
+
+
 def register_defense(cls: type[Defense]) -> type[Defense]:
     """Class decorator adding a defense to the registry under ``cls.name``."""
     if not cls.name or cls.name in _REGISTRY:

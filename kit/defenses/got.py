@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kit.defenses.base import Defense, register_defense
+from kit.defenses.base import Defense, register_defense, warmup_factor
 from kit.defenses.madry import Madry
 from kit.defenses.trades import kl_adversary, kl_div_logits
 from kit.errors import UserError
@@ -306,8 +306,7 @@ class GOT(Defense):
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """The warm-up factor of 0-based ``epoch``: min(1, (epoch + 1) / ramp_epochs), 1 without a warm-up."""
-        r = int(self.params["ramp_epochs"])
-        self.ramp = 1.0 if r == 0 else min(1.0, (epoch + 1) / r)
+        self.ramp = warmup_factor(epoch, int(self.params["ramp_epochs"]))
 
     def eps(self) -> float:
         """This epoch's adversarial radius: ε times the warm-up factor."""

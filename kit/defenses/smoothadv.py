@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kit.attacks.smoothadv import SmoothAdv
-from kit.defenses.base import Defense, register_defense
+from kit.defenses.base import Defense, register_defense, warmup_factor
 from kit.defenses.gaussian import check_sigma
 from kit.errors import UserError
 
@@ -114,8 +114,7 @@ class SmoothAdvTraining(Defense):
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """ε of 0-based ``epoch``: ε · min(1, (epoch + 1) / warmup), or ε without a warm-up."""
-        w = self.warmup
-        self.eps = float(self.params["eps"]) * (min(1.0, (epoch + 1) / w) if w > 1 else 1.0)
+        self.eps = float(self.params["eps"]) * warmup_factor(epoch, self.warmup)
         if hasattr(self, "adversary"):
             self.adversary.eps = self.eps  # the held-out adversarial accuracy follows the training radius
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kit.attacks.wasserstein import WassersteinPGD, WassersteinResult
-from kit.defenses.base import Defense, register_defense
+from kit.defenses.base import Defense, register_defense, warmup_factor
 from kit.errors import UserError
 from kit.ot.projection import ProjectionConvergenceWarning
 
@@ -211,8 +211,7 @@ class WAT(Defense):
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         r"""Set this epoch's cap: ramp factor :math:`\min(1, (e+1)/R)` for 0-based ``epoch`` (1 without a ramp)."""
-        ramp = int(self.params["ramp_epochs"])
-        self._cap_scale = 1.0 if ramp == 0 else min(1.0, (epoch + 1) / ramp)
+        self._cap_scale = warmup_factor(epoch, int(self.params["ramp_epochs"]))
         if self.adversary is not None:
             self.adversary.eps = self.cap()  # the trainer's held-out evaluation copies the adversary as it is
 
