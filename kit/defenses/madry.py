@@ -47,7 +47,7 @@ class Madry(Defense):
         if not isinstance(p["attack_all"], bool):
             raise UserError(f"defense {self.name!r}: attack_all must be true or false, got {p['attack_all']!r}")
         self.adversary = PGD(model, eps=p["eps"], norm=p["norm"], steps=p["steps"], rel_step=p["rel_step"],
-                             early_stop=False, attack_all=bool(p["attack_all"]))
+                             early_stop=False, attack_all=p["attack_all"])
         self.adversary.eval_mode = bool(p["attack_eval_mode"])
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
