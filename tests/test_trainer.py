@@ -80,6 +80,27 @@ def test_resume_refuses_changed_options_and_missing_state(tmp_path):
         train(TrainConfig(epochs=1), tmp_path / "other.safetensors", resume=True)
 
 
+def test_resume_takes_a_parameter_added_since_at_its_default_only(tmp_path):
+    """A run saved before a defense gained a parameter resumes at that parameter's default (the old behaviour),
+    bit for bit as if it had never stopped; asked for another value, it is refused."""
+    base = dict(arch="cnn-small", data="digits", batch_size=128, seed=3, eval_samples=50, defense="madry",
+                defense_params={"eps": 0.1, "steps": 2})
+    straight = train(TrainConfig(epochs=2, **base), tmp_path / "straight.safetensors")
+    part = tmp_path / "part.safetensors"
+    train(TrainConfig(epochs=1, **base), part)
+    state_path = sidecar(part, "resume.pt")
+    state = torch.load(state_path, weights_only=True)
+    saved = json.loads(state["config"])
+    assert saved["defense_params"].pop("attack_all") is False  # as saved before the parameter existed
+    state["config"] = json.dumps(saved)
+    torch.save(state, state_path)
+    new_value = {**base, "defense_params": {**base["defense_params"], "attack_all": True}}
+    with pytest.raises(UserError, match="options changed.*defense_params"):
+        train(TrainConfig(epochs=2, **new_value), part, resume=True)
+    resumed = train(TrainConfig(epochs=2, **base), part, resume=True)
+    assert resumed.info.weights_sha256 == straight.info.weights_sha256
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [

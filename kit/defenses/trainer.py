@@ -517,9 +517,10 @@ def _train_locked(cfg: TrainConfig, out: Path, device: torch.device, resume: boo
     resume_path, metrics_path = sidecar(out, "resume.pt"), sidecar(out, "metrics.jsonl")
     if resume:
         state = _load_resume(resume_path)
-        saved = json.loads(state["config"])
-        fresh = _jsonable(TrainConfig().to_dict())
-        differ = [k for k in cfg_dict if k != "epochs" and saved.get(k, fresh[k]) != cfg_dict[k]]
+        # an option the kit gained after the run started is taken at its default, which keeps the old behaviour
+        saved = {**_jsonable(TrainConfig().to_dict()), **json.loads(state["config"])}
+        saved["defense_params"] = {**_jsonable(dict(defense.defaults)), **saved["defense_params"]}
+        differ = [k for k in cfg_dict if k != "epochs" and saved[k] != cfg_dict[k]]
         if differ:
             raise UserError(f"cannot resume {out}: options changed since it was started ({', '.join(differ)})")
         if state["data_fingerprint"] != train_set.fingerprint:
