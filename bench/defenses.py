@@ -534,6 +534,16 @@ def summarize(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def keep_earlier_rows(doc: dict[str, Any], old: dict[str, Any], names: list[str]) -> None:
+    """Into ``doc`` (this invocation's document, rows still to come), the rows and recipes of ``old`` (the document
+    an earlier invocation wrote to the same file) that this invocation does not run, when both were measured with the
+    same settings. Compared as JSON, the form ``old`` was read from (a tuple in ``doc`` is a list in ``old``)."""
+    if old.get("settings") != json.loads(json.dumps(doc["settings"])):
+        return
+    doc["rows"] = {**{k: v for k, v in old.get("rows", {}).items() if k not in names}, **doc["rows"]}
+    doc["recipes"] = {**old.get("recipes", {}), **doc["recipes"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", choices=list(PRESETS), default="digits", help="the dataset preset (module docstring)")
@@ -603,9 +613,7 @@ def main() -> None:
             old = json.loads(args.json.read_text())
         except ValueError:
             old = {}
-        if old.get("settings") == doc["settings"]:
-            doc["rows"] = {k: v for k, v in old.get("rows", {}).items() if k not in names}
-            doc["recipes"] = {**old.get("recipes", {}), **doc["recipes"]}
+        keep_earlier_rows(doc, old, names)
 
     def write() -> None:
         doc["summary"] = summarize(doc["rows"])

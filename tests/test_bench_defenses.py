@@ -1,0 +1,30 @@
+"""bench/defenses.py's ``--json FILE``: the rows of earlier invocations of the same settings are kept, read back
+from the file they were written to."""
+
+from __future__ import annotations
+
+import json
+
+from bench.defenses import keep_earlier_rows
+
+
+def _doc(rows: dict, adversary=(10, 0.025)) -> dict:
+    return {"settings": {"preset": "fashion-mnist", "train_adversary": adversary, "eps_linf_train": 0.1},
+            "recipes": {k: {"defense": k} for k in rows}, "rows": dict(rows)}
+
+
+def test_rows_of_an_earlier_invocation_with_the_same_settings_are_kept(tmp_path):
+    path = tmp_path / "doc.json"
+    path.write_text(json.dumps(_doc({"standard": {"acc": 0.88}, "madry": {"acc": 0.85}})))
+    doc = _doc({})  # this invocation: --only madry, with the settings' tuple as the script builds it
+    doc["recipes"] = {"madry": {"defense": "madry", "new": True}}
+    keep_earlier_rows(doc, json.loads(path.read_text()), ["madry"])
+    assert doc["rows"] == {"standard": {"acc": 0.88}}  # madry is rerun, so its old row goes
+    assert doc["recipes"] == {"standard": {"defense": "standard"}, "madry": {"defense": "madry", "new": True}}
+
+
+def test_rows_of_other_settings_are_dropped():
+    old = json.loads(json.dumps(_doc({"standard": {"acc": 0.88}}, adversary=(40, 0.01))))
+    doc = _doc({})
+    keep_earlier_rows(doc, old, ["madry"])
+    assert doc["rows"] == {} and doc["recipes"] == {}
