@@ -735,6 +735,22 @@ def table_lines(doc: dict[str, Any]) -> list[str]:
         adv = "/".join(f"{v:.2f}" for v in conv.get("test_adv_acc_last", []))
         cells.append(clean + (f"; {adv}" if adv else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    return lines + members_lines(doc)
+
+
+def members_lines(doc: dict[str, Any]) -> list[str]:
+    """The L-inf AUAC of each member of an ensemble evaluation (AutoAttack's), one line per row that has them, beside
+    their per-example worst case (the main table's figure): members far apart are the sign of gradient masking.
+    Empty without an ensemble."""
+    rows = {k: r["auac"]["linf"] for k, r in doc["rows"].items() if r["auac"].get("linf", {}).get("members_auac")}
+    if not rows:
+        return []
+    names = list(next(iter(rows.values()))["members_auac"])
+    head = ["row", *names, "worst case"]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for name, a in rows.items():
+        cells = [name, *(f"{a['members_auac'].get(m, float('nan')):.3f}" for m in names), f"{a['auac']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

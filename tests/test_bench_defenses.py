@@ -28,3 +28,15 @@ def test_rows_of_other_settings_are_dropped():
     doc = _doc({})
     keep_earlier_rows(doc, old, ["madry"])
     assert doc["rows"] == {} and doc["recipes"] == {}
+
+
+def test_members_table_lists_each_member_beside_the_worst_case():
+    from bench.defenses import members_lines
+
+    doc = {"rows": {
+        "sat": {"auac": {"linf": {"auac": 0.711, "members_auac": {"apgd-ce": 0.859, "square-linf": 0.717}}}},
+        "gaussian": {"auac": {"linf": {"auac": 0.4}}}}}  # one attack, no members: no line
+    lines = members_lines(doc)
+    assert lines[1] == "| row | apgd-ce | square-linf | worst case |"
+    assert lines[3:] == ["| sat | 0.859 | 0.717 | 0.711 |"]
+    assert members_lines({"rows": {"gaussian": doc["rows"]["gaussian"]}}) == []
