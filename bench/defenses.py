@@ -198,7 +198,7 @@ def paper_recipes(preset: Preset) -> tuple[Recipe, ...]:
 
     Every L-inf defense trains against ``preset.adversary`` (MNIST: PGD-40 of 0.01 at 0.3, Madry et al.; TRADES
     and GOT use the same on MNIST); SAT in both of its values; OTC with a sweep of its lambda; GOT as the paper
-    trains MNIST (Adam 1e-3, beta 10); WAT with the paper's growing radius (its MNIST preset)."""
+    trains MNIST (Adam 1e-3, beta 10), beside Madry at the same network and optimiser (its PGD-AT baseline); WAT with the paper's growing radius (its MNIST preset)."""
     eps = preset.eps_linf
     steps, step = preset.adversary or (7, 2.5 * eps / 7)
     pgd = {"eps": eps, "steps": steps, "rel_step": step / eps}
@@ -220,6 +220,9 @@ def paper_recipes(preset: Preset) -> tuple[Recipe, ...]:
         *(Recipe("otc", {"lam": lam}, epochs=e, arch="otc", label=f"otc-lam{lam:g}", **adam,
                  note=f"lambda {lam:g} (sweep), Adam 1e-3 (the paper's Algorithm 1)") for lam in (0.1, 1.0, 10.0)),
         Recipe("otc-adv", pgd, epochs=e, arch="otc", **adam, note=f"otc (lambda 1) on {adv}, Adam 1e-3"),
+        Recipe("madry", pgd, epochs=e, arch="cnn-cw", **adam, label="madry-cw",
+               note=f"{adv}, Adam 1e-3, the C&W CNN: GOT's PGD-AT baseline, at GOT's architecture and optimiser "
+                    "(no warm-up: the paper's PGD-AT has none)"),
         Recipe("got-pgd", {**pgd, "beta": 10.0, "ramp_epochs": ramp}, epochs=e, arch="cnn-cw", **adam,
                note=f"beta 10, {adv}, Adam 1e-3, the C&W CNN (the paper's MNIST setting, App. A.3), -S variant; "
                     f"eps and beta ramped over the first {ramp} epochs (not in the paper: without it the run "
