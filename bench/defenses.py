@@ -198,7 +198,8 @@ def paper_recipes(preset: Preset) -> tuple[Recipe, ...]:
 
     Every L-inf defense trains against ``preset.adversary`` (MNIST: PGD-40 of 0.01 at 0.3, Madry et al.; TRADES
     and GOT use the same on MNIST); SAT in both of its values; OTC with a sweep of its lambda; GOT as the paper
-    trains MNIST (Adam 1e-3, beta 10), beside Madry at the same network and optimiser (its PGD-AT baseline); WAT with the paper's growing radius (its MNIST preset)."""
+    trains MNIST (Adam 1e-3, beta 10), beside Madry at the same network and optimiser (its PGD-AT baseline); WAT
+    with the paper's growing radius (its MNIST preset)."""
     eps = preset.eps_linf
     steps, step = preset.adversary or (7, 2.5 * eps / 7)
     pgd = {"eps": eps, "steps": steps, "rel_step": step / eps}
