@@ -1,11 +1,11 @@
-"""bench/defenses.py's ``--json FILE``: the rows of earlier invocations of the same settings are kept, read back
-from the file they were written to."""
+"""bench/defenses.py: ``--json FILE`` keeps the rows of earlier invocations of the same settings, read back from the
+file they were written to; ``--table`` prints each AutoAttack member beside the worst case."""
 
 from __future__ import annotations
 
 import json
 
-from bench.defenses import keep_earlier_rows
+from bench.defenses import keep_earlier_rows, members_lines
 
 
 def _doc(rows: dict, adversary=(10, 0.025)) -> dict:
@@ -31,8 +31,6 @@ def test_rows_of_other_settings_are_dropped():
 
 
 def test_members_table_lists_each_member_beside_the_worst_case():
-    from bench.defenses import members_lines
-
     doc = {"rows": {
         "sat": {"auac": {"linf": {"auac": 0.711, "members_auac": {"apgd-ce": 0.859, "square-linf": 0.717}}}},
         "gaussian": {"auac": {"linf": {"auac": 0.4}}}}}  # one attack, no members: no line
