@@ -31,7 +31,7 @@ Run (results and the recipe of each defense in ``docs/RESULTS.md``)::
 
     OMP_NUM_THREADS=1 nice -n 5 python bench/defenses.py [--data digits|mnist|fashion-mnist] [--data-root DIR]
         [--quick] [--only NAME ...] [--json FILE]
-    python bench/defenses.py --table FILE [FILE ...]     # the Markdown table of one or more invocations' documents
+    python bench/defenses.py --table FILE [FILE ...]     # the Markdown tables of one or more invocations' documents
 
 One JSON document goes to stdout (device, CPU model, torch version, recipes, the table); progress goes to stderr.
 """
@@ -711,8 +711,8 @@ def merged(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table_lines(doc: dict[str, Any]) -> list[str]:
-    """The Markdown table of a JSON document of this script (``--table FILE``): one line per row, every figure an
-    upper bound from attacks except the certified column."""
+    """The Markdown tables of a JSON document of this script (``--table FILE``): one line per row, every figure an
+    upper bound from attacks except the certified column; then :func:`members_lines`."""
     s = doc["settings"]
     cols = {c["column"]: c for c in s["attacks"]}
     head = ["row", "clean acc (test)"]
