@@ -1,11 +1,13 @@
 """bench/defenses.py: ``--json FILE`` keeps the rows of earlier invocations of the same settings, read back from the
-file they were written to; ``--table`` prints each AutoAttack member beside the worst case."""
+file they were written to; ``--table`` prints each AutoAttack member beside the worst case; a preset's GOT beta
+sweep adds rows that differ from ``got-pgd`` in beta alone."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from bench.defenses import keep_earlier_rows, members_lines
+from bench.defenses import PRESETS, keep_earlier_rows, members_lines, recipes
 
 
 def _doc(rows: dict, adversary=(10, 0.025)) -> dict:
@@ -38,3 +40,15 @@ def test_members_table_lists_each_member_beside_the_worst_case():
     assert lines[1] == "| row | apgd-ce | square-linf | worst case |"
     assert lines[3:] == ["| sat | 0.859 | 0.717 | 0.711 |"]
     assert members_lines({"rows": {"gaussian": doc["rows"]["gaussian"]}}) == []
+
+
+def test_got_beta_sweep_rows_differ_from_got_pgd_in_beta_only():
+    fashion = recipes(PRESETS["fashion-mnist"], Path("/data"))
+    base = fashion["got-pgd"]
+    for b in PRESETS["fashion-mnist"].got_betas:
+        row = fashion[f"got-pgd-beta{b:g}"]
+        assert row.params == {**base.params, "beta": b}
+        assert (row.defense, row.arch, row.optimizer, row.lr, row.epochs) == \
+            (base.defense, base.arch, base.optimizer, base.lr, base.epochs)
+    assert base.params["beta"] == 10.0
+    assert not any(k.startswith("got-pgd-beta") for k in recipes(PRESETS["mnist"], Path("/data")))
