@@ -212,6 +212,10 @@ def paper_recipes(preset: Preset) -> tuple[Recipe, ...]:
     ramp = e // 4  # GOT's warm-up (epochs)
     pe = preset.projection_epochs or e
     adv = f"PGD-{steps} of {step:g} at {eps:g}"
+    got = Recipe("got-pgd", {**pgd, "beta": 10.0, "ramp_epochs": ramp}, epochs=e, arch="cnn-cw", **adam,
+                 note=f"beta 10, {adv}, Adam 1e-3, the C&W CNN (the paper's MNIST setting, App. A.3), -S variant; "
+                      f"eps and beta ramped over the first {ramp} epochs (not in the paper: without it the run "
+                      "collapsed, see RESULTS.md)")
     return (
         Recipe("standard", epochs=e),
         Recipe("madry", pgd, epochs=e, note=adv),
@@ -228,13 +232,9 @@ def paper_recipes(preset: Preset) -> tuple[Recipe, ...]:
         Recipe("madry", pgd, epochs=e, arch="cnn-cw", **adam, label="madry-cw",
                note=f"{adv}, Adam 1e-3, the C&W CNN: GOT's PGD-AT baseline, at GOT's architecture and optimiser "
                     "(no warm-up: the paper's PGD-AT has none)"),
-        Recipe("got-pgd", {**pgd, "beta": 10.0, "ramp_epochs": ramp}, epochs=e, arch="cnn-cw", **adam,
-               note=f"beta 10, {adv}, Adam 1e-3, the C&W CNN (the paper's MNIST setting, App. A.3), -S variant; "
-                    f"eps and beta ramped over the first {ramp} epochs (not in the paper: without it the run "
-                    "collapsed, see RESULTS.md)"),
-        *(Recipe("got-pgd", {**pgd, "beta": b, "ramp_epochs": ramp}, epochs=e, arch="cnn-cw", **adam,
-                 label=f"got-pgd-beta{b:g}", note=f"beta {b:g} (sweep), otherwise as got-pgd")
-          for b in preset.got_betas),
+        got,
+        *(dataclasses.replace(got, params={**got.params, "beta": b}, label=f"got-pgd-beta{b:g}",
+                              note=f"beta {b:g} (sweep), otherwise as got-pgd") for b in preset.got_betas),
         Recipe("got-trades", {**pgd, "beta": 10.0, "ramp_epochs": ramp}, epochs=e, arch="cnn-cw", **adam,
                note=f"beta 10, KL-{adv}, alpha 6, Adam 1e-3, the C&W CNN, -S variant; eps and beta ramped over "
                     f"the first {ramp} epochs"),
