@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,20 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+def source_revision() -> str | None:
+    """The commit the benchmark's code comes from (``git describe --always --dirty --abbrev=40``: the full hash, with
+    ``-dirty`` when the checkout has uncommitted changes), so a result document names the source of its figures; None
+    outside a git checkout or without git."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def device_description(device: torch.device) -> str:

@@ -33,7 +33,8 @@ Run (results and the recipe of each defense in ``docs/RESULTS.md``)::
         [--quick] [--only NAME ...] [--json FILE]
     python bench/defenses.py --table FILE [FILE ...]     # the Markdown tables of one or more invocations' documents
 
-One JSON document goes to stdout (device, CPU model, torch version, recipes, the table); progress goes to stderr.
+One JSON document goes to stdout (device, CPU model, torch version, the commit of the code in each row and at the
+top, recipes, the table); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kit  # noqa: E402
-from bench.common import CACHE, cpu_model  # noqa: E402
+from bench.common import CACHE, cpu_model, source_revision  # noqa: E402
 from evaluators.curves import curve_record  # noqa: E402
 from evaluators.evaluate import AttackRequest, run_search  # noqa: E402
 from kit.checkpoint import load_twin, read_checkpoint  # noqa: E402
@@ -606,7 +607,7 @@ def main() -> None:
         "device": {"device": "cpu", "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
                    "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                    "nice": os.nice(0), "platform": platform.platform(), "python": platform.python_version()},
-        "torch": torch.__version__, "kit_version": kit.__version__,
+        "torch": torch.__version__, "kit_version": kit.__version__, "source_revision": source_revision(),
         "load_1_5_15min_start": [round(v, 2) for v in os.getloadavg()],
         "settings": {"quick": args.quick, "preset": preset.name, "data": data, "eps_linf_train": preset.eps_linf,
                      "train_adversary": preset.adversary, "train_samples": preset.train_samples or len(train_set),
@@ -673,6 +674,7 @@ def main() -> None:
         row = {
             "checkpoint": str(path.relative_to(CACHE.parent.parent)),
             "trained_in_this_run": fresh, "train_wall_s": round(train_s, 1) if fresh else None,
+            "source_revision": doc["source_revision"],
             "clean_acc_test": round(accuracy(model, test_full, device), 4), "clean_acc_subset": round(clean_subset, 4),
             "auac": cached_evaluation(path, model, test.x, test.y, n_w, preset.attacks),
             "acc_at_eps_train": None,

@@ -1,12 +1,16 @@
 """bench/defenses.py: ``--json FILE`` keeps the rows of earlier invocations of the same settings, read back from the
 file they were written to; ``--table`` prints each AutoAttack member beside the worst case; a preset's GOT beta
-sweep adds rows that differ from ``got-pgd`` in beta alone."""
+sweep adds rows that differ from ``got-pgd`` in beta alone; each document names the commit of its code."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import pytest
+
+from bench.common import source_revision
 from bench.defenses import PRESETS, keep_earlier_rows, members_lines, recipes
 
 
@@ -52,3 +56,14 @@ def test_got_beta_sweep_rows_differ_from_got_pgd_in_beta_only():
             (base.defense, base.arch, base.optimizer, base.lr, base.epochs)
     assert base.params["beta"] == 10.0
     assert not any(k.startswith("got-pgd-beta") for k in recipes(PRESETS["mnist"], Path("/data")))
+
+
+def test_source_revision_names_the_checkouts_commit():
+    """A result document names the commit of its code: ``git rev-parse HEAD``, ``-dirty`` added with local changes."""
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True).stdout.strip()
+    assert source_revision() == head.stdout.strip() + ("-dirty" if dirty else "")
