@@ -62,8 +62,10 @@ def import_torchattacks():
 def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
                     rounds: int = 40) -> dict | None:
     """Seconds per PGD step, the kit's against torchattacks' PGD: same model, batch, eps, step (alpha = 2.5 eps /
-    steps), steps and random start; early stopping off. Rounds alternate the sides; the fastest round of each is kept
-    (on a shared machine the minimum is the stable estimate of the cost; the medians are in the output too).
+    steps), steps and random start; early stopping off. Rounds alternate the sides (every other round in reverse
+    order); the fastest round of each is kept (on a shared machine the minimum is the stable estimate of the cost; the
+    medians are in the output too). The like-for-like ratio is also given round by round, each round's two sides
+    measured under the same load: the median of those paired ratios and their quartiles.
 
     The kit's PGD returns which examples its output fools, so its run includes the forward that verifies the final
     iterate; torchattacks returns the iterate alone. Three comparisons:
@@ -94,18 +96,24 @@ def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     times: dict[str, list[float]] = {k: [] for k in sides}
     for fn in sides.values():
         fn()  # warm-up
-    for _ in range(rounds):
-        for k, fn in sides.items():
+    for r in range(rounds):
+        # every other round in reverse order, so that no side always runs right after the same other side
+        for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
             t0 = time.process_time()  # CPU seconds of this (one-thread) process: another tenant's load barely moves it
-            fn()
+            sides[k]()
             times[k].append(time.process_time() - t0)
     per_step = {k: min(v) / steps for k, v in times.items()}
+    # the like-for-like ratio round by round (both sides measured under the same load): its median and quartiles
+    paired = sorted(a / b for a, b in zip(times["kit_clean_given"], times["torchattacks_verified"]))
+    quartiles = statistics.quantiles(paired, n=4)
     return {"batch": len(x), "steps": steps, "eps": eps, "rounds": rounds, "torchattacks": ta.__version__,
             "seconds_per_step": per_step,
             "median_seconds_per_step": {k: statistics.median(v) / steps for k, v in times.items()},
             "ratio_kit_vs_torchattacks": per_step["kit"] / per_step["torchattacks"],
             "ratio_kit_clean_given_vs_torchattacks": per_step["kit_clean_given"] / per_step["torchattacks"],
-            "ratio_like_for_like": per_step["kit_clean_given"] / per_step["torchattacks_verified"]}
+            "ratio_like_for_like": per_step["kit_clean_given"] / per_step["torchattacks_verified"],
+            "ratio_like_for_like_paired_median": statistics.median(paired),
+            "ratio_like_for_like_paired_quartiles": [quartiles[0], quartiles[2]]}
 
 
 def naive_sweep(model, x, y, eps_max: float, points: int = 16, steps: int = 20) -> dict:
