@@ -188,7 +188,9 @@ def main() -> None:
                     help="only the per-step comparison with torchattacks' PGD (cnn-small digits, resnet20 3x32x32)")
     args = ap.parse_args()
     if args.peer_only:
-        peer_rows()
+        rows = peer_rows()
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
         return
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,8 +230,9 @@ def main() -> None:
         args.json.write_text(json.dumps(out, indent=1))
 
 
-def peer_rows() -> None:
-    """PGD per step against torchattacks on the digits cnn-small (batch 256) and resnet20 at 3x32x32 (batch 32)."""
+def peer_rows() -> dict:
+    """PGD per step against torchattacks on the digits cnn-small (batch 256) and resnet20 at 3x32x32 (batch 32);
+    printed, and returned for ``--json``."""
     torch.set_num_threads(1)
     test = load_dataset("digits:16", "test").subset(256)
     model = digits_model("standard", epochs=10).eval()
@@ -240,7 +243,9 @@ def peer_rows() -> None:
     with torch.no_grad():
         yr = r20(xr).argmax(1)
     rows["resnet20-3x32x32-b32"] = vs_torchattacks(r20, xr, yr, 8 / 255, 10, rounds=8)
-    print(json.dumps({"pgd_vs_torchattacks": rows, "threads": 1}, indent=1))
+    out = {"pgd_vs_torchattacks": rows, "threads": 1}
+    print(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":
