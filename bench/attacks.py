@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,8 @@ def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     steps), steps and random start; early stopping off. Rounds alternate the sides (every other round in reverse
     order); the fastest round of each is kept (on a shared machine the minimum is the stable estimate of the cost; the
     medians are in the output too). The like-for-like ratio is also given round by round, each round's two sides
-    measured under the same load: the median of those paired ratios and their quartiles.
+    measured under the same load: the median of those paired ratios, their quartiles and a bootstrap 95% interval
+    of the median.
 
     The kit's PGD returns which examples its output fools, so its run includes the forward that verifies the final
     iterate; torchattacks returns the iterate alone. Three comparisons:
@@ -75,8 +77,6 @@ def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     - ``like_for_like``: the kit, clean logits given, against torchattacks followed by the one forward a user needs to
       learn which examples its output fools: the same work on both sides.
     """
-    import statistics
-
     ta = import_torchattacks()
     if ta is None:
         return None
@@ -93,17 +93,8 @@ def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
 
     sides = {"kit": lambda: kit(x, y), "kit_clean_given": lambda: kit(x, y, clean_logits=clean),
              "torchattacks": lambda: peer(x, y), "torchattacks_verified": peer_verified}
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for fn in sides.values():
-        fn()  # warm-up
-    for r in range(rounds):
-        # every other round in reverse order, so that no side always runs right after the same other side
-        for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-            t0 = time.process_time()  # CPU seconds of this (one-thread) process: another tenant's load barely moves it
-            sides[k]()
-            times[k].append(time.process_time() - t0)
+    times = alternated(sides, rounds)
     per_step = {k: min(v) / steps for k, v in times.items()}
-    # the like-for-like ratio round by round (both sides measured under the same load): its median and quartiles
     paired = [a / b for a, b in zip(times["kit_clean_given"], times["torchattacks_verified"])]
     quartiles = statistics.quantiles(paired, n=4)
     return {"batch": len(x), "steps": steps, "eps": eps, "rounds": rounds, "torchattacks": ta.__version__,
@@ -113,7 +104,63 @@ def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
             "ratio_kit_clean_given_vs_torchattacks": per_step["kit_clean_given"] / per_step["torchattacks"],
             "ratio_like_for_like": per_step["kit_clean_given"] / per_step["torchattacks_verified"],
             "ratio_like_for_like_paired_median": statistics.median(paired),
-            "ratio_like_for_like_paired_quartiles": [quartiles[0], quartiles[2]]}
+            "ratio_like_for_like_paired_quartiles": [quartiles[0], quartiles[2]],
+            "ratio_like_for_like_paired_median_ci95": median_ci(paired)}
+
+
+def alternated(sides: dict, rounds: int) -> dict[str, list[float]]:
+    """CPU seconds of each side per round (one warm-up call each first). Every other round runs the sides in reverse
+    order, so that no side always follows the same other side."""
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for fn in sides.values():
+        fn()  # warm-up
+    for r in range(rounds):
+        for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            t0 = time.process_time()  # CPU seconds of this (one-thread) process: another tenant's load barely moves it
+            sides[k]()
+            times[k].append(time.process_time() - t0)
+    return times
+
+
+def median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """A percentile-bootstrap 95% interval of the median of ``values`` (the rounds resampled with replacement)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    pick = torch.randint(0, len(t), (resamples, len(t)), generator=torch.Generator().manual_seed(seed))
+    medians = t[pick].median(dim=1).values
+    return [float(medians.quantile(0.025)), float(medians.quantile(0.975))]
+
+
+def overhead_vs_torchattacks(x: torch.Tensor, y: torch.Tensor, eps: float, rounds: int = 200) -> dict | None:
+    """The tensor work each side does around the model, set apart from the model's cost: both sides attack a model
+    that costs next to nothing (one linear layer on the flattened batch), at 1 and at 10 steps; the median round's
+    seconds give each side's cost per call and per step (least squares through the two step counts is exact with
+    two). torchattacks is followed by its verifying forward, as in the like-for-like comparison."""
+    ta = import_torchattacks()
+    if ta is None:
+        return None
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 10)).eval()
+    with torch.no_grad():
+        clean = model(x)
+    out: dict = {"batch": len(x), "rounds": rounds, "model": "Flatten + Linear(%d, 10)" % x[0].numel()}
+    med: dict[int, dict[str, float]] = {}
+    for steps in (1, 10):
+        peer = ta.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
+        kit = PGD(model, eps=eps, steps=steps, random_start=True, early_stop=False)
+
+        def peer_verified(peer=peer) -> torch.Tensor:
+            adv = peer(x, y)
+            with torch.no_grad():
+                return model(adv).argmax(1) != y
+
+        times = alternated({"kit_clean_given": lambda kit=kit: kit(x, y, clean_logits=clean),
+                            "torchattacks_verified": peer_verified}, rounds)
+        med[steps] = {k: statistics.median(v) for k, v in times.items()}
+    for k in med[1]:
+        per_step = (med[10][k] - med[1][k]) / 9
+        out[k] = {"seconds_per_call_1_step": med[1][k], "seconds_per_call_10_steps": med[10][k],
+                  "fixed_seconds": med[1][k] - per_step, "seconds_per_step": per_step}
+    return out
 
 
 def naive_sweep(model, x, y, eps_max: float, points: int = 16, steps: int = 20) -> dict:
@@ -231,19 +278,20 @@ def main() -> None:
 
 
 def peer_rows() -> dict:
-    """PGD per step against torchattacks on the digits cnn-small (batch 256) and resnet20 at 3x32x32 (batch 32);
-    printed, and returned for ``--json``."""
+    """PGD per step against torchattacks on the digits cnn-small (batch 256) and resnet20 at 3x32x32 (batch 32), and
+    the two sides' own tensor work around a model of negligible cost; printed, and returned for ``--json``."""
     torch.set_num_threads(1)
     test = load_dataset("digits:16", "test").subset(256)
     model = digits_model("standard", epochs=10).eval()
-    rows = {"cnn-small-1x16x16-b256": vs_torchattacks(model, test.x, test.y, 0.1, 10)}
+    rows = {"cnn-small-1x16x16-b256": vs_torchattacks(model, test.x, test.y, 0.1, 10, rounds=120)}
     torch.manual_seed(0)
     r20 = models.create("resnet20", 10, (3, 32, 32)).eval()
     xr = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         yr = r20(xr).argmax(1)
-    rows["resnet20-3x32x32-b32"] = vs_torchattacks(r20, xr, yr, 8 / 255, 10, rounds=8)
-    out = {"pgd_vs_torchattacks": rows, "threads": 1}
+    rows["resnet20-3x32x32-b32"] = vs_torchattacks(r20, xr, yr, 8 / 255, 10, rounds=24)
+    out = {"pgd_vs_torchattacks": rows, "overhead_vs_torchattacks": overhead_vs_torchattacks(test.x, test.y, 0.1),
+           "threads": 1}
     print(json.dumps(out, indent=1))
     return out
 

@@ -97,6 +97,10 @@ def test_pgd_is_deterministic_and_restores_mode(digits_model):
         ({"eps": -0.1}, torch.rand(2, 1, 4, 4), "epsilon"),
         ({"eps": float("nan")}, torch.rand(2, 1, 4, 4), "epsilon"),
         ({"eps": 0.1}, torch.rand(2, 1, 4, 4) + 1.0, r"\[0, 1\]"),
+        ({"eps": 0.1}, torch.rand(2, 1, 4, 4) - 1.0, r"\[0, 1\], got \[-"),
+        ({"eps": 0.1}, torch.full((2, 1, 4, 4), 0.5).index_fill_(3, torch.tensor([1]), float("nan")), "NaN"),
+        ({"eps": 0.1}, torch.full((2, 1, 4, 4), 0.5).index_fill_(0, torch.tensor([1]), float("inf")), "infinite"),
+        ({"eps": 0.1}, torch.full((2, 1, 4, 4), 0.5).index_fill_(2, torch.tensor([3]), -float("inf")), "infinite"),
         ({"eps": 0.1}, torch.rand(2, 16), r"\(N, C, H, W\)"),
         ({"eps": 0.1, "norm": "l3"}, torch.rand(2, 1, 4, 4), "norm"),
     ],
@@ -182,15 +186,17 @@ def test_attack_all_attacks_every_example_as_madry():
     skipped = PGD(model, eps=eps, steps=steps, seed=seed, early_stop=False)(x, y)  # the default leaves them out
     assert torch.equal(skipped.x_last[wrong], x[wrong]) and (skipped.forwards[wrong] == 1).all()
 
-    gen = torch.Generator().manual_seed(seed)  # the reference: Madry's loop, no bookkeeping
-    delta = (2 * torch.rand(x.shape, generator=gen) - 1) * eps
+    gen = torch.Generator().manual_seed(seed)  # the reference: Madry's loop, no bookkeeping, out of place
+    e32 = torch.tensor(eps)  # the radius and the step length in float32, as the attack holds them
+    alpha = float(2.5 / steps * e32)
+    delta = (2 * torch.rand(x.shape, generator=gen) - 1) * e32
     delta = (x + delta).clamp(0, 1) - x
     for _ in range(steps):
         xa = (x + delta).requires_grad_(True)
-        grad = torch.autograd.grad(nn.functional.cross_entropy(model(xa), y, reduction="sum"), xa)[0]
-        delta = (delta + 2.5 * eps / steps * grad.sign()).clamp(-eps, eps)
+        grad = torch.autograd.grad(nn.functional.cross_entropy(model(xa), y), xa)[0]
+        delta = (delta + alpha * grad.sign()).clamp(-float(e32), float(e32))
         delta = (x + delta).clamp(0, 1) - x
-    torch.testing.assert_close(res.x_last, x + delta, rtol=0, atol=1e-6)
+    assert torch.equal(res.x_last, x + delta)  # bit for bit: the fused and in-place operations round as these do
     assert (res.x_last[wrong] != x[wrong]).flatten(1).any(1).all()  # the misclassified moved too
     assert torch.equal(res.x_adv[wrong], x[wrong]) and res.success[wrong].all()
     assert (res.forwards == steps + 2).all()  # the clean check, the steps, the final verdict

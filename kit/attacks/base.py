@@ -254,10 +254,12 @@ class Attack(ABC):
             raise UserError(f"inputs must be a (N, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
         if not x.is_floating_point():
             raise UserError(f"inputs must be floating point in [0, 1], got {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise UserError("inputs contain NaN or infinite values")
-        if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise UserError(f"inputs must lie in [0, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]")
+        if x.numel():
+            lo, hi = (float(v) for v in torch.aminmax(x))  # one pass: NaN and infinities fail the range test too
+            if not (lo >= 0 and hi <= 1):
+                if not torch.isfinite(x).all():
+                    raise UserError("inputs contain NaN or infinite values")
+                raise UserError(f"inputs must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
         if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
             raise UserError(f"labels must be an integer tensor of shape ({x.shape[0]},)")
         p = model_tensor(self.model)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kit.attacks.base import LOSSES, Attack, AttackResult, Norm, as_norm, expand_as_batch, lp_norm, project
 from kit.errors import UserError
@@ -23,20 +24,26 @@ def random_in_ball(like: torch.Tensor, eps: torch.Tensor, norm: Norm, gen: torch
     """Uniform random points of the balls of radii ``eps`` (N,): uniform in the L-inf box, or uniform in the L2 ball."""
     shape = like.shape
     u = torch.rand(shape, generator=gen, device=like.device, dtype=like.dtype)
-    if norm is Norm.LINF:
-        return (2 * u - 1) * expand_as_batch(eps, like)
+    if norm is Norm.LINF:  # (u - 1/2) 2 eps: the values of (2 u - 1) eps bit for bit (scaling by 2 is exact)
+        return u.sub_(0.5).mul_(expand_as_batch(2 * eps, like))
     g = torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
     g = g / expand_as_batch(g.flatten(1).norm(dim=1).clamp_min(1e-12), like)
     r = torch.rand(shape[0], generator=gen, device=like.device, dtype=like.dtype) ** (1.0 / shape[1:].numel())
     return g * expand_as_batch(eps * r, like)
 
 
+def _rows(idx: torch.Tensor, n: int) -> torch.Tensor | slice:
+    """Rows ``idx`` of a batch of ``n`` as an index: every row is a slice (a plain copy, no gather or scatter)."""
+    return slice(None) if idx.numel() == n else idx
+
+
 def _count(fwd: torch.Tensor, bwd: torch.Tensor, idx: torch.Tensor, forward: int, backward: int) -> None:
     """Add passes to the per-example counters of rows ``idx`` (once per change of the batch, not every step)."""
+    rows = _rows(idx, fwd.numel())
     if forward:
-        fwd[idx] += forward
+        fwd[rows] += forward
     if backward:
-        bwd[idx] += backward
+        bwd[rows] += backward
 
 
 class PGD(Attack):
@@ -112,13 +119,13 @@ class PGD(Attack):
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, init: torch.Tensor | None) -> AttackResult:
         n = x.shape[0]
-        loss_fn = LOSSES[self.loss]
         fwd = torch.zeros(n, dtype=torch.long, device=x.device)
         bwd = torch.zeros_like(fwd)
         x_adv = x.clone()
         x_last = x.clone()
         _, success, clean_passes = self._clean_check(x, y)
-        fwd += clean_passes
+        if clean_passes:
+            fwd += clean_passes
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
 
         for restart in range(self.restarts):
@@ -128,15 +135,18 @@ class PGD(Attack):
             idx = todo.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            x0, y0, e0 = x[idx], y[idx], eps[idx]
+            # every example attacked (the common case): the batch itself, not copies of it
+            x0, y0, e0 = (x, y, eps) if idx.numel() == n else (x[idx], y[idx], eps[idx])
             if restart == 0 and init is not None:
                 delta = project(init[idx] - x0, e0, self.norm)
             elif restart == 0 and not self.random_start:
                 delta = torch.zeros_like(x0)
             else:
                 delta = random_in_ball(x0, e0, self.norm, gen)
-            delta = (x0 + delta).clamp(0, 1) - x0
-            radius = float(e0[0]) if bool((e0 == e0[0]).all()) else None  # rows leaving the batch keep it shared
+            delta = delta.add_(x0).clamp_(0, 1).sub_(x0)
+            shared = self._shared(e0)
+            if not self.early_stop:  # every row stays to the last step: its first adversarial is kept in place
+                first_adv, done = (x_adv, success) if idx.numel() == n else (x_adv[idx], success[idx])
             nf = nb = 0  # forward and backward passes of the rows idx not yet added to fwd and bwd
             for step in range(self.steps + 1):
                 last = step == self.steps
@@ -145,30 +155,43 @@ class PGD(Attack):
                     logits = self.model(xa)
                 nf += 1
                 fooled = self._fooled(logits, y0, xa, rows=idx)
-                first = fooled if self.early_stop else fooled & ~success[idx]  # (early stopping drops the fooled)
-                hit = idx[first]
-                if hit.numel():
-                    x_adv[hit] = xa.detach()[first]
-                    success[hit] = True
-                keep = ~fooled if self.early_stop else None  # without early stopping every example stays
-                if last or (keep is not None and not keep.any()):
-                    _count(fwd, bwd, idx, nf, nb)
-                    x_last[idx] = xa.detach()
-                    break
-                if keep is None or keep.all():  # no copies while every example stays
-                    grad = torch.autograd.grad(loss_fn(logits, y0).sum(), xa)[0]
+                if self.early_stop:  # a fooled example is a first adversarial, and leaves the batch
+                    n_fooled = int(fooled.sum())
+                    if n_fooled:
+                        hit = idx[fooled]
+                        x_adv[hit] = xa.detach()[fooled]
+                        success[hit] = True
+                    if last or n_fooled == fooled.numel():
+                        _count(fwd, bwd, idx, nf, nb)
+                        x_last[_rows(idx, n)] = xa.detach()
+                        break
+                else:  # every example stays; keep the first adversarial of each
+                    new = (fooled > done).nonzero().squeeze(1)  # fooled now, and not before
+                    if new.numel():
+                        first_adv.index_copy_(0, new, xa.detach().index_select(0, new))
+                        done |= fooled
+                    if last:
+                        _count(fwd, bwd, idx, nf, nb)
+                        if first_adv is not x_adv:
+                            x_adv[idx], success[idx] = first_adv, done
+                        x_last[_rows(idx, n)] = xa.detach()
+                        break
+                    n_fooled = 0
+                if n_fooled == 0:  # no copies while every example stays
+                    grad = torch.autograd.grad(self._loss_sum(logits, y0), xa)[0]
                 else:
-                    grad = torch.autograd.grad(loss_fn(logits, y0)[keep].sum(), xa)[0][keep]
+                    keep = ~fooled
+                    grad = torch.autograd.grad(self._loss_sum(logits[keep], y0[keep]), xa)[0][keep]
                     _count(fwd, bwd, idx, nf, nb)
                     nf = nb = 0
                     idx, x0, y0, e0, delta = idx[keep], x0[keep], y0[keep], e0[keep], delta[keep]
                 nb += 1
-                step_delta = self._step(grad, delta, x0, e0, radius)
+                step_delta = self._step(grad, delta, x0, e0, shared)
                 if self.early_stop:
                     # An iterate that did not move is a fixed point: every later step would give it again, with the
                     # verdict just given. It leaves the batch now, sparing its remaining forward and backward passes.
                     moved = (step_delta != delta).flatten(1).any(1)
-                    if not moved.all():
+                    if not bool(moved.all()):
                         _count(fwd, bwd, idx, nf, nb)
                         nf = nb = 0
                         x_last[idx[~moved]] = (x0 + delta)[~moved]
@@ -180,18 +203,35 @@ class PGD(Attack):
             x_last[success] = x_adv[success]
         return AttackResult(x_adv, success, lp_norm(x_adv - x, self.norm), fwd, bwd, x_last)
 
+    def _shared(self, e0: torch.Tensor) -> tuple[float, float] | None:
+        """The radius and step length of every row as Python floats when the rows share one radius (rows leaving the
+        batch keep it shared), else None. The step length is the float32 value the per-row product would give."""
+        if not bool((e0 == e0[0]).all()):
+            return None
+        return float(e0[0]), float(self.rel_step * e0[:1])
+
+    def _loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The attack's loss summed over the rows: the gradient of each row's own loss (the rows do not interact).
+        Cross-entropy is summed inside the kernel: one operation fewer per step, the same gradient bit for bit."""
+        if self.loss == "ce":
+            return F.cross_entropy(logits, y, reduction="sum")
+        return LOSSES[self.loss](logits, y).sum()
+
     def _step(self, grad: torch.Tensor, delta: torch.Tensor, x0: torch.Tensor, e0: torch.Tensor,
-              radius: float | None) -> torch.Tensor:
+              shared: tuple[float, float] | None) -> torch.Tensor:
         """The next perturbation: a steepest step from ``delta``, projected onto the ball, then into [0, 1] (through
         the image, so that ``x0 + delta`` is a valid image). In place after the first operation (autograd's
         gradient may be an expanded view, so it is not written to): the same values as out-of-place operations, bit
-        for bit, with one new tensor per step. ``radius``: the radius of every row when they share one, else None."""
+        for bit, with one new tensor per step (the step's sign times its length is exact, so fusing the product into
+        the sum rounds once, as the sum alone did). ``shared``: :meth:`_shared`."""
+        sign = -1.0 if self.targeted else 1.0
         if self.norm is Norm.LINF:
-            sd = grad.sign().mul_(expand_as_batch(self.rel_step * e0, grad))
-            sd = torch.sub(delta, sd, out=sd) if self.targeted else sd.add_(delta)
-            if radius is not None:  # one radius for all: a scalar clamp, the fastest
-                sd = sd.clamp_(-radius, radius)
+            sd = grad.sign()
+            if shared is not None:  # one radius for all: a scalar step and a scalar clamp, the fastest
+                radius, alpha = shared
+                sd = torch.add(delta, sd, alpha=sign * alpha, out=sd).clamp_(-radius, radius)
             else:  # per-example radii: minimum then maximum (clamp with broadcast bounds is several times slower)
+                sd = torch.addcmul(delta, sd, expand_as_batch(self.rel_step * e0, grad), value=sign, out=sd)
                 e = expand_as_batch(e0, grad)
                 sd = torch.maximum(torch.minimum(sd, e, out=sd), -e, out=sd)
         else:
