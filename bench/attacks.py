@@ -126,7 +126,7 @@ def median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> list
     """A percentile-bootstrap 95% interval of the median of ``values`` (the rounds resampled with replacement)."""
     t = torch.tensor(values, dtype=torch.float64)
     pick = torch.randint(0, len(t), (resamples, len(t)), generator=torch.Generator().manual_seed(seed))
-    medians = t[pick].median(dim=1).values
+    medians = t[pick].quantile(0.5, dim=1)  # the mean of the two middle values for an even count, as statistics'
     return [float(medians.quantile(0.025)), float(medians.quantile(0.975))]
 
 

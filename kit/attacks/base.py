@@ -255,7 +255,8 @@ class Attack(ABC):
         if not x.is_floating_point():
             raise UserError(f"inputs must be floating point in [0, 1], got {x.dtype}")
         if x.numel():
-            lo, hi = (float(v) for v in torch.aminmax(x))  # one pass: NaN and infinities fail the range test too
+            # one pass and one read-back: NaN and infinities fail the range test too
+            lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
             if not (lo >= 0 and hi <= 1):
                 if not torch.isfinite(x).all():
                     raise UserError("inputs contain NaN or infinite values")

@@ -24,8 +24,8 @@ def random_in_ball(like: torch.Tensor, eps: torch.Tensor, norm: Norm, gen: torch
     """Uniform random points of the balls of radii ``eps`` (N,): uniform in the L-inf box, or uniform in the L2 ball."""
     shape = like.shape
     u = torch.rand(shape, generator=gen, device=like.device, dtype=like.dtype)
-    if norm is Norm.LINF:  # (u - 1/2) 2 eps: the values of (2 u - 1) eps bit for bit (scaling by 2 is exact)
-        return u.sub_(0.5).mul_(expand_as_batch(2 * eps, like))
+    if norm is Norm.LINF:
+        return u.mul_(2).sub_(1).mul_(expand_as_batch(eps, like))
     g = torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
     g = g / expand_as_batch(g.flatten(1).norm(dim=1).clamp_min(1e-12), like)
     r = torch.rand(shape[0], generator=gen, device=like.device, dtype=like.dtype) ** (1.0 / shape[1:].numel())
