@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
 from kit.attacks import FGSM, PGD, lp_norm
+from kit.attacks.base import Norm
+from kit.attacks.pgd import random_in_ball
 from kit.data import load_dataset
 from kit.errors import UserError
 
@@ -200,3 +204,20 @@ def test_attack_all_attacks_every_example_as_madry():
     assert (res.x_last[wrong] != x[wrong]).flatten(1).any(1).all()  # the misclassified moved too
     assert torch.equal(res.x_adv[wrong], x[wrong]) and res.success[wrong].all()
     assert (res.forwards == steps + 2).all()  # the clean check, the steps, the final verdict
+
+
+def test_inputs_that_require_grad_raise_no_warning():
+    """The input check reads values back from the batch; a batch that requires grad must not make torch warn."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.rand(4, 1, 4, 4, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = PGD(model, eps=0.1, steps=2)(x, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(res.x_adv.isfinite(), torch.ones_like(x, dtype=torch.bool))
+
+
+def test_random_start_is_finite_at_any_finite_radius():
+    """The L-inf start is (2u - 1) eps: finite wherever eps is, even a radius whose double overflows float16."""
+    eps = torch.full((64,), 40000.0, dtype=torch.float16)
+    start = random_in_ball(torch.zeros(64, 1, 4, 4, dtype=torch.float16), eps, Norm.LINF, torch.Generator())
+    assert start.isfinite().all() and (start.abs() <= 40000.0).all()
