@@ -106,6 +106,8 @@ def test_pgd_is_deterministic_and_restores_mode(digits_model):
         ({"eps": 0.1}, torch.full((2, 1, 4, 4), 0.5).index_fill_(0, torch.tensor([1]), float("inf")), "infinite"),
         ({"eps": 0.1}, torch.full((2, 1, 4, 4), 0.5).index_fill_(2, torch.tensor([3]), -float("inf")), "infinite"),
         ({"eps": 0.1}, torch.rand(2, 16), r"\(N, C, H, W\)"),
+        ({"eps": 0.1}, torch.ones(2, 1, 4, 4, dtype=torch.long), "float"),
+        ({"eps": 0.1}, torch.full((2, 1, 4, 4), float("nan")).to(torch.float8_e5m2), "float8_e5m2"),
         ({"eps": 0.1, "norm": "l3"}, torch.rand(2, 1, 4, 4), "norm"),
     ],
 )

@@ -114,6 +114,9 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES = {"ce": ce_loss, "margin": margin_loss, "dlr": dlr_loss}
 
 
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def model_verdict(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
     """The model's own verdict from its logits (N, K): fooled where the argmax is not ``y`` (is ``y``, targeted)."""
     pred = logits.argmax(1)
@@ -252,8 +255,8 @@ class Attack(ABC):
     def _validate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise UserError(f"inputs must be a (N, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
-        if not x.is_floating_point():
-            raise UserError(f"inputs must be floating point in [0, 1], got {x.dtype}")
+        if x.dtype not in _INPUT_DTYPES:  # float8 has no arithmetic to attack with
+            raise UserError(f"inputs must be float16, bfloat16, float32 or float64 in [0, 1], got {x.dtype}")
         if x.numel():
             # one pass and one read-back: NaN and infinities fail the range test too
             lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
