@@ -205,7 +205,8 @@ class PGD(Attack):
 
     def _shared(self, e0: torch.Tensor) -> tuple[float, float] | None:
         """The radius and step length of every row as Python floats when the rows share one radius (rows leaving the
-        batch keep it shared), else None. The step length is the float32 value the per-row product would give."""
+        batch keep it shared), else None. The step length is the value the per-row product gives in the inputs'
+        dtype."""
         if not bool((e0 == e0[0]).all()):
             return None
         return float(e0[0]), float(self.rel_step * e0[:1])
