@@ -6,7 +6,9 @@
 3. Strength: per-example eps* of the default procedure vs the best of all attacks with 10x budget (target mean >= 0.97).
 
 4. ``--peer-only``: seconds per PGD step against torchattacks' PGD (installed apart, as for
-   bench/autoattack_reference.py: ``PYTHONPATH=/tmp/ta_pkg``), early stopping off, same model, batch and steps.
+   bench/autoattack_reference.py: ``PYTHONPATH=/tmp/ta_pkg``), early stopping off, same model, batch and steps
+   (target: like for like <= 1; the paired median with a bootstrap interval), and each side's own tensor work around
+   a model of negligible cost, per call and per step (``overhead_vs_torchattacks``).
 
 Run: ``python bench/attacks.py [--quick]``. Uses the GPU when there is one (then also ResNet-18 at 3x32x32, batch 256).
 """
