@@ -87,14 +87,8 @@ def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     kit = PGD(model, eps=eps, steps=steps, random_start=True, early_stop=False)
     with torch.no_grad():
         clean = model(x)
-
-    def peer_verified() -> torch.Tensor:
-        adv = peer(x, y)
-        with torch.no_grad():
-            return model(adv).argmax(1) != y
-
     sides = {"kit": lambda: kit(x, y), "kit_clean_given": lambda: kit(x, y, clean_logits=clean),
-             "torchattacks": lambda: peer(x, y), "torchattacks_verified": peer_verified}
+             "torchattacks": lambda: peer(x, y), "torchattacks_verified": verified(peer, model, x, y)}
     times = alternated(sides, rounds)
     per_step = {k: min(v) / steps for k, v in times.items()}
     paired = [a / b for a, b in zip(times["kit_clean_given"], times["torchattacks_verified"])]
@@ -108,6 +102,16 @@ def vs_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
             "ratio_like_for_like_paired_median": statistics.median(paired),
             "ratio_like_for_like_paired_quartiles": [quartiles[0], quartiles[2]],
             "ratio_like_for_like_paired_median_ci95": median_ci(paired)}
+
+
+def verified(peer, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """torchattacks' attack followed by the one forward a user needs to learn which examples its output fools."""
+    def run() -> torch.Tensor:
+        adv = peer(x, y)
+        with torch.no_grad():
+            return model(adv).argmax(1) != y
+
+    return run
 
 
 def alternated(sides: dict, rounds: int) -> dict[str, list[float]]:
@@ -134,9 +138,9 @@ def median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> list
 
 def overhead_vs_torchattacks(x: torch.Tensor, y: torch.Tensor, eps: float, rounds: int = 200) -> dict | None:
     """The tensor work each side does around the model, set apart from the model's cost: both sides attack a model
-    that costs next to nothing (one linear layer on the flattened batch), at 1 and at 10 steps; the median round's
-    seconds give each side's cost per call and per step (least squares through the two step counts is exact with
-    two). torchattacks is followed by its verifying forward, as in the like-for-like comparison."""
+    that costs next to nothing (one linear layer on the flattened batch), at 1 and at 10 steps; the line through the
+    two median rounds gives each side's cost per call and per step. torchattacks is followed by its verifying
+    forward, as in the like-for-like comparison."""
     ta = import_torchattacks()
     if ta is None:
         return None
@@ -149,14 +153,8 @@ def overhead_vs_torchattacks(x: torch.Tensor, y: torch.Tensor, eps: float, round
     for steps in (1, 10):
         peer = ta.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
         kit = PGD(model, eps=eps, steps=steps, random_start=True, early_stop=False)
-
-        def peer_verified(peer=peer) -> torch.Tensor:
-            adv = peer(x, y)
-            with torch.no_grad():
-                return model(adv).argmax(1) != y
-
         times = alternated({"kit_clean_given": lambda kit=kit: kit(x, y, clean_logits=clean),
-                            "torchattacks_verified": peer_verified}, rounds)
+                            "torchattacks_verified": verified(peer, model, x, y)}, rounds)
         med[steps] = {k: statistics.median(v) for k, v in times.items()}
     for k in med[1]:
         per_step = (med[10][k] - med[1][k]) / 9

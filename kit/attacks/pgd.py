@@ -176,8 +176,7 @@ class PGD(Attack):
                             x_adv[idx], success[idx] = first_adv, done
                         x_last[_rows(idx, n)] = xa.detach()
                         break
-                    n_fooled = 0
-                if n_fooled == 0:  # no copies while every example stays
+                if not self.early_stop or n_fooled == 0:  # no copies while every example stays
                     grad = torch.autograd.grad(self._loss_sum(logits, y0), xa)[0]
                 else:
                     keep = ~fooled
