@@ -59,8 +59,13 @@ projects a second step ``step2 = step + 4/255 sign(g')`` from the duals of the "
 Every time is recorded as wall time and as process CPU time: on a shared, loaded machine the wall time includes the
 wait for a core, and with one thread the CPU time is close to what an idle core would take.
 
+Further settings of ours beside the defaults on the real images: ``--regs 100,250`` (the defaults at other ``reg``)
+and ``--variant KEY=VALUE[,...]`` (repeatable; any numeric keyword of ``project_wasserstein``, e.g.
+``--variant reg=250,ztol=1e-2``), each timed and checked for budget use like the defaults.
+
 Run: ``python bench/ot_projection.py [--data-root ../shared/data] [--real mnist,fashion-mnist,cifar-shaped]
-[--repeat 3] [--regs 100,250] [--quick] [--no-install] [--synthetic] [--json out.json]``.
+[--repeat 3] [--regs 100,250] [--variant reg=250,ztol=1e-2] [--quick] [--no-install] [--synthetic]
+[--json out.json]``.
 """
 
 from __future__ import annotations
@@ -395,12 +400,35 @@ def _feasibility(x: torch.Tensor, z: torch.Tensor) -> dict:
     return {"mass_error_max": float(mass.max()), "box_violation_max": float(box.max())}
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, float | None]]:
+    """``"reg=250,ztol=1e-2"`` -> (``"reg=250,ztol=0.01"``, ``{"reg": 250.0, "ztol": 0.01}``): keyword arguments of
+    :func:`project_wasserstein` that take a number (or ``none`` for ``ztol``), checked against its signature."""
+    known = inspect.signature(project_wasserstein).parameters
+    kw: dict[str, float | None] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known or key in ("w", "x", "eps", "warm", "return_plan"):
+            raise argparse.ArgumentTypeError(f"not a numeric project_wasserstein setting: {item!r}")
+        try:
+            kw[key] = None if value.strip().lower() == "none" else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key} needs a number, got {value!r}") from None
+        if key in ("max_iter", "anderson", "kernel_size") and kw[key] is not None:
+            kw[key] = int(kw[key])
+    if not kw:
+        raise argparse.ArgumentTypeError(f"empty variant: {text!r}")
+    return ",".join(f"{k}={v:g}" if v is not None else f"{k}=none" for k, v in kw.items()), kw
+
+
 def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: int = 3, n_exact: int = 4,
-                 regs: tuple[float, ...] = (), log: Callable[[str], None] | None = None) -> dict:
+                 regs: tuple[float, ...] = (), variants: tuple[tuple[str, dict], ...] = (),
+                 log: Callable[[str], None] | None = None) -> dict:
     """Ours against Wong et al.'s code on one batch of real images, at the kit's defaults and at the paper's problem:
     CPU seconds (median of ``repeat``, one thread), iterations, budget use (exact W / eps on ``n_exact`` examples).
     ``regs``: also our defaults at each of these ``reg`` (per unit mass), settings named ``reg_<value>`` -- the
-    trade-off between the problem's sharpness (budget use) and time."""
+    trade-off between the problem's sharpness (budget use) and time. ``variants``: (name, keyword arguments) of
+    further settings of ours (:func:`parse_variant`), e.g. a looser certificate beside a smaller ``reg``."""
     size = "x".join(map(str, x.shape[1:]))
     lam_paper = PAPER_REG.get(size, 1000.0)
     t = real_targets(x)
@@ -409,7 +437,7 @@ def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: 
         "defaults": {}, "paper_problem": paper,
         # their stopping rule: the dual rise alone (no row-error requirement), per example
         "paper_problem_wong_rule": {**paper, "ztol": None, "tol": 1e-4, "marginal_tol": float("inf")},
-        **{f"reg_{r:g}": {"reg": float(r)} for r in regs}}
+        **{f"reg_{r:g}": {"reg": float(r)} for r in regs}, **dict(variants)}
     out: dict = {"lambda_paper": lam_paper, "eps": eps, "mass_mean": round(float(x.sum((1, 2, 3)).mean()), 2),
                  "zero_pixels": round(float((x == 0).float().mean()), 4)}
     # Wong et al.'s side: the same call at every setting (their own defaults are the paper's lambda)
@@ -455,7 +483,7 @@ def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: 
 
 def run_real(data_root: Path, names: tuple[str, ...] = tuple(REAL_DATA), batch: int = 32, repeat: int = 3,
              n_exact: int = 4, install: bool = True, regs: tuple[float, ...] = (),
-             log: Callable[[str], None] | None = None) -> dict:
+             variants: tuple[tuple[str, dict], ...] = (), log: Callable[[str], None] | None = None) -> dict:
     """:func:`compare_real` on each real dataset (one thread); datasets that are absent are skipped and say so."""
     ps, source = load_wong(install, log)
     doc: dict = {"peer": source, "threads": 1, "load_before": load_average(), "datasets": {}, "skipped": []}
@@ -472,7 +500,7 @@ def run_real(data_root: Path, names: tuple[str, ...] = tuple(REAL_DATA), batch: 
             if log:
                 log(why)
             doc["datasets"][name] = {"data": why, **compare_real(x, ps, name, repeat=repeat, n_exact=n_exact,
-                                                                    regs=regs, log=log)}
+                                                                    regs=regs, variants=variants, log=log)}
     finally:
         torch.set_num_threads(old)
     doc["load_after"] = load_average()
@@ -514,6 +542,9 @@ def main() -> None:
     ap.add_argument("--no-exact", action="store_true", help="synthetic part: skip the exact LPs (budget use)")
     ap.add_argument("--sizes", default="1x28x28,3x32x32", help="synthetic part: comma-separated CxHxW")
     ap.add_argument("--regs", default="", help="real part: also our defaults at these comma-separated reg values")
+    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="KEY=VALUE[,...]",
+                    help="real part: also ours at these project_wasserstein settings, e.g. 'reg=250,ztol=1e-2' "
+                         "(repeatable)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -524,7 +555,8 @@ def main() -> None:
     if names:
         out["real"] = run_real(args.data_root, names, batch=args.batch, repeat=1 if args.quick else args.repeat,
                                n_exact=1 if args.quick else 4, install=not args.no_install,
-                               regs=tuple(float(r) for r in args.regs.split(",") if r), log=log)
+                               regs=tuple(float(r) for r in args.regs.split(",") if r),
+                               variants=tuple(args.variant), log=log)
         for line in summary_lines(out["real"]):
             log(line)
     if args.synthetic:
