@@ -60,8 +60,10 @@ Every time is recorded as wall time and as process CPU time: on a shared, loaded
 wait for a core, and with one thread the CPU time is close to what an idle core would take.
 
 Further settings of ours beside the defaults on the real images: ``--regs 100,250`` (the defaults at other ``reg``)
-and ``--variant KEY=VALUE[,...]`` (repeatable; any numeric keyword of ``project_wasserstein``, e.g.
-``--variant reg=250,ztol=1e-2``), each timed and checked for budget use like the defaults.
+and ``--variant KEY=VALUE[,...]`` (repeatable; keywords of ``project_wasserstein``: numbers, ``ztol=none``,
+``reg_scale=absolute``, ``check_inside=false``; e.g. ``--variant reg=250,ztol=1e-2``; tried on a tiny image when the
+command line is read, so a setting the projection refuses fails at once), each timed and checked for budget use like
+the defaults.
 
 Run: ``python bench/ot_projection.py [--data-root ../shared/data] [--real mnist,fashion-mnist,cifar-shaped]
 [--repeat 3] [--regs 100,250] [--variant reg=250,ztol=1e-2] [--quick] [--no-install] [--synthetic]
@@ -400,25 +402,50 @@ def _feasibility(x: torch.Tensor, z: torch.Tensor) -> dict:
     return {"mass_error_max": float(mass.max()), "box_violation_max": float(box.max())}
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, float | None]]:
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``"reg=250,ztol=1e-2"`` -> (``"reg=250,ztol=0.01"``, ``{"reg": 250.0, "ztol": 0.01}``): keyword arguments of
-    :func:`project_wasserstein` that take a number (or ``none`` for ``ztol``), checked against its signature."""
+    :func:`project_wasserstein` (numbers; ``none`` for ``ztol``; ``mass``/``absolute`` for ``reg_scale``;
+    ``true``/``false`` for ``check_inside``), named in sorted order. Every variant is tried at once on a tiny image, so
+    that a setting the projection refuses fails here, not after the peer and the other settings have been timed."""
+    from kit.errors import UserError
+
     known = inspect.signature(project_wasserstein).parameters
-    kw: dict[str, float | None] = {}
+    ints = {"kernel_size", "max_iter", "anderson"}
+    kw: dict[str, Any] = {}
     for item in (part.strip() for part in text.split(",") if part.strip()):
-        key, sep, value = item.partition("=")
-        key = key.strip()
+        key, sep, value = (v.strip() for v in item.partition("="))
         if not sep or key not in known or key in ("w", "x", "eps", "warm", "return_plan"):
-            raise argparse.ArgumentTypeError(f"not a numeric project_wasserstein setting: {item!r}")
-        try:
-            kw[key] = None if value.strip().lower() == "none" else float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{key} needs a number, got {value!r}") from None
-        if key in ("max_iter", "anderson", "kernel_size") and kw[key] is not None:
-            kw[key] = int(kw[key])
+            raise argparse.ArgumentTypeError(f"not a project_wasserstein setting: {item!r}")
+        if key in kw:
+            raise argparse.ArgumentTypeError(f"{key} is given twice in {text!r}")
+        low = value.lower()
+        if key == "reg_scale":
+            kw[key] = value
+        elif key == "check_inside":
+            if low not in ("true", "false"):
+                raise argparse.ArgumentTypeError(f"check_inside needs true or false, got {value!r}")
+            kw[key] = low == "true"
+        elif key == "ztol" and low == "none":
+            kw[key] = None
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{key} needs a number, got {value!r}") from None
+            if key in ints:
+                if not number.is_integer():
+                    raise argparse.ArgumentTypeError(f"{key} needs an integer, got {value!r}")
+                number = int(number)
+            kw[key] = number
     if not kw:
         raise argparse.ArgumentTypeError(f"empty variant: {text!r}")
-    return ",".join(f"{k}={v:g}" if v is not None else f"{k}=none" for k, v in kw.items()), kw
+    x0 = torch.full((1, 1, 5, 5), 0.5)
+    try:
+        _quiet(project_wasserstein, torch.roll(x0, 1, -1), x0, 0.1, **kw)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    name = ",".join(f"{k}={v:.10g}" if isinstance(v, float) else f"{k}={v}".lower() for k, v in sorted(kw.items()))
+    return name, kw
 
 
 def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: int = 3, n_exact: int = 4,
@@ -556,7 +583,7 @@ def main() -> None:
         out["real"] = run_real(args.data_root, names, batch=args.batch, repeat=1 if args.quick else args.repeat,
                                n_exact=1 if args.quick else 4, install=not args.no_install,
                                regs=tuple(float(r) for r in args.regs.split(",") if r),
-                               variants=tuple(args.variant), log=log)
+                               variants=tuple(dict(args.variant).items()), log=log)
         for line in summary_lines(out["real"]):
             log(line)
     if args.synthetic:
