@@ -117,7 +117,7 @@ def export_spec(doc: Mapping[str, Any], engine_path: str | os.PathLike[str], out
         The ONNX file to verify: the audited engine when it is an fp32 ONNX file, else an fp32 ONNX export of the
         same model (the manifest records which; the points are about this file).
     out_dir : path
-        The benchmark folder (created; must not hold a benchmark already).
+        The benchmark folder (created; if it exists, it must be empty).
     radii : sequence of float, optional
         L-inf radii in [0, 1] pixels (default: eps_max / 4 and eps_max / 2 of the L-inf worst case).
     max_examples : int
@@ -139,6 +139,8 @@ def export_spec(doc: Mapping[str, Any], engine_path: str | os.PathLike[str], out
     out = Path(out_dir)
     if (out / "instances.csv").exists() or (out / "otkit-spec.json").exists():
         raise UserError(f"{out} already holds a benchmark: choose another --out")
+    if out.is_dir() and any(out.iterdir()):  # e.g. a project's own folder: never mix a benchmark into other files
+        raise UserError(f"{out} is a folder that holds other files: choose a new or empty --out")
     if max_examples < 1 or not (timeout > 0):
         raise UserError("--max-examples must be at least 1 and --timeout positive")
     eps_star, eps_max, source = _linf_eps_star(doc)

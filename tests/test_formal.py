@@ -235,8 +235,26 @@ def test_verifier_answers_fold_into_the_report(audited, tmp_path):
     assert not (rep / "report.sigstore.json").exists()  # no stale signature beside the changed report
 
 
+def test_export_spec_never_writes_into_a_folder_of_other_files(tmp_path):
+    """A benchmark goes into a new or empty folder: not among a project's own files (README's tour once wrote into
+    the repository's bench/), and not over another benchmark."""
+    from evaluators.formal import export_spec
+    from kit.errors import UserError
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "defenses.py").write_text("x = 1\n")
+    with pytest.raises(UserError, match="holds other files"):
+        export_spec({}, tmp_path / "m.onnx", out)
+    assert sorted(p.name for p in out.iterdir()) == ["defenses.py"]
+    (out / "defenses.py").unlink()
+    (out / "otkit-spec.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a benchmark"):
+        export_spec({}, tmp_path / "m.onnx", out)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["int8", "radius", "exists", "results-row", "other-report"])
+@pytest.mark.parametrize("case", ["int8", "radius", "exists", "not-empty", "results-row", "other-report"])
 def test_export_spec_and_fold_refuse_bad_input(audited, tmp_path, case):
     root, engine, int8, _ = audited
     if case == "int8":
@@ -249,6 +267,12 @@ def test_export_spec_and_fold_refuse_bad_input(audited, tmp_path, case):
         assert run("export-spec", root / "audit", "--engine", engine, "--out", tmp_path / "b").exit_code == 0
         assert_user_error(run("export-spec", root / "audit", "--engine", engine, "--out", tmp_path / "b"),
                           "already holds a benchmark")
+    elif case == "not-empty":
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "notes.txt").write_text("mine\n")
+        assert_user_error(run("export-spec", root / "audit", "--engine", engine, "--out", tmp_path / "b"),
+                          "holds other files")
+        assert [p.name for p in (tmp_path / "b").iterdir()] == ["notes.txt"]
     else:
         assert run("export-spec", root / "audit", "--engine", engine, "--out", tmp_path / "b").exit_code == 0
         bad = tmp_path / "r.csv"
