@@ -144,11 +144,20 @@ def check_with_huggingface_hub(index: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _link(path: str) -> str:
+    """A Markdown link destination: in angle brackets where the path holds a space or a parenthesis."""
+    return f"<{path}>" if any(c in path for c in " ()<>") else path
+
+
 def model_card(report: dict[str, Any] | None, certificates: Sequence[dict[str, Any]] = (), *,
-               name: str | None = None, source_url: str | None = None, plot_dir: str = "") -> str:
-    """A model-card section (GitHub-flavoured Markdown, for a Hugging Face README): the robustness table, the plots
-    (``curves.png`` / ``certified.png``, linked relative to ``plot_dir``: upload them beside the README), what the
-    numbers bound, and how to verify the report."""
+               name: str | None = None, source_url: str | None = None, curves: str | None = "curves.png",
+               certified: Sequence[str | None] | None = None) -> str:
+    """A model-card section (GitHub-flavoured Markdown, for a Hugging Face README): the robustness table, the plots,
+    what the numbers bound, and how to verify the report.
+
+    ``curves`` is the link to the audit's ``curves.png`` and ``certified`` one link per certificate to its
+    ``certified.png`` (default: the bare file names, for plots uploaded beside the README); ``None`` leaves a plot
+    out (e.g. its file is missing)."""
     index = model_index(report, certificates, name=name, source_url=source_url)
     first = report if report is not None else certificates[0]
     e, d = first["engine"], first["data"]
@@ -177,12 +186,15 @@ def model_card(report: dict[str, Any] | None, certificates: Sequence[dict[str, A
         "attacks: an empirical upper bound on robustness, which a stronger attack can only lower. A certified AUAC "
         "comes from randomized smoothing of the engine: a lower bound, each radius holding with the stated "
         "probability."))
-    prefix = plot_dir.rstrip("/") + "/" if plot_dir else ""
-    if report is not None:
-        out += ["", f"![accuracy against epsilon, engine and twin]({prefix}curves.png)"]
-    for cert in certificates:
-        out += ["", f"![certified accuracy against radius]({prefix}certified.png)", ""]
-        out += md_table(certificate_rows(cert), free=())
+    links = list(certified) if certified is not None else ["certified.png"] * len(certificates)
+    if len(links) != len(certificates):
+        raise ValueError(f"{len(certificates)} certificates but {len(links)} plot links")
+    if report is not None and curves is not None:
+        out += ["", f"![accuracy against epsilon, engine and twin]({_link(curves)})"]
+    for cert, link in zip(certificates, links):
+        if link is not None:
+            out += ["", f"![certified accuracy against radius]({_link(link)})"]
+        out += [""] + md_table(certificate_rows(cert), free=())
     if report is not None:
         out += ["", md_text(f"Audit verdict: {report['verdict']}, status {report['status']}.")]
     out += ["", "The report can be checked against the released files with `otkit verify REPORT_DIR --engine ENGINE "

@@ -112,13 +112,34 @@ def test_model_card_section(released):
     res = run("report", root / "audit", "--format", "model-card", "--certificate", root / "cert")
     assert res.exit_code == 0, res.output
     text = res.stdout
-    assert text.startswith("## Robustness") and "](curves.png)" in text and "](certified.png)" in text
+    assert text.startswith("## Robustness")
+    plots = [(root / "audit" / "curves.png").resolve(), (root / "cert" / "certified.png").resolve()]
+    # on stdout the plots are linked from the current folder to where they lie
+    assert _image_links(text, Path.cwd()) == plots
     for w in report["worst_case"]:
         assert f"{w['engine']['auac']:.4f}" in text
     assert "upper bound (attacks)" in text and "lower bound (certified)" in text
+    # written to a file: linked from the card's folder, so the card renders where it is (the README tour's case)
+    card = root / "robustness.md"
+    res = run("report", root / "audit", "--format", "model-card", "--certificate", root / "cert", "--out", card)
+    assert res.exit_code == 0, res.output
+    text = card.read_text()
+    assert "(audit/curves.png)" in text and "(cert/certified.png)" in text
+    assert _image_links(text, root) == plots
     # a certificate alone
     res = run("report", root / "cert", "--format", "model-card")
-    assert res.exit_code == 0 and "curves.png" not in res.stdout and "certified.png" in res.stdout
+    assert res.exit_code == 0 and "curves.png" not in res.stdout
+    assert _image_links(res.stdout, Path.cwd()) == plots[1:]
+
+
+def _image_links(text: str, base: Path) -> list[Path]:
+    """The files a Markdown text's images point at, resolved from ``base``; each must exist."""
+    import re
+
+    links = re.finditer(r"!\[[^\]]*\]\((?:<([^>]+)>|([^)\s]+))\)", text)
+    paths = [(base / (m.group(1) or m.group(2))).resolve() for m in links]
+    assert all(p.is_file() for p in paths), paths
+    return paths
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -295,3 +316,31 @@ def test_the_github_workflow_example_runs(digits_model, tmp_path):
     assert "::warning title=" in dict(ran)["Audit"].stdout
     index = yaml.safe_load((work / "audit" / "model-index.md").read_text().strip().strip("-"))["model-index"]
     assert index[0]["results"][0]["source"]["url"] == "https://github.com/me/model/releases"
+
+
+def test_model_card_links_each_certificates_own_plot_and_leaves_out_missing_ones(released, tmp_path):
+    """Two certificates: two plots, each linked to its own folder (both files are named certified.png), a path with a
+    space in angle brackets; a certificate whose plot is missing gets no image, not a broken link."""
+    import shutil
+
+    from evaluators.certificate import load_certificate
+    from evaluators.release import model_card
+
+    root, _, _ = released
+    second, bare = tmp_path / "my cert", tmp_path / "bare"
+    shutil.copytree(root / "cert", second)
+    shutil.copytree(root / "cert", bare)
+    (bare / "certified.png").unlink()
+    card = tmp_path / "card.md"
+    res = run("report", root / "audit", "--format", "model-card", "--certificate", root / "cert", "--certificate",
+              second, "--certificate", bare, "--out", card)
+    assert res.exit_code == 0, res.output
+    text = card.read_text()
+    assert "(<my cert/certified.png>)" in text
+    assert _image_links(text, tmp_path) == [(root / "audit" / "curves.png").resolve(),
+                                            (root / "cert" / "certified.png").resolve(),
+                                            (second / "certified.png").resolve()]
+    assert text.count("![certified accuracy") == 2
+    cert = load_certificate(root / "cert")
+    with pytest.raises(ValueError, match="2 certificates but 1 plot links"):
+        model_card(None, [cert, cert], certified=["certified.png"])

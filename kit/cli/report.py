@@ -195,7 +195,7 @@ def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: s
     if verifier is not None:
         raise UserError("--verifier goes with --verifier-results")
     if kind in (ReportFormat.MODEL_INDEX, ReportFormat.MODEL_CARD):
-        text = _release_text(kind, source, certificates, model_name, source_url)
+        text = _release_text(kind, source, certificates, model_name, source_url, out)
     elif certificates or model_name is not None or source_url is not None:
         raise UserError("--certificate, --name and --source-url go with --format model-index or model-card")
     elif kind is ReportFormat.MD:
@@ -249,9 +249,19 @@ def _fold(source: Path, results: Path | None, spec_dir: Path | None, verifier: s
     click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
 
 
+def _plot_link(folder: Path, name: str, base: Path) -> str | None:
+    """The path of ``folder/name`` relative to ``base`` (where the model card is written), POSIX-style; ``None``
+    when the plot is not there (the card then leaves it out rather than link nothing)."""
+    plot = folder / name
+    if not plot.is_file():
+        return None
+    return Path(os.path.relpath(plot.resolve(), base.resolve())).as_posix()
+
+
 def _release_text(kind: ReportFormat, source: Path, certificates: tuple[Path, ...], name: str | None,
-                  source_url: str | None) -> str:
-    """``--format model-index`` / ``model-card``: the documents read and checked, then rendered."""
+                  source_url: str | None, out: Path | None = None) -> str:
+    """``--format model-index`` / ``model-card``: the documents read and checked, then rendered. The card links each
+    plot where it lies, relative to the card's file (``out``) or, on stdout, to the current folder."""
     import re
 
     from evaluators.certificate import load_certificate
@@ -265,7 +275,12 @@ def _release_text(kind: ReportFormat, source: Path, certificates: tuple[Path, ..
     report_doc = None if _is_certificate(source) else load_report(source)
     certs = ([load_certificate(source)] if report_doc is None else []) + [load_certificate(c) for c in certificates]
     if kind is ReportFormat.MODEL_CARD:
-        return model_card(report_doc, certs, name=name, source_url=source_url)
+        base = out.parent if out is not None else Path.cwd()
+        folder = lambda p: p if p.is_dir() else p.parent  # noqa: E731  (a folder or the document inside it)
+        cert_paths = ([source] if report_doc is None else []) + list(certificates)
+        curves = _plot_link(folder(source), "curves.png", base) if report_doc is not None else None
+        certified = [_plot_link(folder(c), "certified.png", base) for c in cert_paths]
+        return model_card(report_doc, certs, name=name, source_url=source_url, curves=curves, certified=certified)
     index = model_index(report_doc, certs, name=name, source_url=source_url)
     problem = check_with_huggingface_hub(index)
     if problem is not None:  # our output disagrees with the reference reader: a bug of ours, said plainly
