@@ -64,6 +64,12 @@ def test_keygen_writes_a_private_pair_and_refuses_to_overwrite(tmp_path, monkeyp
     assert out["keyid"] == hashlib.sha256(der).hexdigest()
     assert serialization.load_pem_public_key(pub.read_bytes()).public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == der
+    assert res.stderr.startswith(f"wrote {priv} (keep it secret")
+    # --quiet: no status line, the same result on stdout; an error still speaks
+    quiet = run("--quiet", "keygen", "--out", tmp_path / "q")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and json.loads(quiet.stdout)["private_key"] == str(
+        tmp_path / "q.key")
+    assert_user_error(run("--quiet", "keygen", "--out", tmp_path / "q"), "exists")
     before = priv.read_bytes()
     assert_user_error(run("keygen", "--out", tmp_path / "k"), "exists", "--force")
     assert priv.read_bytes() == before

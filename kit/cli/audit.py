@@ -32,6 +32,7 @@ from kit.cli.common import (
     seed_option,
     set_interrupt_hint,
     sign_key_option,
+    status,
     table,
     twin_import_options,
 )
@@ -220,7 +221,7 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
         emit_json(doc)
     else:
         print_audit(doc)
-    click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
+    status(f"wrote {', '.join(str(p) for p in paths)}")
     clean = doc["clean"]
     if clean["verdict"] != "match":
         click.echo(f"{clean['reason']}: the engine and the twin disagree before any attack; if either was made outside "

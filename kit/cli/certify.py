@@ -31,6 +31,7 @@ from kit.cli.common import (
     seed_option,
     set_interrupt_hint,
     sign_key_option,
+    status,
     table,
     twin_import_options,
 )
@@ -172,7 +173,7 @@ def certify(ctx: click.Context, engine_path: Path, twin_path: Path | None, data_
         emit_json(doc)
     else:
         print_certificate(doc)
-    click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
+    status(f"wrote {', '.join(str(p) for p in paths)}")
     publish_ci(ci, junit, [(f"certificate of {engine_path.name}", doc, (out / "certificate.md").read_text("utf-8"),
                             out)], as_json)
     if doc["status"] != "pass":

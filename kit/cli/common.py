@@ -140,6 +140,15 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def status(message: str) -> None:
+    """A status line on stderr ("wrote ..."), unless ``otkit --quiet``: people's messages, never results (those go
+    to stdout), never errors or warnings (those are printed whatever ``--quiet`` says)."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    if not (isinstance(obj, dict) and obj.get("quiet")):
+        click.echo(message, err=True)
+
+
 def emit_json(obj: Any) -> None:
     """``obj`` as indented JSON on stdout (anything JSON does not know, as its text)."""
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
@@ -435,4 +444,4 @@ def publish_ci(ci: CI, junit: Path | None, items: list[tuple[str, dict[str, Any]
     if junit is not None:
         with atomic_write(junit) as f:
             f.write(junit_xml([(title, doc) for title, doc, _, _ in items]))
-        click.echo(f"wrote {junit}", err=True)
+        status(f"wrote {junit}")

@@ -17,6 +17,7 @@ from kit.cli.common import (
     emit_json,
     engine_input_option,
     seed_option,
+    status,
     table,
     twin_import_options,
 )
@@ -98,7 +99,7 @@ def export(ctx: click.Context, checkpoint: Path, fmt: str, precision: str | None
     click.echo(table(_parity_rows(reports), _PARITY_COLUMNS))
     if getattr(result, "exporter_note", ""):
         click.echo(f"note: {result.exporter_note}", err=True)
-    click.echo(f"wrote {out} ({exp.sha256})", err=True)
+    status(f"wrote {out} ({exp.sha256})")
 
 
 # -------------------------------------------------------------------------------------------------------------- engine

@@ -16,6 +16,7 @@ from kit.cli.common import (
     command_seed,
     emit_json,
     seed_option,
+    status,
     table,
     twin_import_options,
 )
@@ -120,4 +121,4 @@ def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, 
             click.echo(f"  [{f['severity']}] {f['id']} ({f['attack'] or 'model'}): {f['message']}")
     else:
         click.echo("\nchecks: none raised")
-    click.echo(f"\nwrote {json_path} and {png_path}", err=True)
+    status(f"\nwrote {json_path} and {png_path}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kit.cli.common import emit_json
+from kit.cli.common import emit_json, status
 
 __all__ = ["keygen"]
 
@@ -31,4 +31,4 @@ def keygen(prefix: Path, force: bool) -> None:
     private, public, keyid = generate_keypair(prefix, force=force)
     emit_json({"private_key": str(private), "public_key": str(public), "keyid": keyid})
     encrypted = "encrypted with $" + PASSWORD_ENV if os.environ.get(PASSWORD_ENV) else "not encrypted"
-    click.echo(f"wrote {private} (keep it secret; {encrypted}) and {public} (publish it)", err=True)
+    status(f"wrote {private} (keep it secret; {encrypted}) and {public} (publish it)")

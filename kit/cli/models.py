@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from kit.cli.common import emit_json, table, twin_import_options
+from kit.cli.common import emit_json, status, table, twin_import_options
 
 
 @click.group()
@@ -119,7 +119,7 @@ def models_import(source: Path, arch: str | None, dataset: str | None, out: Path
                    f"{p['top1_agreement']:.4f} on {p['samples']} samples of {p['samples_from']} -> {p['verdict']}")
     if info.dataset:
         click.echo(f"dataset        {info.dataset['spec']} ({info.dataset['fingerprint']})")
-    click.echo(f"wrote {out} ({info.checkpoint_sha256})")
+    status(f"wrote {out} ({info.checkpoint_sha256})")
 
 
 def _convention_text(norm: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from kit.cli.common import emit_json, engine_input_option, sign_key_option, table, twin_import_options
+from kit.cli.common import emit_json, engine_input_option, sign_key_option, status, table, twin_import_options
 from kit.errors import UserError
 
 __all__ = ["DEFAULT_RECHECK", "ReportFormat", "VERIFY_EXIT_STATUSES", "WAIVABLE", "report", "verify"]
@@ -210,7 +210,7 @@ def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: s
         return
     with atomic_write(out, "w") as f:
         f.write(text)
-    click.echo(f"wrote {out}", err=True)
+    status(f"wrote {out}")
 
 
 def _fold(source: Path, results: Path | None, spec_dir: Path | None, verifier: str | None, sign_key: Any) -> None:
@@ -246,7 +246,7 @@ def _fold(source: Path, results: Path | None, spec_dir: Path | None, verifier: s
     beaten = [c for c in folded["checks"] if c["id"] == "verifier-beats-attacks"]
     for c in beaten:
         click.echo(f"warning: verifier-beats-attacks: {c['message']}", err=True)
-    click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
+    status(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 def _plot_link(folder: Path, name: str, base: Path) -> str | None:

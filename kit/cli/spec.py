@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kit.cli.common import emit_json
+from kit.cli.common import emit_json, status
 
 __all__ = ["export_spec"]
 
@@ -54,6 +54,6 @@ def export_spec(report_dir: Path, engine_path: Path, radii: tuple[float, ...], m
     emit_json({"benchmark": str(out), "instances": len(manifest["instances"]),
                "per_radius": {f"{r:g}": c for r, c in counts.items()}, "onnx_sha256": manifest["onnx"]["sha256"],
                "is_audited_engine": manifest["onnx"]["is_audited_engine"], "dropped": manifest["dropped"]})
-    click.echo(f"wrote {out}/instances.csv ({len(manifest['instances'])} properties), {out}/onnx/model.onnx, "
-               f"{out}/vnnlib/, {out}/otkit-spec.json; run a verifier on instances.csv, then otkit report "
-               f"{report_dir} --verifier-results RESULTS.csv --spec {out}", err=True)
+    status(f"wrote {out}/instances.csv ({len(manifest['instances'])} properties), {out}/onnx/model.onnx, "
+           f"{out}/vnnlib/, {out}/otkit-spec.json; run a verifier on instances.csv, then otkit report "
+           f"{report_dir} --verifier-results RESULTS.csv --spec {out}")
