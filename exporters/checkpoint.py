@@ -63,13 +63,15 @@ def output_suffixes(fmt: ExportFormat | str) -> tuple[str, ...]:
     return (".engine", ".plan", ".trt") if ExportFormat(fmt) is ExportFormat.TENSORRT else (".onnx",)
 
 
-def fitting_dataset(spec: str, split: str, input_shape: Any, num_classes: int, what: str, samples: int, seed: int):
-    """A seeded subset of ``spec``'s split, refused before any work if it does not fit the model."""
+def fitting_dataset(spec: str, split: str, input_shape: Any, num_classes: int, what: str, samples: int, seed: int,
+                    notice: bool = True):
+    """A seeded subset of ``spec``'s split, refused before any work if it does not fit the model. ``notice``: say so
+    when ``samples`` is more than the split holds (off where ``samples`` is a default the user did not ask for)."""
     from kit.data import load_dataset
 
     ds = load_dataset(spec, split, seed=0)
     ds.require_fit(input_shape, num_classes, what)
-    return ds.subset(samples, seed=seed)
+    return ds.subset(samples, seed=seed, notice=notice)
 
 
 def export_tensorrt(

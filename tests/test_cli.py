@@ -171,3 +171,14 @@ def test_malicious_pickle(tmp_path):
 def test_cuda_without_cuda(tmp_path):
     r = run("--device", "cuda", "train", "--data", "digits", "--epochs", "1", "--out", str(tmp_path / "m.safetensors"))
     assert_user_error(r, "CUDA is not available")
+
+
+def test_engine_run_notes_a_shortfall_only_of_what_was_asked(digits_model, caplog):
+    """digits:16's test split has fewer examples than engine run's default of 1000: that default is no request, so no
+    note; an explicit --samples 1000 gets one."""
+    path, _ = digits_model
+    for extra, noted in (([], False), (["--samples", "1000"], True)):
+        caplog.clear()
+        r = run("engine", "run", str(path), "--data", "digits:16", *extra)
+        assert r.exit_code == 0, r.output
+        assert any("examples requested" in rec.getMessage() for rec in caplog.records) is noted, extra

@@ -96,7 +96,7 @@ class KitGroup(click.Group):
 @click.group(cls=KitGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
              epilog=EXIT_STATUSES)
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=info.print_version,
-              help="Show the kit's version and its dependencies', then exit.")
+              help="Show the kit's version and its dependencies' versions, then exit.")
 @click.option("--device", default="auto", metavar="auto|cpu|cuda[:N]", help="Where models and attacks run.")
 @click.option("--seed", type=int, default=0, hidden=True,
               help="Seed for every random choice (kept for old scripts: each command takes --seed).")
