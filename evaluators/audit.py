@@ -693,7 +693,7 @@ class AuditInputs:
 
 def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None, split: str, samples: int, seed: int,
                       device: Any, providers: tuple[str, ...] = (), *, arch: str | None = None,
-                      twin_options: Any = None, engine_input: Any = None) -> AuditInputs:
+                      twin_options: Any = None, engine_input: Any = None, notice: bool = True) -> AuditInputs:
     """Load and cross-check the engine, the twin and the data (everything a user can get wrong, before any work).
 
     ``arch`` (``FILE.py:NAME``, the user's ``--arch``) is needed for a twin (or checkpoint engine) whose architecture
@@ -727,7 +727,7 @@ def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None,
     info = twin.info
     ds.require_fit(info.input_shape, info.num_classes, str(twin_path))
     check_compatible(engine, ds.input_shape, ds.num_classes, spec)
-    ds = ds.subset(samples, seed=seed)
+    ds = ds.subset(samples, seed=seed, notice=notice)  # notice: off where samples is a default nobody asked for
     data = {"spec": spec, "split": split, "fingerprint": ds.fingerprint, "n": len(ds), "seed": seed}
     return AuditInputs(engine=engine, engine_path=Path(engine_path), engine_format=engine_kind(engine_path),
                        twin=twin.model, twin_path=Path(twin_path), twin_info=info, x=ds.x.to(device),

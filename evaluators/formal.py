@@ -139,7 +139,11 @@ def export_spec(doc: Mapping[str, Any], engine_path: str | os.PathLike[str], out
     out = Path(out_dir)
     if (out / "instances.csv").exists() or (out / "otkit-spec.json").exists():
         raise UserError(f"{out} already holds a benchmark: choose another --out")
-    if out.is_dir() and any(out.iterdir()):  # e.g. a project's own folder: never mix a benchmark into other files
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if held and set(held) <= {"onnx", "vnnlib"}:  # an export stopped before its last two files (interrupted)
+        raise UserError(f"{out} holds an unfinished benchmark ({', '.join(held)}/ without instances.csv): remove it "
+                        f"or choose another --out")
+    if held:  # e.g. a project's own folder: never mix a benchmark into other files
         raise UserError(f"{out} is a folder that holds other files: choose a new or empty --out")
     if max_examples < 1 or not (timeout > 0):
         raise UserError("--max-examples must be at least 1 and --timeout positive")

@@ -145,8 +145,11 @@ def check_with_huggingface_hub(index: list[dict[str, Any]]) -> str | None:
 
 
 def _link(path: str) -> str:
-    """A Markdown link destination: in angle brackets where the path holds a space or a parenthesis."""
-    return f"<{path}>" if any(c in path for c in " ()<>") else path
+    """A relative path as a Markdown link destination: percent-encoded (spaces, parentheses, ``#``, ``?``, ``%``,
+    ``<``, ``>``, ``&``, backslashes), ``/`` kept."""
+    from urllib.parse import quote
+
+    return quote(path, safe="/")
 
 
 def model_card(report: dict[str, Any] | None, certificates: Sequence[dict[str, Any]] = (), *,

@@ -248,9 +248,18 @@ def test_export_spec_never_writes_into_a_folder_of_other_files(tmp_path):
         export_spec({}, tmp_path / "m.onnx", out)
     assert sorted(p.name for p in out.iterdir()) == ["defenses.py"]
     (out / "defenses.py").unlink()
+    (out / "vnnlib").mkdir()  # what an interrupted export leaves: its own folders, not yet its last two files
+    with pytest.raises(UserError, match="unfinished benchmark"):
+        export_spec({}, tmp_path / "m.onnx", out)
     (out / "otkit-spec.json").write_text("{}")
     with pytest.raises(UserError, match="already holds a benchmark"):
         export_spec({}, tmp_path / "m.onnx", out)
+    # an empty folder (dot-files aside) passes this check: what stops the call next is the (empty) report itself
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".gitkeep").write_text("")
+    with pytest.raises(KeyError):
+        export_spec({}, tmp_path / "m.onnx", empty)
 
 
 @pytest.mark.slow

@@ -135,9 +135,10 @@ def test_model_card_section(released):
 def _image_links(text: str, base: Path) -> list[Path]:
     """The files a Markdown text's images point at, resolved from ``base``; each must exist."""
     import re
+    from urllib.parse import unquote
 
-    links = re.finditer(r"!\[[^\]]*\]\((?:<([^>]+)>|([^)\s]+))\)", text)
-    paths = [(base / (m.group(1) or m.group(2))).resolve() for m in links]
+    links = re.finditer(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+    paths = [(base / unquote(m.group(1))).resolve() for m in links]
     assert all(p.is_file() for p in paths), paths
     return paths
 
@@ -320,7 +321,7 @@ def test_the_github_workflow_example_runs(digits_model, tmp_path):
 
 def test_model_card_links_each_certificates_own_plot_and_leaves_out_missing_ones(released, tmp_path):
     """Two certificates: two plots, each linked to its own folder (both files are named certified.png), a path with a
-    space in angle brackets; a certificate whose plot is missing gets no image, not a broken link."""
+    space percent-encoded; a certificate whose plot is missing gets no image, not a broken link."""
     import shutil
 
     from evaluators.certificate import load_certificate
@@ -336,7 +337,7 @@ def test_model_card_links_each_certificates_own_plot_and_leaves_out_missing_ones
               second, "--certificate", bare, "--out", card)
     assert res.exit_code == 0, res.output
     text = card.read_text()
-    assert "(<my cert/certified.png>)" in text
+    assert "(my%20cert/certified.png)" in text
     assert _image_links(text, tmp_path) == [(root / "audit" / "curves.png").resolve(),
                                             (root / "cert" / "certified.png").resolve(),
                                             (second / "certified.png").resolve()]

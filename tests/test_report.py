@@ -554,7 +554,7 @@ def _group() -> click.Group:
     @click.group(cls=KitGroup)
     @click.pass_context
     def g(ctx: click.Context) -> None:
-        ctx.obj = {"device": "cpu", "seed": 0, "quiet": True}
+        ctx.obj = {"device": "cpu", "seed": 0, "quiet": False}
 
     g.add_command(report)
     g.add_command(verify)

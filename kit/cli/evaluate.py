@@ -23,7 +23,7 @@ from kit.cli.common import (
 
 
 def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, seed: int, device: Any, *,
-                        arch: str | None = None, twin_options: Any = None):
+                        arch: str | None = None, twin_options: Any = None, notice: bool = True):
     """The twin and the evaluation tensors, after checking that they fit each other.
 
     ``spec`` None: the dataset the checkpoint records (as ``otkit audit`` does). ``arch``: the user's ``--arch`` for a
@@ -38,14 +38,15 @@ def load_model_and_data(ckpt: Path, spec: str | None, split: str, samples: int, 
     if kind == "checkpoint":
         twin = load_any_twin(ckpt, device, options, kind=kind)
         spec = twin.info.data_spec(spec, str(ckpt))
-        ds = fitting_dataset(spec, split, twin.info.input_shape, twin.info.num_classes, str(ckpt), samples, seed)
+        ds = fitting_dataset(spec, split, twin.info.input_shape, twin.info.num_classes, str(ckpt), samples, seed,
+                             notice=notice)
         return twin.model, twin.info, ds
     spec = spec or options.dataset
     if not spec:
         raise UserError(f"{ckpt} records no dataset: give --data SPEC")
     from kit.data import load_dataset
 
-    ds = load_dataset(spec, split, seed=0).subset(samples, seed=seed)
+    ds = load_dataset(spec, split, seed=0).subset(samples, seed=seed, notice=notice)
     twin = load_any_twin(ckpt, device, options, samples=ds.x, kind=kind)  # the examples evaluated check an ONNX twin
     ds.require_fit(twin.info.input_shape, twin.info.num_classes, str(ckpt))
     return twin.model, twin.info, ds
@@ -90,8 +91,9 @@ def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, 
     requests = AttackRequest.parse_all(attacks, eps_max)  # validate everything before any work
     device = command_device(ctx)
     seed = command_seed(ctx, seed)
+    asked = ctx.get_parameter_source("samples") is not click.core.ParameterSource.DEFAULT
     model, info, ds = load_model_and_data(ckpt, data_spec, split, samples, seed, device, arch=arch,
-                                          twin_options=twin_options)
+                                          twin_options=twin_options, notice=asked)
     check_radii(requests, info.input_shape)
     data_spec = ds.spec
     torch.manual_seed(seed)

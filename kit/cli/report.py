@@ -172,7 +172,8 @@ Exit statuses:
                                                               "version, recorded in the report.")
 @sign_key_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write to this file (atomically) instead of stdout.")
+              help="Write to this file (atomically) instead of stdout. model-card: the plots are linked relative "
+                   "to this file's folder (on stdout, to the current folder).")
 def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: str | None, source_url: str | None,
            results: Path | None, spec_dir: Path | None, verifier: str | None, out: Path | None,
            sign_key: Any = None) -> None:
@@ -255,7 +256,10 @@ def _plot_link(folder: Path, name: str, base: Path) -> str | None:
     plot = folder / name
     if not plot.is_file():
         return None
-    return Path(os.path.relpath(plot.resolve(), base.resolve())).as_posix()
+    try:  # the paths as given (abspath, not resolve: a symlinked folder keeps its name)
+        return Path(os.path.relpath(os.path.abspath(plot), os.path.abspath(base))).as_posix()
+    except ValueError:  # another drive (Windows): no relative path; the bare name, to upload beside the card
+        return name
 
 
 def _release_text(kind: ReportFormat, source: Path, certificates: tuple[Path, ...], name: str | None,

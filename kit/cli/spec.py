@@ -16,8 +16,8 @@ __all__ = ["export_spec"]
 Exit statuses:
   0  the benchmark was written
   2  usage or input error (report not otkit.report/1, no L-inf attack, an
-     engine that is not an fp32 ONNX file, a radius above eps_max, OUT
-     holding a benchmark, no robust example to verify)""")
+     engine that is not an fp32 ONNX file, a radius above eps_max, OUT an
+     existing folder that is not empty, no robust example to verify)""")
 @click.argument("report_dir", metavar="DIR|REPORT.json", type=click.Path(path_type=Path))
 @click.option("--engine", "engine_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The fp32 ONNX file to verify: the audited engine, or, when that is fp16 / int8 / TensorRT, the fp32 "
@@ -33,7 +33,7 @@ Exit statuses:
 @click.option("--data", "data_spec", default=None, metavar="SPEC",
               help="Where the report's dataset lies here, if not at its recorded spec.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The benchmark folder: onnx/, vnnlib/, instances.csv, otkit-spec.json.")
+              help="The benchmark folder, new or empty: onnx/, vnnlib/, instances.csv, otkit-spec.json.")
 def export_spec(report_dir: Path, engine_path: Path, radii: tuple[float, ...], max_examples: int, timeout: float,
                 data_spec: str | None, out: Path) -> None:
     """Write a VNN-COMP benchmark for formal verifiers (α,β-CROWN, NNV, Marabou, ...) from an audit.
