@@ -139,7 +139,9 @@ def _parse(source: str | Path | bytes, what: str, parse: Any,
     try:
         proto = parse(data)
     except errors as e:
-        raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): {first_line(e)}") from e
+        # protobuf's own message names the private message type the kit parses with (otkit_onnx.ModelProto)
+        detail = "its bytes are not a protobuf ModelProto" if isinstance(e, decode_error()) else first_line(e)
+        raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): {detail}") from e
     if not proto.HasField("graph") or not len(proto.graph.node) or not len(proto.graph.output):
         raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): it holds no complete graph")
     external = uses_external_data(proto)
