@@ -137,9 +137,9 @@ def export_spec(doc: Mapping[str, Any], engine_path: str | os.PathLike[str], out
     from kit.io import atomic_write
 
     out = Path(out_dir)
-    if (out / "instances.csv").exists() or (out / "otkit-spec.json").exists():
-        raise UserError(f"{out} already holds a benchmark: choose another --out")
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if {"instances.csv", "otkit-spec.json"} & set(held):
+        raise UserError(f"{out} already holds a benchmark: choose another --out")
     if held and set(held) <= {"onnx", "vnnlib"}:  # an export stopped before its last two files (interrupted)
         raise UserError(f"{out} holds an unfinished benchmark ({', '.join(held)}/ without instances.csv): remove it "
                         f"or choose another --out")

@@ -28,6 +28,7 @@ from kit.cli.common import (
     engine_input_option,
     flag_ids,
     lead_lock,
+    option_given,
     publish_ci,
     seed_option,
     set_interrupt_hint,
@@ -201,9 +202,9 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     # one audit per report folder; taken first, so a second audit is refused at once (a folder the lock creates is
     # removed again if the audit fails before writing anything); under torchrun the lead process holds it for all
     with lead_lock(out, command):
-        asked = ctx.get_parameter_source("samples") is not click.core.ParameterSource.DEFAULT
         inputs = load_audit_inputs(engine_path, twin_path, data_spec, split, samples, seed, device, providers,
-                                   arch=arch, twin_options=twin_options, engine_input=engine_input, notice=asked)
+                                   arch=arch, twin_options=twin_options, engine_input=engine_input,
+                                   notice=option_given(ctx, "samples"))
         check_radii(cfg.attacks, inputs.engine.input_shape)
         torch.manual_seed(seed)
         set_interrupt_hint(f"finished batches are kept in {out}: add --resume to the same command to continue")

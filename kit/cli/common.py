@@ -149,6 +149,12 @@ def status(message: str) -> None:
         click.echo(message, err=True)
 
 
+def option_given(ctx: click.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or through the environment), not its default:
+    a default is no request, so e.g. no "N examples requested but ..." note for it."""
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
 def emit_json(obj: Any) -> None:
     """``obj`` as indented JSON on stdout (anything JSON does not know, as its text)."""
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))

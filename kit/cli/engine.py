@@ -16,6 +16,7 @@ from kit.cli.common import (
     command_seed,
     emit_json,
     engine_input_option,
+    option_given,
     seed_option,
     status,
     table,
@@ -182,9 +183,8 @@ def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, sampl
     device = command_device(ctx)
     eng = load_engine(path, device, providers=list(providers) or None, max_batch=batch_size, arch=arch,
                       input_convention=engine_input)
-    asked = ctx.get_parameter_source("samples") is not click.core.ParameterSource.DEFAULT
     ds = fitting_dataset(data_spec, split, list(eng.input_shape), eng.num_classes, eng.name, samples,
-                         command_seed(ctx, seed), notice=asked)  # no "1000 requested" when nobody asked for 1000
+                         command_seed(ctx, seed), notice=option_given(ctx, "samples"))
     twin = None
     if twin_ckpt is not None:
         options = with_engine_input(twin_options, twin_ckpt, path, eng.input_convention)

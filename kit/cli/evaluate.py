@@ -15,6 +15,7 @@ from kit.cli.common import (
     command_device,
     command_seed,
     emit_json,
+    option_given,
     seed_option,
     status,
     table,
@@ -91,9 +92,8 @@ def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, 
     requests = AttackRequest.parse_all(attacks, eps_max)  # validate everything before any work
     device = command_device(ctx)
     seed = command_seed(ctx, seed)
-    asked = ctx.get_parameter_source("samples") is not click.core.ParameterSource.DEFAULT
     model, info, ds = load_model_and_data(ckpt, data_spec, split, samples, seed, device, arch=arch,
-                                          twin_options=twin_options, notice=asked)
+                                          twin_options=twin_options, notice=option_given(ctx, "samples"))
     check_radii(requests, info.input_shape)
     data_spec = ds.spec
     torch.manual_seed(seed)

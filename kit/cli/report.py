@@ -250,10 +250,11 @@ def _fold(source: Path, results: Path | None, spec_dir: Path | None, verifier: s
     status(f"wrote {', '.join(str(p) for p in paths)}")
 
 
-def _plot_link(folder: Path, name: str, base: Path) -> str | None:
-    """The path of ``folder/name`` relative to ``base`` (where the model card is written), POSIX-style; ``None``
-    when the plot is not there (the card then leaves it out rather than link nothing)."""
-    plot = folder / name
+def _plot_link(document: Path, name: str, base: Path) -> str | None:
+    """The path of plot ``name`` beside ``document`` (a report or certificate folder, or its JSON file) relative to
+    ``base`` (where the model card is written), POSIX-style; ``None`` when the plot is not there (the card then
+    leaves it out rather than link nothing)."""
+    plot = (document if document.is_dir() else document.parent) / name
     if not plot.is_file():
         return None
     try:  # the paths as given (abspath, not resolve: a symlinked folder keeps its name)
@@ -277,13 +278,12 @@ def _release_text(kind: ReportFormat, source: Path, certificates: tuple[Path, ..
     if name is not None and (not name.strip() or len(name) > 200 or any(c in name for c in "\n\r")):
         raise UserError(f"--name must be one line of at most 200 characters, got {name!r}")
     report_doc = None if _is_certificate(source) else load_report(source)
-    certs = ([load_certificate(source)] if report_doc is None else []) + [load_certificate(c) for c in certificates]
+    cert_paths = ([source] if report_doc is None else []) + list(certificates)
+    certs = [load_certificate(c) for c in cert_paths]
     if kind is ReportFormat.MODEL_CARD:
         base = out.parent if out is not None else Path.cwd()
-        folder = lambda p: p if p.is_dir() else p.parent  # noqa: E731  (a folder or the document inside it)
-        cert_paths = ([source] if report_doc is None else []) + list(certificates)
-        curves = _plot_link(folder(source), "curves.png", base) if report_doc is not None else None
-        certified = [_plot_link(folder(c), "certified.png", base) for c in cert_paths]
+        curves = _plot_link(source, "curves.png", base) if report_doc is not None else None
+        certified = [_plot_link(c, "certified.png", base) for c in cert_paths]
         return model_card(report_doc, certs, name=name, source_url=source_url, curves=curves, certified=certified)
     index = model_index(report_doc, certs, name=name, source_url=source_url)
     problem = check_with_huggingface_hub(index)
