@@ -45,6 +45,9 @@ class Engine(ABC):
         Where the backend computes.
     backend : str
         ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``.
+    exporter : str
+        What wrote the file, where it says: the kit's exporter (``dynamo`` or ``torchscript``) for the kit's ONNX
+        exports, else the ONNX file's producer (e.g. ``pytorch 2.5.0``, ``tf2onnx 1.16``); empty for the others.
     input_convention : InputConvention
         What the backend itself takes (normalised, 0-255, NHWC, uint8 input); callers always give [0, 1] NCHW float
         pixels and the engine maps them (:meth:`use_convention`), so epsilons stay in pixel units on every side.
@@ -58,6 +61,7 @@ class Engine(ABC):
     max_batch: int
     device: torch.device
     backend: str
+    exporter: str = ""
     input_convention: InputConvention = IDENTITY
 
     def use_convention(self, convention: InputConvention) -> None:

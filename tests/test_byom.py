@@ -113,6 +113,7 @@ def test_weights_in_every_layout_give_the_original_logits_exactly(elsewhere, lay
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["source"]["prefixes_stripped"] == (["module."] if layout == "ddp" else [])
+    assert res.stderr.strip() == f"wrote {out} ({doc['checkpoint_sha256']})"  # on stderr beside the JSON, as elsewhere
     model, info = load_twin(out, arch=elsewhere["arch"])
     with torch.no_grad():
         assert torch.equal(model(elsewhere["x"]), expected(elsewhere))

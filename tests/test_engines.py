@@ -236,6 +236,23 @@ def test_engine_run_against_the_twin(digits_onnx):
              "--batch-size", "64")
     assert r8.exit_code == 0, r8.output
     assert "int8" in r8.stdout and "reported" in r8.stdout and "accuracy 0.9" in r8.stdout
+    row = next(line for line in r8.stdout.splitlines() if "reported" in line)
+    assert f" {OnnxRuntimeEngine(files['int8']).metadata['exporter']} " in row  # the table's exporter column
+
+
+def test_engine_exporter_is_the_record_or_the_producer(digits_onnx):
+    """A kit export names the exporter its metadata records; a file from elsewhere, its ONNX producer."""
+    import onnx
+
+    _, _, _, files = digits_onnx
+    proto = onnx.load(str(files["fp32"]))
+    recorded = next(p.value for p in proto.metadata_props if p.key == "otkit.exporter")
+    assert OnnxRuntimeEngine(files["fp32"]).exporter == recorded in ("dynamo", "torchscript")
+    del proto.metadata_props[:]
+    proto.producer_name, proto.producer_version = "tf2onnx", "1.16.1"
+    assert OnnxRuntimeEngine(proto.SerializeToString()).exporter == "tf2onnx 1.16.1"
+    proto.producer_name, proto.producer_version = "", ""
+    assert OnnxRuntimeEngine(proto.SerializeToString()).exporter == ""
 
 
 def test_engine_info(digits_onnx):

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import kit
 import models
 from exporters.formats import ExportFormat, Precision, resolve_precision
-from exporters.onnx import OnnxRuntimeEngine, read_metadata, torch_to_onnx, write_onnx_export
+from exporters.onnx import OnnxRuntimeEngine, engine_sha256, read_metadata, torch_to_onnx, write_onnx_export
 from exporters.parity import ParityError, compare_logits
 from kit.checkpoint import read_checkpoint, weights_sha256
 from kit.cli import cli
@@ -248,6 +248,17 @@ def test_cli_export_fp16_table(digits_model, tmp_path):
     assert "wrote" not in r.stderr  # --quiet: no status line (without it: "wrote PATH (sha256:...)")
     engine = OnnxRuntimeEngine(out)
     assert engine.precision == "fp16" and engine.num_classes == 10
+
+
+def test_cli_export_json_keeps_the_status_line_on_stderr(digits_model, tmp_path):
+    """With --json the document alone is on stdout and the status line on stderr, as for every command."""
+    path, _ = digits_model
+    out = tmp_path / "m.onnx"
+    r = CliRunner().invoke(cli, ["--device", "cpu", "export", str(path), "--samples", "50", "--out", str(out), "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert r.stderr.strip().splitlines()[-1] == f"wrote {out} ({doc['sha256']})" == f"wrote {out} ({engine_sha256(out)})"
 
 
 def test_help_imports_no_export_library():

@@ -200,6 +200,7 @@ class OnnxRuntimeEngine(Engine):
         self.input_shape = self._io.input_shape
         self.num_classes = self._io.num_classes
         self.precision = str(self.metadata.get("precision") or infer_precision(proto))
+        self.exporter = str(self.metadata.get("exporter") or f"{proto.producer_name} {proto.producer_version}".strip())
         self.sha256 = combined_sha256(data, external)  # engine_sha256: external data files included
         recorded = self.metadata.get("max_batch")
         default = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else DEFAULT_MAX_BATCH

@@ -96,10 +96,10 @@ def export(ctx: click.Context, checkpoint: Path, fmt: str, precision: str | None
     if as_json:
         emit_json({"checkpoint": str(checkpoint), "weights_sha256": exp.weights_sha256, "data": exp.data_spec,
                     "written": True, **result.to_dict()})
-        return
-    click.echo(table(_parity_rows(reports), _PARITY_COLUMNS))
-    if getattr(result, "exporter_note", ""):
-        click.echo(f"note: {result.exporter_note}", err=True)
+    else:
+        click.echo(table(_parity_rows(reports), _PARITY_COLUMNS))
+        if getattr(result, "exporter_note", ""):
+            click.echo(f"note: {result.exporter_note}", err=True)
     status(f"wrote {out} ({exp.sha256})")
 
 
@@ -220,7 +220,7 @@ def engine_run(ctx: click.Context, path: Path, data_spec: str, split: str, sampl
         click.echo(f"accuracy {acc:.4f} on {len(ds)} {split} examples of {data_spec}  "
                    f"({doc['images_per_s']:.0f} images/s, batch {eng.max_batch})")
         if twin is not None:
-            click.echo(table(_parity_rows([(path.name, "", report)]), _PARITY_COLUMNS))
+            click.echo(table(_parity_rows([(path.name, eng.exporter, report)]), _PARITY_COLUMNS))
     if failed:
         click.echo(f"Error: parity check failed: {report.summary()}", err=True)
         ctx.exit(1)

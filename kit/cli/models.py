@@ -102,7 +102,13 @@ def models_import(source: Path, arch: str | None, dataset: str | None, out: Path
            "checkpoint_sha256": info.checkpoint_sha256}
     if as_json:
         emit_json(doc)
-        return
+    else:
+        _print_import(source, twin, info, n_params)
+    status(f"wrote {out} ({info.checkpoint_sha256})")
+
+
+def _print_import(source: Path, twin: Any, info: Any, n_params: int) -> None:
+    """The text summary of ``models import``: what was read, and the checkpoint it became."""
     src = info.source
     click.echo(f"imported {source} ({twin.kind}, sha256 {src['sha256'][7:19]}...) as {info.arch_name}")
     if src.get("state_dict"):
@@ -119,7 +125,6 @@ def models_import(source: Path, arch: str | None, dataset: str | None, out: Path
                    f"{p['top1_agreement']:.4f} on {p['samples']} samples of {p['samples_from']} -> {p['verdict']}")
     if info.dataset:
         click.echo(f"dataset        {info.dataset['spec']} ({info.dataset['fingerprint']})")
-    status(f"wrote {out} ({info.checkpoint_sha256})")
 
 
 def _convention_text(norm: dict[str, Any]) -> str:
