@@ -490,7 +490,7 @@ def _clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Ten
     twin_logits = _predict(twin, x, bs, "clean: twin")
     engine_logits = _predict(engine, x, bs, "clean: engine")
     parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y,
-                            runtime="tensorrt" if engine.backend == "tensorrt" else "onnxruntime")
+                            runtime=engine.parity_runtime)
     # the FP32 tolerance holds where the engine computes in fp32 on the very pixels the twin sees
     gap_tol = parity.tolerance if engine.input_convention.dtype == "float32" else None
     return {

@@ -128,6 +128,12 @@ class Engine(ABC):
             raise ValueError(f"{self.name} takes batches of shape (N, {c}, {h}, {w}), got {tuple(x.shape)}")
         raise ValueError(f"{self.name} takes floating-point pixels in [0, 1], got dtype {x.dtype}")
 
+    @property
+    def parity_runtime(self) -> str:
+        """Whose FP32 tolerance the engine is held to (:data:`exporters.parity.FP32_TOLERANCE`): ``tensorrt`` where
+        TensorRT builds the kernels, else ``onnxruntime``."""
+        return "tensorrt" if self.backend == "tensorrt" else "onnxruntime"
+
     def describe(self) -> dict[str, Any]:
         """What the engine is, JSON-ready."""
         return {"name": self.name, "backend": self.backend, "sha256": self.sha256, "precision": self.precision,

@@ -22,8 +22,10 @@ from exporters.formats import Precision
 
 __all__ = ["FP32_TOLERANCE", "ParityError", "ParityReport", "compare_logits", "measure_parity"]
 
-#: (atol, rtol) of the FP32 check, per runtime. ONNX Runtime's CPU kernels match PyTorch to ~1e-6 relative; TensorRT
-#: picks other convolution algorithms (with TF32 cleared), so it gets ten times more room.
+#: (atol, rtol) of the FP32 check, per runtime. ONNX Runtime's CPU kernels (and its CUDA provider, TF32 off) match
+#: PyTorch to ~1e-6 relative; TensorRT picks other convolution algorithms, so it gets ten times more room. That holds
+#: the kit's TensorRT engines (TF32 cleared) and ONNX Runtime's TensorRT provider, whose TF32 cannot be turned off
+#: (:attr:`exporters.base.Engine.parity_runtime` says which applies).
 FP32_TOLERANCE: dict[str, tuple[float, float]] = {"onnxruntime": (1e-4, 1e-4), "tensorrt": (1e-3, 1e-3)}
 
 

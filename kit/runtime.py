@@ -145,12 +145,35 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
+def ieee_float32() -> None:
+    """Float32 arithmetic in IEEE float32 on CUDA devices, for the whole process: TF32 off for cuDNN convolutions
+    (which torch computes in TF32 by default, with 10-bit mantissas) and for matrix products.
+
+    The kit holds a float32 engine to the twin within 1e-4 (export's parity, the audit's clean agreement, ``engine
+    run --twin``); a twin computed in TF32 on an Ampere or later GPU differs from an exact float32 engine by several
+    times that on a ResNet. Called by :func:`resolve_device` for every CUDA device the kit resolves, by
+    :func:`kit.checkpoint.load_twin` on CUDA and by the twin's runner; the legacy flags, which every torch release
+    reads, and which keep torch's newer ``fp32_precision`` settings consistent.
+    """
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable :class:`torch.device`.
 
     ``auto`` picks the first CUDA device when one is present, else the CPU. Asking for CUDA where there is none, or for
-    a device index that does not exist, is a :class:`UserError`.
+    a device index that does not exist, is a :class:`UserError`. A CUDA device turns TF32 off (:func:`ieee_float32`).
     """
+    dev = _resolve_device(spec)
+    if dev.type == "cuda":
+        ieee_float32()
+    return dev
+
+
+def _resolve_device(spec: str | torch.device | None) -> torch.device:
     import torch
 
     if isinstance(spec, torch.device):

@@ -527,3 +527,16 @@ def test_tensorrt_export_and_run(digits_model, tmp_path, precision):
     shutil.copy(out, tmp_path / "copy.engine")  # an engine without its sidecar is refused
     with pytest.raises(UserError, match="no sidecar"):
         load_engine(tmp_path / "copy.engine", "cuda")
+
+
+def test_parity_runtime_follows_what_builds_the_kernels(digits_onnx):
+    """ONNX Runtime's CPU and CUDA providers get its FP32 tolerance; its TensorRT provider (TF32 cannot be turned off)
+    and the kit's TensorRT engines get TensorRT's."""
+    from exporters.parity import FP32_TOLERANCE
+
+    path, _, _, files = digits_onnx
+    engine = OnnxRuntimeEngine(files["fp32"])
+    assert engine.parity_runtime == "onnxruntime" and TorchEngine.from_checkpoint(path).parity_runtime == "onnxruntime"
+    engine.providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]  # what such a session reports
+    assert engine.parity_runtime == "tensorrt"
+    assert FP32_TOLERANCE["tensorrt"][0] > FP32_TOLERANCE["onnxruntime"][0]

@@ -105,7 +105,8 @@ class OnnxRuntimeEngine(Engine):
 
     The session is created with exactly the providers asked for; each must be available and active after creation
     (no silent fallback to the CPU), and the session's run-time fallback is disabled. On CUDA, inputs and outputs are
-    bound to torch CUDA tensors (IO binding), so batches stay on the GPU, and TF32 is off for FP32 parity.
+    bound to torch CUDA tensors (IO binding), so batches stay on the GPU; the CUDA provider runs with TF32 off for FP32
+    parity (the TensorRT provider cannot turn it off: :attr:`parity_runtime`).
 
     On the CPU the runner adds only a few microseconds to the session's own run (``bench/engines.py``; figures in
     docs/BENCHMARKS.md): names, element types and the expected shape are resolved once here; a call checks the
@@ -170,11 +171,14 @@ class OnnxRuntimeEngine(Engine):
         missing = [p for p in wanted if p not in available]
         if missing:
             raise UserError(f"ONNX Runtime {ort.__version__} has no {', '.join(missing)} here (available: "
-                            f"{', '.join(available)}); on a CUDA machine install onnxruntime-gpu, not onnxruntime")
+                            f"{', '.join(available)}); on a CUDA machine keep onnxruntime-gpu alone: pip uninstall -y "
+                            "onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu")
         index = self.device.index if self.device.index is not None else (
             torch.cuda.current_device() if self.device.type == "cuda" else 0)
         options = {
-            "CUDAExecutionProvider": {"device_id": str(index), "use_tf32": "0"},
+            # HEURISTIC: the default EXHAUSTIVE search benchmarks every convolution again for each new batch size, and
+            # attacks call the engine on ever smaller subsets of the batch
+            "CUDAExecutionProvider": {"device_id": str(index), "use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"},
             "TensorrtExecutionProvider": {"device_id": str(index), "trt_fp16_enable": "False"},
             "CPUExecutionProvider": {},
         }
@@ -301,6 +305,12 @@ class OnnxRuntimeEngine(Engine):
         torch.cuda.current_stream(self.device).synchronize()  # the input is written before ONNX Runtime reads it
         self._session.run_with_iobinding(binding)  # returns once the outputs are written
         return out
+
+    @property
+    def parity_runtime(self) -> str:
+        """``tensorrt`` when ONNX Runtime's TensorRT provider runs the graph: it builds TensorRT kernels and, unlike the
+        kit's own TensorRT build, cannot turn TF32 off (no provider option), so it gets TensorRT's FP32 tolerance."""
+        return "tensorrt" if "TensorrtExecutionProvider" in self.providers else "onnxruntime"
 
     def describe(self) -> dict[str, Any]:
         """What the engine is, with the active providers."""

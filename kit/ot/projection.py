@@ -167,6 +167,7 @@ import torch.nn.functional as F
 from kit.errors import UserError
 from kit.ot.lambertw import log_lambertw_exp
 from kit.ot.local import check_kernel_size, local_cost, target_marginal, valid_offsets
+from kit.ot.precision import full_precision
 
 __all__ = ["ProjectionConvergenceWarning", "ProjectionDuals", "ProjectionResult", "dual_objective",
            "primal_objective", "project_wasserstein"]
@@ -827,6 +828,7 @@ def _certify_inside(geo: _Geometry, xh: torch.Tensor, wh: torch.Tensor, u: torch
     return certified, plan, cost, z, iters
 
 
+@full_precision
 @torch.no_grad()
 def project_wasserstein(
     w: torch.Tensor,
@@ -1205,7 +1207,7 @@ def project_wasserstein(
                       f"max_iter={max_iter} iterations (tol={tol:g}, ztol={ztol}); the outputs are feasible but "
                       f"further from the projection: raise `max_iter` (or `ztol`, `tol`, or lower `reg`)",
                       ProjectionConvergenceWarning,
-                      stacklevel=2)
+                      stacklevel=4)  # the caller, past torch.no_grad's and full_precision's wrappers
 
     duals = ProjectionDuals(alpha_out, beta_out, psi_out, lam_out)
     return ProjectionResult(z=z_out.to(orig_dtype), cost=cost_out.to(orig_dtype), iterations=iters,

@@ -83,6 +83,7 @@ from enum import Enum
 import torch
 
 from kit.errors import UserError
+from kit.ot.precision import full_precision
 
 CostFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -272,6 +273,8 @@ def _prepare_points(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor, b
                         f"{yb.device}")
     if xb.shape[-1] != yb.shape[-1]:
         raise UserError(f"x and y must have the same point dimension, got {xb.shape[-1]} and {yb.shape[-1]}")
+    if xb.dtype in (torch.float16, torch.bfloat16):  # too coarse for the cost's cancellation and the log domain
+        xb, yb = xb.float(), yb.float()
     if xb.shape[0] != yb.shape[0]:
         if not x_batched:
             xb = xb.expand(yb.shape[0], -1, -1)
@@ -420,7 +423,7 @@ def _iterate(cost: torch.Tensor, a: torch.Tensor, log_a: torch.Tensor, log_b: to
 
 
 def _warn_not_converged(converged: torch.Tensor, err: torch.Tensor, max_iter: int, tol: float, what: str,
-                        stacklevel: int = 3) -> None:
+                        stacklevel: int = 4) -> None:  # the caller, past full_precision
     bad = ~converged
     if bool(bad.any()):
         worst = err[bad].max().item()
@@ -465,6 +468,7 @@ def _solve(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, log_a: torch.Te
     return result, value
 
 
+@full_precision
 def sinkhorn(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -518,7 +522,8 @@ def sinkhorn(
     -------
     SinkhornResult
         Per-problem values (B,) (or scalars for unbatched inputs), potentials, plan builder, diagnostics. Device and
-        dtype follow ``x``.
+        dtype follow ``x``; float16 and bfloat16 points are solved in float32, and autocast is off inside
+        (:mod:`kit.ot.precision`).
 
     Raises
     ------
@@ -555,6 +560,7 @@ def _pad(p: torch.Tensor, log_w: torch.Tensor, w: torch.Tensor, size: int) -> tu
             torch.cat([w, w.new_zeros(batch, extra)], 1))
 
 
+@full_precision
 def sinkhorn_divergence(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -616,7 +622,8 @@ def sinkhorn_divergence(
     -------
     DivergenceResult
         ``divergence`` (B,) (a scalar for unbatched inputs), differentiable w.r.t. ``x``, ``y`` (and the weights), the
-        three terms, and the diagnostics of the three solves.
+        three terms, and the diagnostics of the three solves. Float32 for float16 or bfloat16 points (SAT's logits
+        under ``--amp``), solved with autocast off (:mod:`kit.ot.precision`).
     """
     reg, max_iter, tol = _check_options(reg, max_iter, tol)
     cost_fn = _as_cost(cost)

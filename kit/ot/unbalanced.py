@@ -111,6 +111,7 @@ import torch
 
 from kit.errors import UserError
 from kit.ot.local import check_kernel_size, local_cost, neighbours, valid_offsets
+from kit.ot.precision import full_precision
 
 __all__ = [
     "UnbalancedConvergenceWarning",
@@ -445,13 +446,14 @@ def _warn(n_bad: int, n: int, max_iter: int, err: float, tol: float, what: str) 
         f"{what}: {n_bad} of {n} examples did not converge in max_iter={max_iter} iterations (largest relative "
         f"marginal change {err:.3g} > tol={tol:g}); raise max_iter, or use float64 for small eta",
         UnbalancedConvergenceWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller, past full_precision
     )
 
 
 # ---------------------------------------------------------------------------------------------------------- solvers
 
 
+@full_precision
 def unbalanced_sinkhorn(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -540,6 +542,7 @@ def unbalanced_sinkhorn(
     return UnbalancedResult(alpha, beta, n_iter, converged, err, eta, tau, geo)
 
 
+@full_precision
 def unbalanced_projection(
     x: torch.Tensor,
     w: torch.Tensor,
