@@ -194,7 +194,7 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
     """
     from exporters.onnx import engine_sha256
     from kit.io import sha256_file
-    from kit.smoothing import certify, example_generator, lower_confidence_bound
+    from kit.smoothing import certify, example_generator, lower_confidence_bound, noise_stream
 
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -293,6 +293,7 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
         "allowed_flags": sorted(set(cfg.allowed_flags)),
         "gates": gates,
         "provenance": {"kit_version": kit.__version__, "versions": dict(versions or {}), "device": str(x.device),
+                       "noise_stream": noise_stream(x.device),  # whether verify can draw the same noise again
                        "seed": cfg.seed, "command": command, "started": started,
                        "engine_forwards": engine_forwards, "seconds": time.perf_counter() - t0,
                        "processes": world.size, "hosts": hosts},

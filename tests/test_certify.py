@@ -252,33 +252,23 @@ def test_an_inflated_certificate_is_caught_by_the_attack(exported, tmp_path, mon
     assert v["eps"] < v["radius"] and v["attacked_class"] != v["certified_class"]
 
 
-def test_verify_checks_a_certificate_against_its_engine_counts_and_data(exported, tmp_path):
+def _forge_count(src, dst, j: int, count: int) -> dict:
+    """A copy of the certificate folder ``src`` at ``dst`` whose example ``j`` says ``count``, with every figure derived
+    from it re-derived (so that only a replay can see the forgery); returns the forged document."""
     import shutil
 
-    twin, files = exported
-    out = tmp_path / "c"
-    assert certify_cli("--engine", files["fp32"], "--data", "digits:16", *BASE, "--out", out).exit_code == 0
-    res = run("-q", "verify", str(out), "--engine", str(files["fp32"]), "--recheck", "3", "--json")
-    body = json.loads(res.stdout)
-    assert res.exit_code == 0 and body["match"] and body["replayed"]["note"] == "3 example(s) certified again", res.output
-    # another engine (the fp16 file) fails the hash, and certified again its counts may move; a forged count fails
-    res = run("-q", "verify", str(out), "--engine", str(files["int8"]), "--recheck", "12")
-    assert res.exit_code == 1 and "engine sha256 differs" in res.stderr
-    forged = tmp_path / "forged"
-    shutil.copytree(out, forged)
-    doc = json.loads((forged / "certificate.json").read_text())
-    j = next(i for i, p in enumerate(doc["examples"]["prediction"]) if p >= 0)
-    doc["examples"]["count"][j] = max(0, doc["examples"]["count"][j] - 40)  # and re-derive, so only a replay sees it
+    from evaluators.certificate import certified_curve
     from kit.smoothing import lower_confidence_bound, make_noise
 
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / "certificate.json").read_text())
+    doc["examples"]["count"][j] = count
     sm = doc["smoothing"]
-    doc["examples"]["p_lower"][j] = float(lower_confidence_bound(doc["examples"]["count"][j], sm["n"], sm["alpha"]))
+    doc["examples"]["p_lower"][j] = float(lower_confidence_bound(count, sm["n"], sm["alpha"]))
     r = float(make_noise("gaussian", sm["sigma"]).radius(doc["examples"]["p_lower"][j]))
     doc["examples"]["radius"][j] = r
     if r == 0:
         doc["examples"]["prediction"][j] = -1
-    from evaluators.certificate import certified_curve
-
     label = np.array(doc["examples"]["label"])
     pred = np.array(doc["examples"]["prediction"])
     curve = certified_curve(np.array(doc["examples"]["radius"]), pred == label, doc["certified"]["r_max"],
@@ -287,7 +277,67 @@ def test_verify_checks_a_certificate_against_its_engine_counts_and_data(exported
     doc["certified"].update(accuracy=curve["accuracy"], auac=curve["auac"],
                             smoothed_accuracy=float((pred == label).mean()), abstain_rate=float((pred < 0).mean()),
                             mean_radius=float(np.where(pred == label, radii, 0.0).mean()))
-    (forged / "certificate.json").write_text(json.dumps(doc))
-    assert recompute_certificate(doc) == []  # consistent with itself ...
-    res = run("-q", "verify", str(forged), "--engine", str(files["fp32"]), "--recheck", str(j + 1))
+    (dst / "certificate.json").write_text(json.dumps(doc))
+    assert recompute_certificate(doc) == []  # consistent with itself
+    return doc
+
+
+def test_verify_checks_a_certificate_against_its_engine_counts_and_data(exported, tmp_path):
+    twin, files = exported
+    out = tmp_path / "c"
+    assert certify_cli("--engine", files["fp32"], "--data", "digits:16", *BASE, "--out", out).exit_code == 0
+    res = run("-q", "verify", str(out), "--engine", str(files["fp32"]), "--recheck", "3", "--json")
+    body = json.loads(res.stdout)
+    assert res.exit_code == 0 and body["match"], res.output
+    assert body["replayed"]["note"] == "3 example(s) certified again (the same noise)"
+    assert json.loads((out / "certificate.json").read_text())["provenance"]["noise_stream"] == "cpu"
+    # another engine (the fp16 file) fails the hash, and certified again its counts may move; a forged count fails
+    res = run("-q", "verify", str(out), "--engine", str(files["int8"]), "--recheck", "12")
+    assert res.exit_code == 1 and "engine sha256 differs" in res.stderr
+    doc = json.loads((out / "certificate.json").read_text())
+    j = next(i for i, p in enumerate(doc["examples"]["prediction"]) if p >= 0)
+    _forge_count(out, tmp_path / "forged", j, max(0, doc["examples"]["count"][j] - 40))
+    res = run("-q", "verify", str(tmp_path / "forged"), "--engine", str(files["fp32"]), "--recheck", str(j + 1))
     assert res.exit_code == 1 and f"examples[{j}]: certified again" in res.stderr  # ... but not with the engine
+
+
+def test_verify_on_another_device_compares_counts_within_sampling_error(exported, tmp_path, monkeypatch):
+    """A certificate whose noise this device cannot draw again (a GPU's, checked elsewhere; simulated by another stream
+    name and other seeds): an honest certificate passes within sampling error, a forged count still fails."""
+    import kit.smoothing
+
+    twin, files = exported
+    out = tmp_path / "c"
+    assert certify_cli("--engine", files["fp32"], "--data", "digits:16", *BASE, "--out", out).exit_code == 0
+    doc = json.loads((out / "certificate.json").read_text())
+    n = doc["smoothing"]["n"]
+    j = next(i for i, c in enumerate(doc["examples"]["count"]) if c >= 0.95 * n)
+    _forge_count(out, tmp_path / "forged", j, int(0.7 * n))  # still certified, with a smaller radius
+    real = kit.smoothing.example_generator
+    monkeypatch.setattr(kit.smoothing, "noise_stream", lambda device: "cuda (132 multiprocessors x 2048 threads)")
+    monkeypatch.setattr(kit.smoothing, "example_generator", lambda seed, i, device: real(seed + 7919, i, device))
+    res = run("-q", "verify", str(out), "--engine", str(files["fp32"]), "--recheck", "12", "--json")
+    body = json.loads(res.stdout)
+    assert res.exit_code == 0 and body["match"], res.output
+    assert body["replayed"]["note"].startswith("12 example(s) certified again (new noise: cpu drew")
+    res = run("-q", "verify", str(tmp_path / "forged"), "--engine", str(files["fp32"]), "--recheck", str(j + 1))
+    assert res.exit_code == 1 and f"examples[{j}]: certified again" in res.stderr and "sampling error" in res.stderr
+    # the same noise after all: the stream names match again, and so do the counts exactly
+    from evaluators.replay import same_noise
+
+    monkeypatch.setattr(kit.smoothing, "noise_stream", lambda device: "cpu")
+    assert same_noise(doc, torch.device("cpu"))
+    del doc["provenance"]["noise_stream"]  # a certificate from before the record: a CPU's stream is known, a GPU's not
+    assert same_noise(doc, torch.device("cpu"))
+    doc["provenance"]["device"] = "cuda:0"
+    assert not same_noise(doc, torch.device("cpu"))
+
+
+def test_dominant_share_against_the_binomial():
+    from scipy.stats import binom
+
+    from evaluators.replay import SELECTION_MISS, dominant_share
+
+    for n0 in (5, 32, 100, 1000):
+        p = dominant_share(n0)
+        assert binom.cdf(n0 // 2, n0, p) <= SELECTION_MISS < binom.cdf(n0 // 2, n0, p - 0.001)

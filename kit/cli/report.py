@@ -101,7 +101,7 @@ def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twi
         if note == "--recheck 0":
             problems.append("recheck skipped (--recheck 0): give --recheck N (or --waive recheck)")
     else:
-        from evaluators.replay import replay_certificate
+        from evaluators.replay import replay_certificate, same_noise
 
         device = resolve_device((ctx.find_root().obj or {}).get("device", "auto"))
         raw = doc["engine"].get("input_convention")
@@ -111,7 +111,9 @@ def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twi
             engine_input = InputConvention.from_dict(raw, "certificate: engine.input_convention")
         engine = load_engine(engine_path, device, arch=arch, input_convention=engine_input)
         replayed = replay_certificate(doc, engine, device, examples=recheck, spec=data_spec)
-        note = f"{min(recheck, doc['data']['n'])} example(s) certified again"
+        note = f"{min(recheck, doc['data']['n'])} example(s) certified again" + (
+            " (the same noise)" if same_noise(doc, device) else
+            f" (new noise: {doc['provenance']['device']} drew the certificate's; counts within sampling error)")
     problems += replayed
     folder = source if source.is_dir() else source.parent
     signature = _signature(doc, folder, pub, hashes)

@@ -51,6 +51,24 @@ def noise_block(x: torch.Tensor) -> int:
     return max(1, min(NOISE_BLOCK_MAX, NOISE_BLOCK_ELEMENTS // max(1, x.numel())))
 
 
+def noise_stream(device: torch.device | str) -> str:
+    """What decides the noise a seed gives on ``device``, beyond the seed: the device type, and on CUDA the GPU's
+    multiprocessor and thread counts.
+
+    The CPU (Mersenne Twister) and CUDA (Philox) draw unrelated streams from one seed. On CUDA, torch caps the grid
+    of a large draw at multiprocessors x (threads per multiprocessor / 256) blocks, and which random value lands in
+    which element depends on that grid, so a 3x32x32 noise block (786,432 values) differs between GPU models (an
+    H100 and an A100, or a MIG slice). Two devices with the same stream draw the same noise; a certificate records
+    its own (``provenance.noise_stream``) so that ``otkit verify`` knows whether its replay can be exact.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev.type
+    props = torch.cuda.get_device_properties(dev)
+    threads = getattr(props, "max_threads_per_multi_processor", 0)  # torch >= 2.2
+    return f"cuda ({props.multi_processor_count} multiprocessors x {threads} threads)"
+
+
 def example_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on ``device`` seeded from ``(seed, index)`` alone.
 
