@@ -150,6 +150,16 @@ def test_an_untouched_signed_report_verifies(signed):
     assert res.exit_code == 0 and "--public-key" in res.stderr
 
 
+def test_report_sign_key_without_a_fold_is_refused(signed, tmp_path):
+    """`otkit report --sign-key` signs only a fold of verifier results: a rendering with it is an error, not a
+    silently unsigned file."""
+    rep, _, _, _, _, _ = signed
+    out = tmp_path / "r.html"
+    res = run("report", rep, "--format", "html", "--sign-key", rep.parent / "k.key", "--out", out)
+    assert_user_error(res, "--sign-key goes with --verifier-results")
+    assert not out.exists()
+
+
 def _tampered(signed, tmp_path, edit) -> Path:
     rep = tmp_path / "rep"
     shutil.copytree(signed[0], rep)

@@ -35,11 +35,13 @@ __all__ = [
 EXIT_STATUSES = """\b
 Exit statuses:
   0  success
-  1  a check failed: an audit's gate or fidelity verdict (audit, run), a hash or
-     recheck (verify), an FP32 parity check (export)
+  1  a check failed: an audit's gate or fidelity verdict (audit, run), a
+     certificate's gate or check (certify, run), a hash or recheck (verify),
+     an FP32 parity check (export, engine run --twin)
   2  usage or input error (bad option, missing or malformed file, unknown name,
      a folder in use, a write the disk refused), always one line "Error: ..."
-  130 interrupted (Ctrl-C); train, audit and run continue with --resume"""
+  130 interrupted (Ctrl-C); train, audit, certify and run continue with
+     --resume"""
 
 
 EXIT_INTERRUPTED = 130
@@ -367,8 +369,9 @@ def engine_input_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--engine-input", "engine_input", default=None, metavar="DESCRIPTION", callback=parse,
         help="What an engine exported outside the kit takes, applied outside it so epsilons stay in [0, 1] pixels: "
-             "fields range=LO,HI mean=M,.. std=S,.. layout=nchw|nhwc dtype=float32|float16|uint8 separated by ';' "
-             "or a preset (imagenet, cifar10, mnist, inception). The kit's own exports record it.")(f)
+             "fields range=LO,HI mean=M,.. std=S,.. layout=nchw|nhwc dtype=float32|float16|uint8 and presets "
+             "(identity, imagenet, cifar10, mnist, inception), separated by ';' or spaces, later ones overriding "
+             "earlier ones. The kit's own exports record it.")(f)
 
 
 def sign_key_option(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -61,7 +61,8 @@ _PARITY_COLUMNS = ["file", "engine", "precision", "exporter", "samples", "max|dl
 @click.option("--opset", type=click.IntRange(min=MIN_OPSET), default=DEFAULT_OPSET, help="ONNX opset.")
 @click.option("--workspace-mib", type=click.IntRange(min=1), default=1024, help="TensorRT workspace limit (MiB).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="TensorRT timing cache file (default: one per GPU under ~/.cache/otkit/tensorrt).")
+              help="TensorRT timing cache file (default: one per TensorRT version and GPU architecture under "
+                   "$XDG_CACHE_HOME/otkit/tensorrt, ~/.cache/otkit/tensorrt without it).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output file: .onnx, or .engine for TensorRT (its ONNX file and .engine.json sidecar go beside).")
 @seed_option

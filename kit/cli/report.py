@@ -35,11 +35,12 @@ Exit statuses:
      fidelity, verdicts, gates, status), and with --public-key the
      signature and every subject it signs; only what --waive names may be
      left unchecked
-  1  a difference (each named on stderr), or the twin, adversarials.npz,
-     the recheck or the data missing without --waive; with --public-key,
-     no bundle, a damaged one, or no signature by that key
+  1  a difference (each named on stderr), or the twin, adversarials.npz or
+     the recheck missing without --waive; with --public-key, no bundle, a
+     damaged one, or no signature by that key
   2  usage or input error (missing report, engine or twin, corrupt
-     adversarials.npz, report not otkit.report/1, unreadable public key)"""
+     adversarials.npz, report not otkit.report/1, unreadable public key, a
+     dataset that cannot be read: --waive data skips the replay)"""
 
 
 class ReportFormat(str, Enum):
@@ -160,7 +161,7 @@ Exit statuses:
               help="model-index / model-card: add the certified AUAC of this certificate (otkit certify's folder) as "
                    "a lower bound beside the audit's upper bounds (repeatable). SOURCE may itself be a certificate.")
 @click.option("--name", "model_name", default=None, help="model-index / model-card: the model's name "
-                                                          "[default: the engine file's name]")
+                                                          "[default: the engine file's name without its extension]")
 @click.option("--source-url", default=None, metavar="URL",
               help="model-index / model-card: where the report is published (the release page), written as each "
                    "result's source.")
@@ -197,6 +198,9 @@ def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: s
         return
     if verifier is not None:
         raise UserError("--verifier goes with --verifier-results")
+    if sign_key is not None:
+        raise UserError("--sign-key goes with --verifier-results (the report is signed again after the fold); a "
+                        "rendering or release text is not signed: sign the folder with audit or certify --sign-key")
     if kind in (ReportFormat.MODEL_INDEX, ReportFormat.MODEL_CARD):
         text = _release_text(kind, source, certificates, model_name, source_url, out)
     elif certificates or model_name is not None or source_url is not None:
@@ -456,11 +460,15 @@ def _engine_input(doc: dict[str, Any], given: Any) -> Any:
                    "the report's fingerprint).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--public-key", "public_key", default=None, type=click.Path(dir_okay=False, path_type=Path), metavar="PUB",
-              help="Check the report's signature (report.sigstore.json beside it, from --sign-key) with this ed25519 "
-                   "public key, and every subject it signs: the engine and twin given here, the data fingerprint and "
-                   "each file of the folder. A report without a valid signature by this key fails.")
+              help="Check the signature (report.sigstore.json beside a report, certificate.sigstore.json beside a "
+                   "certificate, from --sign-key) with this ed25519 public key, and every subject it signs: the engine "
+                   "and twin given here, the data fingerprint and each file the command wrote (report.json, report.md, "
+                   "report.html, curves.png, adversarials.npz; certificate.json, certificate.md, certificate.html, "
+                   "certified.png); other files in the folder are not signed. A document without a valid signature by "
+                   "this key fails.")
 @click.option("--arch", "arch", default=None, metavar="FILE.py:NAME",
-              help="With --recheck of a checkpoint engine whose architecture is your own Python file: that file, "
+              help="When verify rebuilds a checkpoint engine (the recheck, the data replay) whose architecture is "
+                   "your own Python file: that file, "
                    "imported (its code runs) only if NAME and its sha256 match the checkpoint. Never imported without "
                    "it.")
 @engine_input_option
@@ -479,7 +487,8 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     its example; every eps_max must lie within its norm's largest distance; and every figure derived from the
     per-example eps* (curves, AUACs and intervals, fidelity statistics and verdicts, gates, verdict, status) must
     recompute to the report's. A check that cannot run (no --twin, no adversarials.npz, --recheck 0 or nothing to
-    recheck, no data) fails unless --waive names it.
+    recheck) fails unless --waive names it; a dataset that cannot be read is an input error (exit status 2), and
+    --waive data skips the replay.
 
     Every input is checked before any hash is compared (a missing file is exit status 2, not a mismatch).
 
