@@ -40,3 +40,20 @@ def test_bad_devices_are_user_errors(spec, needle):
         pytest.skip("a machine with 100 GPUs")
     with pytest.raises(UserError, match=needle):
         resolve_device(spec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_convolutions_are_ieee_float32(tf32_flags):
+    """After resolve_device, a convolution on the GPU matches a float64 CPU reference to float32 rounding (TF32, on by
+    default for cuDNN, leaves errors of order 1e-3 relative)."""
+    torch.backends.cudnn.allow_tf32 = True
+    dev = resolve_device("cuda")
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64) / 24)
+    x = torch.randn(8, 64, 32, 32, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ref = conv(x)
+        got = conv.float().to(dev)(x.float().to(dev)).double().cpu()
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
