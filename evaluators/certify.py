@@ -208,6 +208,9 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
            "engine_input": engine.input_convention.to_dict()}
     world = world or World()
     hosts = placement(world, inp.engine_format, x.device)
+    # the examples are split over the ranks: one stream only if every rank draws it (else verify compares statistically)
+    streams = sorted(set(world.gather_text(noise_stream(x.device))))
+    stream = streams[0] if len(streams) == 1 else "mixed: " + "; ".join(streams)
     state = _state(out, key, resume)
     if world.lead:
         out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +296,7 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
         "allowed_flags": sorted(set(cfg.allowed_flags)),
         "gates": gates,
         "provenance": {"kit_version": kit.__version__, "versions": dict(versions or {}), "device": str(x.device),
-                       "noise_stream": noise_stream(x.device),  # whether verify can draw the same noise again
+                       "noise_stream": stream,  # whether verify can draw the same noise again
                        "seed": cfg.seed, "command": command, "started": started,
                        "engine_forwards": engine_forwards, "seconds": time.perf_counter() - t0,
                        "processes": world.size, "hosts": hosts},

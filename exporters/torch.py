@@ -10,7 +10,7 @@ from torch import nn
 
 from exporters.base import Engine, check_max_batch
 from exporters.formats import DEFAULT_MAX_BATCH
-from kit.runtime import ieee_float32, model_tensor
+from kit.runtime import exact_cuda, model_tensor
 
 __all__ = ["TorchEngine"]
 
@@ -46,7 +46,7 @@ class TorchEngine(Engine):
         self.device = first.device if first is not None else torch.device("cpu")
         self._cpu = self.device.type == "cpu"
         if self.device.type == "cuda":
-            ieee_float32()  # an engine held to the twin within 1e-4 needs the twin in exact float32 (no TF32)
+            exact_cuda()  # an engine held to the twin within 1e-4 needs the twin in exact float32 (no TF32)
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
             first.dtype if first is not None else torch.float32, "fp32")
 

@@ -33,7 +33,7 @@ import kit
 from kit.arch import arch_name, rebuild_model
 from kit.errors import UserError
 from kit.io import atomic_write, require_file
-from kit.runtime import ieee_float32
+from kit.runtime import exact_cuda
 
 log = logging.getLogger(__name__)
 
@@ -312,5 +312,5 @@ def load_twin(path: str | Path, device: str | torch.device = "cpu", *,
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit architecture {info.arch_name}: {str(e).splitlines()[0]}") from e
     if torch.device(device).type == "cuda":
-        ieee_float32()  # the twin in exact float32: TF32 would put it beyond an FP32 engine's parity tolerance
+        exact_cuda()  # the twin in exact float32: TF32 would put it beyond an FP32 engine's parity tolerance
     return model.to(device).eval(), info

@@ -145,31 +145,36 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
-def ieee_float32() -> None:
-    """Float32 arithmetic in IEEE float32 on CUDA devices, for the whole process: TF32 off for cuDNN convolutions
-    (which torch computes in TF32 by default, with 10-bit mantissas) and for matrix products.
+def exact_cuda() -> None:
+    """CUDA arithmetic the kit can compare and replay, for the whole process: IEEE float32 (TF32 off for cuDNN
+    convolutions, which torch computes in TF32 by default with 10-bit mantissas, and for matrix products) and
+    deterministic cuDNN algorithms (no autotuning, no atomics in the convolution backward passes an attack takes).
 
     The kit holds a float32 engine to the twin within 1e-4 (export's parity, the audit's clean agreement, ``engine
     run --twin``); a twin computed in TF32 on an Ampere or later GPU differs from an exact float32 engine by several
-    times that on a ResNet. Called by :func:`resolve_device` for every CUDA device the kit resolves, by
-    :func:`kit.checkpoint.load_twin` on CUDA and by the twin's runner; the legacy flags, which every torch release
-    reads, and which keep torch's newer ``fp32_precision`` settings consistent.
+    times that on a ResNet. And an audit for a fixed seed must give the same eps* when run again or resumed. Called
+    by :func:`resolve_device` for every CUDA device the kit resolves, by :func:`kit.checkpoint.load_twin` on CUDA
+    and by the twin's runner. It sets the legacy flags, which every torch release reads and which keep torch's newer
+    ``fp32_precision`` settings consistent.
     """
     import torch
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable :class:`torch.device`.
 
     ``auto`` picks the first CUDA device when one is present, else the CPU. Asking for CUDA where there is none, or for
-    a device index that does not exist, is a :class:`UserError`. A CUDA device turns TF32 off (:func:`ieee_float32`).
+    a device index that does not exist, is a :class:`UserError`. A CUDA device turns TF32 off and cuDNN
+    deterministic (:func:`exact_cuda`).
     """
     dev = _resolve_device(spec)
     if dev.type == "cuda":
-        ieee_float32()
+        exact_cuda()
     return dev
 
 

@@ -168,6 +168,8 @@ def test_more_samples_than_data_is_stated(digits_model, tmp_path, caplog):
     assert n < 100000
     said = r.stderr + caplog.text  # the CLI logs to stderr; under pytest the log capture takes it first
     assert "100000 examples requested" in said and f"using all {n}" in said
+    # with --json the status line is still on stderr (the JSON alone on stdout), as for every command
+    assert f"wrote {tmp_path / 'ev' / 'curves.json'} and {tmp_path / 'ev' / 'curves.png'}" in r.stderr
 
 
 # --------------------------------------------------------------------------------- 12. one name, one place

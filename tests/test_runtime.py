@@ -6,22 +6,25 @@ import pytest
 import torch
 
 from kit.errors import UserError
-from kit.runtime import ieee_float32, resolve_device
+from kit.runtime import exact_cuda, resolve_device
 
 
 @pytest.fixture
 def tf32_flags():
     """Restore torch's TF32 flags after the test (they are process-wide)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    b = torch.backends
+    saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark = saved
 
 
-def test_ieee_float32_turns_tf32_off(tf32_flags):
+def test_exact_cuda_turns_tf32_off_and_cudnn_deterministic(tf32_flags):
     torch.backends.cudnn.allow_tf32 = True  # torch's own default for convolutions
     torch.backends.cuda.matmul.allow_tf32 = True
-    ieee_float32()
+    torch.backends.cudnn.benchmark = True
+    exact_cuda()
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert torch.backends.cudnn.conv.fp32_precision != "tf32" and torch.backends.cuda.matmul.fp32_precision == "ieee"
 
 

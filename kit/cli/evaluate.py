@@ -106,7 +106,13 @@ def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, 
     json_path, png_path = write_outputs(doc, out, title=f"{info.arch_name} ({info.defense}) on {data_spec}")
     if as_json:
         emit_json(doc)
-        return
+    else:
+        _print_curves(doc)
+    status(f"wrote {json_path} and {png_path}")
+
+
+def _print_curves(doc: dict[str, Any]) -> None:
+    """The text summary of ``otkit evaluate``: one row per attack and combined threat model, then the checks."""
     rows = [{"attack": r["name"], "norm": r["norm"], "eps_max": f"{r['eps_max']:.4g}",
              "clean": f"{r['accuracy'][0]:.4f}", "AUAC": f"{r['auac']:.4f}",
              "95% CI": f"[{r['auac_ci'][0]:.4f}, {r['auac_ci'][1]:.4f}]",
@@ -123,4 +129,3 @@ def evaluate(ctx: click.Context, ckpt: Path, data_spec: str | None, split: str, 
             click.echo(f"  [{f['severity']}] {f['id']} ({f['attack'] or 'model'}): {f['message']}")
     else:
         click.echo("\nchecks: none raised")
-    status(f"\nwrote {json_path} and {png_path}")
