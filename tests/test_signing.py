@@ -150,7 +150,7 @@ def test_an_untouched_signed_report_verifies(signed):
     assert res.exit_code == 0 and "--public-key" in res.stderr
 
 
-def test_report_sign_key_without_a_fold_is_refused(signed, tmp_path):
+def test_report_sign_key_without_a_fold_is_refused(signed, tmp_path, monkeypatch):
     """`otkit report --sign-key` signs only a fold of verifier results: a rendering with it is an error, not a
     silently unsigned file."""
     rep, _, _, _, _, _ = signed
@@ -158,6 +158,10 @@ def test_report_sign_key_without_a_fold_is_refused(signed, tmp_path):
     res = run("report", rep, "--format", "html", "--sign-key", rep.parent / "k.key", "--out", out)
     assert_user_error(res, "--sign-key goes with --verifier-results")
     assert not out.exists()
+    # a key in the environment (a CI job's, for its audits) does not stop a rendering
+    monkeypatch.setenv("OTKIT_SIGN_KEY", str(rep.parent / "k.key"))
+    res = run("report", rep, "--format", "md", "--out", out)
+    assert res.exit_code == 0 and out.read_text().startswith("#"), res.output
 
 
 def _tampered(signed, tmp_path, edit) -> Path:

@@ -177,9 +177,10 @@ Exit statuses:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write to this file (atomically) instead of stdout. model-card: the plots are linked relative "
                    "to this file's folder (on stdout, to the current folder).")
-def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: str | None, source_url: str | None,
-           results: Path | None, spec_dir: Path | None, verifier: str | None, out: Path | None,
-           sign_key: Any = None) -> None:
+@click.pass_context
+def report(ctx: click.Context, source: Path, fmt: str, certificates: tuple[Path, ...], model_name: str | None,
+           source_url: str | None, results: Path | None, spec_dir: Path | None, verifier: str | None,
+           out: Path | None, sign_key: Any = None) -> None:
     """Re-render an audit report from its report.json (the folder or the file), or write its release metadata.
 
     The document is validated against otkit.report/1 first. For html the accuracy plot is drawn again from the
@@ -198,7 +199,8 @@ def report(source: Path, fmt: str, certificates: tuple[Path, ...], model_name: s
         return
     if verifier is not None:
         raise UserError("--verifier goes with --verifier-results")
-    if sign_key is not None:
+    # $OTKIT_SIGN_KEY, set for a whole CI job, is left alone here: only the flag itself asks for a signature
+    if ctx.get_parameter_source("sign_key") is click.core.ParameterSource.COMMANDLINE:
         raise UserError("--sign-key goes with --verifier-results (the report is signed again after the fold); a "
                         "rendering or release text is not signed: sign the folder with audit or certify --sign-key")
     if kind in (ReportFormat.MODEL_INDEX, ReportFormat.MODEL_CARD):
