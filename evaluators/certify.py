@@ -204,13 +204,14 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
     noise = cfg.noise()
     engine_sha = engine_sha256(inp.engine_path)
     twin_sha = "sha256:" + sha256_file(inp.twin_path) if inp.twin_path is not None else None
-    key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"],
-           "engine_input": engine.input_convention.to_dict()}
     world = world or World()
     hosts = placement(world, inp.engine_format, x.device)
     # the examples are split over the ranks: one stream only if every rank draws it (else verify compares statistically)
     streams = sorted(set(world.gather_text(noise_stream(x.device))))
     stream = streams[0] if len(streams) == 1 else "mixed: " + "; ".join(streams)
+    # the noise stream is in the key: batches resumed on another device would draw other noise than those kept
+    key = {**cfg.key(), "engine": engine_sha, "twin": twin_sha, "data": inp.data["fingerprint"],
+           "engine_input": engine.input_convention.to_dict(), "noise_stream": stream}
     state = _state(out, key, resume)
     if world.lead:
         out.mkdir(parents=True, exist_ok=True)

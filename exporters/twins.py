@@ -41,6 +41,7 @@ import torch.nn as nn
 from kit.convention import IDENTITY, InputConvention, InputModule
 from kit.errors import UserError
 from kit.io import require_file
+from kit.runtime import exact_cuda
 
 __all__ = ["SOURCE_KINDS", "ImportedTwin", "TwinOptions", "import_twin", "load_any_twin", "source_kind",
            "with_engine_input"]
@@ -155,6 +156,8 @@ def load_any_twin(path: str | Path, device: str | torch.device = "cpu", options:
     if kind != "checkpoint":
         twin = import_twin(path, options, samples=samples, kind=kind)
         twin.model = twin.model.to(device).eval()
+        if torch.device(device).type == "cuda":
+            exact_cuda()  # again: an imported architecture file may have turned TF32 or cuDNN autotuning on
         return twin
     stated = options.stated()
     if stated:

@@ -152,15 +152,21 @@ def exact_cuda() -> None:
 
     The kit holds a float32 engine to the twin within 1e-4 (export's parity, the audit's clean agreement, ``engine
     run --twin``); a twin computed in TF32 on an Ampere or later GPU differs from an exact float32 engine by several
-    times that on a ResNet. And an audit for a fixed seed must give the same eps* when run again or resumed. Called
+    times that on a ResNet. And the gradients an attack follows should not change between two runs (sums with CUDA
+    atomics elsewhere, such as ``index_add_``, may still differ in their last bits). Called
     by :func:`resolve_device` for every CUDA device the kit resolves, by :func:`kit.checkpoint.load_twin` on CUDA
-    and by the twin's runner. It sets the legacy flags, which every torch release reads and which keep torch's newer
-    ``fp32_precision`` settings consistent.
+    and by the twin's runner. It sets the legacy flags, which every torch release reads, and on torch 2.9 and later
+    the per-operator ``fp32_precision`` settings too.
     """
     import torch
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the per-operator settings, which the kernels read (a
+        # "tf32" set at backend level would otherwise still reach convolutions through their inherited "none")
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 

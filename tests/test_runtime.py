@@ -8,14 +8,24 @@ import torch
 from kit.errors import UserError
 from kit.runtime import exact_cuda, resolve_device
 
+_NEW_API = hasattr(torch.backends.cudnn, "conv")  # torch >= 2.9: per-operator fp32_precision settings
+
+
+def _precision_objects():
+    b = torch.backends
+    return [b, b.cudnn, b.cudnn.conv, b.cudnn.rnn, b.cuda.matmul] if _NEW_API else []
+
 
 @pytest.fixture
 def tf32_flags():
-    """Restore torch's TF32 flags after the test (they are process-wide)."""
+    """Restore torch's TF32 and cuDNN flags after the test (they are process-wide)."""
     b = torch.backends
     saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark
+    saved_new = [o.fp32_precision for o in _precision_objects()]
     yield
     b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark = saved
+    for o, v in zip(_precision_objects(), saved_new):  # the generic setting first, then the finer ones
+        o.fp32_precision = v
 
 
 def test_exact_cuda_turns_tf32_off_and_cudnn_deterministic(tf32_flags):
@@ -26,6 +36,17 @@ def test_exact_cuda_turns_tf32_off_and_cudnn_deterministic(tf32_flags):
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert torch.backends.cudnn.conv.fp32_precision != "tf32" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+
+
+@pytest.mark.skipif(not _NEW_API, reason="torch < 2.9 has no fp32_precision settings")
+def test_exact_cuda_overrides_tf32_set_through_the_new_api(tf32_flags):
+    """A script (or an imported training repo) that asked for TF32 at cuDNN's level through torch's newer API: the
+    convolutions' own setting, which their kernels read, ends up IEEE."""
+    torch.backends.cudnn.fp32_precision = "tf32"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    exact_cuda()
+    assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert not torch.backends.cudnn.allow_tf32  # and the legacy reading agrees (torch raises where the two disagree)
 
 
 def test_a_cuda_device_turns_tf32_off_and_the_cpu_leaves_it(tf32_flags):

@@ -374,10 +374,14 @@ def engine_input_option(f: Callable[..., Any]) -> Callable[..., Any]:
              "earlier ones. The kit's own exports record it.")(f)
 
 
-def sign_key_option(f: Callable[..., Any]) -> Callable[..., Any]:
+def sign_key_option(f: Callable[..., Any] | None = None, *, lazy: bool = False) -> Any:
     """``--sign-key KEY`` (or ``$OTKIT_SIGN_KEY``): sign what the command writes (docs/signing.md). The key is read
     when the command line is parsed, so a bad key stops the command before any work; the command gets ``sign_key``
-    as a :class:`kit.signing.SigningKey` or None."""
+    as a :class:`kit.signing.SigningKey` or None. ``lazy=True`` (``@sign_key_option(lazy=True)``): the command gets
+    the key's path and reads it with :func:`kit.signing.load_signing_key` only where it signs (``otkit report`` signs
+    only a fold, and must not fail on a key in the environment that it will not use)."""
+    if f is None:
+        return lambda g: sign_key_option(g, lazy=lazy)
 
     def load(ctx: click.Context, param: click.Parameter, value: Path | None) -> Any:
         if value is None:
@@ -387,7 +391,7 @@ def sign_key_option(f: Callable[..., Any]) -> Callable[..., Any]:
         return load_signing_key(value)
 
     return click.option(
-        "--sign-key", "sign_key", default=None, envvar="OTKIT_SIGN_KEY", callback=load,
+        "--sign-key", "sign_key", default=None, envvar="OTKIT_SIGN_KEY", callback=None if lazy else load,
         type=click.Path(dir_okay=False, path_type=Path), metavar="KEY",
         help="Sign the report with this ed25519 private key (otkit keygen): an in-toto statement of the engine, twin, "
              "data fingerprint and every file written, in a Sigstore bundle beside it (*.sigstore.json); "

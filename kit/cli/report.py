@@ -173,7 +173,7 @@ Exit statuses:
               help="With --verifier-results: the benchmark folder (its otkit-spec.json).")
 @click.option("--verifier", default=None, metavar="NAME", help="With --verifier-results: the verifier's name and "
                                                               "version, recorded in the report.")
-@sign_key_option
+@sign_key_option(lazy=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write to this file (atomically) instead of stdout. model-card: the plots are linked relative "
                    "to this file's folder (on stdout, to the current folder).")
@@ -195,7 +195,9 @@ def report(ctx: click.Context, source: Path, fmt: str, certificates: tuple[Path,
 
     kind = ReportFormat(fmt)
     if results is not None or spec_dir is not None:
-        _fold(source, results, spec_dir, verifier, sign_key)
+        from kit.signing import load_signing_key
+
+        _fold(source, results, spec_dir, verifier, None if sign_key is None else load_signing_key(sign_key))
         return
     if verifier is not None:
         raise UserError("--verifier goes with --verifier-results")

@@ -208,6 +208,9 @@ class Certificate:
         Copies among ``n`` (estimation) classified as the selected class.
     n0, n : int
     alpha : float
+    counts : (num_classes,) int64 tensor (CPU) or None
+        Estimation counts of every class among the ``n`` copies (``count`` is the selected class's); what
+        ``otkit verify`` compares a certificate's claimed class with when its noise cannot be drawn again.
     """
 
     prediction: int
@@ -218,6 +221,7 @@ class Certificate:
     n0: int
     n: int
     alpha: float
+    counts: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def abstained(self) -> bool:
@@ -274,7 +278,7 @@ def certify(
         prediction, radius = -1, 0.0
     else:
         prediction, radius = top, float(noise.radius(p_lower))
-    return Certificate(prediction, p_lower, radius, counts0.cpu(), count, n0, n, alpha)
+    return Certificate(prediction, p_lower, radius, counts0.cpu(), count, n0, n, alpha, counts.cpu())
 
 
 def predict(
