@@ -111,7 +111,8 @@ def load_onnx(source: str | Path | bytes, what: str = "ONNX file") -> tuple[onnx
         # with external data, the checker must see the file's path: it finds (and checks) the data files from it
         onnx.checker.check_model(str(path) if external else proto)
     except onnx.checker.ValidationError as e:
-        raise UserError(f"{label} is not a valid ONNX file (corrupt or truncated?): {first_line(e)}") from e
+        raise UserError(f"{label} is not a valid ONNX file: onnx.checker refuses it ({first_line(e)}); a corrupt or "
+                        "truncated file, or a graph its opset does not allow") from e
     return proto, data, label
 
 
@@ -231,7 +232,8 @@ class Interface:
 
     ``input_dtype`` is a numpy type (``np.float32``, ``np.float16`` or ``np.uint8``), ``output_dtype`` a float one;
     ``input_shape`` is the kit's (C, H, W) (for an NHWC graph, its dimensions 3, 1, 2) and ``num_classes`` the K of
-    the (N, K) logits.
+    the (N, K) logits. ``static_batch`` is N where the graph fixes it (``torch.onnx.export`` without ``dynamic_axes``
+    writes 1), else None.
     """
 
     input_name: str
@@ -240,6 +242,7 @@ class Interface:
     output_dtype: Any
     input_shape: tuple[int, int, int]
     num_classes: int
+    static_batch: int | None = None
 
 
 def _positive_int(v: Any) -> bool:
@@ -301,7 +304,9 @@ def graph_interface(proto: onnx.ModelProto, label: str, meta: dict[str, Any], la
         k = int(meta["num_classes"])
     if k < 1:
         raise UserError(f"{label}: output {outp.name!r} has shape {shape_text(outp)}; the class count must be positive")
-    return Interface(inp.name, outp.name, _ONNX_INPUT_TYPES[in_type], _ONNX_FLOAT_TYPES[out_type], (c, h, w), k)
+    batch = static_dim(inp, 0)
+    return Interface(inp.name, outp.name, _ONNX_INPUT_TYPES[in_type], _ONNX_FLOAT_TYPES[out_type], (c, h, w), k,
+                     batch if batch is not None and batch >= 1 else None)
 
 
 def infer_precision(proto: onnx.ModelProto) -> str:

@@ -375,6 +375,13 @@ _CASES = {
                                          [_init("W", _RNG.normal(size=(4, 1, 3, 3)))]),
     "maxpool_ceil": _case("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)),
     "maxpool_asym_dilated": _case("MaxPool", dict(kernel_shape=[2, 2], pads=[0, 0, 1, 1], dilations=[2, 2])),
+    # asymmetric pads with ceil_mode: ONNX Runtime drops a last window that would start in the end padding
+    "maxpool_asym_ceil": _case("MaxPool", dict(kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1),
+                               x_shape=(2, 4, 8, 8)),
+    "avgpool_asym_ceil_exclude": _case("AveragePool", dict(kernel_shape=[3, 2], strides=[2, 3], pads=[0, 1, 2, 1],
+                                                           ceil_mode=1), x_shape=(2, 4, 8, 7)),
+    "avgpool_asym_ceil_include": _case("AveragePool", dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 0, 1, 1],
+                                                           ceil_mode=1, count_include_pad=1), x_shape=(2, 4, 7, 8)),
     "avgpool_exclude": _case("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
     "avgpool_include": _case("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
                                                  count_include_pad=1)),
@@ -455,6 +462,15 @@ _CASES = {
     "resize_symmetric_not_larger": _case("Resize", dict(mode="linear", axes=[2, 3], keep_aspect_ratio_policy="not_larger",
                                                         coordinate_transformation_mode="half_pixel_symmetric"),
                                          [_init("sz", [5, 20], np.int64)], inputs=["X", "", "", "sz"], opset=19),
+    # tf2onnx's nearest resize at opsets 11-12 (TF1 resize_nearest_neighbor with half_pixel_centers)
+    "resize_tf_half_pixel_for_nn": _case("Resize", dict(mode="nearest", nearest_mode="floor",
+                                                        coordinate_transformation_mode="tf_half_pixel_for_nn"),
+                                         [_init("roi", np.zeros(0)), _init("sc", [1, 1, 1.5, 0.75])],
+                                         inputs=["X", "roi", "sc"], opset=11),
+    "resize_tf_half_pixel_for_nn_linear": _case("Resize", dict(mode="linear",
+                                                               coordinate_transformation_mode="tf_half_pixel_for_nn"),
+                                                [_init("roi", np.zeros(0)), _init("sc", [1, 1, 3, 2])],
+                                                inputs=["X", "roi", "sc"], opset=11),
     "einsum": _case("Einsum", dict(equation="nchw,kc->nkhw"), [_init("k", _RNG.normal(size=(3, 4)))]),
     "matmul": _case("MatMul", {}, [_init("m", _RNG.normal(size=(9, 5)))]),
     "gemm_transA": _case("Gemm", dict(transA=1, alpha=2.0), [_init("b", _RNG.normal(size=(9, 4)))], x_shape=(9, 3)),
@@ -481,6 +497,10 @@ _CASES = {
     "dequantize_blocked": _case("DequantizeLinear", dict(axis=3, block_size=4),
                                 [_init("s", _RNG.random((2, 4, 9, 3)) + 0.1)], inputs=["Xq", "s"], opset=21,
                                 extra=[helper.make_node("Cast", ["X"], ["Xq"], to=TensorProto.INT8)]),
+    # what onnxruntime's quantize_static writes for every bias: an int32 vector, a scale of shape [1] (per tensor)
+    "dequantize_bias_scale_shape1": _case("DequantizeLinear", {}, [_init("s", [0.05]), _init("z", [0], np.int32)],
+                                          inputs=["Xq", "s", "z"], x_shape=(9,),
+                                          extra=[helper.make_node("Cast", ["X"], ["Xq"], to=TensorProto.INT32)]),
     "quantize_per_tensor": _case("QuantizeLinear", {}, [_init("s", 0.02), _init("z", 3, np.int8)],
                                  out_type=TensorProto.INT8),
     "quantize_uint8_default": _case("QuantizeLinear", {}, [_init("s", 0.01)], out_type=TensorProto.UINT8, opset=13),
@@ -618,3 +638,44 @@ def test_malformed_graphs_are_refused():
         OnnxModule(unsorted)
     with pytest.raises(UserError, match="not an ONNX graph skeleton"):
         OnnxModule.from_skeleton(b"\xff\x00 not a skeleton")
+
+
+def _fixed_batch_graph(batch: int) -> onnx.ModelProto:
+    """Conv -> Reshape to the constant [batch, -1] -> Gemm, with the input's batch fixed at ``batch`` (what
+    torch.onnx.export writes without dynamic_axes, from ``x.view(x.size(0), -1)``)."""
+    rng = np.random.default_rng(batch)
+    nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "W2", "b"], ["Y"], transB=1)]
+    inits = [_init("W", rng.normal(size=(2, 1, 3, 3))), _init("shape", [batch, -1], np.int64),
+             _init("W2", rng.normal(size=(5, 32))), _init("b", rng.normal(size=5))]
+    graph = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("X", _F, [batch, 1, 4, 4])],
+                              [helper.make_tensor_value_info("Y", _F, [batch, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_fixed_batch_graph_runs_any_batch(batch, tmp_path):
+    """A graph whose batch is fixed: the twin and the engine run it that many inputs at a time (the last chunk padded),
+    so a batch of 7 gives each input what ONNX Runtime gives it in a batch of its own."""
+    from exporters.onnx import OnnxRuntimeEngine
+
+    proto = _fixed_batch_graph(batch)
+    onnx.checker.check_model(proto, full_check=True)
+    x = torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    pad = np.zeros((batch - 1, 1, 4, 4), np.float32)
+    ref = np.concatenate([session.run(None, {"X": np.concatenate([x[i:i + 1].numpy(), pad])})[0][:1]
+                          for i in range(len(x))])
+    twin = onnx_to_torch(proto)
+    assert twin.static_batch == batch and OnnxModule.from_skeleton(graph_skeleton(proto)).static_batch == batch
+    xg = x.clone().requires_grad_(True)
+    got = twin(xg)
+    np.testing.assert_allclose(got.detach().numpy(), ref, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert torch.isfinite(xg.grad).all() and (xg.grad.flatten(1).abs().sum(1) > 0).all()
+    path = tmp_path / "fixed.onnx"
+    onnx.save(proto, str(path))
+    engine = OnnxRuntimeEngine(path, max_batch=64)
+    assert engine.max_batch == batch  # the graph's own, whatever was asked
+    np.testing.assert_allclose(engine(x).numpy(), ref, rtol=1e-5, atol=1e-5)

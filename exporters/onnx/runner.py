@@ -209,6 +209,11 @@ class OnnxRuntimeEngine(Engine):
         recorded = self.metadata.get("max_batch")
         default = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else DEFAULT_MAX_BATCH
         self.max_batch = check_max_batch(max_batch if max_batch is not None else default)
+        # a graph with a fixed batch size (torch.onnx.export without dynamic_axes writes 1) runs that many inputs per
+        # call whatever was asked; a smaller last chunk is padded (_run)
+        self._static_batch = self._io.static_batch
+        if self._static_batch is not None:
+            self.max_batch = self._static_batch
         base = name or (Path(label).name if not isinstance(source, (bytes, bytearray)) else "model.onnx")
         self.name = f"{base} [onnxruntime {'+'.join(short)}]"
         # Everything a call needs, resolved once: the per-call path reads plain attributes only.
@@ -219,7 +224,8 @@ class OnnxRuntimeEngine(Engine):
         self._fast = None if self._cuda else _cpu_binding(self._session, self._io)
         # __call__ serves float32 logits straight from the binding; a float16 output goes the general way (converted)
         # and so does an input convention (mapped by Engine before _run)
-        self._fast_call = self._fast if self._torch_out is torch.float32 and convention.identity else None
+        self._fast_call = self._fast if (self._torch_out is torch.float32 and convention.identity
+                                          and (self._static_batch or 1) == 1) else None
         self._local = threading.local()  # one IO binding per calling thread
         self.use_convention(convention)
 
@@ -256,6 +262,9 @@ class OnnxRuntimeEngine(Engine):
         return super().__call__(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        n, fixed = x.shape[0], self._static_batch
+        if fixed is not None and n < fixed:  # a fixed-batch graph: pad the last chunk, keep the first n logits
+            return self._run(torch.cat([x, x.new_zeros((fixed - n, *x.shape[1:]))]))[:n]
         if self._cuda:
             return self._run_bound(x)
         if x.dtype is not self._torch_in or not x.is_cpu:

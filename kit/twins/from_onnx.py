@@ -409,23 +409,41 @@ def _pool(step: _Step, ins: list[Value]) -> Tensor:
     pads = _spatial_pads(step, x.shape[2:], kernel, strides, dil)
     begins, ends = pads[:nd], pads[nd:]
     simple = begins == ends and all(p <= k // 2 for p, k in zip(begins, kernel))
+    # with explicit padding torch sees the padded tensor as input, and ceil_mode would keep a last window that starts in
+    # the end padding, which ONNX drops: cut the output to ONNX's size
+    sizes = [_pool_out(n, k, s, d, b, e, ceil) for n, k, s, d, b, e in zip(x.shape[2:], kernel, strides, dil, begins,
+                                                                          ends)]
+
+    def cut(y: Tensor) -> Tensor:
+        return y[(..., *(slice(0, m) for m in sizes))]
+
     if step.op_type == "MaxPool":
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
         if simple:
             return pool(x, kernel, strides, begins, dil, ceil_mode=ceil)
         padded = F.pad(x, _torch_pad_order(begins, ends), value=-math.inf)
-        return pool(padded, kernel, strides, 0, dil, ceil_mode=ceil)
+        return cut(pool(padded, kernel, strides, 0, dil, ceil_mode=ceil))
     avg = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
     include = bool(int(a.get("count_include_pad", 0)))
     if simple:
         return avg(x, kernel, strides, begins, ceil_mode=ceil, count_include_pad=include)
     order = _torch_pad_order(begins, ends)
-    summed = avg(F.pad(x, order), kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
+    summed = cut(avg(F.pad(x, order), kernel, strides, 0, ceil_mode=ceil, count_include_pad=True))
     if include:
         return summed
     ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-    share = avg(F.pad(ones, order), kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
+    share = cut(avg(F.pad(ones, order), kernel, strides, 0, ceil_mode=ceil, count_include_pad=True))
     return summed / share
+
+
+def _pool_out(n: int, k: int, s: int, d: int, begin: int, end: int, ceil: bool) -> int:
+    """ONNX's pooled size along one axis: with ``ceil_mode`` a last window that would start in the end padding is
+    dropped."""
+    span = n + begin + end - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + begin:
+        out -= 1
+    return out
 
 
 def _global_pool(step: _Step, ins: list[Value]) -> Tensor:
@@ -731,6 +749,8 @@ def _coordinates(mode: str, out: int, size: int, scale: float, device: torch.dev
         adjustment = out / (scale * size)
         offset = size / 2 * (1 - adjustment)
         return offset + (x + 0.5) / scale - 0.5
+    if mode == "tf_half_pixel_for_nn":  # tf2onnx's nearest at opsets 11-12
+        return (x + 0.5) / scale
     raise AssertionError(mode)
 
 
@@ -798,8 +818,8 @@ def _resize(step: _Step, ins: list[Value]) -> Tensor:
 
 def _along(v: Tensor, x: Tensor, axis: int, block: int) -> Tensor:
     """A scale or zero point shaped to broadcast against ``x`` (per tensor, per axis or per block)."""
-    if v.dim() == 0:
-        return v
+    if v.dim() == 0 or (v.numel() == 1 and block == 0):  # one value: per tensor (a [1] scale too, as ONNX Runtime)
+        return v.reshape(())
     axis = _axis(axis, x.dim())
     if block > 0:
         return v.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
@@ -908,8 +928,10 @@ def _form_problem(node: onnx.NodeProto, attrs: dict[str, Any]) -> str | None:
     if op == "Resize" or op == "Upsample":
         if text("mode", "nearest") not in ("nearest", "linear", "bilinear"):
             return f"{op} mode {text('mode', 'nearest')!r}"
-        if text("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
-            return f"{op} coordinate_transformation_mode 'tf_crop_and_resize'"
+        known = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric",
+                 "tf_half_pixel_for_nn")
+        if text("coordinate_transformation_mode", "half_pixel") not in known:
+            return f"{op} coordinate_transformation_mode {text('coordinate_transformation_mode', '')!r}"
         if int(attrs.get("antialias", 0)):
             return f"{op} antialias=1"
     if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
@@ -1043,6 +1065,10 @@ class OnnxModule(torch.nn.Module):
                             f"input(s) and {len(graph.output)} output(s)")
         self.input_name: str = inputs[0].name
         self.output_name: str = graph.output[0].name
+        dims = inputs[0].type.tensor_type.shape.dim
+        # a fixed batch size (torch.onnx.export without dynamic_axes writes 1): forward runs that many at a time
+        self.static_batch: int | None = (int(dims[0].dim_value) if len(dims) and dims[0].HasField("dim_value")
+                                         and dims[0].dim_value >= 1 else None)
 
         # Q/DQ: QuantizeLinear nodes whose every consumer is a DequantizeLinear
         consumers: dict[str, list[int]] = {}
@@ -1157,11 +1183,27 @@ class OnnxModule(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Run the graph on ``x`` (the graph's native input layout and range, any float dtype) in float32.
 
+        A graph whose batch size is fixed (:attr:`static_batch`) sees that many inputs at a time: ``x`` is cut into
+        chunks of it, the last one padded with zeros and its extra outputs dropped, so its Reshape constants (such as
+        ``[1, -1]``) hold; each input's output and gradient are what the graph gives it alone.
+
         Returns
         -------
         torch.Tensor
             The graph's output, float32.
         """
+        fixed = self.static_batch
+        if fixed is None or x.shape[0] == fixed:
+            return self._run(x)
+        outs = []
+        for chunk in x.split(fixed):
+            n = chunk.shape[0]
+            if n < fixed:
+                chunk = torch.cat([chunk, chunk.new_zeros((fixed - n, *chunk.shape[1:]))])
+            outs.append(self._run(chunk)[:n])
+        return torch.cat(outs) if outs else self._run(x)
+
+    def _run(self, x: Tensor) -> Tensor:
         values: dict[str, Value] = {name: getattr(self, buf) for name, buf in self.buffer_names.items()}
         values[self.input_name] = x.to(torch.float32)
         values[""] = None
