@@ -389,3 +389,29 @@ def test_external_data_and_lightning_prefixes_import(elsewhere, tmp_path):
     assert twin.info.source["prefixes_stripped"] == ["model."]
     with torch.no_grad():
         assert torch.equal(twin.model(elsewhere["x"]), expected(elsewhere))
+
+
+def test_an_nhwc_looking_onnx_graph_gets_a_hint(tmp_path, caplog):
+    """A graph whose input reads (16, 16, 1) as (C, H, W) is most likely channels-last: the import says which flag
+    reads it so; with --input-layout nhwc the note is gone and the shape is (1, 16, 16)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("GlobalAveragePool", ["t"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 16, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(rng.normal(size=(10, 1)).astype(np.float32), "w")])
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    res = run("models", "import", path, "--num-classes", 10, "--out", tmp_path / "a.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    said = res.stderr + caplog.text  # the CLI logs to stderr; under pytest the log capture takes it first
+    assert "give --input-layout nhwc" in said and json.loads(res.stdout)["input_shape"] == [16, 16, 1]
+    caplog.clear()
+    res = run("models", "import", path, "--num-classes", 10, "--input-layout", "nhwc", "--out",
+              tmp_path / "b.safetensors", "--json")
+    assert res.exit_code == 0 and "--input-layout" not in res.stderr + caplog.text, res.output
+    assert json.loads(res.stdout)["input_shape"] == [1, 16, 16]
