@@ -327,7 +327,7 @@ def _from_onnx(path: Path, options: TwinOptions, convention: InputConvention, so
     convention = engine.input_convention
     io = graph_interface(proto, label, meta, layout=convention.layout)
     shape = _input_shape(options, io.input_shape, str(path))
-    if convention.layout == "nchw" and shape[0] not in (1, 3, 4) and shape[2] in (1, 3, 4):
+    if options.convention is None and shape[0] not in (1, 3, 4) and shape[2] in (1, 3, 4):  # no layout stated
         log.warning("note: %s takes (C, H, W) = (%s) read as channels first; if its channels come last (NHWC), give "
                     "--input-layout nhwc", path.name, ", ".join(map(str, shape)))
     num_classes = _num_classes(options, io.num_classes, str(path))

@@ -375,6 +375,9 @@ _CASES = {
                                          [_init("W", _RNG.normal(size=(4, 1, 3, 3)))]),
     "maxpool_ceil": _case("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)),
     "maxpool_asym_dilated": _case("MaxPool", dict(kernel_shape=[2, 2], pads=[0, 0, 1, 1], dilations=[2, 2])),
+    # a window wholly in the padding: ONNX Runtime gives the lowest float, not -inf
+    "maxpool_window_in_padding": _case("MaxPool", dict(kernel_shape=[2, 2], dilations=[3, 3], pads=[1, 1, 1, 1]),
+                                       x_shape=(2, 4, 2, 2)),
     # asymmetric pads with ceil_mode: ONNX Runtime drops a last window that would start in the end padding
     "maxpool_asym_ceil": _case("MaxPool", dict(kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1),
                                x_shape=(2, 4, 8, 8)),
@@ -655,7 +658,7 @@ def _fixed_batch_graph(batch: int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_a_fixed_batch_graph_runs_any_batch(batch, tmp_path):
+def test_a_fixed_batch_graph_runs_any_batch(batch, tmp_path, caplog):
     """A graph whose batch is fixed: the twin and the engine run it that many inputs at a time (the last chunk padded),
     so a batch of 7 gives each input what ONNX Runtime gives it in a batch of its own."""
     from exporters.onnx import OnnxRuntimeEngine
@@ -677,5 +680,6 @@ def test_a_fixed_batch_graph_runs_any_batch(batch, tmp_path):
     path = tmp_path / "fixed.onnx"
     onnx.save(proto, str(path))
     engine = OnnxRuntimeEngine(path, max_batch=64)
-    assert engine.max_batch == batch  # the graph's own, whatever was asked
+    assert engine.max_batch == batch  # the graph's own, whatever was asked, and said
+    assert f"fixes its batch size at {batch}" in caplog.text
     np.testing.assert_allclose(engine(x).numpy(), ref, rtol=1e-5, atol=1e-5)

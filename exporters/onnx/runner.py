@@ -213,6 +213,9 @@ class OnnxRuntimeEngine(Engine):
         # call whatever was asked; a smaller last chunk is padded (_run)
         self._static_batch = self._io.static_batch
         if self._static_batch is not None:
+            if max_batch is not None and max_batch != self._static_batch:
+                log.warning("note: %s fixes its batch size at %d: it runs %d input(s) per call, not %d", label,
+                            self._static_batch, self._static_batch, max_batch)
             self.max_batch = self._static_batch
         base = name or (Path(label).name if not isinstance(source, (bytes, bytearray)) else "model.onnx")
         self.name = f"{base} [onnxruntime {'+'.join(short)}]"

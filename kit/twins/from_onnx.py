@@ -419,10 +419,12 @@ def _pool(step: _Step, ins: list[Value]) -> Tensor:
 
     if step.op_type == "MaxPool":
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+        # a window wholly in the padding: ONNX Runtime's lowest float, not -inf (which a later Mul by 0 turns into NaN)
+        low = torch.finfo(x.dtype).min
         if simple:
-            return pool(x, kernel, strides, begins, dil, ceil_mode=ceil)
+            return pool(x, kernel, strides, begins, dil, ceil_mode=ceil).clamp_min(low)
         padded = F.pad(x, _torch_pad_order(begins, ends), value=-math.inf)
-        return cut(pool(padded, kernel, strides, 0, dil, ceil_mode=ceil))
+        return cut(pool(padded, kernel, strides, 0, dil, ceil_mode=ceil)).clamp_min(low)
     avg = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
     include = bool(int(a.get("count_include_pad", 0)))
     if simple:
