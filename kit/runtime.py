@@ -137,6 +137,21 @@ def model_tensor(model: torch.nn.Module) -> torch.Tensor | None:
     return next((b for b in model.buffers() if b.is_floating_point()), None)
 
 
+def run_fixed_batch(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``run`` on ``x`` for a graph whose batch size is fixed at ``batch``: in chunks of that size, the last one padded
+    with zeros and its extra outputs dropped, so each input gets what the graph gives it alone (and no gradient
+    crosses between inputs)."""
+    import torch
+
+    outs = []
+    for chunk in x.split(batch):
+        n = chunk.shape[0]
+        if n < batch:
+            chunk = torch.cat([chunk, chunk.new_zeros((batch - n, *chunk.shape[1:]))])
+        outs.append(run(chunk)[:n])
+    return torch.cat(outs) if outs else run(x)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s tensors are (:func:`model_tensor`; the CPU for a model without any)."""
     import torch

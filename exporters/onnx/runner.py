@@ -31,6 +31,7 @@ from exporters.onnx.model import combined_sha256
 from exporters.onnxproto import TensorType
 from kit.convention import InputConvention
 from kit.errors import UserError
+from kit.runtime import run_fixed_batch
 
 __all__ = ["PROVIDERS", "OnnxRuntimeEngine"]
 
@@ -265,9 +266,9 @@ class OnnxRuntimeEngine(Engine):
         return super().__call__(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        n, fixed = x.shape[0], self._static_batch
-        if fixed is not None and n < fixed:  # a fixed-batch graph: pad the last chunk, keep the first n logits
-            return self._run(torch.cat([x, x.new_zeros((fixed - n, *x.shape[1:]))]))[:n]
+        fixed = self._static_batch
+        if fixed is not None and x.shape[0] < fixed:  # a fixed-batch graph: the last chunk padded
+            return run_fixed_batch(self._run, x, fixed)
         if self._cuda:
             return self._run_bound(x)
         if x.dtype is not self._torch_in or not x.is_cpu:

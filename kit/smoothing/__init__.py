@@ -29,5 +29,5 @@ from kit.smoothing.noise import (
 
 __all__ = ["Certificate", "GaussianNoise", "NoiseModel", "Smoothing", "WassersteinNoise", "binomial_test_p",
            "certified_accuracy", "certified_auac", "certify", "clopper_pearson", "edge_differences",
-           "example_generator", "flow_divergence", "lower_confidence_bound", "make_noise", "noise_block", "noise_stream", "predict",
-           "sample_counts"]
+           "example_generator", "flow_divergence", "lower_confidence_bound", "make_noise", "noise_block", "noise_stream",
+           "predict", "sample_counts"]

@@ -88,6 +88,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
 from kit.errors import UserError
+from kit.runtime import run_fixed_batch
 
 __all__ = ["OnnxModule", "graph_skeleton", "onnx_to_torch", "supported_ops"]
 
@@ -736,6 +737,11 @@ def _pad(step: _Step, ins: list[Value]) -> Tensor:
 # ------------------------------------------------------------------------------------------------------------ resize
 
 
+#: Resize's coordinate transformation modes :func:`_coordinates` reads (``tf_crop_and_resize`` is not one)
+_COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric",
+                     "tf_half_pixel_for_nn")
+
+
 def _coordinates(mode: str, out: int, size: int, scale: float, device: torch.device) -> Tensor:
     """Source coordinates (float64) of the ``out`` output positions along one axis."""
     x = torch.arange(out, dtype=torch.float64, device=device)
@@ -930,9 +936,7 @@ def _form_problem(node: onnx.NodeProto, attrs: dict[str, Any]) -> str | None:
     if op == "Resize" or op == "Upsample":
         if text("mode", "nearest") not in ("nearest", "linear", "bilinear"):
             return f"{op} mode {text('mode', 'nearest')!r}"
-        known = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric",
-                 "tf_half_pixel_for_nn")
-        if text("coordinate_transformation_mode", "half_pixel") not in known:
+        if text("coordinate_transformation_mode", "half_pixel") not in _COORDINATE_MODES:
             return f"{op} coordinate_transformation_mode {text('coordinate_transformation_mode', '')!r}"
         if int(attrs.get("antialias", 0)):
             return f"{op} antialias=1"
@@ -1197,13 +1201,7 @@ class OnnxModule(torch.nn.Module):
         fixed = self.static_batch
         if fixed is None or x.shape[0] == fixed:
             return self._run(x)
-        outs = []
-        for chunk in x.split(fixed):
-            n = chunk.shape[0]
-            if n < fixed:
-                chunk = torch.cat([chunk, chunk.new_zeros((fixed - n, *chunk.shape[1:]))])
-            outs.append(self._run(chunk)[:n])
-        return torch.cat(outs) if outs else self._run(x)
+        return run_fixed_batch(self._run, x, fixed)
 
     def _run(self, x: Tensor) -> Tensor:
         values: dict[str, Value] = {name: getattr(self, buf) for name, buf in self.buffer_names.items()}
