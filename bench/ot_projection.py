@@ -449,12 +449,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: int = 3, n_exact: int = 4,
-                 regs: tuple[float, ...] = (), variants: tuple[tuple[str, dict], ...] = (),
+                 regs: tuple[float, ...] = (), variants: dict[str, dict[str, Any]] | None = None,
                  log: Callable[[str], None] | None = None) -> dict:
     """Ours against Wong et al.'s code on one batch of real images, at the kit's defaults and at the paper's problem:
     CPU seconds (median of ``repeat``, one thread), iterations, budget use (exact W / eps on ``n_exact`` examples).
     ``regs``: also our defaults at each of these ``reg`` (per unit mass), settings named ``reg_<value>`` -- the
-    trade-off between the problem's sharpness (budget use) and time. ``variants``: (name, keyword arguments) of
+    trade-off between the problem's sharpness (budget use) and time. ``variants``: name -> keyword arguments of
     further settings of ours (:func:`parse_variant`), e.g. a looser certificate beside a smaller ``reg``."""
     size = "x".join(map(str, x.shape[1:]))
     lam_paper = PAPER_REG.get(size, 1000.0)
@@ -464,7 +464,7 @@ def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: 
         "defaults": {}, "paper_problem": paper,
         # their stopping rule: the dual rise alone (no row-error requirement), per example
         "paper_problem_wong_rule": {**paper, "ztol": None, "tol": 1e-4, "marginal_tol": float("inf")},
-        **{f"reg_{r:g}": {"reg": float(r)} for r in regs}, **dict(variants)}
+        **{f"reg_{r:g}": {"reg": float(r)} for r in regs}, **(variants or {})}
     out: dict = {"lambda_paper": lam_paper, "eps": eps, "mass_mean": round(float(x.sum((1, 2, 3)).mean()), 2),
                  "zero_pixels": round(float((x == 0).float().mean()), 4)}
     # Wong et al.'s side: the same call at every setting (their own defaults are the paper's lambda)
@@ -510,7 +510,7 @@ def compare_real(x: torch.Tensor, ps: Any, name: str, eps: float = 0.1, repeat: 
 
 def run_real(data_root: Path, names: tuple[str, ...] = tuple(REAL_DATA), batch: int = 32, repeat: int = 3,
              n_exact: int = 4, install: bool = True, regs: tuple[float, ...] = (),
-             variants: tuple[tuple[str, dict], ...] = (), log: Callable[[str], None] | None = None) -> dict:
+             variants: dict[str, dict[str, Any]] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """:func:`compare_real` on each real dataset (one thread); datasets that are absent are skipped and say so."""
     ps, source = load_wong(install, log)
     doc: dict = {"peer": source, "threads": 1, "load_before": load_average(), "datasets": {}, "skipped": []}
@@ -583,7 +583,7 @@ def main() -> None:
         out["real"] = run_real(args.data_root, names, batch=args.batch, repeat=1 if args.quick else args.repeat,
                                n_exact=1 if args.quick else 4, install=not args.no_install,
                                regs=tuple(float(r) for r in args.regs.split(",") if r),
-                               variants=tuple(dict(args.variant).items()), log=log)
+                               variants=dict(args.variant), log=log)
         for line in summary_lines(out["real"]):
             log(line)
     if args.synthetic:
