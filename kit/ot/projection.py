@@ -57,15 +57,14 @@ runs the β, α and ψ steps in that order):
 **Cost of an iteration.** The two log-sum-exps over the k*k window are the work: each is five vectorised passes over
 one (n, k, k, C, H, W + 2r) buffer that is reused for the whole call (:meth:`_Geometry.lse`: the shifted values, read
 without copies from a strided view of the padded image in which each offset's window is one contiguous run, their
-maximum over the window, then in place the shift, the exponential and the sum; exponentials are floored at a
-relative 1e-35 in float32, because ``exp`` of ``-inf`` and subnormal results take paths an order of magnitude slower
-on CPUs). The α step's exponentials also give the plan of
-exact rows, :math:`\Pi_{i,o} = \hat x_i t_{o,i}/\sum_{o'} t_{o',i}`, so the per-offset masses of step 3 are one
-batched matrix-vector product (an in-place product and a sum over the pixels: ``torch.bmm`` with one column runs as
-a batched gemv, seven times slower on CPUs). "log 0" (empty source pixels, outside the image) is the finite
-``_NEG_BIG`` inside the iteration, so the per-pixel arithmetic needs no masks: on CPUs ``torch.where``, comparisons and
-``isfinite`` cost ten times an addition. Everything per example: an example's iterates do not depend on the rest of
-the batch.
+maximum over the window, then in place the shift, the exponential (``exp2``, in base 2) and the sum; exponentials are
+floored at a relative 1e-35 in float32, because ``exp`` of ``-inf`` and subnormal results take paths an order of
+magnitude slower on CPUs). The α step's exponentials also give the plan of exact rows, :math:`\Pi_{i,o} = \hat x_i
+t_{o,i}/\sum_{o'} t_{o',i}`, so the per-offset masses of step 3 are one batched matrix-vector product (an in-place
+product and a sum over the pixels: ``torch.bmm`` with one column runs as a batched gemv, seven times slower on CPUs).
+"log 0" (empty source pixels, outside the image) is the finite ``_NEG_BIG`` inside the iteration, so the per-pixel
+arithmetic needs no masks: on CPUs ``torch.where``, comparisons and ``isfinite`` cost ten times an addition.
+Everything per example: an example's iterates do not depend on the rest of the batch.
 
 **Anderson acceleration (deviation, ``anderson``, the default).** Sinkhorn on local kernels is slow at the large λ we
 want (below): on real images (digits: 80 % of the pixels empty, the strokes saturated at 1) plain block ascent needs
@@ -177,6 +176,7 @@ _NEG = float("-inf")
 # that the hot loop needs no masks (comparisons, ``torch.where`` and ``isfinite`` are an order of magnitude slower
 # than arithmetic on CPUs): e^(_NEG_BIG + anything of the problem's size) is clamped to the exp floor like e^-inf.
 _NEG_BIG = -1e30
+_LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
 # A cold start anneals lambda; at each advance the new (beta, psi) is the old one scaled by ratio**p for the p of this
 # tuple whose dual objective (after one alpha and one psi step) is the highest, per example (module docstring).
 _ADVANCE_POWERS = (0.0, 1.0)
@@ -313,6 +313,9 @@ class _Geometry:
         self.ext = h * self.wp
         self.cost5 = self.cost.view(1, k, k, 1, 1)
         self.floor = _exp_floor(dtype)
+        # lse works in base 2 (exp2 runs 2-3x faster than exp on CPUs): the costs and the floor in units of log 2
+        self.cost5_2 = self.cost5 * _LOG2E
+        self.floor2 = self.floor * _LOG2E
         self._buf: torch.Tensor | None = None
 
     def pad(self, v: torch.Tensor, value: float = _NEG_BIG) -> torch.Tensor:
@@ -347,31 +350,40 @@ class _Geometry:
         Five passes over the window: the shifted values, their maximum :math:`m_i` over the offsets, and in place
         :math:`t_{o,i} = e^{\max(v_{i+d(o)} - \psi C_o - m_i,\ f)}` with the floor :math:`f` of
         :func:`_exp_floor` (a relative 1e-35 in float32: harmless, and exp then never takes the slow paths of
-        ``-inf`` or of subnormal results, an order of magnitude slower on CPUs), then their sum. Because the cost
+        ``-inf`` or of subnormal results, an order of magnitude slower on CPUs), then their sum. The passes work in
+        base 2 (``v`` and the costs times :math:`\log_2 e`, then ``exp2``): on CPUs ``exp2`` runs 2.7 times faster
+        than ``exp`` (8 against 22 µs on 25,088 float32 values, one thread), at the same rounding error of the
+        result (measured against float64). Because the cost
         and the validity of an offset are symmetric, the sum over the sources j of a target i is this same sum.
         ``v`` must be finite (log 0 is ``_NEG_BIG``; a window without mass gives about ``_NEG_BIG``). Returns
         (lse, t, acc): ``lse`` and :math:`acc_i = \sum_o t_{o,i} \ge 1` as (n, C, H, W) images, ``t`` as
         (n, k, k, C, H * W_p) extended rows (class docstring) in the workspace, or in ``out``.
         """
         n, k, r, c = v.shape[0], self.k, self.r, self.c
-        vp = F.pad(v, (r, r, r, r + 1), value=_NEG_BIG)  # one more row: the last window run ends 2r - 1 past
+        # base 2 (docstring); one more row: the last window run ends 2r - 1 past the padded image
+        vp = F.pad(v, (r, r, r, r + 1), value=_NEG_BIG).mul_(_LOG2E)
         hp = self.h + 2 * r + 1
         win = vp.as_strided((n, k, k, c, self.ext), (c * hp * self.wp, self.wp, 1, hp * self.wp, 1),
                             vp.storage_offset())
         t = self.workspace(n, v) if out is None else out
-        torch.sub(win, psi.view(-1, 1, 1, 1, 1) * self.cost5, out=t)
+        torch.sub(win, psi.view(-1, 1, 1, 1, 1) * self.cost5_2, out=t)
         m = t.amax((1, 2))
-        t.sub_(m[:, None, None]).clamp_(min=self.floor).exp_()
+        t.sub_(m[:, None, None]).clamp_(min=self.floor2).exp2_()
         acc = t.sum((1, 2))
-        return self.hw(m + torch.log(acc)), t, self.hw(acc)
+        return self.hw(torch.log(acc).add_(m, alpha=_LN2)), t, self.hw(acc)
 
     def colsum(self, plan: torch.Tensor) -> torch.Tensor:
-        """Target marginal of a window-layout plan: :math:`z_j = \\sum_o \\Pi_{j - d(o), o}`, (n, C, H, W)."""
-        n, r, h, w = plan.shape[0], self.r, self.h, self.w
+        """Target marginal of a window-layout plan: :math:`z_j = \\sum_o \\Pi_{j - d(o), o}`, (n, C, H, W).
+
+        In two rounds of k shifted additions, along the rows and then along the columns (2k operations instead of
+        k*k: at the small batches of the certificate's checks their count is the cost)."""
+        n, k, r, h, w = plan.shape[0], self.k, self.r, self.h, self.w
+        rows = plan.new_zeros(n, k, self.c, h, w + 2 * r)  # rows[a, i, j + r] = sum_b plan[a, b, i, j - (b - r)]
+        for b in range(k):
+            rows[..., b:b + w] += plan[:, :, b]
         zp = plan.new_zeros(n, self.c, h + 2 * r, w + 2 * r)
-        for a in range(self.k):
-            for b in range(self.k):
-                zp[:, :, a:a + h, b:b + w] += plan[:, a, b]
+        for a in range(k):
+            zp[:, :, a:a + h] += rows[:, a]
         return zp[:, :, r:r + h, r:r + w]
 
     def public(self, plan: torch.Tensor) -> torch.Tensor:
