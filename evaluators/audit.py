@@ -484,6 +484,35 @@ def check_cluster(engine_format: str, devices: Sequence[str]) -> None:
                         "audit it on one kind of GPU, with one engine per GPU type (docs/distributed.md)")
 
 
+#: The clean logit gap of an fp16 engine is held to this many times the gap of the twin itself run in float16 (the
+#: size of float16's rounding: 6.3e-3 for a digits cnn at logit scale 17, whose fp16 export shows 2.3e-3), and never
+#: below ``atol + rtol * logit scale`` of :data:`FP16_GAP_FLOOR` (0.18 there): room for an engine that accumulates in
+#: float16 where torch does not (TensorRT on a GPU). An fp16 engine of another model (gap 0.98 for one more epoch of
+#: training), a bias of 1 on one class, an input scaled by 0.8 (4.0) or softmax outputs (16.6) are then mismatches,
+#: as they are in fp32; all four passed before, their predictions agreeing.
+FP16_GAP_SLACK = 20.0
+FP16_GAP_FLOOR = (1e-2, 1e-2)
+
+
+def _fp16_gap_tolerance(twin: nn.Module, x: torch.Tensor, bs: int, twin_logits: torch.Tensor, scale: float
+                        ) -> float | None:
+    """The largest clean logit gap an honest fp16 engine may show (:data:`FP16_GAP_SLACK`), from the twin run in
+    float16 on the same examples; ``None`` (the gap is reported, not judged) for a twin that cannot compute in
+    float16 (a rebuilt ONNX graph computes in float32 whatever its buffers)."""
+    from kit.attacks.differential import HalfPrecision
+    from kit.twins.from_onnx import OnnxModule
+
+    if any(isinstance(m, OnnxModule) for m in twin.modules()):
+        return None
+    with torch.no_grad():
+        half = _predict(HalfPrecision(twin).eval(), x, bs, "clean: twin in float16")
+    ref = float((half.double() - twin_logits.double()).abs().max()) if len(x) else 0.0
+    if not math.isfinite(ref):  # the twin overflows in float16: nothing to calibrate on
+        return None
+    atol, rtol = FP16_GAP_FLOOR
+    return max(FP16_GAP_SLACK * ref, atol + rtol * scale)
+
+
 def _clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor, bs: int,
                   tols: Tolerances) -> dict[str, Any]:
     """1. The clean check: both models on the clean examples, their agreement and largest logit gap, judged."""
@@ -491,8 +520,13 @@ def _clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Ten
     engine_logits = _predict(engine, x, bs, "clean: engine")
     parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y,
                             runtime=engine.parity_runtime)
-    # the FP32 tolerance holds where the engine computes in fp32 on the very pixels the twin sees
-    gap_tol = parity.tolerance if engine.input_convention.dtype == "float32" else None
+    # a gap tolerance holds where the engine computes on the very pixels the twin sees: export's FP32 tolerance for
+    # an fp32 engine, the float16 twin's rounding for an fp16 engine (int8: the agreement only)
+    gap_tol = None
+    if engine.input_convention.dtype == "float32":
+        gap_tol = parity.tolerance
+        if engine.precision == "fp16":
+            gap_tol = _fp16_gap_tolerance(twin, x, bs, twin_logits, parity.logit_scale)
     return {
         "twin_accuracy": parity.twin_accuracy,
         "engine_accuracy": parity.engine_accuracy,
@@ -580,9 +614,10 @@ def clean_judgement(top1_agreement: float, n: int, tolerances: Tolerances, max_l
     Judged like the curves, a tolerance and an exact test: with :math:`d` disagreements among :math:`n` examples and
     the allowed rate :math:`r_0 = 1 -` ``tolerances.agreement``, ``mismatch`` when :math:`d/n > r_0` and the one-sided
     binomial test :math:`P[\mathrm{Bin}(n, r_0) \ge d] <` ``tolerances.alpha`` (one disagreement among 48 is not
-    evidence of a 2% rate). For an fp32 engine (``gap_tolerance`` given) the largest logit gap must also be within
-    export's FP32 tolerance: an fp32 engine that computes something else (a wrong input convention, another model)
-    is a mismatch even where its predictions happen to agree.
+    evidence of a 2% rate). Where ``gap_tolerance`` is given (an fp32 engine: export's FP32 tolerance; an fp16 engine:
+    the float16 twin's rounding, :func:`_fp16_gap_tolerance`) the largest logit gap must also be within it: an engine
+    that computes something else (a wrong input convention, another model) is a mismatch even where its predictions
+    happen to agree.
     """
     r0 = 1 - tolerances.agreement
     d = int(round((1 - top1_agreement) * n))
@@ -593,7 +628,7 @@ def clean_judgement(top1_agreement: float, n: int, tolerances: Tolerances, max_l
                           f"{tolerances.agreement:g}, significantly (binomial p {p:.2g} < {tolerances.alpha:g})"}
     if gap_tolerance is not None and not (max_logit_gap is not None and max_logit_gap <= gap_tolerance):
         return {"verdict": Verdict.MISMATCH, "p_value": p,
-                "reason": f"clean max logit gap {max_logit_gap:.3g} exceeds the fp32 tolerance {gap_tolerance:.3g}: "
+                "reason": f"clean max logit gap {max_logit_gap:.3g} exceeds its tolerance {gap_tolerance:.3g}: "
                           "the engine computes something other than the twin"}
     note = "" if d / max(n, 1) <= r0 else f" (below {tolerances.agreement:g}, but not significantly: p {p:.2g})"
     return {"verdict": Verdict.MATCH, "p_value": p,

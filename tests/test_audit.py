@@ -366,6 +366,36 @@ def test_fp16_engines_are_searched_through_the_twin_in_half_precision(engines, t
     assert len(eo["eps"]) == doc["data"]["n"] and eo["count"] == sorted(eo["count"])  # counts grow with the radius
 
 
+def test_an_fp16_engine_is_held_to_the_rounding_of_float16(engines, tmp_path):
+    """The clean logit gap of an fp16 engine has a tolerance, calibrated on the twin run in float16: the honest export
+    is well within it; the same file with 1 added to every logit (its predictions unchanged, so the agreement cannot
+    see it) is a mismatch, exit status 1, where it passed before."""
+    import onnx
+
+    from exporters.checkpoint import export_checkpoint
+
+    twin, _ = engines
+    fp16 = export_checkpoint(twin, "onnx-fp16", tmp_path / "m16.onnx").path
+    model = onnx.load(fp16)
+    out = model.graph.output[0]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(1, np.float32), "plus_one"))
+    model.graph.node.append(onnx.helper.make_node("Add", [out.name, "plus_one"], ["shifted_logits"]))
+    out.name = "shifted_logits"
+    shifted = tmp_path / "m16-shifted.onnx"
+    onnx.save(model, shifted)
+    args = ["--twin", twin, "--attack", "pgd-linf@0.3", "--samples", "24", "--rungs", "2", "--blackbox-samples", "0",
+            "--no-engine-only", "--allow-flag", "test-blind"]
+    code, output = audit_cli("--engine", fp16, *args, "--out", tmp_path / "honest")
+    clean = read(tmp_path / "honest")["clean"]
+    assert code == 0, output
+    assert clean["verdict"] == "match" and clean["max_logit_gap"] < clean["max_logit_gap_tolerance"] / 10
+    code, output = audit_cli("--engine", shifted, *args, "--out", tmp_path / "shifted")
+    clean = read(tmp_path / "shifted")["clean"]
+    assert code == 1, output
+    assert clean["top1_agreement"] == 1.0 and clean["verdict"] == "mismatch"
+    assert abs(clean["max_logit_gap"] - 1.0) < 0.1 and "exceeds its tolerance" in clean["reason"]
+
+
 def test_a_tensorrt_int8_engine_is_replicated_from_the_graph_it_was_built_from(engines, tmp_path):
     """A TensorRT plan is not a graph: the sidecar names the Q/DQ ONNX file it was built from, and that file, beside
     the engine with the recorded sha256, is the replica's graph; anything else says why there is none. (No TensorRT

@@ -95,7 +95,7 @@ def print_audit(doc: dict[str, Any]) -> None:
     gap_tol = c.get("max_logit_gap_tolerance")
     click.echo(f"clean: twin {c['twin_accuracy']:.4f}, engine {c['engine_accuracy']:.4f}, top-1 agreement "
                f"{c['top1_agreement']:.4f}, max logit gap {c['max_logit_gap']:.3g}"
-               f"{f' (fp32 tolerance {gap_tol:.3g})' if gap_tol is not None else ''} -> {c['verdict']}\n")
+               f"{f' (tolerance {gap_tol:.3g})' if gap_tol is not None else ''} -> {c['verdict']}\n")
     if doc.get("worst_case"):
         rows = [{"threat model": w["norm"], "eps_max": f"{w['eps_max']:.4g}",
                  "engine worst-case AUAC": f"{w['engine']['auac']:.4f}",
