@@ -44,6 +44,7 @@ import kit
 from evaluators import checks as C
 from evaluators.audit import EngineModule, failing_flags, load_audit_inputs, placement
 from evaluators.certificate import ATTACK_BOUND, CERTIFIED_BOUND, certified_curve, remove_certificate
+from evaluators.curves import auac
 from evaluators.state import BatchState
 from exporters.engines import Engine
 from kit.distributed import World
@@ -415,14 +416,13 @@ def attack_smoothed(inp: CertifyInputs, cfg: CertifyConfig, noise: Any, predicti
                                    "p_value": float(p_value)})
     grid = np.linspace(0.0, r_max, cfg.points)
     accuracy = [float((eps_star > r).mean()) if n_all else 0.0 for r in grid]
-    clipped = np.minimum(eps_star, r_max)
     return {"name": f"smoothadv-{name}", "bound": ATTACK_BOUND, "attack": name,
             "method": f"{name} on the soft smoothed twin (m {cfg.attack_m} noise samples per step), each candidate "
                       f"judged by the engine's smoothed prediction (PREDICT, {cfg.attack_n} samples)", "m": cfg.attack_m,
             "steps": cfg.attack_steps, "predict_n": cfg.attack_n, "radii": [float(r) for r in rungs],
             "eps_grid": [float(v) for v in grid],
             "eps_star": [float(v) if np.isfinite(v) else None for v in eps_star],
-            "accuracy": accuracy, "auac": float(clipped.mean() / r_max) if n_all else 0.0,
+            "accuracy": accuracy, "auac": auac(eps_star, r_max) if n_all else 0.0,
             "violations": violations, "engine_forwards": world.total(labels.forwards)}
 
 

@@ -20,6 +20,19 @@ def test_hand_computed_value():
     assert accuracy_at(eps_star, 1.0) == 0.25
 
 
+def test_a_fully_robust_curve_is_exactly_one():
+    """Every radius at eps_max: the area is 1, not 1 + rounding (mean(min(eps*, eps_max)) / eps_max of three radii
+    of 0.1 is 1.0000000000000002 in float64, which a report's schema refuses). The same for certified radii."""
+    from kit.smoothing import certified_auac
+
+    assert np.minimum(np.full(3, 0.1), 0.1).mean() / 0.1 > 1.0  # the rounding the old formula hit
+    for n, r in ((3, 0.1), (7, 0.3), (1000, 0.7), (5, 2.0 / 3.0)):
+        assert auac(np.full(n, r), r) == 1.0
+        assert auac(np.full(n, math.inf), r) == 1.0
+        assert certified_auac(np.full(n, r), np.ones(n, bool), r) == 1.0
+        assert 0.0 <= auac(np.linspace(0, 2 * r, n), r) <= 1.0
+
+
 def test_exact_matches_brute_force_and_fine_trapezoid():
     rng = np.random.default_rng(0)
     eps_star = np.where(rng.random(500) < 0.2, np.inf, rng.exponential(0.1, 500))
