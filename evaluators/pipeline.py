@@ -300,6 +300,10 @@ def run_pipeline(cfg: RunConfig, *, device: torch.device, seed: int = 0, resume:
     if resume:
         from evaluators.audit import check_resumable
 
+        if (cfg.folder / "summary.json").exists():  # written last: nothing was interrupted (and nothing to redo)
+            raise UserError(f"nothing to resume in {cfg.folder}: the run is complete (its summary.json is written); "
+                            "run it again without --resume to redo it")
+
         for fmt in cfg.export.formats:  # a changed [audit] is refused now, not after the training and the exports
             check_resumable(cfg.folder / "audit" / fmt, audit_cfg)
     if not world.lead:
@@ -329,6 +333,9 @@ def _run_locked(cfg: RunConfig, audit_cfg: Any, train_cfg: Any, certify_cfg: Any
     folder = cfg.folder
 
     def write_run_config() -> None:  # once the training's own checks passed: a refused --resume writes nothing
+        # the previous run's summary goes with its training: summary.json is there only once this run has finished
+        # (so --resume can tell an interrupted run from a complete one)
+        (folder / "summary.json").unlink(missing_ok=True)
         with atomic_write(folder / "run-config.json", "w") as f:
             json.dump({**cfg.to_dict(), "train": train_cfg.to_dict(), "seed": seed, "device": str(device)}, f,
                       indent=2)

@@ -123,6 +123,22 @@ def test_refused_run_resume_leaves_the_run_folder_as_it_was(tmp_path):
     assert snapshot(folder) == before
 
 
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    """A complete run (summary.json written last) has nothing to resume: --resume is refused, every file (the
+    signatures of a signed run included) stays as it was; before, it redid every export and audit and removed the
+    signatures it was not given the key for."""
+    (tmp_path / "run.toml").write_text(RUN)
+    code, output = invoke("run", tmp_path / "run.toml", "--out", tmp_path / "runs")
+    assert code in (0, 1), output
+    folder = tmp_path / "runs" / "tiny"
+    assert (folder / "summary.json").exists()
+    before = snapshot(folder)
+    code, output = invoke("run", tmp_path / "run.toml", "--out", tmp_path / "runs", "--resume")
+    assert code == 2
+    one_error_line(output, "nothing to resume", "complete")
+    assert snapshot(folder) == before
+
+
 def test_run_resume_with_a_changed_audit_is_refused_before_any_work(tmp_path):
     state = tmp_path / "runs" / "tiny" / "audit" / "onnx" / ".audit-state"
     state.mkdir(parents=True)
