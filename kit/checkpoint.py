@@ -180,8 +180,25 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable safetensors file: {e}") from e
+        raise _unreadable(path, e) from e
     return state, meta
+
+
+# files a user may hand to a command that takes a kit checkpoint, and where each goes instead
+_OTHER_FORMATS = {".onnx": "an ONNX file: `otkit engine info` describes it, `otkit models import` makes a checkpoint of it",
+                  ".engine": "a TensorRT engine: `otkit engine info` describes it",
+                  ".plan": "a TensorRT engine: `otkit engine info` describes it",
+                  ".pt2": "a torch.export program: `otkit models import` makes a checkpoint of it",
+                  ".pt": "a PyTorch file: `otkit models import` reads its weights (docs/byom.md)",
+                  ".pth": "a PyTorch file: `otkit models import` reads its weights (docs/byom.md)",
+                  ".ckpt": "a PyTorch file: `otkit models import` reads its weights (docs/byom.md)"}
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    """The refusal of a file that is not a kit checkpoint; where its suffix names another format, what takes it."""
+    other = _OTHER_FORMATS.get(Path(path).suffix.lower())
+    hint = f" (it looks like {other})" if other else ""
+    return UserError(f"{path} is not a readable safetensors file{hint}: {e}")
 
 
 def _read_pt(path: Path, bare_ok: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -225,7 +242,7 @@ def _read_safetensors_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable safetensors file: {e}") from e
+        raise _unreadable(path, e) from e
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:

@@ -301,3 +301,15 @@ def test_run_file_arch_options_are_checked_before_any_work(tmp_path, monkeypatch
     assert needle in assert_user_error(invoke("run", "run.toml", "--print-config"))
     assert needle in assert_user_error(invoke("-q", "run", "run.toml"))
     assert list(tmp_path.iterdir()) == [tmp_path / "run.toml"]  # no runs/ folder left behind
+
+
+@pytest.mark.parametrize("name, needle", [("m.onnx", "otkit engine info"), ("m.engine", "TensorRT engine"),
+                                          ("m.plan", "TensorRT engine"), ("m.bin", "")])
+def test_a_file_of_another_format_given_as_a_checkpoint_says_what_takes_it(tmp_path, name, needle):
+    """`models show` of an ONNX file (a new user's mistake) is refused in one line that names the command for it;
+    a suffix that names no format gets the plain refusal."""
+    path = tmp_path / name
+    path.write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(64))  # not a safetensors header
+    message = assert_user_error(invoke("models", "show", path))
+    assert "is not a readable safetensors file" in message and needle in message
+    assert ("it looks like" in message) == bool(needle)
