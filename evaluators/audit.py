@@ -527,13 +527,16 @@ def _clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Ten
         gap_tol = parity.tolerance
         if engine.precision == "fp16":
             gap_tol = _fp16_gap_tolerance(twin, x, bs, twin_logits, parity.logit_scale)
+    gap: float | None = parity.max_abs_diff
+    if not math.isfinite(gap):  # NaN or inf logits: no gap to state, and no tolerance any engine could be within
+        gap, gap_tol = None, 0.0
     return {
         "twin_accuracy": parity.twin_accuracy,
         "engine_accuracy": parity.engine_accuracy,
         "top1_agreement": parity.top1_agreement,
-        "max_logit_gap": parity.max_abs_diff,
+        "max_logit_gap": gap,
         "max_logit_gap_tolerance": gap_tol,
-        **clean_judgement(parity.top1_agreement, len(x), tols, parity.max_abs_diff, gap_tol),
+        **clean_judgement(parity.top1_agreement, len(x), tols, gap, gap_tol),
     }
 
 
@@ -626,7 +629,11 @@ def clean_judgement(top1_agreement: float, n: int, tolerances: Tolerances, max_l
         return {"verdict": Verdict.MISMATCH, "p_value": p,
                 "reason": f"clean top-1 agreement {top1_agreement:.4f} ({d} of {n} examples disagree) is below "
                           f"{tolerances.agreement:g}, significantly (binomial p {p:.2g} < {tolerances.alpha:g})"}
-    if gap_tolerance is not None and not (max_logit_gap is not None and max_logit_gap <= gap_tolerance):
+    if gap_tolerance is not None and max_logit_gap is None:
+        return {"verdict": Verdict.MISMATCH, "p_value": p,
+                "reason": "the engine's clean logits are not finite (NaN or inf): it computes something other than "
+                          "the twin"}
+    if gap_tolerance is not None and not max_logit_gap <= gap_tolerance:
         return {"verdict": Verdict.MISMATCH, "p_value": p,
                 "reason": f"clean max logit gap {max_logit_gap:.3g} exceeds its tolerance {gap_tolerance:.3g}: "
                           "the engine computes something other than the twin"}

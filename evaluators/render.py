@@ -145,7 +145,7 @@ def _clean_line(doc: dict[str, Any]) -> str:
     c = doc["clean"]
     return (f"twin accuracy {_num(c['twin_accuracy'])}, engine accuracy {_num(c['engine_accuracy'])}, top-1 agreement "
             f"{_num(c['top1_agreement'])} (at least {doc['tolerances']['agreement']:g} required), max logit gap "
-            f"{_num(c['max_logit_gap'], '.3g')}"
+            f"{'not finite' if c['max_logit_gap'] is None else _num(c['max_logit_gap'], '.3g')}"
             + (f" (tolerance {_num(c['max_logit_gap_tolerance'], '.3g')})"
                if c.get("max_logit_gap_tolerance") is not None else "")
             + f": {c['verdict']}")

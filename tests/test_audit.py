@@ -396,6 +396,31 @@ def test_an_fp16_engine_is_held_to_the_rounding_of_float16(engines, tmp_path):
     assert abs(clean["max_logit_gap"] - 1.0) < 0.1 and "exceeds its tolerance" in clean["reason"]
 
 
+def test_an_engine_with_nan_logits_fails_the_audit_and_gets_its_report(engines, tmp_path):
+    """NaN logits: exit 1 (a clean mismatch) with every report file written and consistent, where the report's schema
+    refused the infinite gap at the end (exit 2, a state folder left where there was none)."""
+    import onnx
+
+    twin, files = engines
+    model = onnx.load(files["twin-fp32"])
+    out = model.graph.output[0]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
+    model.graph.node.append(onnx.helper.make_node("Add", [out.name, "nan"], ["nan_logits"]))
+    out.name = "nan_logits"
+    engine = tmp_path / "nan.onnx"
+    onnx.save(model, engine)
+    code, output = audit_cli("--engine", engine, "--twin", twin, "--attack", "pgd-linf@0.3", "--samples", "8",
+                             "--rungs", "2", "--blackbox-samples", "0", "--no-engine-only", "--allow-flag",
+                             "test-blind", "--out", tmp_path / "a")
+    assert code == 1, output
+    doc = read(tmp_path / "a")
+    clean = doc["clean"]
+    assert clean["verdict"] == "mismatch" and clean["max_logit_gap"] is None
+    assert clean["max_logit_gap_tolerance"] == 0.0
+    assert not (tmp_path / "a" / ".audit-state").exists()
+    assert A.clean_judgement(1.0, 8, A.Tolerances(), None, 0.0)["reason"].startswith("the engine's clean logits are")
+
+
 def test_a_tensorrt_int8_engine_is_replicated_from_the_graph_it_was_built_from(engines, tmp_path):
     """A TensorRT plan is not a graph: the sidecar names the Q/DQ ONNX file it was built from, and that file, beside
     the engine with the recorded sha256, is the replica's graph; anything else says why there is none. (No TensorRT

@@ -93,8 +93,9 @@ def print_audit(doc: dict[str, Any]) -> None:
     click.echo(f"engine {doc['engine']['path']} [{doc['engine']['format']}, {doc['engine']['precision']}] vs twin "
                f"{doc['twin']['path']} on {doc['data']['n']} examples of {doc['data']['spec']}")
     gap_tol = c.get("max_logit_gap_tolerance")
+    gap = "not finite" if c["max_logit_gap"] is None else format(c["max_logit_gap"], ".3g")
     click.echo(f"clean: twin {c['twin_accuracy']:.4f}, engine {c['engine_accuracy']:.4f}, top-1 agreement "
-               f"{c['top1_agreement']:.4f}, max logit gap {c['max_logit_gap']:.3g}"
+               f"{c['top1_agreement']:.4f}, max logit gap {gap}"
                f"{f' (tolerance {gap_tol:.3g})' if gap_tol is not None else ''} -> {c['verdict']}\n")
     if doc.get("worst_case"):
         rows = [{"threat model": w["norm"], "eps_max": f"{w['eps_max']:.4g}",
