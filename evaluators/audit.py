@@ -371,13 +371,22 @@ def build_replica(inp: AuditInputs) -> tuple[nn.Module | None, str]:
             replica = InputModule(replica, engine.input_convention)
         return replica.to(inp.x.device).eval(), why
     if engine.precision == "fp16":
-        from kit.attacks.differential import HalfPrecision
-        from kit.twins.from_onnx import OnnxModule
-
-        if any(isinstance(m, OnnxModule) for m in inp.twin.modules()):
+        half = _half_twin(inp.twin)
+        if half is None:
             return None, "none: an fp16 replica needs a twin that computes in float16 (not a rebuilt ONNX graph)"
-        return HalfPrecision(inp.twin).eval(), "the twin in float16"
+        return half, "the twin in float16"
     return None, f"none: no replica for a {engine.precision} {inp.engine_format} engine"
+
+
+def _half_twin(twin: nn.Module) -> nn.Module | None:
+    """The twin computing in float16 (what an fp16 engine computes), or ``None`` for a twin that cannot: a rebuilt
+    ONNX graph computes in float32 whatever its buffers."""
+    from kit.attacks.differential import HalfPrecision
+    from kit.twins.from_onnx import OnnxModule
+
+    if any(isinstance(m, OnnxModule) for m in twin.modules()):
+        return None
+    return HalfPrecision(twin).eval()
 
 
 def int8_graph(engine_format: str, engine_path: Path) -> tuple[Path | None, str]:
@@ -498,14 +507,12 @@ def _fp16_gap_tolerance(twin: nn.Module, x: torch.Tensor, bs: int, twin_logits: 
                         ) -> float | None:
     """The largest clean logit gap an honest fp16 engine may show (:data:`FP16_GAP_SLACK`), from the twin run in
     float16 on the same examples; ``None`` (the gap is reported, not judged) for a twin that cannot compute in
-    float16 (a rebuilt ONNX graph computes in float32 whatever its buffers)."""
-    from kit.attacks.differential import HalfPrecision
-    from kit.twins.from_onnx import OnnxModule
-
-    if any(isinstance(m, OnnxModule) for m in twin.modules()):
+    float16 (:func:`_half_twin`)."""
+    model = _half_twin(twin)
+    if model is None:
         return None
     with torch.no_grad():
-        half = _predict(HalfPrecision(twin).eval(), x, bs, "clean: twin in float16")
+        half = _predict(model, x, bs, "clean: twin in float16")
     ref = float((half.double() - twin_logits.double()).abs().max()) if len(x) else 0.0
     if not math.isfinite(ref):  # the twin overflows in float16: nothing to calibrate on
         return None

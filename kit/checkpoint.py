@@ -184,14 +184,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state, meta
 
 
-# files a user may hand to a command that takes a kit checkpoint, and where each goes instead
-_OTHER_FORMATS = {".onnx": "an ONNX file: `otkit engine info` describes it, `otkit models import` makes a checkpoint of it",
-                  ".engine": "a TensorRT engine: `otkit engine info` describes it",
-                  ".plan": "a TensorRT engine: `otkit engine info` describes it",
-                  ".pt2": "a torch.export program: `otkit models import` makes a checkpoint of it",
-                  ".pt": "a PyTorch file: `otkit models import` reads its weights (docs/byom.md)",
-                  ".pth": "a PyTorch file: `otkit models import` reads its weights (docs/byom.md)",
-                  ".ckpt": "a PyTorch file: `otkit models import` reads its weights (docs/byom.md)"}
+# files a user may hand to a command that takes a kit checkpoint, and where each goes instead (.pt and .pth are read
+# as PyTorch files before this)
+_OTHER_FORMATS = {
+    ".onnx": "an ONNX file: `otkit engine info` describes it, `otkit models import` makes a checkpoint of it",
+    ".engine": "a TensorRT engine: `otkit engine info` describes it",
+    ".plan": "a TensorRT engine: `otkit engine info` describes it",
+    ".pt2": "a torch.export program: `otkit models import` makes a checkpoint of it",
+    ".ckpt": "a PyTorch file: `otkit models import` reads its weights (docs/byom.md)",
+}
 
 
 def _unreadable(path: Path, e: Exception) -> UserError:

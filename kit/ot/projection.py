@@ -348,16 +348,15 @@ class _Geometry:
         r""":math:`\log\sum_o e^{v_{i + d(o)} - \psi C_o}` for every pixel i, (n, C, H, W).
 
         Five passes over the window: the shifted values, their maximum :math:`m_i` over the offsets, and in place
-        :math:`t_{o,i} = e^{\max(v_{i+d(o)} - \psi C_o - m_i,\ f)}` with the floor :math:`f` of
-        :func:`_exp_floor` (a relative 1e-35 in float32: harmless, and exp then never takes the slow paths of
-        ``-inf`` or of subnormal results, an order of magnitude slower on CPUs), then their sum. The passes work in
-        base 2 (``v`` and the costs times :math:`\log_2 e`, then ``exp2``): on CPUs ``exp2`` runs 2.7 times faster
-        than ``exp`` (8 against 22 µs on 25,088 float32 values, one thread), at the same rounding error of the
-        result (measured against float64). Because the cost
-        and the validity of an offset are symmetric, the sum over the sources j of a target i is this same sum.
-        ``v`` must be finite (log 0 is ``_NEG_BIG``; a window without mass gives about ``_NEG_BIG``). Returns
-        (lse, t, acc): ``lse`` and :math:`acc_i = \sum_o t_{o,i} \ge 1` as (n, C, H, W) images, ``t`` as
-        (n, k, k, C, H * W_p) extended rows (class docstring) in the workspace, or in ``out``.
+        :math:`t_{o,i} = e^{\max(v_{i+d(o)} - \psi C_o - m_i,\ f)}` with the floor :math:`f` of :func:`_exp_floor` (a
+        relative 1e-35 in float32: harmless, and exp then never takes the slow paths of ``-inf`` or of subnormal
+        results, an order of magnitude slower on CPUs), then their sum. The passes work in base 2 (``v`` and the costs
+        times :math:`\log_2 e`, then ``exp2``): on CPUs ``exp2`` runs 2.7 times faster than ``exp`` (8 against 22 µs on
+        25,088 float32 values, one thread), at the same rounding error of the result (measured against float64). Because
+        the cost and the validity of an offset are symmetric, the sum over the sources j of a target i is this same sum.
+        ``v`` must be finite (log 0 is ``_NEG_BIG``; a window without mass gives about ``_NEG_BIG``). Returns (lse, t,
+        acc): ``lse`` and :math:`acc_i = \sum_o t_{o,i} \ge 1` as (n, C, H, W) images, ``t`` as (n, k, k, C, H * W_p)
+        extended rows (class docstring) in the workspace, or in ``out``.
         """
         n, k, r, c = v.shape[0], self.k, self.r, self.c
         # base 2 (docstring); one more row: the last window run ends 2r - 1 past the padded image
