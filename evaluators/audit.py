@@ -520,9 +520,10 @@ def _fp16_gap_tolerance(twin: nn.Module, x: torch.Tensor, bs: int, twin_logits: 
     return max(FP16_GAP_SLACK * ref, atol + rtol * scale)
 
 
-def _clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor, bs: int,
-                  tols: Tolerances) -> dict[str, Any]:
-    """1. The clean check: both models on the clean examples, their agreement and largest logit gap, judged."""
+def clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor, bs: int,
+                 tols: Tolerances) -> dict[str, Any]:
+    """1. The clean check: both models on the clean examples, their agreement and largest logit gap, judged (``otkit
+    verify`` measures it again the same way: :func:`evaluators.replay.replay_report`)."""
     twin_logits = _predict(twin, x, bs, "clean: twin")
     engine_logits = _predict(engine, x, bs, "clean: engine")
     parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y,
@@ -818,7 +819,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     state.begin(world)
     bs = cfg.batch_size
     if world.lead:  # 1. clean twins check
-        clean = _clean_record(twin, engine, x, y, bs, tols)
+        clean = clean_record(twin, engine, x, y, bs, tols)
 
     # 2. sweeps, batch by batch: each batch independent of the others, resumable, and under torchrun computed by the
     # rank that owns it (batch % processes == rank); the black box and the engine-only search follow the same
@@ -917,6 +918,9 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         f = C.check_deployed_precision(engine.precision, precision_census(read_graph(inp.engine_path)[0]),
                                        inp.engine_path.name)
         flags += [f] if f else []
+    f = C.check_engine_weights(engine.recorded_weights, inp.twin_info.weights_sha256, inp.twin_info.source,
+                               inp.engine_path.name)
+    flags += [f] if f else []
     by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}
     twin_by_norm: dict[Norm, list[torch.Tensor]] = {}
     for req in cfg.attacks:

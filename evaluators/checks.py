@@ -41,6 +41,7 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "fixed-eps-contradiction": (Severity.WARNING, "fixed-epsilon PGD fools examples the minimum-epsilon curve calls robust"),
     "adversarial-not-verified": (Severity.ERROR, "a returned adversarial fails re-verification"),
     "precision-not-deployed": (Severity.ERROR, "the file's claimed precision is not what its graph computes"),
+    "engine-weights-differ": (Severity.ERROR, "the engine records other weights than the twin's"),
     "test-blind": (Severity.ERROR, "too few examples for the fidelity tests to see the tolerated differences"),
     "engine-above-twin": (Severity.WARNING, "an attack finds the engine significantly more robust than its twin"),
     "certificate-violated": (Severity.ERROR, "an attack on the smoothed engine beat a certified radius"),
@@ -228,6 +229,34 @@ def check_deployed_precision(claimed: str, census: dict[str, Any], engine: str) 
         evidence = f"its graph has no constant {ops} weight to measure, and by its Q/DQ nodes and float16 constants"
     return flag("precision-not-deployed", f"{head} {evidence}: it computes in {found}, and the audit measured that, "
                 f"not {claim}; export it again at the precision you deploy, or correct its claim")
+
+
+def check_engine_weights(recorded: str, weights: str, source: Mapping[str, Any] | None, engine: str
+                         ) -> Flag | None:
+    """The weights an engine file says it was made from (:attr:`exporters.base.Engine.recorded_weights`) must be its
+    twin's: a kit export records its checkpoint's ``weights_sha256``, so a stale export, or the export of another
+    checkpoint, is evidence against the audit even where the two models agree on every audited example (an int8
+    engine is judged on its agreement only, and a stale export of a well-trained model agrees on most).
+
+    ``weights`` is the twin's ``weights_sha256`` and ``source`` its import record (a twin trained elsewhere, or
+    ``None``): a twin imported from a kit export is identified by the weights that file records
+    (``recorded_weights_sha256``) as well as by its own. Nothing is compared where the engine records no weights (a
+    file exported elsewhere), nor for a twin imported from an ONNX file before the import kept that record.
+    ``engine`` names the file in the message.
+    """
+    if not recorded:
+        return None
+    known = {weights}
+    if source:
+        if "recorded_weights_sha256" in source:
+            known.add(str(source["recorded_weights_sha256"]))
+        elif source.get("kind") == "onnx":  # imported before the record existed: what its file named is unknown
+            return None
+    if recorded in known:
+        return None
+    return flag("engine-weights-differ", f"{engine} records that it was exported from weights {recorded}, but the "
+                f"twin's are {weights}: it is not an export of this twin (a stale export, or another checkpoint's); "
+                "export the twin again, or audit the engine with the checkpoint it came from")
 
 
 def _eps_array(values: Sequence[Any], eps_max: float) -> np.ndarray:

@@ -8,6 +8,12 @@ and the stored adversarials against the data and the models, at the cost of one 
 - **Clean predictions.** The engine's (and the twin's, when given) accuracy on those examples must be the stored one,
   and an example's eps* on a side must be 0 exactly where that side misclassifies it clean: an example a model gets
   wrong without any perturbation cannot be robust, and one it gets right was not fooled at radius 0.
+- **The clean comparison** (with the twin): the engine's and the twin's logits on those examples are compared again
+  as the audit compares them (:func:`evaluators.audit.clean_record`): the stored top-1 agreement must be what they
+  show, the stored logit-gap tolerance no looser than the one the audit sets (within :data:`GAP_SLACK` of it), the
+  stored largest logit gap within :data:`GAP_SLACK` of that tolerance of the gap measured again, and the clean verdict
+  of the measured figures the stored one. The gap itself is judged only where the audit judges it (fp32 and fp16
+  engines on float pixels); an int8 engine's gap is reported by the audit and not compared here.
 - **Radii.** Every attack's eps_max lies within the largest distance two images can have under its norm
   (:func:`evaluators.evaluate.largest_radius`).
 - **Adversarials.** Each stored L-inf / L2 adversarial has the stored label, and its distance to its clean example is
@@ -36,6 +42,11 @@ __all__ = ["audited_examples", "replay_report"]
 
 #: relative (and absolute) slack between a stored distance and the one measured again (float32 pixels)
 DISTANCE_TOLERANCE = 1e-5
+
+#: A stored logit-gap tolerance may exceed the one the audit sets by this fraction of it, and a stored largest logit
+#: gap may differ from the one measured again by this fraction of that tolerance: another CPU's or runtime's rounding
+#: moves a gap by far less (fp32: about 1e-6 against a tolerance of about 1e-3), a forged figure by more.
+GAP_SLACK = 0.1
 
 
 def audited_examples(doc: Mapping[str, Any], spec: str | None = None) -> Any:
@@ -81,6 +92,38 @@ def _side(doc: Mapping[str, Any], side: str, pred: np.ndarray, y: np.ndarray, ou
             if idx.size:
                 shown = ", ".join(map(str, idx[:5].tolist())) + (" ..." if idx.size > 5 else "")
                 out.append(f"attacks[{a['name']}].{side}.eps_star: {idx.size} example(s) {what} ({shown})")
+
+
+def _clean(doc: Mapping[str, Any], engine: Any, twin: Any, x: torch.Tensor, y: torch.Tensor, out: list[str]) -> None:
+    """The clean comparison measured again as the audit measures it, against the stored one (module docstring)."""
+    from evaluators.audit import Tolerances, clean_judgement, clean_record
+
+    said = doc["clean"]
+    with torch.no_grad():
+        got = clean_record(twin, engine, x, y, 256, Tolerances(**doc["tolerances"]))
+    n = len(y)
+    agree = got["top1_agreement"]
+    if abs(float(said["top1_agreement"]) - agree) > 0.5 / max(n, 1):
+        out.append(f"clean.top1_agreement: report says {said['top1_agreement']}, the engine and the twin agree on "
+                   f"{round(agree * n)} of {n} audited examples ({agree:.4f})")
+    tol, tol_said = got["max_logit_gap_tolerance"], said.get("max_logit_gap_tolerance")
+    # written before the gap was judged (no such field), or before an fp16 engine's was: judged on the agreement then
+    before = "max_logit_gap_tolerance" not in said or (tol_said is None and doc["engine"].get("precision") == "fp16")
+    if tol is not None and not before and (tol_said is None or tol_said > tol * (1 + GAP_SLACK)):
+        out.append(f"clean.max_logit_gap_tolerance: report says {tol_said}, the audit sets {tol:.6g} for this engine "
+                   "and twin")
+    gap, gap_said = got["max_logit_gap"], said["max_logit_gap"]
+    if (gap is None) != (gap_said is None):
+        out.append(f"clean.max_logit_gap: report says {gap_said}, measured again "
+                   f"{'not finite' if gap is None else f'{gap:.6g}'}")
+    elif gap is not None and tol is not None and not before and abs(gap - float(gap_said)) > GAP_SLACK * tol:
+        out.append(f"clean.max_logit_gap: report says {gap_said}, measured again {gap:.6g} (tolerance {tol:.6g})")
+    verdict, reason = got["verdict"], got["reason"]
+    if before:
+        again = clean_judgement(agree, n, Tolerances(**doc["tolerances"]))
+        verdict, reason = again["verdict"], again["reason"]
+    if verdict != said["verdict"]:
+        out.append(f"clean.verdict: report says {said['verdict']}, measured again {verdict}: {reason}")
 
 
 def _adversarials(doc: Mapping[str, Any], stored: Mapping[str, Mapping[str, np.ndarray]], x: torch.Tensor,
@@ -150,6 +193,7 @@ def replay_report(doc: Mapping[str, Any], engine: Any, twin: Any | None, device:
     _side(doc, "engine", _predictions(engine, ds.x, device), y, out)
     if twin is not None:
         _side(doc, "twin", _predictions(twin, ds.x, device), y, out)
+        _clean(doc, engine, twin, ds.x.to(device), ds.y.to(device), out)
     if stored:
         _adversarials(doc, stored, ds.x, y, out)
     return out

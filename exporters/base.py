@@ -51,6 +51,11 @@ class Engine(ABC):
     input_convention : InputConvention
         What the backend itself takes (normalised, 0-255, NHWC, uint8 input); callers always give [0, 1] NCHW float
         pixels and the engine maps them (:meth:`use_convention`), so epsilons stay in pixel units on every side.
+    recorded_weights : str
+        The ``weights_sha256`` of the twin the file says it was made from: a kit ONNX export's
+        ``otkit.weights_sha256``, a TensorRT engine's sidecar (``twin.weights_sha256``), a checkpoint's own weights;
+        empty where the file records none (an ONNX file exported elsewhere). The audit compares it with its twin's
+        (``engine-weights-differ``, docs/checks.md).
     """
 
     name: str
@@ -63,6 +68,7 @@ class Engine(ABC):
     backend: str
     exporter: str = ""
     input_convention: InputConvention = IDENTITY
+    recorded_weights: str = ""
 
     def use_convention(self, convention: InputConvention) -> None:
         """Map every batch through ``convention`` before the backend sees it (subclasses call it in ``__init__``).

@@ -61,8 +61,10 @@ class TorchEngine(Engine):
         from kit.checkpoint import load_twin
 
         model, info = load_twin(path, device=device, arch=arch)
-        return cls(model, info.input_shape, info.num_classes, info.weights_sha256, name=Path(path).name,
-                   max_batch=max_batch)
+        engine = cls(model, info.input_shape, info.num_classes, info.weights_sha256, name=Path(path).name,
+                     max_batch=max_batch)
+        engine.recorded_weights = info.weights_sha256  # the checkpoint's own weights
+        return engine
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype is not torch.float32 or not (self._cpu and x.is_cpu):

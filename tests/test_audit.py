@@ -29,7 +29,7 @@ SMALL = ["--samples", "40", "--batch-size", "20", "--rungs", "4", "--blackbox-sa
 
 @pytest.fixture(scope="module")
 def engines(digits_model, tmp_path_factory):
-    """The digits twin; fp32 and int8 ONNX files exported from it; an fp32 ONNX file of a different model."""
+    """The digits twin; fp32 and int8 ONNX files exported from it; fp32 and int8 ONNX files of a different model."""
     path, _ = digits_model
     folder = tmp_path_factory.mktemp("audit")
     other = train(TrainConfig(defense="standard", arch="cnn-small", data="digits:16", epochs=3, seed=11),
@@ -37,7 +37,7 @@ def engines(digits_model, tmp_path_factory):
     test = load_dataset("digits:16", "test").subset(64, seed=0)
     calib = load_dataset("digits:16", "train").subset(128, seed=0)
     files = {}
-    for name, ckpt, precisions in (("twin", path, ("fp32", "int8")), ("other", other, ("fp32",))):
+    for name, ckpt, precisions in (("twin", path, ("fp32", "int8")), ("other", other, ("fp32", "int8"))):
         model, info = load_twin(ckpt)
         graph = torch_to_onnx(model, info.input_shape, dynamo=False)
         for p in precisions:
@@ -151,6 +151,50 @@ def test_engine_from_a_different_model_is_a_mismatch(engines, tmp_path):
     fid = doc["attacks"][0]["fidelity"]
     assert fid["verdict"] == "mismatch" and fid["max_gap"] > 0.02
     assert "mismatch" in output
+    weights = [c for c in doc["checks"] if c["id"] == "engine-weights-differ"]
+    assert len(weights) == 1 and weights[0]["severity"] == "error", doc["checks"]
+    assert doc["twin"]["weights_sha256"] in weights[0]["message"]
+
+
+def test_a_stale_int8_export_fails_on_the_weights_it_records(engines, tmp_path):
+    """An int8 engine is judged on its agreement only; an int8 export of another checkpoint records that
+    checkpoint's weights, which are not the twin's: an error flag, and the audit fails on it."""
+    from exporters.engines import load_engine as load
+
+    twin, files = engines
+    _, info = load_twin(twin)
+    other = load(files["other-int8"], "cpu")
+    assert other.recorded_weights and other.recorded_weights != info.weights_sha256
+    assert load(files["twin-int8"], "cpu").recorded_weights == info.weights_sha256
+    out = tmp_path / "stale"
+    code, output = audit_cli("--engine", files["other-int8"], "--twin", twin, "--attack", "pgd-linf@0.3", *SMALL,
+                             "--out", out)
+    doc = read(out)
+    flagged = {c["id"] for c in doc["checks"]}
+    assert "engine-weights-differ" in flagged and code == 1 and doc["status"] == "fail", output
+
+
+def test_a_twin_imported_from_a_kit_export_is_known_by_the_weights_it_records(engines):
+    """``otkit models import`` of a kit export keeps the weights the file records: the int8 export of the same
+    checkpoint is an export of that twin, another checkpoint's is not, and a file that records nothing is not
+    compared."""
+    from evaluators.checks import check_engine_weights
+    from exporters.engines import load_engine as load
+    from exporters.twins import TwinOptions, import_twin
+
+    twin, files = engines
+    _, info = load_twin(twin)
+    imported = import_twin(files["twin-fp32"], TwinOptions())
+    assert imported.info.source["recorded_weights_sha256"] == info.weights_sha256
+    assert imported.info.weights_sha256 != info.weights_sha256  # the rebuilt module's own state dict
+    mine, other = load(files["twin-int8"], "cpu"), load(files["other-int8"], "cpu")
+    src = imported.info.source
+    assert check_engine_weights(mine.recorded_weights, imported.info.weights_sha256, src, "m.onnx") is None
+    assert check_engine_weights(other.recorded_weights, imported.info.weights_sha256, src, "m.onnx").id == \
+        "engine-weights-differ"
+    assert check_engine_weights("", info.weights_sha256, None, "m.onnx") is None
+    old = {k: v for k, v in src.items() if k != "recorded_weights_sha256"}  # an import made before the record
+    assert check_engine_weights(other.recorded_weights, imported.info.weights_sha256, old, "m.onnx") is None
 
 
 def test_int8_verdict_follows_from_the_statistics(engines, tmp_path):
@@ -170,6 +214,7 @@ def test_int8_verdict_follows_from_the_statistics(engines, tmp_path):
                zip(np.abs(np.subtract(rec["engine"]["accuracy"], rec["twin"]["accuracy"])), rec["fidelity"]["mcnemar_p"])]
         expect = "mismatch" if abs(again["auac_gap"]) > tol.auac or any(sig) else "match"
         assert rec["fidelity"]["verdict"] == expect
+    assert "engine-weights-differ" not in {c["id"] for c in doc["checks"]}
     clean_ok = doc["clean"]["top1_agreement"] >= tol.agreement
     assert doc["verdict"] == ("match" if clean_ok and all(r["fidelity"]["verdict"] == "match"
                                                           for r in doc["attacks"]) else "mismatch")

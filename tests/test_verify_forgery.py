@@ -245,6 +245,39 @@ def test_external_weights_scaled_by_minus_3(copy):
     assert "verify: recheck pgd-linf example " in err  # and the engine no longer does what the report says
 
 
+def test_an_engine_swapped_for_one_with_scaled_logits_is_caught_on_the_clean_gap(copy):
+    """Logits times 1.05: every prediction, every stored adversarial and every clean accuracy as before, so only the
+    clean logit gap tells it from the audited engine. The forger swaps the file and rewrites its hash (an unsigned
+    report); verify measures the clean comparison again."""
+    from exporters.onnx import engine_sha256
+
+    work, doc, save, engine, twin = copy
+    proto = onnx.load(str(engine))  # its external data read from beside it
+    out = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = [f"{o}_raw" if o == out else o for o in node.output]
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.05, dtype=np.float32), "scale_105"))
+    proto.graph.node.append(onnx.helper.make_node("Mul", [f"{out}_raw", "scale_105"], [out]))
+    scaled = work.parent / "scaled.onnx"
+    onnx.save(proto, str(scaled))
+    doc["engine"]["sha256"] = engine_sha256(scaled)
+    save(doc)
+    code, out_text, err = verify(work, scaled, "--twin", twin, "--waive", "adversarials")
+    assert code == 1, out_text + err
+    assert "verify: clean.max_logit_gap: report says " in err and "measured again" in err
+    assert "verify: clean.verdict: report says match, measured again mismatch: clean max logit gap" in err
+    assert "clean.engine_accuracy" not in err  # the predictions are the engine's: only the gap tells
+
+
+def test_a_loosened_gap_tolerance_is_caught(copy):
+    work, doc, save, engine, twin = copy
+    doc["clean"]["max_logit_gap_tolerance"] = 100.0
+    save(doc)
+    code, out, err = verify(work, engine, "--twin", twin)
+    assert code == 1, out + err
+    assert "verify: clean.max_logit_gap_tolerance: report says 100.0, the audit sets " in err
+
+
 # ------------------------------------------------------------------------------------------------ ONNX external data
 def test_external_data_onnx_loads_from_any_folder(audited, tmp_path, monkeypatch):
     from exporters.engines import load_engine

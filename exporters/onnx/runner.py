@@ -207,6 +207,8 @@ class OnnxRuntimeEngine(Engine):
         self.precision = str(self.metadata.get("precision") or infer_precision(proto))
         self.exporter = str(self.metadata.get("exporter") or f"{proto.producer_name} {proto.producer_version}".strip())
         self.sha256 = combined_sha256(data, external)  # engine_sha256: external data files included
+        weights = self.metadata.get("weights_sha256")  # the kit's exports record their twin's weights
+        self.recorded_weights = weights if isinstance(weights, str) else ""
         recorded = self.metadata.get("max_batch")
         default = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else DEFAULT_MAX_BATCH
         self.max_batch = check_max_batch(max_batch if max_batch is not None else default)

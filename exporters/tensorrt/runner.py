@@ -78,6 +78,9 @@ class TensorRTEngine(Engine):
         self.sidecar = side
         self.sha256 = str(side["engine_sha256"])
         self.precision = str(side["precision"])
+        twin = side.get("twin")
+        weights = twin.get("weights_sha256") if isinstance(twin, dict) else None
+        self.recorded_weights = weights if isinstance(weights, str) else ""
         self.name = f"{name} [tensorrt {side.get('tensorrt_version')}]"
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

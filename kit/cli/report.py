@@ -486,7 +486,8 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     The sha256 of the engine (with an ONNX file's external data files), of the twin and of adversarials.npz must be
     the report's; adversarials.npz must hold exactly the engine-side adversarials the report describes; up to N of
     them must still fool the engine as stored (--recheck); the audited examples, drawn again from the report's data,
-    must have its fingerprint, the engine's (and twin's) clean accuracy on them must be the report's, eps* must be 0
+    must have its fingerprint, the engine's (and twin's) clean accuracy on them must be the report's (with the twin:
+    the clean agreement, logit gap, its tolerance and the clean verdict measured again too), eps* must be 0
     exactly where a model misclassifies clean, and each stored L-inf/L2 adversarial must lie at its stored eps* from
     its example; every eps_max must lie within its norm's largest distance; and every figure derived from the
     per-example eps* (curves, AUACs and intervals, fidelity statistics and verdicts, gates, verdict, status) must
