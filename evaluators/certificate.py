@@ -157,6 +157,20 @@ def recompute_certificate(doc: dict[str, Any]) -> list[str]:
         same("attack.eps_grid", grid, doc["certified"]["radius_grid"])
         same("attack.accuracy", att["accuracy"], [(eps > r).mean() if len(eps) else 0.0 for r in grid])
         same("attack.auac", att["auac"], np.minimum(eps, r_max).mean() / r_max if len(eps) else 0.0)
+        # the attack's eps* of an example certified correct lies inside its certified radius exactly where it recorded
+        # a violation (a candidate PREDICT named another class than the certified one, inside the radius): a count
+        # raised after the attack ran moves the radius past the eps* the attack found without recording one
+        recorded = {int(v["index"]) for v in att["violations"]}
+        inside = np.flatnonzero((pred >= 0) & correct & (eps < radius)) if len(eps) == len(radius) else []
+        for i in inside:
+            if int(i) not in recorded:
+                out.append(f"attack.violations: example {int(i)} was fooled at {eps[i]:.6g} (attack.eps_star), inside "
+                           f"its certified radius {radius[i]:.6g}, but the certificate records no violation there")
+        for k, v in enumerate(att["violations"]):
+            i = int(v["index"])
+            if not 0 <= i < len(radius) or not np.isclose(v["radius"], radius[i], rtol=1e-9, atol=1e-9):
+                got = f"{radius[i]:.6g}" if 0 <= i < len(radius) else "no such example"
+                out.append(f"attack.violations[{k}].radius: certificate says {v['radius']}, recomputed {got}")
         violated = any(c["id"] == "certificate-violated" for c in doc["checks"])
         if bool(att["violations"]) != violated:
             out.append(f"checks: {len(att['violations'])} violation(s) recorded but the certificate-violated flag is "

@@ -36,6 +36,7 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "non-finite-gradients": (Severity.ERROR, "input gradients contain NaN or inf"),
     "outputs-look-like-probabilities": (Severity.WARNING, "the model returns probabilities instead of logits"),
     "randomised-outputs": (Severity.ERROR, "the same input gives different outputs"),
+    "non-finite-outputs": (Severity.ERROR, "the model returns NaN or infinite outputs on clean inputs"),
     "single-step-beats-multi-step": (Severity.WARNING, "FGSM fools examples the multi-step attacks call robust"),
     "black-box-beats-white-box": (Severity.WARNING, "the Square attack fools examples the gradient attacks call robust"),
     "fixed-eps-contradiction": (Severity.WARNING, "fixed-epsilon PGD fools examples the minimum-epsilon curve calls robust"),
@@ -73,13 +74,23 @@ def _logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor
 
 
 def check_outputs(model: nn.Module, x: torch.Tensor) -> list[Flag]:
-    """Probabilities instead of logits; randomised outputs (two passes over the same inputs differ)."""
+    """NaN or infinite outputs; randomised outputs (two passes over the same inputs differ, NaN and inf compared as
+    values: the same NaN twice is not randomness); probabilities instead of logits."""
     flags = []
     a, b = _logits(model, x), _logits(model, x)
-    if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-        diff = (a - b).abs().max().item()
+    bad = ~torch.isfinite(a)
+    if bool(bad.any()):
+        rows = int(bad.any(1).sum())
+        flags.append(flag("non-finite-outputs",
+                          f"{rows} of {len(x)} clean inputs get NaN or infinite outputs: no prediction, gradient or "
+                          "attack means anything there; find the layer that overflows or divides by zero"))
+    if not torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
+        both = torch.isfinite(a) & torch.isfinite(b)
+        diff = f"up to {(a - b)[both].abs().max().item():.3g}" if bool(both.any()) else "in which values are finite"
+        if not torch.equal(bad, ~torch.isfinite(b)):
+            diff = "in which values are NaN or infinite"
         flags.append(flag("randomised-outputs",
-                          f"two forward passes on the same {len(x)} inputs differ by up to {diff:.3g}: gradients and "
+                          f"two forward passes on the same {len(x)} inputs differ ({diff}): gradients and "
                           "success are random; evaluate the expectation (EOT) or remove the randomness"))
     if (a >= 0).all() and (a <= 1).all() and torch.allclose(a.sum(1), a.new_ones(len(a)), atol=1e-3):
         flags.append(flag("outputs-look-like-probabilities",

@@ -27,7 +27,7 @@ eps_max really resisted them (``otkit verify`` re-runs stored adversarials, not 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -217,11 +217,11 @@ def same_noise(doc: Mapping[str, Any], device: torch.device) -> bool:
     return recorded is not None and recorded == noise_stream(device)
 
 
-def replay_certificate(doc: Mapping[str, Any], engine: Any, device: torch.device, *, examples: int,
-                       spec: str | None = None) -> list[str]:
+def replay_certificate(doc: Mapping[str, Any], engine: Any, device: torch.device, *,
+                       examples: int | Sequence[int], spec: str | None = None) -> list[str]:
     """Check a certificate (``otkit.certificate/1``) against the data and the engine: its examples drawn again must
-    have its fingerprint and labels, and the first ``examples`` of them certified again with the certificate's own
-    seeds. One line per difference.
+    have its fingerprint and labels, and ``examples`` of them (a number: the first that many; or their indices, as
+    ``otkit verify`` draws them at random) certified again with the certificate's own seeds. One line per difference.
 
     Where this device draws the certificate's noise again (:func:`same_noise`), the predictions must be the
     certificate's and the counts equal within ``max(2, n / 1000)`` copies: only the engine's arithmetic (another CPU's
@@ -248,7 +248,10 @@ def replay_certificate(doc: Mapping[str, Any], engine: Any, device: torch.device
     def labels(batch: torch.Tensor) -> torch.Tensor:
         return engine(batch).argmax(1)
 
-    for j in range(min(examples, len(ds))):
+    picks = range(min(examples, len(ds))) if isinstance(examples, int) else [int(j) for j in examples]
+    for j in picks:
+        if not 0 <= j < len(ds):
+            raise UserError(f"example {j} is not among the certificate's {len(ds)} examples")
         c = certify(labels, ds.x[j].to(device), noise, sm["n0"], n, sm["alpha"], sm["noise_batch"],
                     example_generator(seed, j, device), engine.num_classes)
         said, count = int(ex["prediction"][j]), int(ex["count"][j])

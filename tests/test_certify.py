@@ -239,6 +239,20 @@ def test_the_sandwich_certified_below_attack_and_no_violation(exported, tmp_path
         forged = copy.deepcopy(doc)
         edit(forged)
         assert any(line.startswith(field) for line in recompute_certificate(forged)), field
+    # a count raised after the attack ran: the radius grows past the eps* the attack found on that example, where the
+    # certificate records no violation; the document alone shows it, whichever examples a replay would draw
+    ex = doc["examples"]
+    fooled = [i for i, e in enumerate(a["eps_star"]) if e is not None and ex["prediction"][i] == ex["label"][i]]
+    j = min(fooled, key=lambda i: a["eps_star"][i])
+    forged = _forge_count(tmp_path / "s", tmp_path / "raised", j, doc["smoothing"]["n"], consistent=False)
+    assert forged["examples"]["radius"][j] > a["eps_star"][j] > doc["examples"]["radius"][j]
+    lines = recompute_certificate(forged)
+    assert lines == [f"attack.violations: example {j} was fooled at {a['eps_star'][j]:.6g} (attack.eps_star), inside "
+                     f"its certified radius {forged['examples']['radius'][j]:.6g}, but the certificate records no "
+                     "violation there"], lines
+    res = run("-q", "verify", str(tmp_path / "raised"), "--engine", str(files["fp32"]), "--twin", str(twin),
+              "--recheck", "1")
+    assert res.exit_code == 1 and f"verify: attack.violations: example {j} was fooled" in res.stderr, res.output
 
 
 def test_an_inflated_certificate_is_caught_by_the_attack(exported, tmp_path, monkeypatch):
@@ -257,7 +271,7 @@ def test_an_inflated_certificate_is_caught_by_the_attack(exported, tmp_path, mon
     assert v["eps"] < v["radius"] and v["attacked_class"] != v["certified_class"]
 
 
-def _forge_count(src, dst, j: int, count: int, prediction: int | None = None) -> dict:
+def _forge_count(src, dst, j: int, count: int, prediction: int | None = None, consistent: bool = True) -> dict:
     """A copy of the certificate folder ``src`` at ``dst`` whose example ``j`` says ``count`` (and ``prediction``),
     with every figure derived from it re-derived (so that only a replay can see the forgery); returns the forged
     document."""
@@ -286,7 +300,8 @@ def _forge_count(src, dst, j: int, count: int, prediction: int | None = None) ->
                             smoothed_accuracy=float((pred == label).mean()), abstain_rate=float((pred < 0).mean()),
                             mean_radius=float(np.where(pred == label, radii, 0.0).mean()))
     (dst / "certificate.json").write_text(json.dumps(doc))
-    assert recompute_certificate(doc) == []  # consistent with itself
+    if consistent:
+        assert recompute_certificate(doc) == []  # consistent with itself
     return doc
 
 
@@ -297,7 +312,10 @@ def test_verify_checks_a_certificate_against_its_engine_counts_and_data(exported
     res = run("-q", "verify", str(out), "--engine", str(files["fp32"]), "--recheck", "3", "--json")
     body = json.loads(res.stdout)
     assert res.exit_code == 0 and body["match"], res.output
-    assert body["replayed"]["note"] == "3 example(s) certified again (the same noise)"
+    note = body["replayed"]["note"]
+    assert note.startswith("3 example(s) certified again (the same noise); drawn at random: "), note
+    drawn = [int(v) for v in note.split(": ")[-1].split(", ")]
+    assert len(set(drawn)) == 3 and all(0 <= j < 12 for j in drawn)
     assert json.loads((out / "certificate.json").read_text())["provenance"]["noise_stream"] == "cpu"
     # another engine (the fp16 file) fails the hash, and certified again its counts may move; a forged count fails
     res = run("-q", "verify", str(out), "--engine", str(files["int8"]), "--recheck", "12")
@@ -305,7 +323,7 @@ def test_verify_checks_a_certificate_against_its_engine_counts_and_data(exported
     doc = json.loads((out / "certificate.json").read_text())
     j = next(i for i, p in enumerate(doc["examples"]["prediction"]) if p >= 0)
     _forge_count(out, tmp_path / "forged", j, max(0, doc["examples"]["count"][j] - 40))
-    res = run("-q", "verify", str(tmp_path / "forged"), "--engine", str(files["fp32"]), "--recheck", str(j + 1))
+    res = run("-q", "verify", str(tmp_path / "forged"), "--engine", str(files["fp32"]), "--recheck", "12")
     assert res.exit_code == 1 and f"examples[{j}]: certified again" in res.stderr  # ... but not with the engine
 
 
@@ -328,7 +346,7 @@ def test_verify_on_another_device_compares_counts_within_sampling_error(exported
     body = json.loads(res.stdout)
     assert res.exit_code == 0 and body["match"], res.output
     assert body["replayed"]["note"].startswith("12 example(s) certified again (new noise: cpu drew")
-    res = run("-q", "verify", str(tmp_path / "forged"), "--engine", str(files["fp32"]), "--recheck", str(j + 1))
+    res = run("-q", "verify", str(tmp_path / "forged"), "--engine", str(files["fp32"]), "--recheck", "12")
     assert res.exit_code == 1 and f"examples[{j}]: certified again" in res.stderr and "with new noise" in res.stderr
     # a forger who claims a class the engine does not give (the label where the engine is wrong or abstains, another
     # class where it is right) cannot hide behind the new noise: the replay's count of the claimed class is compared,
@@ -338,7 +356,7 @@ def test_verify_on_another_device_compares_counts_within_sampling_error(exported
     claim = ex["label"][k] if ex["prediction"][k] != ex["label"][k] else (ex["label"][k] + 1) % 10
     forged = _forge_count(out, tmp_path / "forged2", k, int(0.86 * n), prediction=claim)
     assert forged["examples"]["prediction"][k] == claim != ex["prediction"][k]
-    res = run("-q", "verify", str(tmp_path / "forged2"), "--engine", str(files["fp32"]), "--recheck", str(k + 1))
+    res = run("-q", "verify", str(tmp_path / "forged2"), "--engine", str(files["fp32"]), "--recheck", "12")
     assert res.exit_code == 1 and f"examples[{k}]: certified again" in res.stderr, res.output
     # the same noise after all: the stream names match again, and so do the counts exactly
     from evaluators.replay import same_noise

@@ -89,6 +89,40 @@ def test_softmax_and_random_models_are_flagged(digits_model, data):
     assert "randomised-outputs" in _ids(C.check_outputs(Noisy(digits_model[1].model), x))
 
 
+class NanOnBright(nn.Module):
+    """NaN logits wherever the image is bright somewhere (deterministic): a model that overflows on some inputs."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        bright = (x.flatten(1).amax(1) > 0.9)[:, None]
+        return torch.where(bright, torch.full_like(out, float("nan")), out)
+
+
+def test_nan_outputs_are_named_as_such_and_not_as_randomness(digits_model, data):
+    x, _ = data
+    model = NanOnBright(digits_model[1].model)
+    rows = int((x.flatten(1).amax(1) > 0.9).sum())
+    assert 0 < rows < len(x)
+    flags = {f.id: f for f in C.check_outputs(model, x)}
+    assert set(flags) == {"non-finite-outputs"}, flags
+    assert flags["non-finite-outputs"].message.startswith(f"{rows} of {len(x)} clean inputs get NaN")
+    assert flags["non-finite-outputs"].severity == "error"
+    # NaN in one pass only is randomness
+    calls = []
+
+    def flaky(inp):
+        calls.append(1)
+        out = digits_model[1].model(inp)
+        return out if len(calls) % 2 else torch.where(torch.arange(len(out))[:, None] == 0, float("nan"), out)
+
+    got = {f.id: f for f in C.check_outputs(flaky, x)}
+    assert "randomised-outputs" in got and "NaN or infinite" in got["randomised-outputs"].message
+
+
 def test_monotone_and_fixed_eps_checks_on_hand_made_data():
     assert C.check_monotone("a", [0, 0.1, 0.2], [0.9, 0.5, 0.4]) is None
     f = C.check_monotone("a", [0, 0.1, 0.2], [0.9, 0.4, 0.5])

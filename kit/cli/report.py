@@ -71,11 +71,22 @@ def _is_certificate(source: Path) -> bool:
     return False
 
 
+def recheck_picks(n: int, recheck: int) -> list[int]:
+    """The examples ``verify --recheck N`` certifies again: all of them when N >= n, else N drawn at random from the
+    operating system's entropy, so that a certificate cannot be edited where a replay is known not to look."""
+    import secrets
+
+    if recheck >= n:
+        return list(range(n))
+    return sorted(secrets.SystemRandom().sample(range(n), recheck))
+
+
 def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twin_path: Path | None, recheck: int,
                         waive: list[str], data_spec: str | None, as_json: bool, arch: str | None,
                         engine_input: Any, pub: Any) -> None:
     """``otkit verify`` of a certificate: the engine's (and twin's) hashes, every derived figure re-derived from the
-    counts, and the first N examples certified again with the certificate's seeds (--recheck N; needs the data)."""
+    counts, and N examples drawn at random certified again with the certificate's seeds (--recheck N; needs the
+    data)."""
     from evaluators.certificate import load_certificate, recompute_certificate
     from exporters.engines import load_engine
     from kit.io import require_file
@@ -111,10 +122,13 @@ def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twi
 
             engine_input = InputConvention.from_dict(raw, "certificate: engine.input_convention")
         engine = load_engine(engine_path, device, arch=arch, input_convention=engine_input)
-        replayed = replay_certificate(doc, engine, device, examples=recheck, spec=data_spec)
-        note = f"{min(recheck, doc['data']['n'])} example(s) certified again" + (
+        picks = recheck_picks(doc["data"]["n"], recheck)
+        replayed = replay_certificate(doc, engine, device, examples=picks, spec=data_spec)
+        note = f"{len(picks)} example(s) certified again" + (
             " (the same noise)" if same_noise(doc, device) else
             f" (new noise: {doc['provenance']['device']} drew the certificate's; counts within sampling error)")
+        if len(picks) < doc["data"]["n"]:
+            note += f"; drawn at random: {', '.join(map(str, picks))}"
     problems += replayed
     folder = source if source.is_dir() else source.parent
     signature = _signature(doc, folder, pub, hashes)
@@ -452,8 +466,9 @@ def _engine_input(doc: dict[str, Any], given: Any) -> Any:
                    "elsewhere takes the flags it was audited with (docs/byom.md).")
 @click.option("--recheck", type=click.IntRange(min=0), default=DEFAULT_RECHECK, show_default=True, metavar="N",
               help="Run the engine on up to N stored adversarials (adversarials.npz beside the report, spread across "
-                   "attacks): each must still get the stored prediction, and not its true label. 0 skips the "
-                   "recheck, which then needs --waive recheck.")
+                   "attacks): each must still get the stored prediction, and not its true label. For a certificate: "
+                   "certify N of its examples, drawn at random, again with its seeds. 0 skips the recheck, which "
+                   "then needs --waive recheck.")
 @click.option("--waive", "waived", multiple=True, type=click.Choice(WAIVABLE),
               help="Accept a check left undone (repeatable): twin (no --twin), adversarials (no adversarials.npz: its "
                    "hash, content and the recheck), recheck (no recheck of stored adversarials), data (the audited examples "
@@ -498,8 +513,8 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     Every input is checked before any hash is compared (a missing file is exit status 2, not a mismatch).
 
     A certificate (a folder with certificate.json, from otkit certify) is verified instead: the engine's (and twin's)
-    sha256, every figure re-derived from its counts, and the first N examples (--recheck) certified again with its
-    own seeds (docs/certify.md).
+    sha256, every figure re-derived from its counts, and N examples drawn at random (--recheck) certified again with
+    its own seeds (docs/certify.md).
     """
     from evaluators.recompute import check_adversarials, recompute_report
     from evaluators.report import load_adversarials, load_report
