@@ -50,6 +50,13 @@ def test_usage_errors_are_one_line_exit_2(args, needle):
     assert not line.startswith("Usage")
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:1x", "mps", ""])
+def test_a_misspelt_device_is_refused_by_every_command(device):
+    """Checked where the option is read, so that a command that runs no model (info) refuses it too."""
+    line = assert_user_error(invoke("--device", device, "info"))
+    assert line == f"Error: unknown device {device!r}: use auto, cpu, cuda or cuda:N"
+
+
 def test_refused_pickle_does_not_quote_torchs_unsafe_advice(tmp_path):
     evil = tmp_path / "evil.pt"
     import torch

@@ -11,6 +11,7 @@ is in :mod:`kit.cli.common`, which imports no command module; no command module 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from typing import Any
@@ -119,6 +120,8 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) 
         format="%(message)s",
         stream=sys.stderr,
     )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.strip().lower()):  # spelling only: torch is not imported here
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     ctx.obj = {"device": device, "seed": seed, "quiet": quiet}
 
 
