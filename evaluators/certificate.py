@@ -230,7 +230,7 @@ def write_certificate(doc: dict[str, Any], out_dir: str | os.PathLike[str]) -> l
     with atomic_write(main, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=False)
         f.write("\n")
-    log.info("wrote the certificate to %s", out)
+    log.debug("wrote the certificate to %s", out)  # the CLI names every file it wrote
     return [png_path, md, page, main]
 
 

@@ -458,5 +458,5 @@ def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str],
         json.dump(doc, f, indent=1, allow_nan=False)
         f.write("\n")
     written += [png_path, md, page, report_json]
-    log.info("wrote the report to %s", out)
+    log.debug("wrote the report to %s", out)  # the CLI names every file it wrote
     return written
