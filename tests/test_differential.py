@@ -128,7 +128,12 @@ def test_replica_matches_the_int8_engine_far_better_than_the_float_twin(int8_exp
         print(f"\n{what}: vs ORT int8 (logit scale {float(ref.abs().max()):.3g}): replica max|dlogit| {err_rep:.3g} "
               f"top-1 {agr_rep:.3f}; float twin {err_twin:.3g} top-1 {agr_twin:.3f}; torch model {err_torch:.3g} "
               f"top-1 {agr_torch:.3f}")
-        assert err_twin > 0 and err_rep <= 0.5 * err_twin, (err_rep, err_twin)
+        # per example, not the largest gap of the batch: an activation that lands on a rounding boundary of its
+        # quantiser can round one step apart in the two runtimes (float sums in another order), which moves that one
+        # example's logits by a step's worth (0.15 on one of 128 random images on an AVX-512 VNNI CPU, 0 elsewhere)
+        rep, flt = (z_rep - ref).abs().amax(1), (z_twin - ref).abs().amax(1)
+        assert float(flt.mean()) > 0 and float(rep.mean()) <= 0.25 * float(flt.mean()), (err_rep, err_twin)
+        assert float(rep.median()) <= 0.1 * float(flt.median()), (float(rep.median()), float(flt.median()))
         assert agr_rep >= agr_twin and agr_rep >= 0.99
     # gradients flow through the fake quantisation (straight-through), and a checkpoint skeleton rebuilds it
     x = samples["digits"][:16].clone().requires_grad_(True)
