@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -151,6 +152,7 @@ class AuditConfig:
     allowed_flags: Sequence[str] = ()
     engine_only: bool = True
     engine_only_steps: int = 20
+    spot_check: int = 1000
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.allowed_flags if f not in C.CHECKS]
@@ -166,8 +168,10 @@ class AuditConfig:
             if g.attack not in names and g.attack not in norms:
                 raise UserError(f"gate on {g.attack!r}, which is neither an audited attack ({', '.join(names)}) nor "
                                 f"an audited threat model ({', '.join(norms)})")
-        if self.batch_size < 1 or self.rungs < 1 or self.points < 2 or self.blackbox_samples < 0:
-            raise UserError("batch size and rungs must be >= 1, points >= 2, black-box samples >= 0")
+        if self.batch_size < 1 or self.rungs < 1 or self.points < 2 or self.blackbox_samples < 0 \
+                or self.spot_check < 0:
+            raise UserError("batch size and rungs must be >= 1, points >= 2, black-box samples and the spot check "
+                            ">= 0")
         for r in self.attacks:  # the parameters' values (steps >= 1, ...) are checked by the attack itself, now
             try:
                 r.spec.build(nn.Identity())
@@ -548,6 +552,30 @@ def clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tens
     }
 
 
+def spot_check_record(twin: nn.Module, engine: Engine, pool: Any, n: int, seed: int, bs: int, tols: Tolerances,
+                      device: Any) -> dict[str, Any]:
+    """The clean comparison (:func:`clean_record`) on ``n`` examples of the whole split ``pool`` (a
+    :class:`kit.data.Dataset`) drawn with ``seed``: the report's ``clean.spot_check``.
+
+    The audited examples are a seeded subset that anyone can draw in advance, so an engine could be made to match its
+    twin near them and compute something else elsewhere; the audit draws the spot check's seed from the operating
+    system's entropy when it starts, and records it (with the examples' fingerprint) so that ``otkit verify`` draws
+    the same examples again.
+    """
+    ds = pool.subset(n, seed=seed, notice=False)
+    rec = clean_record(twin, engine, ds.x.to(device), ds.y.to(device), bs, tols)
+    return {"n": len(ds), "seed": int(seed), "fingerprint": ds.fingerprint, **rec}
+
+
+def with_spot_check(clean: Mapping[str, Any], spot: Mapping[str, Any]) -> dict[str, Any]:
+    """The clean record with its spot check: a mismatch on the spot check is the clean comparison's mismatch."""
+    out = {**clean, "spot_check": dict(spot)}
+    if clean["verdict"] == Verdict.MATCH and spot["verdict"] == Verdict.MISMATCH:
+        out.update(verdict=Verdict.MISMATCH, reason=f"on {spot['n']} examples drawn at random from the split: "
+                                                    f"{spot['reason']}")
+    return out
+
+
 def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_eps: Sequence[Any],
                       twin_eps: Sequence[Any], blackbox: Mapping[str, Any] | None, points: int,
                       seed: int, engine_only: Mapping[str, Any] | None = None, *,
@@ -739,6 +767,7 @@ class AuditInputs:
     x: torch.Tensor
     y: torch.Tensor
     data: dict[str, Any]  # spec, split, fingerprint, n, seed
+    pool: Any = None  # the whole split (kit.data.Dataset) the spot check draws from; None: no spot check
 
 
 def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None, split: str, samples: int, seed: int,
@@ -777,11 +806,12 @@ def load_audit_inputs(engine_path: Path, twin_path: Path, data_spec: str | None,
     info = twin.info
     ds.require_fit(info.input_shape, info.num_classes, str(twin_path))
     check_compatible(engine, ds.input_shape, ds.num_classes, spec)
+    pool = ds
     ds = ds.subset(samples, seed=seed, notice=notice)  # notice: off where samples is a default nobody asked for
     data = {"spec": spec, "split": split, "fingerprint": ds.fingerprint, "n": len(ds), "seed": seed}
     return AuditInputs(engine=engine, engine_path=Path(engine_path), engine_format=engine_kind(engine_path),
                        twin=twin.model, twin_path=Path(twin_path), twin_info=info, x=ds.x.to(device),
-                       y=ds.y.to(device), data=data)
+                       y=ds.y.to(device), data=data, pool=pool)
 
 
 def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = False, command: str = "",
@@ -818,8 +848,12 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         out.mkdir(parents=True, exist_ok=True)
     state.begin(world)
     bs = cfg.batch_size
-    if world.lead:  # 1. clean twins check
+    if world.lead:  # 1. clean twins check, on the audited examples and on examples drawn at random from the split
         clean = clean_record(twin, engine, x, y, bs, tols)
+        if cfg.spot_check and inp.pool is not None:
+            spot = spot_check_record(twin, engine, inp.pool, cfg.spot_check, secrets.randbits(63), bs, tols,
+                                     x.device)
+            clean = {**clean, **with_spot_check(clean, spot)}
 
     # 2. sweeps, batch by batch: each batch independent of the others, resumable, and under torchrun computed by the
     # rank that owns it (batch % processes == rank); the black box and the engine-only search follow the same

@@ -57,6 +57,7 @@ class AuditSection:
     batch_size: int = 100
     rungs: int = 6
     blackbox_samples: int = 50
+    spot_check: int = 1000
     tol_auac: float = 0.01
     tol_curve: float = 0.02
     min_agreement: float = 0.98
@@ -122,7 +123,7 @@ class RunConfig:
         if not a.attacks:
             raise UserError("[audit] attacks is empty")
         return AuditConfig(attacks=AttackRequest.parse_all(a.attacks, a.eps_max), batch_size=a.batch_size,
-                           rungs=a.rungs, seed=seed, blackbox_samples=a.blackbox_samples,
+                           rungs=a.rungs, seed=seed, blackbox_samples=a.blackbox_samples, spot_check=a.spot_check,
                            tolerances=Tolerances(auac=a.tol_auac, curve=a.tol_curve, agreement=a.min_agreement,
                                                  alpha=a.alpha),
                            gates=[Gate.parse(f"{k}={v}") for k, v in a.gates.items()],

@@ -3,7 +3,7 @@
 A report (``otkit.report/1``) stores, per attack, each example's eps* on the twin and on the engine. Every other figure
 of an attack follows from them, the attack's ``eps_max``, the report's ``tolerances``, ``provenance.seed`` and its
 ``statistics`` (grid points, bootstrap resamples): the accuracy curves, AUACs and their intervals, the fidelity
-statistics and verdict. The clean verdict follows from the stored agreement and tolerance; the overall verdict, the
+statistics and verdict. The clean verdict follows from the stored agreement and tolerance (and its spot check's); the overall verdict, the
 gates and the status from those. :func:`recompute_report` re-derives all of them with the very functions the audit
 uses (:func:`evaluators.audit.side_record`, :func:`evaluators.audit.fidelity`, :func:`evaluators.audit.clean_verdict`,
 :func:`evaluators.audit.decide`) and lists each field that differs. :func:`check_adversarials` checks that an
@@ -86,6 +86,12 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
     c = doc["clean"]
     clean = {"verdict": clean_verdict(c["top1_agreement"], tols, c["max_logit_gap"], c.get("max_logit_gap_tolerance"),
                                       n=int(doc["data"]["n"]) if "p_value" in c else None)}
+    spot = c.get("spot_check")
+    if spot:  # the clean comparison on examples drawn at random from the split: a mismatch there is the clean one's
+        clean["spot_check"] = {"verdict": clean_verdict(spot["top1_agreement"], tols, spot["max_logit_gap"],
+                                                        spot["max_logit_gap_tolerance"], n=int(spot["n"]))}
+        if clean["spot_check"]["verdict"] == "mismatch":
+            clean["verdict"] = "mismatch"
     gates = [Gate(str(g["attack"]), float(g["min_auac"])) for g in doc["gates"]]
     verdict, gate_records, status = decide(clean, records, gates, doc.get("checks", []),
                                            doc.get("allowed_flags", []), worst,
@@ -160,6 +166,9 @@ def recompute_report(doc: Mapping[str, Any]) -> list[str]:
             for k in _FIDELITY_FIELDS:
                 _compare(f"{at}.fidelity.{k}", w.get("fidelity", {}).get(k), r.get("fidelity", {}).get(k), out)
     _compare("clean.verdict", doc["clean"]["verdict"], expected["clean"]["verdict"], out)
+    if "spot_check" in expected["clean"]:
+        _compare("clean.spot_check.verdict", doc["clean"]["spot_check"]["verdict"],
+                 expected["clean"]["spot_check"]["verdict"], out)
     for i, (g, r) in enumerate(zip(doc["gates"], expected["gates"])):
         for k in ("engine_auac", "engine_auac_lower", "passed"):
             if k in g or k in r and "worst_case" in doc:

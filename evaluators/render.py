@@ -148,7 +148,17 @@ def _clean_line(doc: dict[str, Any]) -> str:
             f"{'not finite' if c['max_logit_gap'] is None else _num(c['max_logit_gap'], '.3g')}"
             + (f" (tolerance {_num(c['max_logit_gap_tolerance'], '.3g')})"
                if c.get("max_logit_gap_tolerance") is not None else "")
-            + f": {c['verdict']}")
+            + f": {c['verdict']}" + _spot_text(c))
+
+
+def _spot_text(c: dict[str, Any]) -> str:
+    """The clean spot check's clause (examples drawn at random from the split), or nothing."""
+    s = c.get("spot_check")
+    if not s:
+        return ""
+    gap = "not finite" if s["max_logit_gap"] is None else _num(s["max_logit_gap"], ".3g")
+    return (f"; spot check on {s['n']} examples drawn at random from the split: top-1 agreement "
+            f"{_num(s['top1_agreement'])}, max logit gap {gap}: {s['verdict']}")
 
 
 def _reasons(doc: dict[str, Any]) -> list[tuple[str, str]]:

@@ -13,7 +13,9 @@ and the stored adversarials against the data and the models, at the cost of one 
   show, the stored logit-gap tolerance no looser than the one the audit sets (within :data:`GAP_SLACK` of it), the
   stored largest logit gap within :data:`GAP_SLACK` of that tolerance of the gap measured again, and the clean verdict
   of the measured figures the stored one. The gap itself is judged only where the audit judges it (fp32 and fp16
-  engines on float pixels); an int8 engine's gap is reported by the audit and not compared here.
+  engines on float pixels); an int8 engine's gap is reported by the audit and not compared here. The spot check's
+  examples (``clean.spot_check``) are drawn again from the split with its recorded seed, must have its fingerprint,
+  and are compared the same way.
 - **Radii.** Every attack's eps_max lies within the largest distance two images can have under its norm
   (:func:`evaluators.evaluate.largest_radius`).
 - **Adversarials.** Each stored L-inf / L2 adversarial has the stored label, and its distance to its clean example is
@@ -57,15 +59,20 @@ def audited_examples(doc: Mapping[str, Any], spec: str | None = None) -> Any:
     UserError
         The dataset cannot be read here, or the drawn subset's fingerprint is not the report's.
     """
-    from kit.data import load_dataset
-
     data = doc["data"]
     source = spec or data["spec"]
-    ds = load_dataset(source, data["split"], seed=0).subset(int(data["n"]), seed=int(data["seed"]), notice=False)
+    ds = _split(doc, spec).subset(int(data["n"]), seed=int(data["seed"]), notice=False)
     if ds.fingerprint != data["fingerprint"] or len(ds) != data["n"]:
         raise UserError(f"the {data['n']} examples drawn from {source} ({data['split']} split, seed {data['seed']}) "
                         f"have fingerprint {ds.fingerprint}, the report says {data['fingerprint']}: other data")
     return ds
+
+
+def _split(doc: Mapping[str, Any], spec: str | None) -> Any:
+    """The report's whole split (``spec``: the same data elsewhere)."""
+    from kit.data import load_dataset
+
+    return load_dataset(spec or doc["data"]["spec"], doc["data"]["split"], seed=0)
 
 
 @torch.no_grad()
@@ -94,36 +101,36 @@ def _side(doc: Mapping[str, Any], side: str, pred: np.ndarray, y: np.ndarray, ou
                 out.append(f"attacks[{a['name']}].{side}.eps_star: {idx.size} example(s) {what} ({shown})")
 
 
-def _clean(doc: Mapping[str, Any], engine: Any, twin: Any, x: torch.Tensor, y: torch.Tensor, out: list[str]) -> None:
-    """The clean comparison measured again as the audit measures it, against the stored one (module docstring)."""
+def _clean(doc: Mapping[str, Any], said: Mapping[str, Any], where: str, engine: Any, twin: Any, x: torch.Tensor,
+           y: torch.Tensor, out: list[str]) -> tuple[str, str]:
+    """A clean comparison (``said``: the report's ``clean`` or its ``spot_check``, named ``where``) measured again as
+    the audit measures it, against the stored one (module docstring); returns the verdict and reason measured."""
     from evaluators.audit import Tolerances, clean_judgement, clean_record
 
-    said = doc["clean"]
     with torch.no_grad():
         got = clean_record(twin, engine, x, y, 256, Tolerances(**doc["tolerances"]))
     n = len(y)
     agree = got["top1_agreement"]
     if abs(float(said["top1_agreement"]) - agree) > 0.5 / max(n, 1):
-        out.append(f"clean.top1_agreement: report says {said['top1_agreement']}, the engine and the twin agree on "
-                   f"{round(agree * n)} of {n} audited examples ({agree:.4f})")
+        out.append(f"{where}.top1_agreement: report says {said['top1_agreement']}, the engine and the twin agree on "
+                   f"{round(agree * n)} of {n} examples ({agree:.4f})")
     tol, tol_said = got["max_logit_gap_tolerance"], said.get("max_logit_gap_tolerance")
     # written before the gap was judged (no such field), or before an fp16 engine's was: judged on the agreement then
     before = "max_logit_gap_tolerance" not in said or (tol_said is None and doc["engine"].get("precision") == "fp16")
     if tol is not None and not before and (tol_said is None or tol_said > tol * (1 + GAP_SLACK)):
-        out.append(f"clean.max_logit_gap_tolerance: report says {tol_said}, the audit sets {tol:.6g} for this engine "
-                   "and twin")
+        out.append(f"{where}.max_logit_gap_tolerance: report says {tol_said}, the audit sets {tol:.6g} for this "
+                   "engine and twin")
     gap, gap_said = got["max_logit_gap"], said["max_logit_gap"]
     if (gap is None) != (gap_said is None):
-        out.append(f"clean.max_logit_gap: report says {gap_said}, measured again "
+        out.append(f"{where}.max_logit_gap: report says {gap_said}, measured again "
                    f"{'not finite' if gap is None else f'{gap:.6g}'}")
     elif gap is not None and tol is not None and not before and abs(gap - float(gap_said)) > GAP_SLACK * tol:
-        out.append(f"clean.max_logit_gap: report says {gap_said}, measured again {gap:.6g} (tolerance {tol:.6g})")
+        out.append(f"{where}.max_logit_gap: report says {gap_said}, measured again {gap:.6g} (tolerance {tol:.6g})")
     verdict, reason = got["verdict"], got["reason"]
     if before:
         again = clean_judgement(agree, n, Tolerances(**doc["tolerances"]))
         verdict, reason = again["verdict"], again["reason"]
-    if verdict != said["verdict"]:
-        out.append(f"clean.verdict: report says {said['verdict']}, measured again {verdict}: {reason}")
+    return verdict, reason
 
 
 def _adversarials(doc: Mapping[str, Any], stored: Mapping[str, Mapping[str, np.ndarray]], x: torch.Tensor,
@@ -193,7 +200,23 @@ def replay_report(doc: Mapping[str, Any], engine: Any, twin: Any | None, device:
     _side(doc, "engine", _predictions(engine, ds.x, device), y, out)
     if twin is not None:
         _side(doc, "twin", _predictions(twin, ds.x, device), y, out)
-        _clean(doc, engine, twin, ds.x.to(device), ds.y.to(device), out)
+        c = doc["clean"]
+        verdict, reason = _clean(doc, c, "clean", engine, twin, ds.x.to(device), ds.y.to(device), out)
+        spot = c.get("spot_check")
+        if spot:  # the spot check's examples, drawn again with its recorded seed
+            drawn = _split(doc, spec).subset(int(spot["n"]), seed=int(spot["seed"]), notice=False)
+            if drawn.fingerprint != spot["fingerprint"] or len(drawn) != spot["n"]:
+                out.append(f"clean.spot_check.fingerprint: the {spot['n']} examples drawn with seed {spot['seed']} "
+                           f"have fingerprint {drawn.fingerprint}, the report says {spot['fingerprint']}")
+            else:
+                v, r = _clean(doc, spot, "clean.spot_check", engine, twin, drawn.x.to(device), drawn.y.to(device),
+                              out)
+                if v != spot["verdict"]:
+                    out.append(f"clean.spot_check.verdict: report says {spot['verdict']}, measured again {v}: {r}")
+                if verdict == "match" and v == "mismatch":
+                    verdict, reason = v, f"on the spot check's examples: {r}"
+        if verdict != c["verdict"]:
+            out.append(f"clean.verdict: report says {c['verdict']}, measured again {verdict}: {reason}")
     if stored:
         _adversarials(doc, stored, ds.x, y, out)
     return out

@@ -197,6 +197,55 @@ def test_a_twin_imported_from_a_kit_export_is_known_by_the_weights_it_records(en
     assert check_engine_weights(other.recorded_weights, imported.info.weights_sha256, old, "m.onnx") is None
 
 
+class _NearOnly(torch.nn.Module):
+    """The twin near the given examples (L-inf 0.35), the twin's logits rolled by one class elsewhere: an engine made
+    to pass an audit whose examples its maker could draw in advance (a red-team's planted fault)."""
+
+    def __init__(self, twin, anchors):
+        super().__init__()
+        self.twin, self.anchors = twin, anchors.flatten(1)
+
+    def forward(self, x):
+        out = self.twin(x)
+        d = (x.flatten(1)[:, None] - self.anchors[None]).abs().amax(2).amin(1)
+        return torch.where((d <= 0.35)[:, None], out, out.roll(1, dims=1))
+
+
+def test_an_engine_that_matches_only_near_the_audited_examples_fails_the_spot_check(engines, tmp_path):
+    """The audited subset is seeded (anyone can draw it); the spot check draws other examples from the split with a
+    seed from the OS's entropy and records it. Without it this engine matches; with it, a clean mismatch, which
+    verify's re-derivation agrees with and which a forged spot-check verdict does not survive."""
+    from evaluators.recompute import recompute_report
+
+    twin_path, _ = engines
+    model, info = load_twin(twin_path)
+    inputs = A.load_audit_inputs(twin_path, twin_path, None, "test", 30, 0, "cpu")
+    assert inputs.pool is not None and len(inputs.pool) > 300
+    inputs.engine = TorchEngine(_NearOnly(model, inputs.x), info.input_shape, info.num_classes, "sha256:" + "0" * 64)
+    attacks = A.AttackRequest.parse_all(["pgd-linf@0.1:steps=5"], None)
+    docs = {}
+    for n in (0, 400):
+        cfg = A.AuditConfig(attacks=attacks, batch_size=30, rungs=2, blackbox_samples=0, engine_only=False,
+                            spot_check=n)
+        docs[n], _ = A.run_audit(inputs, cfg, tmp_path / str(n))
+    blind, seen = docs[0], docs[400]
+    assert blind["clean"]["top1_agreement"] == 1.0 and blind["clean"]["verdict"] == "match"
+    assert "spot_check" not in blind["clean"]
+    spot = seen["clean"]["spot_check"]
+    assert spot["n"] == 400 and spot["top1_agreement"] < 0.5 and spot["verdict"] == "mismatch"
+    assert seen["clean"]["top1_agreement"] == 1.0  # the audited examples alone still agree
+    assert seen["clean"]["verdict"] == "mismatch" and seen["clean"]["reason"].startswith("on 400 examples drawn")
+    assert seen["verdict"] == "mismatch" and seen["status"] == "fail"
+    # the spot check's examples are the split's, drawn again with the recorded seed
+    assert inputs.pool.subset(400, seed=spot["seed"], notice=False).fingerprint == spot["fingerprint"]
+    assert recompute_report(seen) == []
+    forged = json.loads(json.dumps(seen))
+    forged["clean"]["spot_check"]["verdict"] = forged["clean"]["verdict"] = "match"
+    lines = recompute_report(forged)
+    assert "clean.spot_check.verdict: report says match, recomputed mismatch" in lines
+    assert "clean.verdict: report says match, recomputed mismatch" in lines
+
+
 def test_int8_verdict_follows_from_the_statistics(engines, tmp_path):
     """The stored verdict is what the tolerances say of the stored eps* (recomputed here), whatever it is."""
     twin, files = engines

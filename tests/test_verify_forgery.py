@@ -269,6 +269,25 @@ def test_an_engine_swapped_for_one_with_scaled_logits_is_caught_on_the_clean_gap
     assert "clean.engine_accuracy" not in err  # the predictions are the engine's: only the gap tells
 
 
+def test_the_spot_check_is_drawn_again_and_measured_again(copy):
+    """The report records the spot check's seed and fingerprint: verify draws the same examples and compares them
+    as the audit did; another seed, or a figure edited, is a difference."""
+    work, doc, save, engine, twin = copy
+    spot = doc["clean"]["spot_check"]
+    assert spot["n"] > 100 and spot["verdict"] == "match"
+    forged = json.loads(json.dumps(doc))
+    forged["clean"]["spot_check"]["fingerprint"] = "sha256:" + "1" * 64
+    save(forged)
+    code, out, err = verify(work, engine, "--twin", twin)
+    assert code == 1 and "verify: clean.spot_check.fingerprint: the " in err, out + err
+    forged = json.loads(json.dumps(doc))
+    forged["clean"]["spot_check"]["top1_agreement"] = 0.5
+    save(forged)
+    code, out, err = verify(work, engine, "--twin", twin)
+    assert code == 1 and "verify: clean.spot_check.top1_agreement: report says 0.5, the engine and the twin " \
+        "agree on" in err, out + err
+
+
 def test_a_loosened_gap_tolerance_is_caught(copy):
     work, doc, save, engine, twin = copy
     doc["clean"]["max_logit_gap_tolerance"] = 100.0

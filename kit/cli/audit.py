@@ -96,7 +96,12 @@ def print_audit(doc: dict[str, Any]) -> None:
     gap = "not finite" if c["max_logit_gap"] is None else format(c["max_logit_gap"], ".3g")
     click.echo(f"clean: twin {c['twin_accuracy']:.4f}, engine {c['engine_accuracy']:.4f}, top-1 agreement "
                f"{c['top1_agreement']:.4f}, max logit gap {gap}"
-               f"{f' (tolerance {gap_tol:.3g})' if gap_tol is not None else ''} -> {c['verdict']}\n")
+               f"{f' (tolerance {gap_tol:.3g})' if gap_tol is not None else ''} -> {c['verdict']}")
+    s = c.get("spot_check")
+    if s:
+        click.echo(f"spot check: {s['n']} examples drawn at random from the split, top-1 agreement "
+                   f"{s['top1_agreement']:.4f} -> {s['verdict']}")
+    click.echo("")
     if doc.get("worst_case"):
         rows = [{"threat model": w["norm"], "eps_max": f"{w['eps_max']:.4g}",
                  "engine worst-case AUAC": f"{w['engine']['auac']:.4f}",
@@ -151,6 +156,9 @@ def print_audit(doc: dict[str, Any]) -> None:
                    "for a threat model's worst case (linf=0.3, l2=, wasserstein=) or one attack (pgd-linf=0.3).")
 @click.option("--blackbox-samples", type=click.IntRange(min=0), default=100,
               help="Examples attacked by Square directly on the engine (0: skip the black-box check).")
+@click.option("--spot-check", type=click.IntRange(min=0), default=1000,
+              help="Clean examples drawn at random from the whole split (a seed from the OS's entropy, recorded) on "
+                   "which the engine must agree with the twin as on the audited ones (0: none).")
 @click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDERS),
               help="ONNX Runtime provider (repeatable; default: the --device's).")
 @click.option("--allow-flag", "allowed_flags", multiple=True, metavar="ID", cls=ListedOption, listed=flag_ids,
@@ -174,7 +182,7 @@ def print_audit(doc: dict[str, Any]) -> None:
 def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str | None, split: str,
           attacks: tuple[str, ...], eps_max: float | None, samples: int, batch_size: int, rungs: int,
           tol_auac: float, tol_curve: float, min_agreement: float, alpha: float, gates: tuple[str, ...], blackbox_samples: int,
-          providers: tuple[str, ...], allowed_flags: tuple[str, ...], engine_only: bool, resume: bool, out: Path,
+          spot_check: int, providers: tuple[str, ...], allowed_flags: tuple[str, ...], engine_only: bool, resume: bool, out: Path,
           seed: int | None, as_json: bool, sign_key: Any = None, ci: CI = CI.NONE, junit: Path | None = None,
           arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Audit a deployed engine against its PyTorch twin and write the AUAC robustness report.
@@ -196,7 +204,8 @@ def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str
     cfg = AuditConfig(attacks=AttackRequest.parse_all(attacks, eps_max), batch_size=batch_size,
                       rungs=rungs, seed=seed, gates=[Gate.parse(g) for g in gates],
                       tolerances=Tolerances(auac=tol_auac, curve=tol_curve, agreement=min_agreement, alpha=alpha),
-                      blackbox_samples=blackbox_samples, allowed_flags=allowed_flags, engine_only=engine_only)
+                      blackbox_samples=blackbox_samples, allowed_flags=allowed_flags, engine_only=engine_only,
+                      spot_check=spot_check)
     world = command_world()  # under torchrun: this process's rank (docs/distributed.md)
     device = command_device(ctx)
     command = shlex.join(["otkit", *sys.argv[1:]])
