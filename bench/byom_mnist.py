@@ -10,9 +10,9 @@ What a user of the kit does with a model of their own, end to end, with nothing 
    --mean 0.1307 --std 0.3081 --dataset mnist:DIR --out imported.safetensors``.
 3. ``otkit audit --engine user.onnx --engine-input mnist --twin imported.safetensors ...`` (the twin from the weights)
    and ``otkit audit --engine user.onnx --engine-input mnist --twin user.onnx ...`` (the ONNX-only twin, rebuilt from
-   the graph): both must say ``match`` (else the script exits 1), and the two audits' curves must agree (the ONNX
-   twin's gradients are the original's). A status that fails on a flag (``test-blind`` below about 300 samples) is
-   stated on stderr beside the verdict.
+   the graph): both must say ``match`` (else the script exits 1); the two audits' AUACs are printed side by side,
+   where they should agree (the ONNX twin's gradients are the original's). A status that fails on a flag
+   (``test-blind`` below about 300 samples) is stated on stderr beside the verdict.
 
 Run::
 

@@ -525,13 +525,15 @@ def _fp16_gap_tolerance(twin: nn.Module, x: torch.Tensor, bs: int, twin_logits: 
 
 
 def clean_record(twin: nn.Module, engine: Engine, x: torch.Tensor, y: torch.Tensor, bs: int,
-                 tols: Tolerances) -> dict[str, Any]:
+                 tols: Tolerances, runtime: str | None = None) -> dict[str, Any]:
     """1. The clean check: both models on the clean examples, their agreement and largest logit gap, judged (``otkit
-    verify`` measures it again the same way: :func:`evaluators.replay.replay_report`)."""
+    verify`` measures it again the same way: :func:`evaluators.replay.replay_report`). ``runtime`` (``onnxruntime``
+    or ``tensorrt``) chooses the FP32 tolerance; by default the engine's :attr:`~exporters.base.Engine.parity_runtime`.
+    """
     twin_logits = _predict(twin, x, bs, "clean: twin")
     engine_logits = _predict(engine, x, bs, "clean: engine")
     parity = compare_logits(twin_logits, engine_logits, precision=engine.precision, name=engine.name, labels=y,
-                            runtime=engine.parity_runtime)
+                            runtime=runtime or engine.parity_runtime)
     # a gap tolerance holds where the engine computes on the very pixels the twin sees: export's FP32 tolerance for
     # an fp32 engine, the float16 twin's rounding for an fp16 engine (int8: the agreement only)
     gap_tol = None
@@ -568,12 +570,18 @@ def spot_check_record(twin: nn.Module, engine: Engine, pool: Any, n: int, seed: 
 
 
 def with_spot_check(clean: Mapping[str, Any], spot: Mapping[str, Any]) -> dict[str, Any]:
-    """The clean record with its spot check: a mismatch on the spot check is the clean comparison's mismatch."""
-    out = {**clean, "spot_check": dict(spot)}
-    if clean["verdict"] == Verdict.MATCH and spot["verdict"] == Verdict.MISMATCH:
-        out.update(verdict=Verdict.MISMATCH, reason=f"on {spot['n']} examples drawn at random from the split: "
-                                                    f"{spot['reason']}")
-    return out
+    """The clean record with its spot check (:func:`combine_clean`); ``p_value`` stays the audited examples'."""
+    verdict, reason = combine_clean(clean["verdict"], clean["reason"], spot["verdict"],
+                                    f"on {spot['n']} examples drawn at random from the split: {spot['reason']}")
+    return {**clean, "verdict": verdict, "reason": reason, "spot_check": dict(spot)}
+
+
+def combine_clean(verdict: str, reason: str, spot_verdict: str, spot_reason: str) -> tuple[str, str]:
+    """The clean verdict and reason with a spot check's: a mismatch on either is the clean comparison's mismatch (the
+    audited examples' reason first)."""
+    if verdict == Verdict.MATCH and spot_verdict == Verdict.MISMATCH:
+        return Verdict.MISMATCH, spot_reason
+    return verdict, reason
 
 
 def worst_case_record(norm: str, eps_max: float, attacks: Sequence[str], engine_eps: Sequence[Any],
@@ -825,7 +833,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
 
     Under ``torchrun`` (``world``, :func:`kit.distributed.world`), every process calls this with the same inputs:
     each computes its own batches (``batch % processes == rank``), every batch's arrays go to every rank, and the
-    lead rank alone derives the report; the others get ``(None, {})``. The report equals the one-process report.
+    lead rank alone derives the report; the others get ``(None, {})``. The report equals the one-process report but for
+    the clean spot check's examples, drawn afresh by every audit (:func:`spot_check_record`).
     """
     from exporters.onnx import engine_sha256
     from kit.io import sha256_file
@@ -851,9 +860,9 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     if world.lead:  # 1. clean twins check, on the audited examples and on examples drawn at random from the split
         clean = clean_record(twin, engine, x, y, bs, tols)
         if cfg.spot_check and inp.pool is not None:
-            spot = spot_check_record(twin, engine, inp.pool, cfg.spot_check, secrets.randbits(63), bs, tols,
+            spot = spot_check_record(twin, engine, inp.pool, cfg.spot_check, secrets.randbits(32), bs, tols,
                                      x.device)
-            clean = {**clean, **with_spot_check(clean, spot)}
+            clean = with_spot_check(clean, spot)
 
     # 2. sweeps, batch by batch: each batch independent of the others, resumable, and under torchrun computed by the
     # rank that owns it (batch % processes == rank); the black box and the engine-only search follow the same
@@ -943,8 +952,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     if not world.lead:
         return None, {}
 
-    flags += C.check_outputs(engine_mod, x[:200])
-    flags += C.check_outputs(twin, x[:200])
+    flags += C.check_outputs(engine_mod, x[:200], "the engine")
+    flags += C.check_outputs(twin, x[:200], "the twin")
     flags += C.check_gradients(twin, x[:200], y[:200])
     if inp.engine_format == "onnx":  # the precision the file claims must be what its graph computes
         from exporters.graph import precision_census, read_graph

@@ -218,7 +218,8 @@ def run_certify(inp: CertifyInputs, cfg: CertifyConfig, out: Path, *, resume: bo
         out.mkdir(parents=True, exist_ok=True)
     state.begin(world)
 
-    flags = C.check_outputs(EngineModule(engine), x[:200]) if world.lead else []  # the audit's engine-as-module
+    # the audit's engine-as-module
+    flags = C.check_outputs(EngineModule(engine), x[:200], "the engine") if world.lead else []
     labels = _Labels(engine)
     n_ex, bs = len(x), cfg.batch_size
     bar = open_bar(f"certify: {cfg.smoothing} sigma {cfg.sigma:g}", total=n_ex * (cfg.n0 + cfg.n), unit="sample")

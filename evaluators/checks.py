@@ -73,24 +73,25 @@ def _logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor
     return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def check_outputs(model: nn.Module, x: torch.Tensor) -> list[Flag]:
+def check_outputs(model: nn.Module, x: torch.Tensor, name: str = "the model") -> list[Flag]:
     """NaN or infinite outputs; randomised outputs (two passes over the same inputs differ, NaN and inf compared as
-    values: the same NaN twice is not randomness); probabilities instead of logits."""
+    values: the same NaN twice is not randomness); probabilities instead of logits. ``name`` says whose outputs
+    (the engine, the twin) in the messages."""
     flags = []
     a, b = _logits(model, x), _logits(model, x)
     bad = ~torch.isfinite(a)
     if bool(bad.any()):
         rows = int(bad.any(1).sum())
         flags.append(flag("non-finite-outputs",
-                          f"{rows} of {len(x)} clean inputs get NaN or infinite outputs: no prediction, gradient or "
-                          "attack means anything there; find the layer that overflows or divides by zero"))
+                          f"{rows} of {len(x)} clean inputs get NaN or infinite outputs from {name}: no prediction, "
+                          "gradient or attack means anything there; find the layer that overflows or divides by zero"))
     if not torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
         both = torch.isfinite(a) & torch.isfinite(b)
-        diff = f"up to {(a - b)[both].abs().max().item():.3g}" if bool(both.any()) else "in which values are finite"
-        if not torch.equal(bad, ~torch.isfinite(b)):
-            diff = "in which values are NaN or infinite"
+        gap = float((a - b)[both].abs().max()) if bool(both.any()) else 0.0
+        # where both passes are finite they differ by gap; else NaN or inf sits in one pass where the other has a value
+        diff = f"by up to {gap:.3g}" if gap > 1e-6 else "in which outputs are NaN or infinite"
         flags.append(flag("randomised-outputs",
-                          f"two forward passes on the same {len(x)} inputs differ ({diff}): gradients and "
+                          f"two forward passes of {name} on the same {len(x)} inputs differ ({diff}): gradients and "
                           "success are random; evaluate the expectation (EOT) or remove the randomness"))
     if (a >= 0).all() and (a <= 1).all() and torch.allclose(a.sum(1), a.new_ones(len(a)), atol=1e-3):
         flags.append(flag("outputs-look-like-probabilities",
@@ -251,18 +252,19 @@ def check_engine_weights(recorded: str, weights: str, source: Mapping[str, Any] 
 
     ``weights`` is the twin's ``weights_sha256`` and ``source`` its import record (a twin trained elsewhere, or
     ``None``): a twin imported from a kit export is identified by the weights that file records
-    (``recorded_weights_sha256``) as well as by its own. Nothing is compared where the engine records no weights (a
-    file exported elsewhere), nor for a twin imported from an ONNX file before the import kept that record.
+    (``recorded_weights_sha256``; ``None`` for an ONNX file that records none) as well as by its own. Nothing is
+    compared where the engine records no weights (a file exported elsewhere), nor for a twin imported from an ONNX
+    file before the import kept that record (no such key). A checkpoint given as the engine records its own weights.
     ``engine`` names the file in the message.
     """
     if not recorded:
         return None
     known = {weights}
     if source:
-        if "recorded_weights_sha256" in source:
+        if source.get("recorded_weights_sha256"):
             known.add(str(source["recorded_weights_sha256"]))
-        elif source.get("kind") == "onnx":  # imported before the record existed: what its file named is unknown
-            return None
+        elif source.get("kind") == "onnx" and "recorded_weights_sha256" not in source:
+            return None  # imported before the record existed: what its file named is unknown
     if recorded in known:
         return None
     return flag("engine-weights-differ", f"{engine} records that it was exported from weights {recorded}, but the "

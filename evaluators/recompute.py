@@ -3,8 +3,8 @@
 A report (``otkit.report/1``) stores, per attack, each example's eps* on the twin and on the engine. Every other figure
 of an attack follows from them, the attack's ``eps_max``, the report's ``tolerances``, ``provenance.seed`` and its
 ``statistics`` (grid points, bootstrap resamples): the accuracy curves, AUACs and their intervals, the fidelity
-statistics and verdict. The clean verdict follows from the stored agreement and tolerance (and its spot check's); the overall verdict, the
-gates and the status from those. :func:`recompute_report` re-derives all of them with the very functions the audit
+statistics and verdict. The clean verdict follows from the stored agreement and tolerance (and its spot check's);
+the overall verdict, the gates and the status from those. :func:`recompute_report` re-derives all of them with the very functions the audit
 uses (:func:`evaluators.audit.side_record`, :func:`evaluators.audit.fidelity`, :func:`evaluators.audit.clean_verdict`,
 :func:`evaluators.audit.decide`) and lists each field that differs. :func:`check_adversarials` checks that an
 ``adversarials.npz`` holds exactly the engine-side adversarials the report describes.
@@ -56,7 +56,16 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
     UserError
         Tolerances outside [0, 1].
     """
-    from evaluators.audit import Gate, Tolerances, clean_verdict, decide, fidelity, side_record, worst_case_record
+    from evaluators.audit import (
+        Gate,
+        Tolerances,
+        clean_verdict,
+        combine_clean,
+        decide,
+        fidelity,
+        side_record,
+        worst_case_record,
+    )
     from evaluators.curves import eps_grid
 
     tols = Tolerances(**{k: doc["tolerances"][k] for k in ("auac", "curve", "agreement", "alpha")})
@@ -90,8 +99,7 @@ def rederive(doc: Mapping[str, Any]) -> dict[str, Any]:
     if spot:  # the clean comparison on examples drawn at random from the split: a mismatch there is the clean one's
         clean["spot_check"] = {"verdict": clean_verdict(spot["top1_agreement"], tols, spot["max_logit_gap"],
                                                         spot["max_logit_gap_tolerance"], n=int(spot["n"]))}
-        if clean["spot_check"]["verdict"] == "mismatch":
-            clean["verdict"] = "mismatch"
+        clean["verdict"] = combine_clean(clean["verdict"], "", clean["spot_check"]["verdict"], "")[0]
     gates = [Gate(str(g["attack"]), float(g["min_auac"])) for g in doc["gates"]]
     verdict, gate_records, status = decide(clean, records, gates, doc.get("checks", []),
                                            doc.get("allowed_flags", []), worst,

@@ -9,13 +9,12 @@ and the stored adversarials against the data and the models, at the cost of one 
   and an example's eps* on a side must be 0 exactly where that side misclassifies it clean: an example a model gets
   wrong without any perturbation cannot be robust, and one it gets right was not fooled at radius 0.
 - **The clean comparison** (with the twin): the engine's and the twin's logits on those examples are compared again
-  as the audit compares them (:func:`evaluators.audit.clean_record`): the stored top-1 agreement must be what they
-  show, the stored logit-gap tolerance no looser than the one the audit sets (within :data:`GAP_SLACK` of it), the
-  stored largest logit gap within :data:`GAP_SLACK` of that tolerance of the gap measured again, and the clean verdict
-  of the measured figures the stored one. The gap itself is judged only where the audit judges it (fp32 and fp16
-  engines on float pixels); an int8 engine's gap is reported by the audit and not compared here. The spot check's
-  examples (``clean.spot_check``) are drawn again from the split with its recorded seed, must have its fingerprint,
-  and are compared the same way.
+  as the audit compares them today (:func:`evaluators.audit.clean_record`, the report's runtime): the stored top-1
+  agreement must be what they show, the stored logit-gap tolerance no looser than the one the audit sets (within
+  :data:`GAP_SLACK` of it), the stored largest logit gap within :data:`GAP_SLACK` of that tolerance of the gap measured
+  again (where the engine runs where the audit's did), and the clean verdict of the measured figures the stored one.
+  The spot check's examples (``clean.spot_check``) are drawn again with its recorded seed, must have its fingerprint,
+  and are compared the same way; verify also draws a spot check of its own (:func:`_clean_checks`).
 - **Radii.** Every attack's eps_max lies within the largest distance two images can have under its norm
   (:func:`evaluators.evaluate.largest_radius`).
 - **Adversarials.** Each stored L-inf / L2 adversarial has the stored label, and its distance to its clean example is
@@ -29,6 +28,7 @@ eps_max really resisted them (``otkit verify`` re-runs stored adversarials, not 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,8 +51,9 @@ DISTANCE_TOLERANCE = 1e-5
 GAP_SLACK = 0.1
 
 
-def audited_examples(doc: Mapping[str, Any], spec: str | None = None) -> Any:
-    """The audited examples, drawn again from the report's dataset (or ``spec``, the same data elsewhere).
+def audited_examples(doc: Mapping[str, Any], spec: str | None = None, split: Any = None) -> Any:
+    """The audited examples, drawn again from the report's dataset (or ``spec``, the same data elsewhere; or from
+    ``split``, that whole split already loaded).
 
     Raises
     ------
@@ -61,11 +62,20 @@ def audited_examples(doc: Mapping[str, Any], spec: str | None = None) -> Any:
     """
     data = doc["data"]
     source = spec or data["spec"]
-    ds = _split(doc, spec).subset(int(data["n"]), seed=int(data["seed"]), notice=False)
+    ds = (split if split is not None else _split(doc, spec)).subset(int(data["n"]), seed=int(data["seed"]),
+                                                                     notice=False)
     if ds.fingerprint != data["fingerprint"] or len(ds) != data["n"]:
         raise UserError(f"the {data['n']} examples drawn from {source} ({data['split']} split, seed {data['seed']}) "
                         f"have fingerprint {ds.fingerprint}, the report says {data['fingerprint']}: other data")
     return ds
+
+
+def random_picks(n: int, k: int) -> list[int]:
+    """``k`` of ``range(n)``, drawn from the operating system's entropy and sorted (all of them when ``k >= n``): what
+    ``otkit verify`` checks again, so that an edit cannot be placed where the check is known not to look."""
+    if k >= n:
+        return list(range(n))
+    return sorted(secrets.SystemRandom().sample(range(n), k))
 
 
 def _split(doc: Mapping[str, Any], spec: str | None) -> Any:
@@ -101,36 +111,92 @@ def _side(doc: Mapping[str, Any], side: str, pred: np.ndarray, y: np.ndarray, ou
                 out.append(f"attacks[{a['name']}].{side}.eps_star: {idx.size} example(s) {what} ({shown})")
 
 
-def _clean(doc: Mapping[str, Any], said: Mapping[str, Any], where: str, engine: Any, twin: Any, x: torch.Tensor,
-           y: torch.Tensor, out: list[str]) -> tuple[str, str]:
-    """A clean comparison (``said``: the report's ``clean`` or its ``spot_check``, named ``where``) measured again as
-    the audit measures it, against the stored one (module docstring); returns the verdict and reason measured."""
-    from evaluators.audit import Tolerances, clean_judgement, clean_record
+def _runtime(doc: Mapping[str, Any]) -> str:
+    """Whose FP32 tolerance the audit held the engine to (:attr:`exporters.base.Engine.parity_runtime`)."""
+    e = doc["engine"]
+    return "tensorrt" if e.get("format") == "tensorrt" or "TensorrtExecutionProvider" in (e.get("providers") or []) \
+        else "onnxruntime"
 
+
+def _same_place(doc: Mapping[str, Any], engine: Any, device: torch.device) -> bool:
+    """Whether this engine computes where the audit's did: the same device type and ONNX Runtime providers (another
+    CPU or GPU model may still round a little differently, which the slack of the comparisons allows)."""
+    audited = str(doc["provenance"].get("device", "")).split(":")[0]
+    providers = list(getattr(engine, "providers", []) or [])
+    return audited == device.type and providers == list(doc["engine"].get("providers") or [])
+
+
+def _clean(doc: Mapping[str, Any], said: Mapping[str, Any], where: str, engine: Any, twin: Any, x: torch.Tensor,
+           y: torch.Tensor, same_place: bool, out: list[str]) -> tuple[str, str]:
+    """A clean comparison (``said``: the report's ``clean`` or its ``spot_check``, named ``where``) measured again as
+    the audit measures it today, against the stored one (module docstring); returns the verdict and reason measured.
+
+    The verdict is judged by today's rules whatever the report's age (an honest report of a faithful engine passes
+    them; a field deleted from a report changes nothing here), except that a report written before the exact test
+    (no ``p_value``) was judged by the plain threshold, as :func:`evaluators.recompute.rederive` does. Where the engine
+    runs elsewhere than the audit's did, the agreement may differ by one example or 1 %, an fp16 tolerance by a factor
+    of two (it is measured on the machine), and the stored gap is not compared with the measured one."""
+    from evaluators.audit import Tolerances, clean_record, clean_verdict
+
+    tols = Tolerances(**doc["tolerances"])
     with torch.no_grad():
-        got = clean_record(twin, engine, x, y, 256, Tolerances(**doc["tolerances"]))
+        got = clean_record(twin, engine, x, y, 256, tols, runtime=_runtime(doc))
     n = len(y)
     agree = got["top1_agreement"]
-    if abs(float(said["top1_agreement"]) - agree) > 0.5 / max(n, 1):
+    slack = 0.5 if same_place else max(1.5, 0.01 * n)
+    if abs(float(said["top1_agreement"]) - agree) * n > slack:
         out.append(f"{where}.top1_agreement: report says {said['top1_agreement']}, the engine and the twin agree on "
                    f"{round(agree * n)} of {n} examples ({agree:.4f})")
     tol, tol_said = got["max_logit_gap_tolerance"], said.get("max_logit_gap_tolerance")
-    # written before the gap was judged (no such field), or before an fp16 engine's was: judged on the agreement then
-    before = "max_logit_gap_tolerance" not in said or (tol_said is None and doc["engine"].get("precision") == "fp16")
-    if tol is not None and not before and (tol_said is None or tol_said > tol * (1 + GAP_SLACK)):
+    room = 1 + GAP_SLACK if same_place or doc["engine"].get("precision") != "fp16" else 2.0
+    if tol is not None and tol_said is not None and tol_said > tol * room:
         out.append(f"{where}.max_logit_gap_tolerance: report says {tol_said}, the audit sets {tol:.6g} for this "
                    "engine and twin")
     gap, gap_said = got["max_logit_gap"], said["max_logit_gap"]
     if (gap is None) != (gap_said is None):
         out.append(f"{where}.max_logit_gap: report says {gap_said}, measured again "
                    f"{'not finite' if gap is None else f'{gap:.6g}'}")
-    elif gap is not None and tol is not None and not before and abs(gap - float(gap_said)) > GAP_SLACK * tol:
+    elif gap is not None and tol is not None and same_place and abs(gap - float(gap_said)) > GAP_SLACK * tol:
         out.append(f"{where}.max_logit_gap: report says {gap_said}, measured again {gap:.6g} (tolerance {tol:.6g})")
-    verdict, reason = got["verdict"], got["reason"]
-    if before:
-        again = clean_judgement(agree, n, Tolerances(**doc["tolerances"]))
-        verdict, reason = again["verdict"], again["reason"]
-    return verdict, reason
+    if "p_value" in said:
+        return got["verdict"], got["reason"]
+    return clean_verdict(agree, tols, gap, tol), f"clean top-1 agreement {agree:.4f}, max logit gap {gap}"
+
+
+def _clean_checks(doc: Mapping[str, Any], engine: Any, twin: Any, ds: Any, split: Any, device: torch.device,
+                  out: list[str]) -> None:
+    """The clean comparison on the audited examples, on the report's spot check (drawn again with its seed) and on a
+    spot check of verify's own (drawn with its own entropy: a report that drops its spot check does not escape one)."""
+    from evaluators.audit import AuditConfig, Tolerances, clean_record, combine_clean
+
+    same = _same_place(doc, engine, device)
+    c = doc["clean"]
+    verdict, reason = _clean(doc, c, "clean", engine, twin, ds.x.to(device), ds.y.to(device), same, out)
+    spot = c.get("spot_check")
+    if spot:
+        drawn = split.subset(int(spot["n"]), seed=int(spot["seed"]), notice=False)
+        if drawn.fingerprint != spot["fingerprint"] or len(drawn) != spot["n"]:
+            out.append(f"clean.spot_check.fingerprint: the {spot['n']} examples drawn with seed {spot['seed']} "
+                       f"have fingerprint {drawn.fingerprint}, the report says {spot['fingerprint']}")
+        else:
+            v, r = _clean(doc, spot, "clean.spot_check", engine, twin, drawn.x.to(device), drawn.y.to(device), same,
+                          out)
+            if v != spot["verdict"]:
+                out.append(f"clean.spot_check.verdict: report says {spot['verdict']}, measured again {v}: {r}")
+            verdict, reason = combine_clean(verdict, reason, v, f"on the report's spot check: {r}")
+    if verdict != c["verdict"]:
+        out.append(f"clean.verdict: report says {c['verdict']}, measured again {verdict}: {reason}")
+    n = int(spot["n"]) if spot else AuditConfig.spot_check
+    if spot and n >= len(split):
+        return  # the report's spot check was the whole split: nothing else to draw
+    seed = secrets.randbits(32)
+    own = split.subset(n, seed=seed, notice=False)
+    with torch.no_grad():
+        got = clean_record(twin, engine, own.x.to(device), own.y.to(device), 256, Tolerances(**doc["tolerances"]),
+                           runtime=_runtime(doc))
+    if got["verdict"] != "match" and c["verdict"] == "match":  # a report that says mismatch already agrees
+        out.append(f"clean: on {len(own)} examples verify drew at random from the split (seed {seed}), "
+                   f"{got['reason']}")
 
 
 def _adversarials(doc: Mapping[str, Any], stored: Mapping[str, Mapping[str, np.ndarray]], x: torch.Tensor,
@@ -188,7 +254,8 @@ def replay_report(doc: Mapping[str, Any], engine: Any, twin: Any | None, device:
     UserError
         The dataset cannot be read, or it is other data than the report's (fingerprint).
     """
-    ds = audited_examples(doc, spec)
+    split = _split(doc, spec)
+    ds = audited_examples(doc, spec, split)
     out: list[str] = []
     shape = tuple(ds.input_shape)
     for a in doc["attacks"]:
@@ -200,23 +267,7 @@ def replay_report(doc: Mapping[str, Any], engine: Any, twin: Any | None, device:
     _side(doc, "engine", _predictions(engine, ds.x, device), y, out)
     if twin is not None:
         _side(doc, "twin", _predictions(twin, ds.x, device), y, out)
-        c = doc["clean"]
-        verdict, reason = _clean(doc, c, "clean", engine, twin, ds.x.to(device), ds.y.to(device), out)
-        spot = c.get("spot_check")
-        if spot:  # the spot check's examples, drawn again with its recorded seed
-            drawn = _split(doc, spec).subset(int(spot["n"]), seed=int(spot["seed"]), notice=False)
-            if drawn.fingerprint != spot["fingerprint"] or len(drawn) != spot["n"]:
-                out.append(f"clean.spot_check.fingerprint: the {spot['n']} examples drawn with seed {spot['seed']} "
-                           f"have fingerprint {drawn.fingerprint}, the report says {spot['fingerprint']}")
-            else:
-                v, r = _clean(doc, spot, "clean.spot_check", engine, twin, drawn.x.to(device), drawn.y.to(device),
-                              out)
-                if v != spot["verdict"]:
-                    out.append(f"clean.spot_check.verdict: report says {spot['verdict']}, measured again {v}: {r}")
-                if verdict == "match" and v == "mismatch":
-                    verdict, reason = v, f"on the spot check's examples: {r}"
-        if verdict != c["verdict"]:
-            out.append(f"clean.verdict: report says {c['verdict']}, measured again {verdict}: {reason}")
+        _clean_checks(doc, engine, twin, ds, split, device, out)
     if stored:
         _adversarials(doc, stored, ds.x, y, out)
     return out
@@ -243,8 +294,8 @@ def same_noise(doc: Mapping[str, Any], device: torch.device) -> bool:
 def replay_certificate(doc: Mapping[str, Any], engine: Any, device: torch.device, *,
                        examples: int | Sequence[int], spec: str | None = None) -> list[str]:
     """Check a certificate (``otkit.certificate/1``) against the data and the engine: its examples drawn again must
-    have its fingerprint and labels, and ``examples`` of them (a number: the first that many; or their indices, as
-    ``otkit verify`` draws them at random) certified again with the certificate's own seeds. One line per difference.
+    have its fingerprint and labels, and ``examples`` of them (a number: that many drawn at random,
+    :func:`random_picks`; or their indices) certified again with the certificate's own seeds. One line per difference.
 
     Where this device draws the certificate's noise again (:func:`same_noise`), the predictions must be the
     certificate's and the counts equal within ``max(2, n / 1000)`` copies: only the engine's arithmetic (another CPU's
@@ -271,7 +322,7 @@ def replay_certificate(doc: Mapping[str, Any], engine: Any, device: torch.device
     def labels(batch: torch.Tensor) -> torch.Tensor:
         return engine(batch).argmax(1)
 
-    picks = range(min(examples, len(ds))) if isinstance(examples, int) else [int(j) for j in examples]
+    picks = random_picks(len(ds), examples) if isinstance(examples, int) else [int(j) for j in examples]
     for j in picks:
         if not 0 <= j < len(ds):
             raise UserError(f"example {j} is not among the certificate's {len(ds)} examples")

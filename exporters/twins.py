@@ -348,8 +348,7 @@ def _from_onnx(path: Path, options: TwinOptions, convention: InputConvention, so
     if isinstance(recorded, list) and len(recorded) == num_classes and all(isinstance(c, str) for c in recorded):
         source["class_names"] = recorded
     weights = meta.get("weights_sha256")  # a kit export names the weights it was made from (engine-weights-differ)
-    if isinstance(weights, str) and weights:
-        source["recorded_weights_sha256"] = weights
+    source["recorded_weights_sha256"] = weights if isinstance(weights, str) and weights else None
     if not parity.passed:
         raise UserError(f"the torch module rebuilt from {path.name} does not match ONNX Runtime: {parity.summary()}; "
                         "it cannot serve as the twin")

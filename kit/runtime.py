@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import sys
 import threading
 import time
@@ -186,6 +187,17 @@ def exact_cuda() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+#: How ``--device`` is spelt (checked without importing torch: :func:`check_device_spelling`).
+DEVICE_SPELLING = re.compile(r"auto|cpu|cuda(:[0-9]+)?", re.ASCII)
+UNKNOWN_DEVICE = "unknown device {!r}: use auto, cpu, cuda or cuda:N"
+
+
+def check_device_spelling(spec: str) -> None:
+    """Refuse a ``--device`` that no machine has (``gpu``, ``cuda:1x``) before anything is loaded."""
+    if not DEVICE_SPELLING.fullmatch(spec.strip().lower()):
+        raise UserError(UNKNOWN_DEVICE.format(spec))
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable :class:`torch.device`.
 
@@ -210,7 +222,7 @@ def _resolve_device(spec: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from e
+        raise UserError(UNKNOWN_DEVICE.format(spec)) from e
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":

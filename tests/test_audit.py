@@ -215,7 +215,7 @@ def test_an_engine_that_matches_only_near_the_audited_examples_fails_the_spot_ch
     """The audited subset is seeded (anyone can draw it); the spot check draws other examples from the split with a
     seed from the OS's entropy and records it. Without it this engine matches; with it, a clean mismatch, which
     verify's re-derivation agrees with and which a forged spot-check verdict does not survive."""
-    from evaluators.recompute import recompute_report
+    from evaluators.recompute import recompute_report, rederive
 
     twin_path, _ = engines
     model, info = load_twin(twin_path)
@@ -244,6 +244,20 @@ def test_an_engine_that_matches_only_near_the_audited_examples_fails_the_spot_ch
     lines = recompute_report(forged)
     assert "clean.spot_check.verdict: report says match, recomputed mismatch" in lines
     assert "clean.verdict: report says match, recomputed mismatch" in lines
+    # verify measures the report's spot check again, and draws one of its own: a report that drops its spot check
+    # (consistent in itself: recompute finds nothing) does not escape
+    from evaluators.replay import replay_report
+
+    lines = replay_report(forged, inputs.engine, model, torch.device("cpu"))
+    assert any(ln.startswith("clean.spot_check.verdict: report says match, measured again mismatch") for ln in lines)
+    dropped = json.loads(json.dumps(forged))
+    del dropped["clean"]["spot_check"]
+    again = rederive(dropped)
+    dropped.update(verdict=again["verdict"], status=again["status"], gates=again["gates"])
+    assert recompute_report(dropped) == [] and dropped["verdict"] == "match"
+    lines = replay_report(dropped, inputs.engine, model, torch.device("cpu"))
+    assert len(lines) == 1 and lines[0].startswith("clean: on 449 examples verify drew at random from the split"), lines
+    assert replay_report(seen, inputs.engine, model, torch.device("cpu")) == []  # the honest report verifies
 
 
 def test_int8_verdict_follows_from_the_statistics(engines, tmp_path):

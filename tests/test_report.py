@@ -708,6 +708,20 @@ def test_verify_recheck_with_a_real_engine(audited):
 
 
 @pytest.mark.slow  # trains the session's digits model (shared with other files)
+def test_rechecked_positions_are_drawn_at_random():
+    """What verify runs again is drawn from the OS's entropy: sorted, distinct, all of them when asked for more, and
+    not the same positions from one verify to the next (a forger cannot know where it will look)."""
+    from evaluators.replay import random_picks
+    from kit.cli.report import _spread
+
+    assert random_picks(5, 9) == [0, 1, 2, 3, 4]
+    draws = [random_picks(10_000, 3) for _ in range(4)]
+    assert all(d == sorted(set(d)) and len(d) == 3 and all(0 <= v < 10_000 for v in d) for d in draws)
+    assert len({tuple(d) for d in draws}) > 1
+    picks = _spread({"pgd-linf": 40, "pgd-l2": 2}, 7)
+    assert [len(picks["pgd-linf"]), len(picks["pgd-l2"])] == [5, 2] and picks["pgd-l2"] == [0, 1]
+
+
 def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     import shutil
 
@@ -728,7 +742,7 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     line, waived = r.stderr.strip().splitlines()
     assert line.startswith("verify: adversarials sha256 differs: ") and "adversarials.npz" in line
     assert waived == "verify: waived: twin, recheck, data"
-    r = run("verify", work, "--engine", onnx_path, "--recheck", "6", *no_twin)
+    r = run("verify", work, "--engine", onnx_path, "--recheck", "1000", *no_twin)  # all: the draw is random
     assert r.exit_code == 1, r.output
     hash_line, line, _ = r.stderr.strip().splitlines()
     assert hash_line.startswith("verify: adversarials sha256 differs")
@@ -739,7 +753,7 @@ def test_verify_recheck_catches_tampered_predictions(audited, tmp_path):
     tampered = {k: {f: v.copy() for f, v in a.items()} for k, a in adversarials.items()}
     tampered["pgd-linf"]["y"][0] = tampered["pgd-linf"]["pred"][0]
     np.savez(work / "adversarials.npz", **{f"{k}/{f}": v for k, a in tampered.items() for f, v in a.items()})
-    r = run("verify", work, "--engine", onnx_path, "--recheck", "6", "--json", *no_twin)
+    r = run("verify", work, "--engine", onnx_path, "--recheck", "1000", "--json", *no_twin)
     assert r.exit_code == 1
     out = json.loads(r.stdout)
     assert out["recheck"][0]["failures"][0]["why"] == "classified correctly"

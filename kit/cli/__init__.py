@@ -11,7 +11,6 @@ is in :mod:`kit.cli.common`, which imports no command module; no command module 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 from typing import Any
@@ -110,7 +109,7 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) 
     Train defended networks, export them, audit deployed engines and issue AUAC robustness reports (AUACs from
     attacks: empirical upper bounds on robustness, not certificates).
     """
-    from kit.runtime import set_quiet
+    from kit.runtime import check_device_spelling, set_quiet
 
     set_quiet(quiet)
     if not verbose:  # library warnings (torch, onnx, numpy) would sit beside our one-line messages
@@ -120,8 +119,7 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) 
         format="%(message)s",
         stream=sys.stderr,
     )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.strip().lower()):  # spelling only: torch is not imported here
-        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    check_device_spelling(device)  # spelling only (torch is not imported here): a command that runs no model too
     ctx.obj = {"device": device, "seed": seed, "quiet": quiet}
 
 

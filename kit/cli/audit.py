@@ -182,8 +182,8 @@ def print_audit(doc: dict[str, Any]) -> None:
 def audit(ctx: click.Context, engine_path: Path, twin_path: Path, data_spec: str | None, split: str,
           attacks: tuple[str, ...], eps_max: float | None, samples: int, batch_size: int, rungs: int,
           tol_auac: float, tol_curve: float, min_agreement: float, alpha: float, gates: tuple[str, ...], blackbox_samples: int,
-          spot_check: int, providers: tuple[str, ...], allowed_flags: tuple[str, ...], engine_only: bool, resume: bool, out: Path,
-          seed: int | None, as_json: bool, sign_key: Any = None, ci: CI = CI.NONE, junit: Path | None = None,
+          spot_check: int, providers: tuple[str, ...], allowed_flags: tuple[str, ...], engine_only: bool, resume: bool,
+          out: Path, seed: int | None, as_json: bool, sign_key: Any = None, ci: CI = CI.NONE, junit: Path | None = None,
           arch: str | None = None, engine_input: Any = None, twin_options: Any = None) -> None:
     """Audit a deployed engine against its PyTorch twin and write the AUAC robustness report.
 

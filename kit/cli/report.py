@@ -71,16 +71,6 @@ def _is_certificate(source: Path) -> bool:
     return False
 
 
-def recheck_picks(n: int, recheck: int) -> list[int]:
-    """The examples ``verify --recheck N`` certifies again: all of them when N >= n, else N drawn at random from the
-    operating system's entropy, so that a certificate cannot be edited where a replay is known not to look."""
-    import secrets
-
-    if recheck >= n:
-        return list(range(n))
-    return sorted(secrets.SystemRandom().sample(range(n), recheck))
-
-
 def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twin_path: Path | None, recheck: int,
                         waive: list[str], data_spec: str | None, as_json: bool, arch: str | None,
                         engine_input: Any, pub: Any) -> None:
@@ -113,7 +103,7 @@ def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twi
         if note == "--recheck 0":
             problems.append("recheck skipped (--recheck 0): give --recheck N (or --waive recheck)")
     else:
-        from evaluators.replay import replay_certificate, same_noise
+        from evaluators.replay import random_picks, replay_certificate, same_noise
 
         device = resolve_device((ctx.find_root().obj or {}).get("device", "auto"))
         raw = doc["engine"].get("input_convention")
@@ -122,7 +112,7 @@ def _verify_certificate(ctx: click.Context, source: Path, engine_path: Path, twi
 
             engine_input = InputConvention.from_dict(raw, "certificate: engine.input_convention")
         engine = load_engine(engine_path, device, arch=arch, input_convention=engine_input)
-        picks = recheck_picks(doc["data"]["n"], recheck)
+        picks = random_picks(doc["data"]["n"], recheck)
         replayed = replay_certificate(doc, engine, device, examples=picks, spec=data_spec)
         note = f"{len(picks)} example(s) certified again" + (
             " (the same noise)" if same_noise(doc, device) else
@@ -345,7 +335,8 @@ def _twin_hint(path: Path, expected_weights: str) -> str:
 
 
 def _spread(sizes: dict[str, int], budget: int) -> dict[str, list[int]]:
-    """Up to ``budget`` positions spread across attacks (round robin) and evenly within each attack's array."""
+    """Up to ``budget`` positions spread across attacks (round robin), drawn at random within each attack's array
+    (:func:`evaluators.replay.random_picks`: a forged entry cannot sit where the recheck is known not to look)."""
     take = dict.fromkeys(sizes, 0)
     left = budget
     while left > 0:
@@ -357,12 +348,9 @@ def _spread(sizes: dict[str, int], budget: int) -> dict[str, list[int]]:
                 break
             take[k] += 1
             left -= 1
-    out = {}
-    for k, m in take.items():
-        if m:
-            pos = sorted({round(v) for v in (i * (sizes[k] - 1) / max(m - 1, 1) for i in range(m))})
-            out[k] = pos
-    return out
+    from evaluators.replay import random_picks
+
+    return {k: random_picks(sizes[k], m) for k, m in take.items() if m}
 
 
 def _recheck(engine: Any, npz_path: Path, stored: dict[str, dict[str, Any]], budget: int) -> list[dict[str, Any]]:
@@ -466,9 +454,9 @@ def _engine_input(doc: dict[str, Any], given: Any) -> Any:
                    "elsewhere takes the flags it was audited with (docs/byom.md).")
 @click.option("--recheck", type=click.IntRange(min=0), default=DEFAULT_RECHECK, show_default=True, metavar="N",
               help="Run the engine on up to N stored adversarials (adversarials.npz beside the report, spread across "
-                   "attacks): each must still get the stored prediction, and not its true label. For a certificate: "
-                   "certify N of its examples, drawn at random, again with its seeds. 0 skips the recheck, which "
-                   "then needs --waive recheck.")
+                   "attacks, drawn at random): each must still get the stored prediction, and not its true label. "
+                   "For a certificate: certify N of its examples, drawn at random, again with its seeds. 0 skips "
+                   "the recheck, which then needs --waive recheck.")
 @click.option("--waive", "waived", multiple=True, type=click.Choice(WAIVABLE),
               help="Accept a check left undone (repeatable): twin (no --twin), adversarials (no adversarials.npz: its "
                    "hash, content and the recheck), recheck (no recheck of stored adversarials), data (the audited examples "
