@@ -188,7 +188,8 @@ def _section(cls: type, table: Any, where: str, source: str) -> Any:
                                                  and not isinstance(e, bool) for k, e in v.items()):
             raise UserError(f"{source}: [{where}] {f.name} must map names to numbers, got {v!r}")
         if isinstance(default, int) and not isinstance(default, bool):
-            least = 0 if f.name.startswith("blackbox") else 1  # black-box samples may be 0 (no check); counts >= 1
+            # black-box samples and the spot check may be 0 (no such check); the other counts are >= 1
+            least = 0 if f.name.startswith("blackbox") or f.name == "spot_check" else 1
             if v < least:
                 raise UserError(f"{source}: [{where}] {f.name} must be at least {least}, got {v!r}")
     return obj

@@ -209,9 +209,12 @@ def import_twin(path: str | Path, options: TwinOptions, *, samples: torch.Tensor
     else:
         model, record, shape, num_classes, parity = _from_onnx(path, options, convention, source, samples)
     named = source.pop("class_names", None)  # what the file itself names (a kit ONNX export's metadata)
+    recorded_data = source.pop("recorded_dataset", None)
     classes = list(options.classes) if options.classes is not None else \
         list(named) if named else [str(i) for i in range(num_classes)]
     info = _info(record, classes, shape, convention, options, source)
+    if not info.dataset and recorded_data:  # no --dataset: the kit export's own record, as it states it
+        info.dataset = dict(recorded_data)
     from kit.checkpoint import weights_sha256
 
     info.weights_sha256 = weights_sha256({k: v.detach() for k, v in model.state_dict().items()})
@@ -349,6 +352,9 @@ def _from_onnx(path: Path, options: TwinOptions, convention: InputConvention, so
         source["class_names"] = recorded
     weights = meta.get("weights_sha256")  # a kit export names the weights it was made from (engine-weights-differ)
     source["recorded_weights_sha256"] = weights if isinstance(weights, str) and weights else None
+    data = meta.get("dataset")  # ... and the data its checkpoint was trained on (kept where --dataset is not given)
+    if isinstance(data, dict) and isinstance(data.get("spec"), str) and data["spec"]:
+        source["recorded_dataset"] = data
     if not parity.passed:
         raise UserError(f"the torch module rebuilt from {path.name} does not match ONNX Runtime: {parity.summary()}; "
                         "it cannot serve as the twin")

@@ -172,6 +172,21 @@ def test_a_stale_int8_export_fails_on_the_weights_it_records(engines, tmp_path):
     doc = read(out)
     flagged = {c["id"] for c in doc["checks"]}
     assert "engine-weights-differ" in flagged and code == 1 and doc["status"] == "fail", output
+    # the flag follows from the two files alone: verify raises it again, so a report edited to drop it fails
+    import shutil
+
+    from evaluators.recompute import rederive
+
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    doc["checks"] = [c for c in doc["checks"] if c["id"] != "engine-weights-differ"]
+    again = rederive(doc)
+    doc.update(verdict=again["verdict"], status=again["status"], gates=again["gates"])
+    (forged / "report.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(cli, ["-q", "verify", str(forged), "--engine", str(files["other-int8"]), "--twin",
+                                   str(twin), "--waive", "adversarials"])
+    assert res.exit_code == 1 and "verify: checks: engine-weights-differ is raised again from the files" in \
+        res.stderr, res.output
 
 
 def test_a_twin_imported_from_a_kit_export_is_known_by_the_weights_it_records(engines):
@@ -186,6 +201,7 @@ def test_a_twin_imported_from_a_kit_export_is_known_by_the_weights_it_records(en
     _, info = load_twin(twin)
     imported = import_twin(files["twin-fp32"], TwinOptions())
     assert imported.info.source["recorded_weights_sha256"] == info.weights_sha256
+    assert imported.info.dataset == info.dataset  # the export's record of its data: no --data needed to audit
     assert imported.info.weights_sha256 != info.weights_sha256  # the rebuilt module's own state dict
     mine, other = load(files["twin-int8"], "cpu"), load(files["other-int8"], "cpu")
     src = imported.info.source
@@ -257,6 +273,16 @@ def test_an_engine_that_matches_only_near_the_audited_examples_fails_the_spot_ch
     assert recompute_report(dropped) == [] and dropped["verdict"] == "match"
     lines = replay_report(dropped, inputs.engine, model, torch.device("cpu"))
     assert len(lines) == 1 and lines[0].startswith("clean: on 449 examples verify drew at random from the split"), lines
+    # a report whose spot check was shrunk to one example the engine gets right (seed searched for) recomputes and
+    # replays as it says, but verify's own spot check is never smaller than the audit's default
+    tols = A.Tolerances(**seen["tolerances"])
+    one = next(r for r in (A.spot_check_record(model, inputs.engine, inputs.pool, 1, s, 30, tols, "cpu")
+                           for s in range(200)) if r["verdict"] == "match")
+    shrunk = json.loads(json.dumps(dropped))
+    shrunk["clean"]["spot_check"] = one
+    assert recompute_report(shrunk) == []
+    lines = replay_report(shrunk, inputs.engine, model, torch.device("cpu"))
+    assert lines and all(ln.startswith("clean: on 449 examples verify drew") for ln in lines), lines
     assert replay_report(seen, inputs.engine, model, torch.device("cpu")) == []  # the honest report verifies
 
 

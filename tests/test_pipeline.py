@@ -121,3 +121,18 @@ def test_missing_run_file_and_print_config(tmp_path):
     assert doc["train"]["epochs"] == 3 and doc["name"] == "x" and doc["train"]["defense"] == "sat"
     parsed = parse_run_config(tomllib.loads(default_run_text()))
     assert parsed.export.formats == doc["export"]["formats"]
+    assert parsed.audit.spot_check == 1000 and parsed.audit_config(0).spot_check == 1000
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (250, True), (-1, False), (1.5, False), ("abc", False)])
+def test_the_spot_check_of_a_run_file(value, ok):
+    """``[audit] spot_check``: 0 turns the spot check off, as --spot-check 0 does; negatives and non-integers are
+    refused before any work."""
+    from kit.errors import UserError
+
+    doc = {"audit": {"spot_check": value}}
+    if ok:
+        assert parse_run_config(doc).audit_config(0).spot_check == value
+    else:
+        with pytest.raises(UserError, match="spot_check"):
+            parse_run_config(doc)

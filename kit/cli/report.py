@@ -628,6 +628,16 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                 problems.append(f"{field} differs: the twin built from {twin_path.name} with these flags has "
                                 f"{actual}, the report's had {expected} (give the flags it was audited with)")
 
+    from evaluators.replay import file_flags
+    from exporters.twins import source_kind
+    from kit.checkpoint import read_checkpoint
+
+    flagged: list[str] = []
+    if "data" not in waive:  # with the replay, which reads the same files: a hash-only verify reads neither
+        twin_info = None  # a kit checkpoint's record is read, not built (no architecture code runs for it)
+        if twin_path is not None:
+            twin_info = read_checkpoint(twin_path)[1] if source_kind(twin_path) == "checkpoint" else _twin().info
+        flagged = file_flags(doc, engine_path, twin_info)
     differences = recompute_report(doc)
     signature = _signature(doc, rpath.parent, pub, hashes)
 
@@ -641,6 +651,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
             problems.append(f"recheck {r['attack']} example {b['index']}: {b['why']} (stored pred {b['stored_pred']}, "
                             f"engine now {b['pred']}, label {b['y']}, logit margin {b['margin']:.3g})")
     problems += replayed
+    problems += flagged
     problems += differences
     problems += signature["problems"]
     ok = not problems
@@ -651,6 +662,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                     "recheck": rechecked, "recheck_note": recheck_note,
                     "recomputed": {"match": not differences, "differences": differences},
                     "replayed": {"note": replay_note, "match": not replayed, "differences": replayed},
+                    "flags": {"match": not flagged, "differences": flagged},
                     "signature": signature, "waived": waive, "problems": problems})
     else:
         def result(h: dict[str, Any]) -> str:
@@ -678,6 +690,10 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                      "found": "waived" if replay_note == "waived" else
                      ("replayed equal" if not replayed else f"{len(replayed)} difference(s)"),
                      "result": "waived" if replay_note == "waived" else ("match" if not replayed else "DIFFERS")})
+        rows.append({"item": "flags from the files", "file": "", "report says": "precision, engine weights",
+                     "found": "waived" if replay_note == "waived" else
+                     ("raised again equal" if not flagged else f"{len(flagged)} flag(s) missing"),
+                     "result": "waived" if replay_note == "waived" else ("match" if not flagged else "DIFFERS")})
         rows.append({"item": "derived figures", "file": rpath.name, "report says": "curves, AUACs, fidelity, gates",
                      "found": "recomputed equal" if not differences else f"{len(differences)} field(s) differ",
                      "result": "match" if not differences else "DIFFERS"})
