@@ -955,15 +955,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     flags += C.check_outputs(engine_mod, x[:200], "the engine")
     flags += C.check_outputs(twin, x[:200], "the twin")
     flags += C.check_gradients(twin, x[:200], y[:200])
-    if inp.engine_format == "onnx":  # the precision the file claims must be what its graph computes
-        from exporters.graph import precision_census, read_graph
-
-        f = C.check_deployed_precision(engine.precision, precision_census(read_graph(inp.engine_path)[0]),
-                                       inp.engine_path.name)
-        flags += [f] if f else []
-    f = C.check_engine_weights(engine.recorded_weights, inp.twin_info.weights_sha256, inp.twin_info.source,
-                               inp.engine_path.name)
-    flags += [f] if f else []
+    flags += C.check_files(engine, inp.engine_path, inp.twin_info)
     by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}
     twin_by_norm: dict[Norm, list[torch.Tensor]] = {}
     for req in cfg.attacks:

@@ -272,6 +272,27 @@ def check_engine_weights(recorded: str, weights: str, source: Mapping[str, Any] 
                 "export the twin again, or audit the engine with the checkpoint it came from")
 
 
+def check_files(engine: Any, engine_path: Any, twin_info: Any | None) -> list[Flag]:
+    """The flags that follow from the engine and twin files alone, without running either: ``precision-not-deployed``
+    for an ONNX file (:func:`check_deployed_precision`) and, with the twin's checkpoint record ``twin_info``,
+    ``engine-weights-differ`` (:func:`check_engine_weights`). The audit raises them; ``otkit verify`` raises them
+    again and requires them in the report (:func:`evaluators.replay.file_flags`)."""
+    from pathlib import Path
+
+    from exporters.formats import engine_kind
+
+    path = Path(engine_path)
+    found = []
+    if engine_kind(path) == "onnx":  # the precision the file claims must be what its graph computes
+        from exporters.graph import precision_census, read_graph
+
+        found.append(check_deployed_precision(engine.precision, precision_census(read_graph(path)[0]), path.name))
+    if twin_info is not None:
+        found.append(check_engine_weights(engine.recorded_weights, twin_info.weights_sha256, twin_info.source,
+                                          path.name))
+    return [f for f in found if f is not None]
+
+
 def _eps_array(values: Sequence[Any], eps_max: float) -> np.ndarray:
     """A report's ``eps_star`` list (``None``: not fooled up to its eps_max) as radii clipped at ``eps_max``."""
     a = np.array([math.inf if v is None else float(v) for v in values], dtype=float)

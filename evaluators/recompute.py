@@ -4,9 +4,9 @@ A report (``otkit.report/1``) stores, per attack, each example's eps* on the twi
 of an attack follows from them, the attack's ``eps_max``, the report's ``tolerances``, ``provenance.seed`` and its
 ``statistics`` (grid points, bootstrap resamples): the accuracy curves, AUACs and their intervals, the fidelity
 statistics and verdict. The clean verdict follows from the stored agreement and tolerance (and its spot check's);
-the overall verdict, the gates and the status from those. :func:`recompute_report` re-derives all of them with the very functions the audit
-uses (:func:`evaluators.audit.side_record`, :func:`evaluators.audit.fidelity`, :func:`evaluators.audit.clean_verdict`,
-:func:`evaluators.audit.decide`) and lists each field that differs. :func:`check_adversarials` checks that an
+the overall verdict, the gates and the status from those. :func:`recompute_report` re-derives all of them with the
+very functions the audit uses (:func:`evaluators.audit.side_record`, :func:`evaluators.audit.fidelity`,
+:func:`evaluators.audit.clean_verdict`, :func:`evaluators.audit.decide`) and lists each field that differs. :func:`check_adversarials` checks that an
 ``adversarials.npz`` holds exactly the engine-side adversarials the report describes.
 
 What cannot be re-derived from the report alone: the eps* themselves and the clean accuracies (they need the models

@@ -273,42 +273,16 @@ def replay_report(doc: Mapping[str, Any], engine: Any, twin: Any | None, device:
     return out
 
 
-def file_flags(doc: Mapping[str, Any], engine_path: Any, twin_info: Any | None) -> list[str]:
-    """The flags that follow from the files alone, raised again without running anything: ``precision-not-deployed``
-    (an ONNX file's graph against its claim) and, with the twin, ``engine-weights-differ`` (the weights the engine file
-    records against the twin's). Each one raised here must be among the report's checks (one line per missing flag):
-    a report edited to drop one fails, signed or not. The other flags need the attacks or the models' outputs, and
-    are taken as written."""
-    from pathlib import Path
+def file_flags(doc: Mapping[str, Any], engine: Any, engine_path: Any, twin_info: Any | None) -> list[str]:
+    """The flags that follow from the files alone (:func:`evaluators.checks.check_files`: ``precision-not-deployed``,
+    and with the twin ``engine-weights-differ``), raised again: each must be among the report's checks (one line per
+    missing flag), so a report edited to drop one fails, signed or not. The other flags need the attacks or the
+    models' outputs, and are taken as written."""
+    from evaluators.checks import check_files
 
-    from evaluators import checks as C
-    from exporters.formats import engine_kind
-
-    path = Path(engine_path)
-    kind = engine_kind(path)
-    found, recorded = [], ""
-    if kind == "onnx":
-        from exporters.graph import infer_precision, precision_census, read_graph, read_metadata
-
-        proto = read_graph(path)[0]
-        meta = read_metadata(proto)
-        claim = str(meta.get("precision") or infer_precision(proto))
-        found.append(C.check_deployed_precision(claim, precision_census(proto), path.name))
-        recorded = meta.get("weights_sha256") if isinstance(meta.get("weights_sha256"), str) else ""
-    elif kind == "tensorrt":
-        from exporters.tensorrt.environment import read_sidecar
-
-        twin = read_sidecar(path).get("twin")
-        recorded = twin.get("weights_sha256", "") if isinstance(twin, dict) else ""
-    else:  # a checkpoint given as the engine: its own weights (read, not built)
-        from kit.checkpoint import read_checkpoint
-
-        recorded = read_checkpoint(path)[1].weights_sha256
-    if twin_info is not None:
-        found.append(C.check_engine_weights(recorded or "", twin_info.weights_sha256, twin_info.source, path.name))
     have = {c["id"] for c in doc["checks"]}
     return [f"checks: {f.id} is raised again from the files but the report does not have it: {f.message}"
-            for f in found if f is not None and f.id not in have]
+            for f in check_files(engine, engine_path, twin_info) if f.id not in have]
 
 
 #: With noise drawn on another device, the replay's count of the certificate's class must be within this many standard

@@ -628,16 +628,11 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                 problems.append(f"{field} differs: the twin built from {twin_path.name} with these flags has "
                                 f"{actual}, the report's had {expected} (give the flags it was audited with)")
 
-    from evaluators.replay import file_flags
-    from exporters.twins import source_kind
-    from kit.checkpoint import read_checkpoint
-
     flagged: list[str] = []
-    if "data" not in waive:  # with the replay, which reads the same files: a hash-only verify reads neither
-        twin_info = None  # a kit checkpoint's record is read, not built (no architecture code runs for it)
-        if twin_path is not None:
-            twin_info = read_checkpoint(twin_path)[1] if source_kind(twin_path) == "checkpoint" else _twin().info
-        flagged = file_flags(doc, engine_path, twin_info)
+    if "data" not in waive:  # with the replay, which has loaded the engine and twin: a hash-only verify reads neither
+        from evaluators.replay import file_flags
+
+        flagged = file_flags(doc, _engine(), engine_path, _twin().info if twin_path is not None else None)
     differences = recompute_report(doc)
     signature = _signature(doc, rpath.parent, pub, hashes)
 
