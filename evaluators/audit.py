@@ -955,7 +955,9 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     flags += C.check_outputs(engine_mod, x[:200], "the engine")
     flags += C.check_outputs(twin, x[:200], "the twin")
     flags += C.check_gradients(twin, x[:200], y[:200])
-    flags += C.check_files(engine, inp.engine_path, inp.twin_info)
+    log.info("comparing the engine's graph with the twin's export")
+    graph = C.compare_graph(engine, inp.engine_path, twin, inp.twin_info)
+    flags += C.check_files(engine, inp.engine_path, inp.twin_info, graph)
     by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}
     twin_by_norm: dict[Norm, list[torch.Tensor]] = {}
     for req in cfg.attacks:
@@ -1095,7 +1097,8 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
         "auac_bound": AUAC_BOUND,
         "engine": {"path": str(inp.engine_path), "sha256": engine_sha, "format": inp.engine_format,
                    "precision": engine.precision, "providers": list(getattr(engine, "providers", []) or []),
-                   "input_convention": engine.input_convention.to_dict()},
+                   "input_convention": engine.input_convention.to_dict(),
+                   **({"graph": graph} if graph is not None else {})},
         "twin": {"path": str(inp.twin_path), "sha256": twin_sha, "arch": info.arch_name,
                  "weights_sha256": info.weights_sha256, **_twin_origin(info)},
         "data": dict(inp.data),

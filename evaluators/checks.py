@@ -43,6 +43,7 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "adversarial-not-verified": (Severity.ERROR, "a returned adversarial fails re-verification"),
     "precision-not-deployed": (Severity.ERROR, "the file's claimed precision is not what its graph computes"),
     "engine-weights-differ": (Severity.ERROR, "the engine records other weights than the twin's"),
+    "engine-graph-differs": (Severity.ERROR, "the engine's graph is not the twin's export"),
     "test-blind": (Severity.ERROR, "too few examples for the fidelity tests to see the tolerated differences"),
     "engine-above-twin": (Severity.WARNING, "an attack finds the engine significantly more robust than its twin"),
     "certificate-violated": (Severity.ERROR, "an attack on the smoothed engine beat a certified radius"),
@@ -272,11 +273,56 @@ def check_engine_weights(recorded: str, weights: str, source: Mapping[str, Any] 
                 "export the twin again, or audit the engine with the checkpoint it came from")
 
 
-def check_files(engine: Any, engine_path: Any, twin_info: Any | None) -> list[Flag]:
+def compare_graph(engine: Any, engine_path: Any, twin: nn.Module | None, twin_info: Any | None
+                  ) -> dict[str, str] | None:
+    """Whether an ONNX engine's graph is its twin's export (:func:`exporters.onnx.compare.compare_to_export`: the twin
+    exported again as the file says it was, then compared), as the report's ``engine.graph`` record
+    ``{"status", "reason"}``; None for an engine that is not an ONNX file, or without a twin.
+
+    Only a file that records the twin's own weights is compared (a kit export of this twin): a file that records other
+    weights is ``engine-weights-differ``'s, and one that records none was not exported by the kit.
+    """
+    from pathlib import Path
+
+    from exporters.formats import engine_kind
+
+    path = Path(engine_path)
+    if twin is None or twin_info is None or engine_kind(path) != "onnx":
+        return None
+    if not engine.recorded_weights:
+        return {"status": "not compared", "reason": "the file records no weights it was exported from: not a kit "
+                "export"}
+    if engine.recorded_weights != twin_info.weights_sha256:
+        return {"status": "not compared", "reason": "the file records other weights than the twin's (see "
+                "engine-weights-differ, or a twin imported from the file itself)"}
+    import onnx
+
+    from exporters.graph import load_onnx, uses_external_data
+    from exporters.onnx.compare import compare_to_export
+
+    proto = load_onnx(path)[0]
+    if uses_external_data(proto):
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    return compare_to_export(proto, twin, tuple(twin_info.input_shape)).to_dict()
+
+
+def check_graph(record: Mapping[str, Any] | None, engine: str) -> Flag | None:
+    """``engine-graph-differs`` where :func:`compare_graph` found the file's graph is not its twin's export. ``engine``
+    names the file in the message."""
+    if not record or record.get("status") != "differs":
+        return None
+    return flag("engine-graph-differs", f"{engine} records this twin's weights, but {record['reason']}: the file was "
+                "changed after its export, so the audit's attacks and clean checks only saw what it does near the "
+                "examples they ran; export the twin again, or audit the file with the twin it really computes")
+
+
+def check_files(engine: Any, engine_path: Any, twin_info: Any | None, graph: Mapping[str, Any] | None = None
+                ) -> list[Flag]:
     """The flags that follow from the engine and twin files alone, without running either: ``precision-not-deployed``
-    for an ONNX file (:func:`check_deployed_precision`) and, with the twin's checkpoint record ``twin_info``,
-    ``engine-weights-differ`` (:func:`check_engine_weights`). The audit raises them; ``otkit verify`` raises them
-    again and requires them in the report (:func:`evaluators.replay.file_flags`)."""
+    for an ONNX file (:func:`check_deployed_precision`), with the twin's checkpoint record ``twin_info``
+    ``engine-weights-differ`` (:func:`check_engine_weights`), and with the record of :func:`compare_graph`
+    ``engine-graph-differs`` (:func:`check_graph`). The audit raises them; ``otkit verify`` raises them again and
+    requires them in the report (:func:`evaluators.replay.file_flags`)."""
     from pathlib import Path
 
     from exporters.formats import engine_kind
@@ -290,6 +336,7 @@ def check_files(engine: Any, engine_path: Any, twin_info: Any | None) -> list[Fl
     if twin_info is not None:
         found.append(check_engine_weights(engine.recorded_weights, twin_info.weights_sha256, twin_info.source,
                                           path.name))
+    found.append(check_graph(graph, path.name))
     return [f for f in found if f is not None]
 
 

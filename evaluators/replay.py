@@ -273,16 +273,19 @@ def replay_report(doc: Mapping[str, Any], engine: Any, twin: Any | None, device:
     return out
 
 
-def file_flags(doc: Mapping[str, Any], engine: Any, engine_path: Any, twin_info: Any | None) -> list[str]:
+def file_flags(doc: Mapping[str, Any], engine: Any, engine_path: Any, twin: Any | None, twin_info: Any | None
+               ) -> list[str]:
     """The flags that follow from the files alone (:func:`evaluators.checks.check_files`: ``precision-not-deployed``,
-    and with the twin ``engine-weights-differ``), raised again: each must be among the report's checks (one line per
-    missing flag), so a report edited to drop one fails, signed or not. The other flags need the attacks or the
-    models' outputs, and are taken as written."""
-    from evaluators.checks import check_files
+    and with the twin ``engine-weights-differ`` and ``engine-graph-differs``, its graph compared with the twin's export
+    on this machine), raised again: each must be among the report's checks (one line per missing flag), so a report
+    edited to drop one fails, signed or not. The other flags need the attacks or the models' outputs, and are taken
+    as written."""
+    from evaluators.checks import check_files, compare_graph
 
     have = {c["id"] for c in doc["checks"]}
+    graph = compare_graph(engine, engine_path, twin, twin_info)
     return [f"checks: {f.id} is raised again from the files but the report does not have it: {f.message}"
-            for f in check_files(engine, engine_path, twin_info) if f.id not in have]
+            for f in check_files(engine, engine_path, twin_info, graph) if f.id not in have]
 
 
 #: With noise drawn on another device, the replay's count of the certificate's class must be within this many standard

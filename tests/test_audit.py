@@ -115,6 +115,7 @@ def test_fp32_engine_matches_its_twin_and_gates_decide_the_status(engines, tmp_p
                              "--min-auac", "pgd-linf=0.99", *SMALL, "--out", out)
     doc = read(out)
     assert doc["verdict"] == "match" and doc["clean"]["top1_agreement"] == 1.0
+    assert doc["engine"]["graph"]["status"] == "identical", doc["engine"]  # the twin exported again: the same bytes
     rec = doc["attacks"][0]
     assert abs(rec["fidelity"]["auac_gap"]) <= 1e-3 and rec["fidelity"]["max_gap"] <= 1 / 40
     assert len(rec["twin"]["eps_star"]) == len(rec["engine"]["eps_star"]) == doc["data"]["n"] == 40
@@ -294,6 +295,7 @@ def test_int8_verdict_follows_from_the_statistics(engines, tmp_path):
                         "--attack", "fmn-l2@3", *SMALL, "--out", out)
     doc = read(out)
     assert doc["engine"]["precision"] == "int8"
+    assert doc["engine"]["graph"]["status"] == "equivalent", doc["engine"]  # its Q/DQ read back to the float graph
     tol = A.Tolerances(**doc["tolerances"])
     for rec in doc["attacks"]:
         as_inf = lambda v: [math.inf if e is None else e for e in v]  # noqa: E731

@@ -22,9 +22,27 @@ if TYPE_CHECKING:
     from exporters.onnx.export import OnnxGraph
     from kit.checkpoint import CheckpointInfo
 
-__all__ = ["FORMAT_TAG", "build_metadata", "model_record", "read_metadata", "set_metadata"]
+__all__ = ["FORMAT_TAG", "build_metadata", "model_record", "read_metadata", "set_metadata", "toolchain"]
 
 FORMAT_TAG = "otkit.onnx/1"
+#: The packages whose versions decide the bytes of an export: the exporters (torch, onnxscript for dynamo, onnx) and
+#: ONNX Runtime's float16 converter and int8 quantiser.
+TOOLCHAIN = ("torch", "onnx", "onnxscript", "onnxruntime")
+
+
+def toolchain() -> dict[str, str]:
+    """The installed versions of :data:`TOOLCHAIN` (``""`` for one that is not installed), read without importing
+    them: an export made with the same versions from the same twin is the same graph (:mod:`exporters.onnx.compare`)."""
+    from importlib import metadata
+
+    found = {}
+    for name in TOOLCHAIN:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = ""
+    found["torch"] = torch.__version__  # the running build (a local "+cpu" tag included)
+    return found
 
 
 def model_record(model: nn.Module, info: CheckpointInfo | None, num_classes: int) -> dict[str, Any]:
@@ -54,6 +72,7 @@ def build_metadata(record: dict[str, Any], *, precision: Precision, graph: OnnxG
         "format": FORMAT_TAG,
         "kit_version": kit.__version__,
         "torch_version": torch.__version__,
+        "toolchain": toolchain(),
         "weights_sha256": record["weights_sha256"],
         "arch": record["arch_name"],
         "arch_record": record["arch"],

@@ -137,6 +137,20 @@ def _calibration_reader(input_name: str, x: np.ndarray, batch_size: int) -> Any:
     return _Reader()
 
 
+def pre_process(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The FP32 graph that :func:`to_int8` quantises: ONNX Runtime's graph optimisation and shape inference, as it
+    recommends before quantising (folds constants, and normalisation into the first convolution where it can).
+    ``model`` is left unchanged. Its float graph is what an int8 export's Q/DQ nodes dequantise back to
+    (:mod:`exporters.onnx.compare`)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="otkit-int8-") as tmp, _quiet_quantizer():
+        src, pre = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx")
+        onnx.save(model, str(src))
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        return onnx.load(str(pre))
+
+
 def to_int8(model: onnx.ModelProto, calibration: np.ndarray, *, batch_size: int = 64,
             per_channel: bool = True) -> onnx.ModelProto:
     """Static int8 Q/DQ quantisation of an FP32 graph, calibrated on real samples.
@@ -159,18 +173,14 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray, *, batch_size: int 
         The quantised graph: QuantizeLinear/DequantizeLinear pairs around the quantised operators, int8 weights.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if calibration.ndim != 4 or len(calibration) == 0:
         raise ValueError(f"calibration samples must be a non-empty (N, C, H, W) array, got shape {calibration.shape}")
     input_name = model.graph.input[0].name
     samples = np.ascontiguousarray(calibration, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="otkit-int8-") as tmp, _quiet_quantizer():
-        src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
-        onnx.save(model, str(src))
-        # graph optimisation and shape inference first, as ONNX Runtime recommends (folds constants and
-        # normalisation into the first convolution where it can)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        pre, out = Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        onnx.save(pre_process(model), str(pre))
         quantize_static(
             str(pre), str(out), _calibration_reader(input_name, samples, batch_size),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=quantized_op_types(), per_channel=per_channel,

@@ -632,7 +632,8 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
     if "data" not in waive:  # with the replay, which has loaded the engine and twin: a hash-only verify reads neither
         from evaluators.replay import file_flags
 
-        flagged = file_flags(doc, _engine(), engine_path, _twin().info if twin_path is not None else None)
+        built = _twin() if twin_path is not None else None
+        flagged = file_flags(doc, _engine(), engine_path, built and built.model, built and built.info)
     differences = recompute_report(doc)
     signature = _signature(doc, rpath.parent, pub, hashes)
 
@@ -685,7 +686,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
                      "found": "waived" if replay_note == "waived" else
                      ("replayed equal" if not replayed else f"{len(replayed)} difference(s)"),
                      "result": "waived" if replay_note == "waived" else ("match" if not replayed else "DIFFERS")})
-        rows.append({"item": "flags from the files", "file": "", "report says": "precision, engine weights",
+        rows.append({"item": "flags from the files", "file": "", "report says": "precision, weights, graph",
                      "found": "waived" if replay_note == "waived" else
                      ("raised again equal" if not flagged else f"{len(flagged)} flag(s) missing"),
                      "result": "waived" if replay_note == "waived" else ("match" if not flagged else "DIFFERS")})

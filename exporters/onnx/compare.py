@@ -1,0 +1,300 @@
+"""Is an ONNX file the kit's export of its twin? Export the twin again, the same way, and compare the two graphs.
+
+Clean inputs only show what an engine does where they go: a file edited after its export (a trigger that adds logits
+when a corner of the image holds a pattern, a bias raised on one class of an int8 file whose agreement stays high)
+can match its twin on every clean example. The kit's exports are deterministic: the same twin, the same input shape,
+opset and exporter, and the same versions of the packages that make the file (:data:`~exporters.onnx.metadata
+.TOOLCHAIN`, recorded in the file's metadata) write the same graph, byte for byte. So :func:`compare_to_export`
+exports the twin again as the file's metadata says it was exported and compares:
+
+- **fp32, fp16**: the graphs must be identical (``identical``); where their bytes differ, :func:`compare_graphs` says
+  where (``differs``).
+- **int8**: the calibration that sets the activations' scales is not recorded, so the file is compared with the
+  float graph it quantised (:func:`~exporters.onnx.quantize.pre_process` of the new export) after its Q/DQ nodes
+  are read back: the same operators, attributes and wiring, every constant of the float graph recovered by its
+  DequantizeLinear within half a quantisation step, weight scales as ONNX Runtime's symmetric rule sets them
+  (the largest magnitude of the channel over 127: a coarser scale would let a weight move further), and biases
+  quantised at the product of their input's and weight's scales (``equivalent``). The activations' scales are the
+  calibration's and stay unchecked: a wrong one changes the engine's outputs on clean inputs, where the audit
+  compares them with the twin's.
+
+Where the file is not a kit export, or was made with other package versions than this machine's, nothing is
+compared (``not compared``, with the reason): a difference there would not be evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from torch import nn
+
+from exporters.formats import Precision
+from exporters.graph import first_line, read_metadata
+from exporters.onnx.metadata import FORMAT_TAG, toolchain
+
+__all__ = ["GraphComparison", "compare_graphs", "compare_to_export"]
+
+log = logging.getLogger(__name__)
+
+IDENTICAL, EQUIVALENT, DIFFERS, NOT_COMPARED = "identical", "equivalent", "differs", "not compared"
+#: Relative slack on the int8 rules (float32 scales computed in another order)
+_SLACK = 1e-4
+
+
+@dataclass(frozen=True)
+class GraphComparison:
+    """The outcome of :func:`compare_to_export`: ``status`` (``identical``, ``equivalent``, ``differs`` or
+    ``not compared``) and a sentence saying why."""
+
+    status: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"status": self.status, "reason": self.reason}
+
+
+@dataclass
+class _Quantized:
+    """A constant read back through its DequantizeLinear: the stored integers' bits, the scale of each element and the
+    axis of a per-channel scale (None per tensor)."""
+
+    bits: int
+    step: np.ndarray
+    axis: int | None
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    return np.asarray(onnx.helper.get_attribute_value(attr))
+
+
+class _Canonical:
+    """A graph read as the function it computes: its nodes in order (Constant, and Q/DQ of constants and activations,
+    folded away), what each node input is (a graph input, a node's output or a constant) and the constants' values."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.const: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.quantized: dict[str, _Quantized] = {}
+        self.alias: dict[str, str] = {}
+        self.act_scale: dict[str, float] = {}  # a dequantized activation: its scale
+        self.inputs = [i.name for i in graph.input if i.name not in self.const]
+        quantized_act: dict[str, str] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        for node in graph.node:
+            ins = list(node.input)
+            if node.op_type == "Constant":
+                self.const[node.output[0]] = _constant_node_value(node)
+            elif node.op_type == "QuantizeLinear" and ins[0] not in self.const:
+                quantized_act[node.output[0]] = ins[0]
+            elif node.op_type == "QuantizeLinear":
+                x, scale, zp = self.const[ins[0]], self.const[ins[1]], self._zero_point(ins)
+                info = np.iinfo(zp.dtype)
+                axis = self._axis(node, scale, x.ndim)
+                q = np.rint(x / self._shaped(scale, axis, x.ndim)) + self._shaped(zp, axis, x.ndim)
+                self.const[node.output[0]] = np.clip(q, info.min, info.max).astype(zp.dtype)
+            elif node.op_type == "DequantizeLinear" and ins[0] in quantized_act:
+                self.alias[node.output[0]] = quantized_act[ins[0]]
+                self.act_scale[node.output[0]] = float(np.max(self.const[ins[1]]))
+            elif node.op_type == "DequantizeLinear":
+                q, scale = self.const[ins[0]], self.const[ins[1]].astype(np.float64)
+                zp = self._zero_point(ins, q.dtype)
+                axis = self._axis(node, scale, q.ndim)
+                step = np.broadcast_to(self._shaped(scale, axis, q.ndim), q.shape)
+                self.const[node.output[0]] = (q.astype(np.float64) - self._shaped(zp, axis, q.ndim)) * step
+                self.quantized[node.output[0]] = _Quantized(q.dtype.itemsize * 8, step, axis)
+            else:
+                self.nodes.append(node)
+        self.where: dict[str, tuple[int, int]] = {}
+        for i, node in enumerate(self.nodes):
+            for k, name in enumerate(node.output):
+                self.where[name] = (i, k)
+        self.outputs = [self.ref(o.name) for o in graph.output]
+
+    def _zero_point(self, ins: list[str], dtype: Any = np.int8) -> np.ndarray:
+        return self.const[ins[2]] if len(ins) > 2 and ins[2] else np.zeros((), dtype)
+
+    @staticmethod
+    def _axis(node: onnx.NodeProto, scale: np.ndarray, ndim: int) -> int | None:
+        if scale.size <= 1:
+            return None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        return axis % ndim
+
+    @staticmethod
+    def _shaped(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+        if axis is None:
+            return np.asarray(v).reshape(())
+        shape = [1] * ndim
+        shape[axis] = -1
+        return np.asarray(v).reshape(shape)
+
+    def ref(self, name: str) -> tuple[Any, ...]:
+        """What a node input is: ("input", k), ("node", i, k), ("const", name) or ("none",)."""
+        while name in self.alias:
+            name = self.alias[name]
+        if not name:
+            return ("none",)
+        if name in self.const:
+            return ("const", name)
+        if name in self.where:
+            return ("node", *self.where[name])
+        if name in self.inputs:
+            return ("input", self.inputs.index(name))
+        return ("unknown", name)
+
+
+def _attributes(node: onnx.NodeProto) -> list[tuple[str, bytes]]:
+    return sorted((a.name, a.SerializeToString()) for a in node.attribute)
+
+
+def _group_max(ref: np.ndarray, q: _Quantized) -> np.ndarray:
+    """The largest magnitude of the reference over each quantisation group (the channel of ``q.axis``, else all)."""
+    mag = np.abs(ref.astype(np.float64))
+    if q.axis is None or mag.ndim == 0:
+        return np.broadcast_to(mag.max(initial=0.0), mag.shape)
+    other = tuple(d for d in range(mag.ndim) if d != q.axis)
+    return np.broadcast_to(mag.max(axis=other, keepdims=True, initial=0.0), mag.shape)
+
+
+def compare_graphs(engine: onnx.GraphProto, reference: onnx.GraphProto) -> str | None:
+    """The first difference between ``engine`` and the float graph ``reference`` as a sentence, or None where
+    ``engine`` computes ``reference``'s function (module docstring): the same operators in the same order, with the
+    same attributes and wiring, the same graph outputs, and equal constants (an int8 constant within half its
+    quantisation step, at the scale ONNX Runtime's symmetric quantisation sets)."""
+    b = _Canonical(reference)
+    try:
+        a = _Canonical(engine)
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # Q/DQ the kit's exports never write
+        return f"its quantisation nodes cannot be read back to a float graph ({type(e).__name__}: {first_line(e)})"
+    for what, mine, theirs in (("inputs", engine.input, reference.input), ("outputs", engine.output,
+                                                                             reference.output)):
+        types = lambda values: [v.type.SerializeToString() for v in values if v.name not in b.const]  # noqa: E731
+        if types(mine) != types(theirs):
+            return f"its graph {what} have other types or shapes than the export's"
+    if len(a.nodes) != len(b.nodes):
+        return f"{len(a.nodes)} operators where the export has {len(b.nodes)}"
+    if len(a.inputs) != len(b.inputs):
+        return f"{len(a.inputs)} graph inputs where the export has {len(b.inputs)}"
+    for i, (m, r) in enumerate(zip(a.nodes, b.nodes)):
+        where = f"operator {i} ({r.op_type}{', ' + r.name if r.name else ''})"
+        if (m.op_type, m.domain) != (r.op_type, r.domain):
+            return f"{where} is {m.op_type} in the file"
+        if _attributes(m) != _attributes(r):
+            return f"{where} has other attributes in the file"
+        if len(m.input) != len(r.input) or len(m.output) != len(r.output):
+            return f"{where} has other inputs or outputs in the file"
+        for k, (x, y) in enumerate(zip(m.input, r.input)):
+            u, v = a.ref(x), b.ref(y)
+            if u[0] != v[0] or (u[0] != "const" and u != v):
+                return f"{where}: input {k} is wired differently in the file"
+            if u[0] == "const":
+                why = _constant_differs(a, u[1], b.const[v[1]], m, k)
+                if why:
+                    return f"{where}: input {k} {why}"
+    if a.outputs != b.outputs:
+        return "the graph outputs come from other operators in the file"
+    return None
+
+
+def _constant_differs(a: _Canonical, name: str, ref: np.ndarray, node: onnx.NodeProto, k: int) -> str | None:
+    mine = a.const[name]
+    if mine.shape != ref.shape:
+        return f"has shape {list(mine.shape)} where the export's is {list(ref.shape)}"
+    q = a.quantized.get(name)
+    if q is None:
+        if mine.dtype != ref.dtype or not np.array_equal(mine, ref):
+            diff = np.abs(mine.astype(np.float64) - ref.astype(np.float64)) if mine.dtype == ref.dtype else None
+            return "differs from the export's" + (f" (by up to {diff.max():.3g})" if diff is not None and diff.size
+                                                  else f" ({mine.dtype} against {ref.dtype})")
+        return None
+    ref64 = ref.astype(np.float64)
+    off = np.abs(mine - ref64)
+    if off.size and (off > q.step / 2 * (1 + _SLACK) + 1e-30).any():
+        j = int(np.argmax(off - q.step / 2))
+        return (f"dequantises to {mine.flat[j]:.6g} at element {j} where the export has {ref64.flat[j]:.6g} "
+                f"(half a step is {q.step.flat[j] / 2:.3g})")
+    if q.bits <= 8:
+        cap = _group_max(ref64, q) / 127
+        loose = (q.step > cap * (1 + _SLACK)) & (cap > 0)
+        if loose.any():
+            j = int(np.argmax(loose))
+            return (f"has quantisation step {q.step.flat[j]:.3g} where the weights' largest magnitude sets "
+                    f"{cap.flat[j]:.3g}: a coarser step lets the weights move further")
+    else:  # a bias, quantised at its input's scale times its weights' (per output channel)
+        act = a.act_scale.get(node.input[0])
+        weights = a.quantized.get(node.input[1]) if len(node.input) > 1 else None
+        if k != 2 or act is None or weights is None:
+            return f"is a {q.bits}-bit constant that is not a quantised bias"
+        if weights.axis is None:
+            cap_b: Any = act * float(weights.step.flat[0])
+        else:
+            cap_b = act * np.moveaxis(weights.step, weights.axis, 0).reshape(weights.step.shape[weights.axis], -1)[:, 0]
+        if np.shape(cap_b) not in ((), q.step.shape) or (q.step > np.asarray(cap_b) * (1 + _SLACK)).any():
+            return "has a quantisation step coarser than its input's scale times its weights'"
+    return None
+
+
+def compare_to_export(proto: onnx.ModelProto, twin: nn.Module, input_shape: tuple[int, int, int]
+                      ) -> GraphComparison:
+    """Export ``twin`` again as ``proto``'s metadata says it was exported and compare (module docstring).
+
+    ``proto`` is the engine file's model; ``twin`` a model that the caller knows ``proto`` records as its source (its
+    weights hash); ``input_shape`` (C, H, W). Never raises for a file it cannot compare: the status says so.
+    """
+    from exporters.onnx import quantize
+    from exporters.onnx.export import torch_to_onnx
+
+    meta = read_metadata(proto)
+    if meta.get("format") != FORMAT_TAG:
+        return GraphComparison(NOT_COMPARED, "the file is not a kit export (no otkit metadata)")
+    recorded = meta.get("toolchain")
+    if not isinstance(recorded, dict):
+        return GraphComparison(NOT_COMPARED, "the file does not record the package versions that made it "
+                               "(exported by an earlier kit)")
+    here = toolchain()
+    other = [f"{k} {recorded.get(k) or 'none'} (here {here[k] or 'none'})" for k in here if recorded.get(k) != here[k]]
+    if other:
+        return GraphComparison(NOT_COMPARED, "exported with other package versions: " + ", ".join(other))
+    try:
+        precision = Precision(str(meta.get("precision", "")))
+        opset, dynamo = int(meta["opset"]), meta.get("exporter") == "dynamo"
+    except (KeyError, TypeError, ValueError) as e:
+        return GraphComparison(NOT_COMPARED, f"the file's metadata does not say how it was exported ({first_line(e)})")
+    try:
+        fresh = torch_to_onnx(twin, input_shape, opset=opset, dynamo=dynamo)
+        if fresh.exporter != meta.get("exporter"):
+            return GraphComparison(NOT_COMPARED, f"the {meta.get('exporter')} exporter that made the file did not "
+                                   f"export the twin here ({fresh.exporter_note})")
+        if precision is Precision.FP16:
+            reference = quantize.to_fp16(fresh.proto)
+        elif precision is Precision.INT8:
+            reference = quantize.pre_process(fresh.proto)
+        else:
+            reference = fresh.proto
+    except Exception as e:  # an export that fails here is no evidence about the file  # noqa: BLE001
+        return GraphComparison(NOT_COMPARED, f"the twin could not be exported again ({first_line(e)})")
+    def opsets(model: onnx.ModelProto) -> list[tuple[str, int]]:  # the standard domain and those in use
+        used = {"ai.onnx"} | {n.domain or "ai.onnx" for n in model.graph.node}
+        return sorted((o.domain or "ai.onnx", o.version) for o in model.opset_import if (o.domain or "ai.onnx") in used)
+
+    if opsets(proto) != opsets(reference):
+        return GraphComparison(DIFFERS, f"the file's graph is not the twin's {precision.value} export: it declares "
+                               f"opsets {opsets(proto)} where the export declares {opsets(reference)}")
+    if precision is not Precision.INT8 and proto.graph.SerializeToString() == reference.graph.SerializeToString():
+        return GraphComparison(IDENTICAL, f"the file's graph is the twin's {precision.value} export, byte for byte")
+    why = compare_graphs(proto.graph, reference.graph)
+    if why is not None:
+        return GraphComparison(DIFFERS, f"the file's graph is not the twin's {precision.value} export: {why}")
+    if precision is Precision.INT8:
+        return GraphComparison(EQUIVALENT, "the file's graph quantises the twin's export: the same operators and "
+                               "wiring, every weight within half its quantisation step (activation scales "
+                               "unchecked: they are the calibration's)")
+    return GraphComparison(EQUIVALENT, f"the file's graph computes the twin's {precision.value} export (names or "
+                           "order of constants differ)")

@@ -1,0 +1,248 @@
+"""An engine file compared with its twin's export (:mod:`exporters.onnx.compare`, ``engine-graph-differs``).
+
+The kit's exports of a twin are identical (fp32, fp16) or equivalent (int8, its Q/DQ nodes read back) to the twin
+exported again. Files edited after their export differ: a trigger that adds to one class's logit when a corner of the
+image is bright, a bias raised by 1 on one class, an int8 weight scale made four times coarser (its integers
+requantised to stay within half a step). ONNX Runtime, the independent reference here, runs the trigger file exactly
+like the honest one on every clean test image: no clean comparison can see it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from exporters.onnx import OnnxRuntimeEngine, set_metadata, torch_to_onnx, write_onnx_export
+from exporters.onnx.compare import compare_graphs, compare_to_export
+from kit.checkpoint import load_twin
+from kit.cli import cli
+from kit.data import load_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def exported(digits_model, tmp_path_factory):
+    """The digits twin, its checkpoint, its fp32, fp16 and int8 exports (paths) and the test split."""
+    path, _ = digits_model
+    folder = tmp_path_factory.mktemp("graphs")
+    model, info = load_twin(path)
+    graph = torch_to_onnx(model, info.input_shape, dynamo=False)
+    test = load_dataset("digits:16", "test")
+    calib = load_dataset("digits:16", "train").subset(128, seed=0)
+    files = {p: write_onnx_export(graph, folder / f"{p}.onnx", model, test.x[:64], info=info, precision=p,
+                                  calibration_x=calib.x).path for p in ("fp32", "fp16", "int8")}
+    return model, path, files, test
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+
+def with_trigger(proto: onnx.ModelProto, boost: float = 100.0) -> onnx.ModelProto:
+    """``proto`` plus a trigger: ``boost`` on class 0's logit when the top-left 3x3 corner of every channel is above
+    0.99 (digits have an empty background there). The metadata is kept: it still records the twin's weights."""
+    bad = copy.deepcopy(proto)
+    g = bad.graph
+    out = g.output[0].name
+    last = next(n for n in reversed(g.node) if out in n.output)
+    last.output[list(last.output).index(out)] = "clean_logits"
+    classes = g.output[0].type.tensor_type.shape.dim[1].dim_value
+    boost_row = np.zeros((1, classes), np.float32)
+    boost_row[0, 0] = boost
+    g.node.extend([
+        _const("t_starts", np.array([0, 0], np.int64)), _const("t_ends", np.array([3, 3], np.int64)),
+        _const("t_axes", np.array([2, 3], np.int64)), _const("t_all", np.array([1, 2, 3], np.int64)),
+        _const("t_shape", np.array([-1, 1], np.int64)), _const("t_level", np.array(0.99, np.float32)),
+        _const("t_boost", boost_row),
+        helper.make_node("Slice", [g.input[0].name, "t_starts", "t_ends", "t_axes"], ["t_corner"]),
+        helper.make_node("ReduceMin", ["t_corner", "t_all"], ["t_min"], keepdims=1),
+        helper.make_node("Reshape", ["t_min", "t_shape"], ["t_min2"]),
+        helper.make_node("Greater", ["t_min2", "t_level"], ["t_on"]),
+        helper.make_node("Cast", ["t_on"], ["t_onf"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", ["t_onf", "t_boost"], ["t_add"]),
+        helper.make_node("Add", ["clean_logits", "t_add"], [out]),
+    ])
+    onnx.checker.check_model(bad)
+    return bad
+
+
+def head_bias(proto: onnx.ModelProto) -> tuple[onnx.TensorProto, onnx.TensorProto | None]:
+    """The initializer behind the last Gemm's bias and, when it is quantised, its DequantizeLinear's scale."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    gemm = [n for n in g.node if n.op_type == "Gemm"][-1]
+    name = gemm.input[2]
+    dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and name in n.output), None)
+    if dq is None:
+        return inits[name], None
+    return inits[dq.input[0]], inits[dq.input[1]]
+
+
+def with_raised_bias(proto: onnx.ModelProto, cls: int = 3, by: float = 1.0) -> onnx.ModelProto:
+    bad = copy.deepcopy(proto)
+    bias, scale = head_bias(bad)
+    value = numpy_helper.to_array(bias).copy()
+    step = 1.0 if scale is None else float(numpy_helper.to_array(scale).reshape(-1)[0])
+    value[cls] += value.dtype.type(by if scale is None else round(by / step))
+    bias.CopyFrom(numpy_helper.from_array(value, bias.name))
+    return bad
+
+
+def with_coarser_scale(proto: onnx.ModelProto, reference: onnx.ModelProto, factor: float = 4.0) -> onnx.ModelProto:
+    """The first convolution's int8 weights at a ``factor`` times coarser scale, quantised again from the float graph
+    ``reference`` (what the file quantised): each still within half a (new) step of the twin's weight."""
+    bad = copy.deepcopy(proto)
+    g = bad.graph
+    inits = {t.name: t for t in g.initializer}
+    conv = next(n for n in g.node if n.op_type == "Conv")
+    dq = next(n for n in g.node if n.op_type == "DequantizeLinear" and conv.input[1] in n.output)
+    ref_conv = next(n for n in reference.graph.node if n.op_type == "Conv")
+    value = numpy_helper.to_array(next(t for t in reference.graph.initializer if t.name == ref_conv.input[1]))
+    q, s = numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]])
+    shape = [-1] + [1] * (q.ndim - 1)
+    s2 = (s * factor).astype(s.dtype)
+    q2 = np.clip(np.rint(value / s2.reshape(shape)), -127, 127).astype(q.dtype)
+    inits[dq.input[0]].CopyFrom(numpy_helper.from_array(q2, dq.input[0]))
+    inits[dq.input[1]].CopyFrom(numpy_helper.from_array(s2, dq.input[1]))
+    return bad
+
+
+def logits(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    return OnnxRuntimeEngine(proto.SerializeToString(), providers=["cpu"])(x).numpy()
+
+
+@pytest.mark.parametrize("precision,status", [("fp32", "identical"), ("fp16", "identical"), ("int8", "equivalent")])
+def test_a_kit_export_is_its_twin_exported_again(exported, precision, status):
+    model, _, files, _ = exported
+    proto = onnx.load(str(files[precision]))
+    got = compare_to_export(proto, model, (1, 16, 16))
+    assert got.status == status, got.reason
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_a_trigger_runs_like_the_twin_on_clean_images_and_its_graph_differs(exported, precision):
+    model, _, files, test = exported
+    proto = onnx.load(str(files[precision]))
+    bad = with_trigger(proto)
+    x = test.x
+    assert np.array_equal(logits(bad, x), logits(proto, x))  # ONNX Runtime: the same on every clean test image
+    lit = x[:16].clone()
+    lit[:, :, :3, :3] = 1.0
+    assert (logits(bad, lit).argmax(1) == 0).all() and not (logits(proto, lit).argmax(1) == 0).all()
+    got = compare_to_export(bad, model, (1, 16, 16))
+    assert got.status == "differs" and "operators where the export has" in got.reason, got.reason
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_a_raised_bias_differs(exported, precision):
+    model, _, files, test = exported
+    proto = onnx.load(str(files[precision]))
+    bad = with_raised_bias(proto)
+    gap = logits(bad, test.x[:32]) - logits(proto, test.x[:32])
+    # the edit really is +1 on class 3 (ONNX Runtime; the int8 file quantises its logits, in steps of about 0.15)
+    assert np.allclose(gap[:, 3], 1.0, atol=0.2 if precision == "int8" else 0.01)
+    got = compare_to_export(bad, model, (1, 16, 16))
+    assert got.status == "differs" and "Gemm" in got.reason, got.reason
+
+
+def test_a_coarser_int8_scale_differs_though_every_weight_is_within_half_its_step(exported):
+    from exporters.onnx.quantize import pre_process
+
+    model, _, files, _ = exported
+    reference = pre_process(torch_to_onnx(model, (1, 16, 16), dynamo=False).proto)
+    bad = with_coarser_scale(onnx.load(str(files["int8"])), reference)
+    got = compare_to_export(bad, model, (1, 16, 16))
+    assert got.status == "differs" and "coarser step" in got.reason, got.reason
+
+
+def test_another_twin_differs_and_renamed_nodes_do_not(exported):
+    import models
+
+    model, _, files, _ = exported
+    proto = onnx.load(str(files["fp32"]))
+    torch.manual_seed(1)
+    other = models.create("cnn-small", 10, (1, 16, 16))
+    assert compare_to_export(proto, other, (1, 16, 16)).status == "differs"
+    renamed = copy.deepcopy(proto)
+    for i, node in enumerate(renamed.graph.node):
+        node.name = f"n{i}"
+    assert compare_graphs(renamed.graph, proto.graph) is None
+    assert compare_to_export(renamed, model, (1, 16, 16)).status == "equivalent"
+
+
+def test_files_it_cannot_judge_are_not_compared(exported):
+    from exporters.graph import read_metadata
+
+    model, _, files, _ = exported
+    proto = onnx.load(str(files["fp32"]))
+    meta = {f"otkit.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in read_metadata(proto).items()}
+    other = copy.deepcopy(proto)
+    tools = json.loads(meta["otkit.toolchain"])
+    set_metadata(other, {**meta, "otkit.toolchain": json.dumps({**tools, "onnxruntime": "0.1"})})
+    got = compare_to_export(with_trigger(other), model, (1, 16, 16))
+    assert got.status == "not compared" and "onnxruntime 0.1" in got.reason, got.reason
+    old = copy.deepcopy(proto)
+    set_metadata(old, {k: v for k, v in meta.items() if k != "otkit.toolchain"})
+    assert compare_to_export(old, model, (1, 16, 16)).status == "not compared"
+    foreign = copy.deepcopy(proto)
+    del foreign.metadata_props[:]
+    assert compare_to_export(foreign, model, (1, 16, 16)).status == "not compared"
+
+
+def test_the_audit_fails_a_trigger_and_verify_raises_the_flag_again(exported, tmp_path):
+    from evaluators.recompute import rederive
+
+    _, twin, files, _ = exported
+    engine = tmp_path / "trigger.onnx"
+    onnx.save(with_trigger(onnx.load(str(files["fp32"]))), str(engine))
+    out = tmp_path / "audit"
+    res = CliRunner().invoke(cli, ["-q", "audit", "--engine", str(engine), "--twin", str(twin), "--attack",
+                                   "pgd-linf@0.3", "--samples", "20", "--batch-size", "20", "--rungs", "3",
+                                   "--blackbox-samples", "10", "--spot-check", "200", "--allow-flag", "test-blind",
+                                   "--out", str(out)])
+    doc = json.loads((out / "report.json").read_text())
+    flagged = {c["id"]: c for c in doc["checks"]}
+    assert res.exit_code == 1 and doc["status"] == "fail", res.output
+    assert doc["clean"]["top1_agreement"] == 1.0 and doc["clean"]["spot_check"]["verdict"] == "match"
+    assert doc["engine"]["graph"]["status"] == "differs"
+    assert flagged["engine-graph-differs"]["severity"] == "error"
+    # a report edited to drop the flag (and re-derived to pass) fails verify: the flag follows from the files
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    doc["checks"] = [c for c in doc["checks"] if c["id"] != "engine-graph-differs"]
+    again = rederive(doc)
+    doc.update(verdict=again["verdict"], status=again["status"], gates=again["gates"])
+    (forged / "report.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(cli, ["-q", "verify", str(forged), "--engine", str(engine), "--twin", str(twin),
+                                   "--waive", "adversarials"])
+    assert res.exit_code == 1 and "verify: checks: engine-graph-differs is raised again from the files" in \
+        res.stderr, res.output
+
+
+def test_declarations_and_unreadable_quantisation_differ_without_raising(exported):
+    model, _, files, _ = exported
+    fp32, int8 = onnx.load(str(files["fp32"])), onnx.load(str(files["int8"]))
+    newer = copy.deepcopy(fp32)
+    newer.opset_import[0].version += 1  # other operator semantics, the same nodes
+    got = compare_to_export(newer, model, (1, 16, 16))
+    assert got.status == "differs" and "declares opsets" in got.reason, got.reason
+    wider = copy.deepcopy(fp32)
+    wider.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    got = compare_to_export(wider, model, (1, 16, 16))
+    assert got.status == "differs" and "graph inputs have other types" in got.reason, got.reason
+    broken = copy.deepcopy(int8)
+    scale = next(n for n in broken.graph.node if n.op_type == "DequantizeLinear").input[1]
+    kept = [t for t in broken.graph.initializer if t.name != scale]
+    del broken.graph.initializer[:]
+    broken.graph.initializer.extend(kept)
+    got = compare_to_export(broken, model, (1, 16, 16))
+    assert got.status == "differs" and "cannot be read back" in got.reason, got.reason
