@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from click.testing import CliRunner, Result
 
 from kit.cli import cli
@@ -22,3 +24,21 @@ def assert_user_error(result: Result, *needles: str, code: int = 2) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+def verify_without_flag(out: Path, flag_id: str, dest: Path, engine: object, twin: object) -> Result:
+    """``otkit verify`` of a copy of the audit folder ``out`` (at ``dest``) whose report was edited to drop the flag
+    ``flag_id`` and re-derived to pass: the forgery of a flag that follows from the files alone."""
+    import json
+    import shutil
+
+    from evaluators.recompute import rederive
+
+    shutil.copytree(out, dest)
+    doc = json.loads((out / "report.json").read_text())
+    doc["checks"] = [c for c in doc["checks"] if c["id"] != flag_id]
+    again = rederive(doc)
+    doc.update(verdict=again["verdict"], status=again["status"], gates=again["gates"])
+    (dest / "report.json").write_text(json.dumps(doc))
+    return CliRunner().invoke(cli, ["-q", "verify", str(dest), "--engine", str(engine), "--twin", str(twin),
+                                    "--waive", "adversarials"])

@@ -43,6 +43,24 @@ def digits_model(tmp_path_factory):
     return out, result
 
 
+@pytest.fixture(scope="session")
+def digits_exports(digits_model, tmp_path_factory):
+    """The digits twin's fp32, fp16 and int8 ONNX exports (the legacy exporter: fast), each checked on 64 test examples,
+    int8 calibrated on 128 training examples: ``{"fp32": path, "fp16": path, "int8": path}``."""
+    from exporters.onnx import torch_to_onnx, write_onnx_export
+    from kit.checkpoint import load_twin
+    from kit.data import load_dataset
+
+    path, _ = digits_model
+    folder = tmp_path_factory.mktemp("exports")
+    model, info = load_twin(path)
+    graph = torch_to_onnx(model, info.input_shape, dynamo=False)
+    test = load_dataset("digits:16", "test").subset(64, seed=0)
+    calib = load_dataset("digits:16", "train").subset(128, seed=0)
+    return {p: write_onnx_export(graph, folder / f"{p}.onnx", model, test.x, info=info, parity_y=test.y, precision=p,
+                                 calibration_x=calib.x).path for p in ("fp32", "fp16", "int8")}
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: small tensors and many tiny ops run faster, and steadier on a shared machine.

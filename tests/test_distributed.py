@@ -35,21 +35,9 @@ pytestmark = pytest.mark.skipif(not shutil.which("torchrun") and not (Path(sys.e
 
 
 @pytest.fixture(scope="module")
-def files(digits_model, tmp_path_factory):
+def files(digits_model, digits_exports):
     """The digits twin and its int8 ONNX export (the engine-only search runs too)."""
-    from exporters.onnx import torch_to_onnx, write_onnx_export
-    from kit.checkpoint import load_twin
-    from kit.data import load_dataset
-
-    path, _ = digits_model
-    folder = tmp_path_factory.mktemp("dist")
-    model, info = load_twin(path)
-    graph = torch_to_onnx(model, info.input_shape, dynamo=False)
-    test = load_dataset("digits:16", "test").subset(64, seed=0)
-    calib = load_dataset("digits:16", "train").subset(128, seed=0)
-    engine = write_onnx_export(graph, folder / "int8.onnx", model, test.x, info=info, parity_y=test.y,
-                               precision="int8", calibration_x=calib.x).path
-    return {"twin": str(path), "engine": str(engine)}
+    return {"twin": str(digits_model[0]), "engine": str(digits_exports["int8"])}
 
 
 def _env(**extra: str) -> dict[str, str]:
