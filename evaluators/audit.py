@@ -955,7 +955,7 @@ def run_audit(inp: AuditInputs, cfg: AuditConfig, out: Path, *, resume: bool = F
     flags += C.check_outputs(engine_mod, x[:200], "the engine")
     flags += C.check_outputs(twin, x[:200], "the twin")
     flags += C.check_gradients(twin, x[:200], y[:200])
-    log.info("comparing the engine's graph with the twin's export")
+    log.debug("comparing the engine's graph with the twin's export")
     graph = C.compare_graph(engine, inp.engine_path, twin, inp.twin_info)
     flags += C.check_files(engine, inp.engine_path, inp.twin_info, graph)
     by_norm: dict[Norm, list[tuple[float, torch.Tensor]]] = {}

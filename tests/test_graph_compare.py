@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
-from exporters.onnx import OnnxRuntimeEngine, set_metadata, torch_to_onnx
+from exporters.onnx import OnnxRuntimeEngine, set_metadata, torch_to_onnx, write_onnx_export
 from exporters.onnx.compare import compare_graphs, compare_to_export
 from kit.checkpoint import load_twin
 from kit.cli import cli
@@ -231,3 +231,103 @@ def test_declarations_and_unreadable_quantisation_differ_without_raising(exporte
     broken.graph.initializer.extend(kept)
     got = compare_to_export(broken, model, (1, 16, 16))
     assert got.status == "differs" and "cannot be read back" in got.reason, got.reason
+
+
+def _initializer(proto: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    proto.graph.initializer.append(numpy_helper.from_array(value, name))
+
+
+def _logits_pair(proto: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto]:
+    """The QuantizeLinear and DequantizeLinear that produce an int8 file's logits."""
+    nodes = list(proto.graph.node)
+    dq = next(n for n in nodes if proto.graph.output[0].name in n.output)
+    return next(n for n in nodes if dq.input[0] in n.output), dq
+
+
+def test_an_int8_logit_pair_that_shifts_or_rescales_differs(exported):
+    """An activation's Q/DQ pair may only round: a per-class zero point on the logits' DequantizeLinear adds about 1
+    to class 0 (ONNX Runtime), a scale four times the QuantizeLinear's multiplies every logit; both differ."""
+    model, _, files, test = exported
+    int8 = onnx.load(str(files["int8"]))
+    inits = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}
+    scale = float(inits[_logits_pair(int8)[1].input[1]])
+    shifted = copy.deepcopy(int8)
+    _, dq = _logits_pair(shifted)
+    zero = np.zeros(10, np.int8)
+    zero[0] = -round(1 / scale)
+    _initializer(shifted, "t_scales", np.full(10, scale, np.float32))
+    _initializer(shifted, "t_zeros", zero)
+    dq.input[1], dq.input[2] = "t_scales", "t_zeros"
+    dq.attribute.append(helper.make_attribute("axis", 1))
+    gap = logits(shifted, test.x[:32]) - logits(int8, test.x[:32])
+    assert np.allclose(gap[:, 0], 1.0, atol=scale) and np.allclose(gap[:, 1:], 0.0)
+    got = compare_to_export(shifted, model, (1, 16, 16))
+    assert got.status == "differs" and "different scales" in got.reason, got.reason
+    rescaled = copy.deepcopy(int8)
+    _, dq = _logits_pair(rescaled)
+    _initializer(rescaled, "t_scale", np.array(4 * scale, np.float32))
+    dq.input[1] = "t_scale"
+    assert np.allclose(logits(rescaled, test.x[:8]), 4 * logits(int8, test.x[:8]), rtol=1e-5, atol=1e-5)
+    got = compare_to_export(rescaled, model, (1, 16, 16))
+    assert got.status == "differs" and "different scales" in got.reason, got.reason
+    zero_point = copy.deepcopy(int8)
+    q, dq = _logits_pair(zero_point)
+    _initializer(zero_point, "t_zero", np.array(5, np.int8))
+    q.input[2], dq.input[2] = "t_zero", "t_zero"  # the same on both sides: it moves where the logits saturate
+    got = compare_to_export(zero_point, model, (1, 16, 16))
+    assert got.status == "differs" and "zero point" in got.reason, got.reason
+
+
+def test_quantisation_nodes_in_an_fp32_file_differ(exported):
+    model, _, files, _ = exported
+    fp32 = onnx.load(str(files["fp32"]))
+    bad = copy.deepcopy(fp32)
+    g = bad.graph
+    out = g.output[0].name
+    last = next(n for n in g.node if out in n.output)
+    last.output[0] = "t_float"
+    _initializer(bad, "t_s", np.array(0.01, np.float32))
+    _initializer(bad, "t_z", np.array(0, np.int8))
+    g.node.extend([helper.make_node("QuantizeLinear", ["t_float", "t_s", "t_z"], ["t_q"]),
+                   helper.make_node("DequantizeLinear", ["t_q", "t_s", "t_z"], [out])])
+    got = compare_to_export(bad, model, (1, 16, 16))
+    assert got.status == "differs" and "operators where the export has" in got.reason, got.reason
+
+
+def test_int8_weights_at_one_scale_per_tensor_differ(exported):
+    """The head's weights quantised per tensor (their largest magnitude over 127, rounded honestly): every weight
+    within half its step, but that step is coarser than the channel's own for every channel but the largest."""
+    from exporters.onnx.quantize import pre_process
+
+    model, _, files, _ = exported
+    bad = onnx.load(str(files["int8"]))
+    reference = pre_process(torch_to_onnx(model, (1, 16, 16), dynamo=False).proto)
+    gemm = [n for n in bad.graph.node if n.op_type == "Gemm"][-1]
+    dq = next(n for n in bad.graph.node if n.op_type == "DequantizeLinear" and gemm.input[1] in n.output)
+    ref_gemm = [n for n in reference.graph.node if n.op_type == "Gemm"][-1]
+    w = numpy_helper.to_array(next(t for t in reference.graph.initializer if t.name == ref_gemm.input[1]))
+    step = np.float32(np.abs(w).max() / 127)
+    _initializer(bad, "t_w", np.clip(np.rint(w / step), -127, 127).astype(np.int8))
+    _initializer(bad, "t_step", np.array(step, np.float32))
+    _initializer(bad, "t_zero", np.array(0, np.int8))
+    dq.input[0], dq.input[1], dq.input[2] = "t_w", "t_step", "t_zero"
+    del dq.attribute[:]
+    got = compare_to_export(bad, model, (1, 16, 16))
+    assert got.status == "differs" and "coarser step" in got.reason, got.reason
+
+
+@pytest.mark.parametrize("arch", ["cnn-cw", "resnet20", "wrn-10-1"])
+def test_zoo_exports_are_their_twins(arch, tmp_path):
+    """Untrained zoo models (wrn's pre-activation BatchNormalization stays float, and its zero biases are folded into
+    one constant that a Conv shares): fp16 identical, int8 equivalent."""
+    import models
+
+    torch.manual_seed(0)
+    model = models.create(arch, 10, (1, 16, 16)).eval()
+    graph = torch_to_onnx(model, (1, 16, 16), dynamo=False)
+    x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    for precision, status in (("fp16", "identical"), ("int8", "equivalent")):
+        path = write_onnx_export(graph, tmp_path / f"{precision}.onnx", model, x[:16], precision=precision,
+                                 calibration_x=x).path
+        got = compare_to_export(onnx.load(str(path)), model, (1, 16, 16))
+        assert got.status == status, (precision, got.reason)

@@ -8,15 +8,19 @@ opset and exporter, and the same versions of the packages that make the file (:d
 exports the twin again as the file's metadata says it was exported and compares:
 
 - **fp32, fp16**: the graphs must be identical (``identical``); where their bytes differ, :func:`compare_graphs` says
-  where (``differs``).
+  where (``differs``), and a file whose operators, attributes, wiring and constants are the export's, with other names
+  or its constants stored elsewhere (Constant nodes, external data), is ``equivalent``. A QuantizeLinear or
+  DequantizeLinear there is an operator the export does not have.
 - **int8**: the calibration that sets the activations' scales is not recorded, so the file is compared with the
   float graph it quantised (:func:`~exporters.onnx.quantize.pre_process` of the new export) after its Q/DQ nodes
-  are read back: the same operators, attributes and wiring, every constant of the float graph recovered by its
-  DequantizeLinear within half a quantisation step, weight scales as ONNX Runtime's symmetric rule sets them
-  (the largest magnitude of the channel over 127: a coarser scale would let a weight move further), and biases
-  quantised at the product of their input's and weight's scales (``equivalent``). The activations' scales are the
-  calibration's and stay unchecked: a wrong one changes the engine's outputs on clean inputs, where the audit
-  compares them with the twin's.
+  are read back (``equivalent``): the same operators, attributes and wiring; every constant of the float graph
+  recovered by its DequantizeLinear within half a quantisation step; a Conv's or Gemm's weights at most at the step
+  ONNX Runtime's symmetric per-channel rule sets (the channel's largest magnitude over 127: a coarser step, per
+  tensor or per channel, would let a weight move further); biases quantised at most at the product of their input's
+  and weight's scales; and each activation's QuantizeLinear -> DequantizeLinear pair rounding only (one positive
+  per-tensor scale on both nodes, zero points 0: a pair that shifts or rescales a class's logit differs). The values
+  of the activations' scales are the calibration's and stay unchecked: a wrong one rounds or clips that activation for
+  every input, which the audit's clean comparison with the twin sees.
 
 Where the file is not a kit export, or was made with other package versions than this machine's, nothing is
 compared (``not compared``, with the reason): a difference there would not be evidence.
@@ -25,6 +29,7 @@ compared (``not compared``, with the reason): a difference there would not be ev
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,46 +81,71 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
 
 
 class _Canonical:
-    """A graph read as the function it computes: its nodes in order (Constant, and Q/DQ of constants and activations,
-    folded away), what each node input is (a graph input, a node's output or a constant) and the constants' values."""
+    """A graph read as the function it computes: its nodes in order (Constant nodes folded into constants and, with
+    ``quantized``, the Q/DQ nodes of an int8 file read back), what each node input is (a graph input, a node's output
+    or a constant) and the constants' values.
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    Without ``quantized`` (fp32, fp16) a QuantizeLinear or DequantizeLinear is a node like any other, which the float
+    export does not have. With it, a DequantizeLinear of a constant becomes that constant's float value (its step kept
+    for the comparison), and a QuantizeLinear -> DequantizeLinear pair on an activation becomes the activation itself,
+    provided the pair rounds only: one positive per-tensor scale shared by both nodes and zero points of 0, as the
+    kit's symmetric int8 export writes them (a pair that shifts or rescales is a change of the function). Raises
+    :class:`ValueError` for a pair that does not, and KeyError / IndexError for Q/DQ nodes that cannot be read back.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, quantized: bool = False) -> None:
         self.const: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.quantized: dict[str, _Quantized] = {}
         self.alias: dict[str, str] = {}
         self.act_scale: dict[str, float] = {}  # a dequantized activation: its scale
         self.inputs = [i.name for i in graph.input if i.name not in self.const]
-        quantized_act: dict[str, str] = {}
+        quantized_act: dict[str, onnx.NodeProto] = {}
         self.nodes: list[onnx.NodeProto] = []
         for node in graph.node:
             ins = list(node.input)
             if node.op_type == "Constant":
                 self.const[node.output[0]] = _constant_node_value(node)
+            elif not quantized or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                self.nodes.append(node)
             elif node.op_type == "QuantizeLinear" and ins[0] not in self.const:
-                quantized_act[node.output[0]] = ins[0]
+                quantized_act[node.output[0]] = node
             elif node.op_type == "QuantizeLinear":
                 x, scale, zp = self.const[ins[0]], self.const[ins[1]], self._zero_point(ins)
                 info = np.iinfo(zp.dtype)
                 axis = self._axis(node, scale, x.ndim)
                 q = np.rint(x / self._shaped(scale, axis, x.ndim)) + self._shaped(zp, axis, x.ndim)
                 self.const[node.output[0]] = np.clip(q, info.min, info.max).astype(zp.dtype)
-            elif node.op_type == "DequantizeLinear" and ins[0] in quantized_act:
-                self.alias[node.output[0]] = quantized_act[ins[0]]
-                self.act_scale[node.output[0]] = float(np.max(self.const[ins[1]]))
-            elif node.op_type == "DequantizeLinear":
+            elif ins[0] in quantized_act:
+                self.act_scale[node.output[0]] = self._rounding_pair(quantized_act[ins[0]], node)
+                self.alias[node.output[0]] = quantized_act[ins[0]].input[0]
+            else:
                 q, scale = self.const[ins[0]], self.const[ins[1]].astype(np.float64)
                 zp = self._zero_point(ins, q.dtype)
                 axis = self._axis(node, scale, q.ndim)
                 step = np.broadcast_to(self._shaped(scale, axis, q.ndim), q.shape)
                 self.const[node.output[0]] = (q.astype(np.float64) - self._shaped(zp, axis, q.ndim)) * step
                 self.quantized[node.output[0]] = _Quantized(q.dtype.itemsize * 8, step, axis)
-            else:
-                self.nodes.append(node)
         self.where: dict[str, tuple[int, int]] = {}
+        self.bias_of: set[str] = set()  # constants some Conv or Gemm takes as its bias
         for i, node in enumerate(self.nodes):
             for k, name in enumerate(node.output):
                 self.where[name] = (i, k)
+            if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+                self.bias_of.add(node.input[2])
         self.outputs = [self.ref(o.name) for o in graph.output]
+
+    def _rounding_pair(self, q: onnx.NodeProto, dq: onnx.NodeProto) -> float:
+        """The scale of an activation's Q -> DQ pair that only rounds (see the class); ValueError otherwise."""
+        scales = [self.const[n.input[1]] for n in (q, dq)]
+        zeros = [self._zero_point(list(n.input)) for n in (q, dq)]
+        if any(s.size != 1 for s in scales) or float(scales[0].flat[0]) != float(scales[1].flat[0]):
+            raise ValueError(f"the activation {q.input[0]!r} is quantised and dequantised at different scales")
+        if not (math.isfinite(float(scales[0].flat[0])) and float(scales[0].flat[0]) > 0):
+            raise ValueError(f"the activation {q.input[0]!r} has quantisation scale {float(scales[0].flat[0])}")
+        if any(z.size != 1 or int(z.flat[0]) != 0 for z in zeros):
+            raise ValueError(f"the activation {q.input[0]!r} has a zero point other than 0 (the kit's int8 exports "
+                             "are symmetric)")
+        return float(scales[0].flat[0])
 
     def _zero_point(self, ins: list[str], dtype: Any = np.int8) -> np.ndarray:
         return self.const[ins[2]] if len(ins) > 2 and ins[2] else np.zeros((), dtype)
@@ -154,24 +184,38 @@ def _attributes(node: onnx.NodeProto) -> list[tuple[str, bytes]]:
     return sorted((a.name, a.SerializeToString()) for a in node.attribute)
 
 
-def _group_max(ref: np.ndarray, q: _Quantized) -> np.ndarray:
-    """The largest magnitude of the reference over each quantisation group (the channel of ``q.axis``, else all)."""
+def _group_max(ref: np.ndarray, axis: int | None) -> np.ndarray:
+    """The largest magnitude of the reference over each quantisation group (the channel of ``axis``, else all)."""
     mag = np.abs(ref.astype(np.float64))
-    if q.axis is None or mag.ndim == 0:
+    if axis is None or mag.ndim == 0:
         return np.broadcast_to(mag.max(initial=0.0), mag.shape)
-    other = tuple(d for d in range(mag.ndim) if d != q.axis)
+    other = tuple(d for d in range(mag.ndim) if d != axis)
     return np.broadcast_to(mag.max(axis=other, keepdims=True, initial=0.0), mag.shape)
 
 
-def compare_graphs(engine: onnx.GraphProto, reference: onnx.GraphProto) -> str | None:
+def _output_channel_axis(node: onnx.NodeProto, k: int, q: _Quantized) -> int | None:
+    """The axis along which the kit's int8 export scales input ``k`` of ``node``: the output channels of a Conv's or
+    Gemm's weights (per-channel quantisation), whatever axis the file declares (a per-tensor scale there would be
+    coarser for every channel but the largest); the file's own axis elsewhere."""
+    if k == 1 and node.op_type == "Conv":
+        return 0
+    if k == 1 and node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return q.axis
+
+
+def compare_graphs(engine: onnx.GraphProto, reference: onnx.GraphProto, quantized: bool = False) -> str | None:
     """The first difference between ``engine`` and the float graph ``reference`` as a sentence, or None where
     ``engine`` computes ``reference``'s function (module docstring): the same operators in the same order, with the
-    same attributes and wiring, the same graph outputs, and equal constants (an int8 constant within half its
-    quantisation step, at the scale ONNX Runtime's symmetric quantisation sets)."""
+    same attributes and wiring, the same graph inputs and outputs, and equal constants. With ``quantized`` (an int8
+    file), its Q/DQ nodes are read back first (:class:`_Canonical`), and a dequantised constant may differ from the
+    reference by half its step, at most the step ONNX Runtime's symmetric quantisation sets."""
     b = _Canonical(reference)
     try:
-        a = _Canonical(engine)
-    except (KeyError, IndexError, TypeError, ValueError) as e:  # Q/DQ the kit's exports never write
+        a = _Canonical(engine, quantized)
+    except ValueError as e:  # an activation's Q/DQ pair that does more than round
+        return str(e)
+    except (KeyError, IndexError, TypeError) as e:  # Q/DQ the kit's exports never write
         return f"its quantisation nodes cannot be read back to a float graph ({type(e).__name__}: {first_line(e)})"
     for what, mine, theirs in (("inputs", engine.input, reference.input), ("outputs", engine.output,
                                                                              reference.output)):
@@ -221,7 +265,7 @@ def _constant_differs(a: _Canonical, name: str, ref: np.ndarray, node: onnx.Node
         return (f"dequantises to {mine.flat[j]:.6g} at element {j} where the export has {ref64.flat[j]:.6g} "
                 f"(half a step is {q.step.flat[j] / 2:.3g})")
     if q.bits <= 8:
-        cap = _group_max(ref64, q) / 127
+        cap = _group_max(ref64, _output_channel_axis(node, k, q)) / 127
         loose = (q.step > cap * (1 + _SLACK)) & (cap > 0)
         if loose.any():
             j = int(np.argmax(loose))
@@ -230,6 +274,8 @@ def _constant_differs(a: _Canonical, name: str, ref: np.ndarray, node: onnx.Node
     else:  # a bias, quantised at its input's scale times its weights' (per output channel)
         act = a.act_scale.get(node.input[0])
         weights = a.quantized.get(node.input[1]) if len(node.input) > 1 else None
+        if (k != 2 or node.op_type not in ("Conv", "Gemm")) and name in a.bias_of:
+            return None  # a constant shared with a Conv's or Gemm's bias (equal values folded into one): judged there
         if k != 2 or act is None or weights is None:
             return f"is a {q.bits}-bit constant that is not a quantised bias"
         if weights.axis is None:
@@ -289,12 +335,12 @@ def compare_to_export(proto: onnx.ModelProto, twin: nn.Module, input_shape: tupl
                                f"opsets {opsets(proto)} where the export declares {opsets(reference)}")
     if precision is not Precision.INT8 and proto.graph.SerializeToString() == reference.graph.SerializeToString():
         return GraphComparison(IDENTICAL, f"the file's graph is the twin's {precision.value} export, byte for byte")
-    why = compare_graphs(proto.graph, reference.graph)
+    why = compare_graphs(proto.graph, reference.graph, quantized=precision is Precision.INT8)
     if why is not None:
         return GraphComparison(DIFFERS, f"the file's graph is not the twin's {precision.value} export: {why}")
     if precision is Precision.INT8:
         return GraphComparison(EQUIVALENT, "the file's graph quantises the twin's export: the same operators and "
-                               "wiring, every weight within half its quantisation step (activation scales "
-                               "unchecked: they are the calibration's)")
-    return GraphComparison(EQUIVALENT, f"the file's graph computes the twin's {precision.value} export (names or "
-                           "order of constants differ)")
+                               "wiring, every weight within half its quantisation step, each activation's Q/DQ pair "
+                               "rounding only (the activations' scales are the calibration's)")
+    return GraphComparison(EQUIVALENT, f"the file's graph has the operators, attributes, wiring and constants of "
+                           f"the twin's {precision.value} export; only names, or where its constants are stored, differ")
