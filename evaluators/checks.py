@@ -96,8 +96,8 @@ def check_outputs(model: nn.Module, x: torch.Tensor, name: str = "the model") ->
                           "success are random; evaluate the expectation (EOT) or remove the randomness"))
     if (a >= 0).all() and (a <= 1).all() and torch.allclose(a.sum(1), a.new_ones(len(a)), atol=1e-3):
         flags.append(flag("outputs-look-like-probabilities",
-                          "every output row is in [0, 1] and sums to 1: the model ends in softmax, which flattens the "
-                          "cross-entropy gradient; export and attack the logits"))
+                          f"every output row of {name} is in [0, 1] and sums to 1: it ends in softmax, which flattens "
+                          "the cross-entropy gradient; export and attack the logits"))
     return flags
 
 

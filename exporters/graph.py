@@ -290,8 +290,10 @@ def graph_interface(proto: onnx.ModelProto, label: str, meta: dict[str, Any], la
     recorded = meta.get("input_shape")
     if any(d is None for d in dims):
         if not (isinstance(recorded, list) and len(recorded) == 3 and all(_positive_int(v) for v in recorded)):
-            raise UserError(f"{label}: input {inp.name!r} has shape {shape_text(inp)} with unknown (C, H, W), and no "
-                            "otkit.input_shape metadata (three positive integers) says what it takes")
+            unknown = "/".join(n for n, d in zip("CHW", dims) if d is None)
+            raise UserError(f"{label}: input {inp.name!r} has shape {shape_text(inp)}: its {unknown} "
+                            f"{'is' if len(unknown) == 1 else 'are'} not fixed, and the kit audits one image size; "
+                            "export the model with a fixed (C, H, W) (no dynamic axes but the batch)")
         dims = [int(v) for v in recorded]
     c, h, w = (int(d) for d in dims if d is not None)
     if min(c, h, w) < 1:

@@ -233,7 +233,7 @@ def test_bad_input_is_one_line_and_writes_nothing(elsewhere, case, tmp_path, dig
     elif case == "wrong-shape":
         args, needle = [paths["bare"], "--arch", arch, "--num-classes", 10, "--input-shape", "1,8,8"], "head.weight"
     elif case in ("two-inputs", "dynamic-spatial"):
-        args, needle = [_bad_onnx(tmp_path, case)], "2 input(s)" if case == "two-inputs" else "unknown (C, H, W)"
+        args, needle = [_bad_onnx(tmp_path, case)], "2 input(s)" if case == "two-inputs" else "not fixed"
     elif case == "contradiction":
         args, needle = [paths["pt2"], "--input-shape", "3,16,16"], "contradicts"
     elif case == "no-classes":

@@ -507,6 +507,17 @@ _CASES = {
     "quantize_per_tensor": _case("QuantizeLinear", {}, [_init("s", 0.02), _init("z", 3, np.int8)],
                                  out_type=TensorProto.INT8),
     "quantize_uint8_default": _case("QuantizeLinear", {}, [_init("s", 0.01)], out_type=TensorProto.UINT8, opset=13),
+    # what nn.PixelShuffle / F.pixel_unshuffle and nn.MultiheadAttention (legacy exporter) and adaptive pooling to a
+    # size that does not divide the input (dynamo) write
+    "depth_to_space_dcr": _case("DepthToSpace", dict(blocksize=2), x_shape=(2, 8, 3, 5)),
+    "depth_to_space_crd": _case("DepthToSpace", dict(blocksize=2, mode="CRD"), x_shape=(2, 8, 3, 5)),
+    "space_to_depth": _case("SpaceToDepth", dict(blocksize=3), x_shape=(2, 2, 6, 9)),
+    "mod_fmod": _case("Mod", dict(fmod=1), [_init("d", _RNG.normal(size=9) * 2 + 0.5)]),
+    "mod_int": _case("Mod", {}, [_init("d", [3, -3, 5, 7, -2, 4, 6, 9, -5], np.int64)], inputs=["Xi", "d"],
+                     out_type=_I, extra=[helper.make_node("Cast", ["X"], ["Xi"], to=TensorProto.INT64)]),
+    "gather_nd": _case("GatherND", {}, [_init("i", [[[0, 1], [1, 3]], [[1, -1], [0, 0]]], np.int64)]),
+    "gather_nd_batch_dims": _case("GatherND", dict(batch_dims=1),
+                                  [_init("i", [[[1, 2, 3], [0, -1, 4]], [[3, 3, 3], [2, 0, 8]]], np.int64)]),
 }
 
 
@@ -515,7 +526,7 @@ def _x_for(name: str, spec) -> np.ndarray:
     x = rng.normal(size=spec["x_shape"]).astype(np.float32)
     if spec["op"] in ("Sqrt", "Log", "Reciprocal"):
         x = np.abs(x) + 0.1
-    if name.startswith(("dequantize", "where")):
+    if name.startswith(("dequantize", "where", "mod_int")):
         x = np.round(x * 20)  # integer-valued, then cast inside the graph
     return x
 
@@ -626,6 +637,14 @@ def test_unsupported_ops_are_named_at_construction():
     with pytest.raises(UserError, match=r"Resize mode 'cubic' \(node 'up'\)"):
         OnnxModule(cubic)
     assert "NonMaxSuppression" not in supported_ops() and "Conv" in supported_ops()
+    # a file saved after ONNX Runtime's graph optimisation: its fused kernels are named, and what to import instead
+    fused = helper.make_model(helper.make_graph(
+        [helper.make_node("FusedConv", ["X", "w"], ["Y"], name="fc", domain="com.microsoft", activation="Relu")], "g",
+        [helper.make_tensor_value_info("X", _F, None)], [helper.make_tensor_value_info("Y", _F, None)],
+        [_init("w", _RNG.normal(size=(2, 4, 3, 3)))]),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UserError, match=r"com.microsoft::FusedConv \(node 'fc'\).*as it was exported"):
+        OnnxModule(fused)
 
 
 def test_malformed_graphs_are_refused():

@@ -245,6 +245,11 @@ def _binary(step: _Step, ins: list[Value]) -> Tensor:
     return _BINARY[step.op_type](ins[0], ins[1])
 
 
+def _mod(step: _Step, ins: list[Value]) -> Tensor:
+    """``fmod=1``: the remainder takes the dividend's sign (C's fmod); else the divisor's (Python's %)."""
+    return (torch.fmod if int(step.attrs.get("fmod", 0)) else torch.remainder)(ins[0], ins[1])
+
+
 def _unary(step: _Step, ins: list[Value]) -> Tensor:
     return _UNARY[step.op_type](ins[0])
 
@@ -628,6 +633,42 @@ def _gather(step: _Step, ins: list[Value]) -> Tensor:
     return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
 
 
+def _gather_nd(step: _Step, ins: list[Value]) -> Tensor:
+    """Slices of ``x`` at index tuples: out[i..., :] = x[b..., idx[i..., 0], ..., idx[i..., k - 1], :] with ``b`` the
+    ``batch_dims`` leading dimensions shared by ``x`` and the indices (negative indices count from the end)."""
+    x, idx = ins[0], ins[1].long()
+    b = int(step.attrs.get("batch_dims", 0))
+    k = idx.shape[-1]
+    lead, rest = x.shape[:b], x.shape[b + k:]
+    sizes = torch.tensor(x.shape[b:b + k], device=idx.device)
+    idx = torch.where(idx < 0, idx + sizes, idx)
+    batches = math.prod(lead)
+    flat_x = x.reshape(batches, *x.shape[b:])
+    flat_idx = idx.reshape(batches, -1, k)
+    rows = torch.arange(batches, device=idx.device)[:, None].expand(flat_idx.shape[:2])
+    out = flat_x[(rows, *flat_idx.unbind(-1))]
+    return out.reshape(*idx.shape[:-1], *rest)
+
+
+def _depth_to_space(step: _Step, ins: list[Value]) -> Tensor:
+    """Channels to blocks of pixels: mode DCR (depth, column, row: ONNX's default) or CRD (``pixel_shuffle``)."""
+    x = ins[0]
+    bs = int(step.attrs["blocksize"])
+    n, c, h, w = x.shape
+    mode = step.attrs.get("mode", b"DCR")
+    if (mode.decode() if isinstance(mode, bytes) else str(mode)) == "CRD":
+        return x.reshape(n, c // bs**2, bs, bs, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c // bs**2, h * bs, w * bs)
+    return x.reshape(n, bs, bs, c // bs**2, h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c // bs**2, h * bs, w * bs)
+
+
+def _space_to_depth(step: _Step, ins: list[Value]) -> Tensor:
+    """Blocks of pixels to channels, the inverse of DepthToSpace in DCR mode."""
+    x = ins[0]
+    bs = int(step.attrs["blocksize"])
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4).reshape(n, c * bs**2, h // bs, w // bs)
+
+
 def _gather_elements(step: _Step, ins: list[Value]) -> Tensor:
     x, idx = ins[0], ins[1].long()
     axis = _axis(int(step.attrs.get("axis", 0)), x.dim())
@@ -911,7 +952,8 @@ _OPS: dict[str, OpFn] = {
                               "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")},
     "ArgMax": _arg_extreme, "ArgMin": _arg_extreme,
     "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose, "Concat": _concat, "Split": _split,
-    "Slice": _slice, "Gather": _gather, "GatherElements": _gather_elements, "Shape": _shape, "Size": _size,
+    "Slice": _slice, "Gather": _gather, "GatherElements": _gather_elements, "GatherND": _gather_nd,
+    "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth, "Mod": _mod, "Shape": _shape, "Size": _size,
     "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Expand": _expand, "Tile": _tile,
     "Cast": _cast, "CastLike": _cast, "Identity": _identity_first, "Dropout": _identity_first,
     "ConstantOfShape": _constant_of_shape, "Range": _range, "Pad": _pad,
@@ -1182,7 +1224,10 @@ class OnnxModule(torch.nn.Module):
             parts = [f"{op} (node {label!r})" for op, label in sorted(unknown.items())]
             parts += [f"{form} (node {label!r})" for form, label in sorted(forms.items())]
             what = "operator(s)" if unknown and not forms else "operator(s) or form(s)"
-            raise UserError(f"the ONNX twin does not support {what}: {', '.join(parts)}")
+            hint = ("; com.microsoft operators are ONNX Runtime's fused kernels, written by its graph optimiser: "
+                    "import the file as it was exported, before that optimisation"
+                    if any(op.startswith("com.microsoft::") for op in unknown) else "")
+            raise UserError(f"the ONNX twin does not support {what}: {', '.join(parts)}{hint}")
 
     # ------------------------------------------------------------------------------------------------- running
 
