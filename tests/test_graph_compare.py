@@ -231,6 +231,11 @@ def test_declarations_and_unreadable_quantisation_differ_without_raising(exporte
     broken.graph.initializer.extend(kept)
     got = compare_to_export(broken, model, (1, 16, 16))
     assert got.status == "differs" and "cannot be read back" in got.reason, got.reason
+    blocked = copy.deepcopy(int8)  # blocked quantisation would read the same integers and scales otherwise
+    next(n for n in blocked.graph.node if n.op_type == "DequantizeLinear").attribute.append(
+        helper.make_attribute("block_size", 2))
+    got = compare_to_export(blocked, model, (1, 16, 16))
+    assert got.status == "differs" and "block_size" in got.reason, got.reason
 
 
 def _initializer(proto: onnx.ModelProto, name: str, value: np.ndarray) -> None:

@@ -107,6 +107,10 @@ class _Canonical:
                 self.const[node.output[0]] = _constant_node_value(node)
             elif not quantized or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 self.nodes.append(node)
+            elif {a.name for a in node.attribute} - {"axis"}:  # block_size, output_dtype, saturate: not the kit's
+                raise ValueError(f"{node.op_type} {node.name or node.output[0]!r} has attribute(s) "
+                                 f"{sorted({a.name for a in node.attribute} - {'axis'})} that the kit's int8 exports "
+                                 "never write")
             elif node.op_type == "QuantizeLinear" and ins[0] not in self.const:
                 quantized_act[node.output[0]] = node
             elif node.op_type == "QuantizeLinear":
