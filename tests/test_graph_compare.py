@@ -336,3 +336,42 @@ def test_zoo_exports_are_their_twins(arch, tmp_path):
                                  calibration_x=x).path
         got = compare_to_export(onnx.load(str(path)), model, (1, 16, 16))
         assert got.status == status, (precision, got.reason)
+
+
+def test_int8_quantisation_the_kit_never_writes_differs(exported):
+    """What ONNX Runtime runs differently from a plain rounding: a uint8 zero point on the logits' pair (a ReLU on the
+    logits: argmax unchanged), a QuantizeLinear of a float constant (uint8 without a zero point: negatives become 0),
+    and a second pair after the logits' (ONNX Runtime's optimiser may drop it, another runtime not)."""
+    model, _, files, test = exported
+    int8 = onnx.load(str(files["int8"]))
+    relu = copy.deepcopy(int8)
+    q, dq = _logits_pair(relu)
+    _initializer(relu, "t_u0", np.array(0, np.uint8))
+    q.input[2], dq.input[2] = "t_u0", "t_u0"
+    out = logits(relu, test.x[:32])
+    assert (out >= 0).all() and (logits(int8, test.x[:32]) < 0).any()  # ONNX Runtime: the negative logits are gone
+    got = compare_to_export(relu, model, (1, 16, 16))
+    assert got.status == "differs" and "zero point other than int8 0" in got.reason, got.reason
+    requantised = copy.deepcopy(int8)
+    gemm = [n for n in requantised.graph.node if n.op_type == "Gemm"][-1]
+    inits = {t.name: numpy_helper.to_array(t) for t in requantised.graph.initializer}
+    w_dq = next(n for n in requantised.graph.node if gemm.input[1] in n.output)
+    w = inits[w_dq.input[0]].astype(np.float32) * inits[w_dq.input[1]].reshape(-1, 1)
+    _initializer(requantised, "t_w", w)
+    _initializer(requantised, "t_ws", np.array(np.abs(w).max() / 127, np.float32))
+    requantised.graph.node.insert(0, helper.make_node("QuantizeLinear", ["t_w", "t_ws"], ["t_wq"]))
+    w_dq.input[0], w_dq.input[1] = "t_wq", "t_ws"
+    del w_dq.input[2:]
+    del w_dq.attribute[:]
+    got = compare_to_export(requantised, model, (1, 16, 16))
+    assert got.status == "differs" and "quantises a constant" in got.reason, got.reason
+    chained = copy.deepcopy(int8)
+    out_name = chained.graph.output[0].name
+    _, dq = _logits_pair(chained)
+    dq.output[0] = "t_first"
+    _initializer(chained, "t_s4", np.array(4.0, np.float32))
+    _initializer(chained, "t_z8", np.array(0, np.int8))
+    chained.graph.node.extend([helper.make_node("QuantizeLinear", ["t_first", "t_s4", "t_z8"], ["t_q2"]),
+                               helper.make_node("DequantizeLinear", ["t_q2", "t_s4", "t_z8"], [out_name])])
+    got = compare_to_export(chained, model, (1, 16, 16))
+    assert got.status == "differs" and "quantised twice" in got.reason, got.reason

@@ -17,8 +17,10 @@ exports the twin again as the file's metadata says it was exported and compares:
   recovered by its DequantizeLinear within half a quantisation step; a Conv's or Gemm's weights at most at the step
   ONNX Runtime's symmetric per-channel rule sets (the channel's largest magnitude over 127: a coarser step, per
   tensor or per channel, would let a weight move further); biases quantised at most at the product of their input's
-  and weight's scales; and each activation's QuantizeLinear -> DequantizeLinear pair rounding only (one positive
-  per-tensor scale on both nodes, zero points 0: a pair that shifts or rescales a class's logit differs). The values
+  and weight's scales; weights stored as int8 and biases as int32 with zero points 0, as ONNX Runtime writes them (no
+  QuantizeLinear of a constant); and each activation's QuantizeLinear -> DequantizeLinear pair rounding only, once
+  (one positive per-tensor scale on both nodes, int8 zero points of 0: a pair that shifts, rescales or clips a class's
+  logit differs). The values
   of the activations' scales are the calibration's and stay unchecked: a wrong one rounds or clips that activation for
   every input, which the audit's clean comparison with the twin sees.
 
@@ -111,23 +113,26 @@ class _Canonical:
                 raise ValueError(f"{node.op_type} {node.name or node.output[0]!r} has attribute(s) "
                                  f"{sorted({a.name for a in node.attribute} - {'axis'})} that the kit's int8 exports "
                                  "never write")
-            elif node.op_type == "QuantizeLinear" and ins[0] not in self.const:
-                quantized_act[node.output[0]] = node
+            elif node.op_type == "QuantizeLinear" and ins[0] in self.const:
+                raise ValueError(f"QuantizeLinear {node.name or node.output[0]!r} quantises a constant: the kit's "
+                                 "int8 exports store quantised weights as integers")
             elif node.op_type == "QuantizeLinear":
-                x, scale, zp = self.const[ins[0]], self.const[ins[1]], self._zero_point(ins)
-                info = np.iinfo(zp.dtype)
-                axis = self._axis(node, scale, x.ndim)
-                q = np.rint(x / self._shaped(scale, axis, x.ndim)) + self._shaped(zp, axis, x.ndim)
-                self.const[node.output[0]] = np.clip(q, info.min, info.max).astype(zp.dtype)
+                if ins[0] in self.alias:
+                    raise ValueError(f"the activation {self.alias[ins[0]]!r} is quantised twice in a row")
+                quantized_act[node.output[0]] = node
             elif ins[0] in quantized_act:
                 self.act_scale[node.output[0]] = self._rounding_pair(quantized_act[ins[0]], node)
                 self.alias[node.output[0]] = quantized_act[ins[0]].input[0]
             else:
                 q, scale = self.const[ins[0]], self.const[ins[1]].astype(np.float64)
-                zp = self._zero_point(ins, q.dtype)
+                zp = self._zero_point(ins)
+                if q.dtype not in (np.int8, np.int32) or zp.dtype != q.dtype or np.any(zp != 0):
+                    raise ValueError(f"the constant {ins[0]!r} is stored as {q.dtype} with zero point {zp.dtype} "
+                                     f"{zp.reshape(-1)[:3].tolist()}: the kit's int8 exports store weights as int8 "
+                                     "and biases as int32, with zero points 0")
                 axis = self._axis(node, scale, q.ndim)
                 step = np.broadcast_to(self._shaped(scale, axis, q.ndim), q.shape)
-                self.const[node.output[0]] = (q.astype(np.float64) - self._shaped(zp, axis, q.ndim)) * step
+                self.const[node.output[0]] = q.astype(np.float64) * step
                 self.quantized[node.output[0]] = _Quantized(q.dtype.itemsize * 8, step, axis)
         self.where: dict[str, tuple[int, int]] = {}
         self.bias_of: set[str] = set()  # constants some Conv or Gemm takes as its bias
@@ -146,13 +151,15 @@ class _Canonical:
             raise ValueError(f"the activation {q.input[0]!r} is quantised and dequantised at different scales")
         if not (math.isfinite(float(scales[0].flat[0])) and float(scales[0].flat[0]) > 0):
             raise ValueError(f"the activation {q.input[0]!r} has quantisation scale {float(scales[0].flat[0])}")
-        if any(z.size != 1 or int(z.flat[0]) != 0 for z in zeros):
-            raise ValueError(f"the activation {q.input[0]!r} has a zero point other than 0 (the kit's int8 exports "
-                             "are symmetric)")
+        if any(z.dtype != np.int8 or z.size != 1 or int(z.flat[0]) != 0 for z in zeros):
+            raise ValueError(f"the activation {q.input[0]!r} has a zero point other than int8 0 (the kit's int8 "
+                             f"exports are symmetric; {[f'{z.dtype} {z.reshape(-1)[:1].tolist()}' for z in zeros]}): "
+                             "another type or value clips it elsewhere")
         return float(scales[0].flat[0])
 
-    def _zero_point(self, ins: list[str], dtype: Any = np.int8) -> np.ndarray:
-        return self.const[ins[2]] if len(ins) > 2 and ins[2] else np.zeros((), dtype)
+    def _zero_point(self, ins: list[str]) -> np.ndarray:
+        """A Q/DQ node's zero point; without one, ONNX's default (uint8 0)."""
+        return self.const[ins[2]] if len(ins) > 2 and ins[2] else np.zeros((), np.uint8)
 
     @staticmethod
     def _axis(node: onnx.NodeProto, scale: np.ndarray, ndim: int) -> int | None:
@@ -219,8 +226,9 @@ def compare_graphs(engine: onnx.GraphProto, reference: onnx.GraphProto, quantize
         a = _Canonical(engine, quantized)
     except ValueError as e:  # an activation's Q/DQ pair that does more than round
         return str(e)
-    except (KeyError, IndexError, TypeError) as e:  # Q/DQ the kit's exports never write
-        return f"its quantisation nodes cannot be read back to a float graph ({type(e).__name__}: {first_line(e)})"
+    except (KeyError, IndexError, TypeError) as e:  # nodes the kit's exports never write
+        what = "its quantisation nodes cannot be read back to a float graph" if quantized else "it cannot be read"
+        return f"{what} ({first_line(e)})"
     for what, mine, theirs in (("inputs", engine.input, reference.input), ("outputs", engine.output,
                                                                              reference.output)):
         types = lambda values: [v.type.SerializeToString() for v in values if v.name not in b.const]  # noqa: E731
