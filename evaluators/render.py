@@ -133,8 +133,9 @@ def _summary(doc: dict[str, Any]) -> str:
     return (f"{head}The engine {path_name(e['path'])} ({e['format']}, {e['precision']}{providers}) was audited "
             f"against its "
             f"PyTorch twin {path_name(t['path'])} ({t['arch']}) on {d['n']} examples of the {d['split']} split of "
-            f"{d['spec']} (seed {d['seed']}). {_graph_line(e)}{k} attack(s) driven by the twin's gradients were evaluated on both "
-            f"models: {matched} of {k} accuracy curve(s) match within tolerance (AUAC gap at most {tol['auac']:g}; "
+            f"{d['spec']} (seed {d['seed']}). {_graph_line(e)}{k} attack(s) driven by the twin's gradients were "
+            f"evaluated on both models: {matched} of {k} accuracy curve(s) match within tolerance (AUAC gap at most "
+            f"{tol['auac']:g}; "
             f"curve gaps above {tol['curve']:g} count where McNemar p is below {tol['alpha']:g}). "
             + "".join(f"Worst case over every {w['norm']} attack: engine AUAC {_num(w['engine']['auac'])} at "
                       f"eps_max {_num(w['eps_max'], '.4g')}. " for w in doc.get("worst_case", []))

@@ -375,3 +375,41 @@ def test_int8_quantisation_the_kit_never_writes_differs(exported):
                                helper.make_node("DequantizeLinear", ["t_q2", "t_s4", "t_z8"], [out_name])])
     got = compare_to_export(chained, model, (1, 16, 16))
     assert got.status == "differs" and "quantised twice" in got.reason, got.reason
+
+
+def test_onnxruntime_s_own_int8_choices_are_equivalent_and_bad_scales_differ(exported, tmp_path):
+    """ONNX Runtime enlarges a channel's weight scale where its bias would overflow int32 at input x weight scale (a
+    channel of almost-zero weights with a bias of 5): equivalent. A NaN weight scale: differs. A bias moved into a
+    Constant node's ``value_floats``: equivalent."""
+    import models
+
+    torch.manual_seed(0)
+    net = models.create("cnn-small", 10, (1, 16, 16)).eval()
+    with torch.no_grad():
+        net.body[0].weight[0] *= 1e-6
+        net.body[0].bias[0] = 5.0
+    x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    int8 = write_onnx_export(torch_to_onnx(net, (1, 16, 16), dynamo=False), tmp_path / "a.onnx", net,
+                             x[:16], precision="int8", calibration_x=x).path
+    proto = onnx.load(str(int8))
+    scales = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith("weight_scale")}
+    first = next(v for k, v in scales.items() if k.startswith("body.0"))
+    assert first[0] > 1e-6 * np.abs(net.body[0].weight[0].detach().numpy()).max() / 127 * 100  # enlarged for the bias
+    got = compare_to_export(proto, net, (1, 16, 16))
+    assert got.status == "equivalent", got.reason
+    nan = copy.deepcopy(proto)
+    t = next(t for t in nan.graph.initializer if t.name.startswith("body.0") and t.name.endswith("weight_scale"))
+    t.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(t), np.nan), t.name))
+    got = compare_to_export(nan, net, (1, 16, 16))
+    assert got.status == "differs" and "not finite" in got.reason, got.reason
+    model, _, files, _ = exported
+    fp32 = onnx.load(str(files["fp32"]))
+    bias, _ = head_bias(fp32)
+    moved = copy.deepcopy(fp32)
+    kept = [t for t in moved.graph.initializer if t.name != bias.name]
+    del moved.graph.initializer[:]
+    moved.graph.initializer.extend(kept)
+    moved.graph.node.insert(0, helper.make_node("Constant", [], [bias.name],
+                                                value_floats=numpy_helper.to_array(bias).tolist()))
+    got = compare_to_export(moved, model, (1, 16, 16))
+    assert got.status == "equivalent", got.reason

@@ -516,6 +516,7 @@ _CASES = {
     "mod_int": _case("Mod", {}, [_init("d", [3, -3, 5, 7, -2, 4, 6, 9, -5], np.int64)], inputs=["Xi", "d"],
                      out_type=_I, extra=[helper.make_node("Cast", ["X"], ["Xi"], to=TensorProto.INT64)]),
     "gather_nd": _case("GatherND", {}, [_init("i", [[[0, 1], [1, 3]], [[1, -1], [0, 0]]], np.int64)]),
+    "gather_nd_one_element": _case("GatherND", {}, [_init("i", [1, 2, -1, 3], np.int64)]),
     "gather_nd_batch_dims": _case("GatherND", dict(batch_dims=1),
                                   [_init("i", [[[1, 2, 3], [0, -1, 4]], [[3, 3, 3], [2, 0, 8]]], np.int64)]),
 }

@@ -31,8 +31,9 @@ TOOLCHAIN = ("torch", "onnx", "onnxscript", "onnxruntime")
 
 
 def toolchain() -> dict[str, str]:
-    """The installed versions of :data:`TOOLCHAIN` (``""`` for one that is not installed), read without importing
-    them: an export made with the same versions from the same twin is the same graph (:mod:`exporters.onnx.compare`)."""
+    """The installed versions of :data:`TOOLCHAIN` (``""`` for one that is not installed): an export made with the same
+    versions from the same twin is the same graph (:mod:`exporters.onnx.compare`). ONNX Runtime's is its module's
+    (imported: an export and an audit have it loaded already), whichever build provides it."""
     from importlib import metadata
 
     found = {}
@@ -41,6 +42,12 @@ def toolchain() -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = ""
+    try:  # whichever build provides the module (onnxruntime-gpu on GPU machines), as it runs
+        import onnxruntime
+
+        found["onnxruntime"] = str(onnxruntime.__version__)
+    except ImportError:
+        pass
     found["torch"] = torch.__version__  # the running build (a local "+cpu" tag included)
     return found
 

@@ -59,7 +59,8 @@ FLAG_IDS = (
     "curve-not-monotone", "not-zero-at-unbounded-eps", "zero-gradients", "non-finite-gradients",
     "outputs-look-like-probabilities", "randomised-outputs", "non-finite-outputs", "single-step-beats-multi-step",
     "black-box-beats-white-box", "fixed-eps-contradiction", "adversarial-not-verified", "precision-not-deployed",
-    "engine-weights-differ", "engine-graph-differs", "test-blind", "engine-above-twin", "certificate-violated", "verifier-beats-attacks",
+    "engine-weights-differ", "engine-graph-differs", "test-blind", "engine-above-twin", "certificate-violated",
+    "verifier-beats-attacks",
 )
 #: The defenses in registration order, as :func:`kit.defenses.list_defenses` gives them (``train --defense``'s help).
 DEFENSE_NAMES = (

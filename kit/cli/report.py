@@ -633,7 +633,7 @@ def verify(ctx: click.Context, report_file: Path, engine_path: Path, twin_path: 
         from evaluators.replay import file_flags
 
         built = _twin() if twin_path is not None else None
-        flagged = file_flags(doc, _engine(), engine_path, built and built.model, built and built.info)
+        flagged = file_flags(doc, _engine(), engine_path, built.model if built else None, built.info if built else None)
     differences = recompute_report(doc)
     signature = _signature(doc, rpath.parent, pub, hashes)
 

@@ -647,7 +647,7 @@ def _gather_nd(step: _Step, ins: list[Value]) -> Tensor:
     flat_idx = idx.reshape(batches, -1, k)
     rows = torch.arange(batches, device=idx.device)[:, None].expand(flat_idx.shape[:2])
     out = flat_x[(rows, *flat_idx.unbind(-1))]
-    return out.reshape(*idx.shape[:-1], *rest)
+    return out.reshape((*idx.shape[:-1], *rest))
 
 
 def _depth_to_space(step: _Step, ins: list[Value]) -> Tensor:
