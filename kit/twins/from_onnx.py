@@ -167,8 +167,7 @@ def _spatial_pads(step: _Step, in_sizes: Sequence[int], kernel: Sequence[int], s
                   dilations: Sequence[int]) -> list[int]:
     """ONNX ``pads`` (begins then ends) of a convolution or pooling, resolving ``auto_pad``."""
     nd = len(kernel)
-    auto = step.attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    auto = _text(step.attrs, "auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         begins, ends = [], []
         for size, k, s, d in zip(in_sizes, kernel, strides, dilations):
@@ -182,6 +181,12 @@ def _spatial_pads(step: _Step, in_sizes: Sequence[int], kernel: Sequence[int], s
         return [0] * (2 * nd)
     pads = list(step.attrs.get("pads", [0] * (2 * nd)))
     return pads
+
+
+def _text(attrs: dict[str, Any], key: str, default: str) -> str:
+    """A string attribute (ONNX keeps them as bytes), or ``default`` where the node has none."""
+    v = attrs.get(key, default)
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _torch_pad_order(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
@@ -286,8 +291,7 @@ def _activation(step: _Step, ins: list[Value]) -> Tensor:
     if op == "ThresholdedRelu":
         return torch.where(x > float(a.get("alpha", 1.0)), x, torch.zeros_like(x))
     if op == "Gelu":
-        approx = a.get("approximate", b"none")
-        return F.gelu(x, approximate=approx.decode() if isinstance(approx, bytes) else str(approx))
+        return F.gelu(x, approximate=_text(a, "approximate", "none"))
     raise AssertionError(op)
 
 
@@ -353,8 +357,7 @@ def _conv_transpose(step: _Step, ins: list[Value]) -> Tensor:
     dil = list(a.get("dilations", [1] * nd))
     out_pad = list(a.get("output_padding", [0] * nd))
     group = int(a.get("group", 1))
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    auto = _text(a, "auto_pad", "NOTSET")
     sizes = list(x.shape[2:])
     full = [(n - 1) * s + (k - 1) * d + 1 + op for n, s, k, d, op in zip(sizes, strides, kernel, dil, out_pad)]
     if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):
@@ -397,8 +400,7 @@ def _matmul(step: _Step, ins: list[Value]) -> Tensor:
 
 
 def _einsum(step: _Step, ins: list[Value]) -> Tensor:
-    eq = step.attrs["equation"]
-    return torch.einsum(eq.decode() if isinstance(eq, bytes) else str(eq), *ins)
+    return torch.einsum(_text(step.attrs, "equation", ""), *ins)
 
 
 # -------------------------------------------------------------------------------------------------------- pooling
@@ -655,8 +657,7 @@ def _depth_to_space(step: _Step, ins: list[Value]) -> Tensor:
     x = ins[0]
     bs = int(step.attrs["blocksize"])
     n, c, h, w = x.shape
-    mode = step.attrs.get("mode", b"DCR")
-    if (mode.decode() if isinstance(mode, bytes) else str(mode)) == "CRD":
+    if _text(step.attrs, "mode", "DCR") == "CRD":
         return x.reshape(n, c // bs**2, bs, bs, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c // bs**2, h * bs, w * bs)
     return x.reshape(n, bs, bs, c // bs**2, h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c // bs**2, h * bs, w * bs)
 
@@ -749,8 +750,7 @@ def _range(step: _Step, ins: list[Value]) -> Tensor:
 def _pad(step: _Step, ins: list[Value]) -> Tensor:
     x = ins[0]
     a = step.attrs
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    mode = _text(a, "mode", "constant")
     if step.opset < 11:
         pads, value = list(a["pads"]), float(a.get("value", 0.0))
         axes = list(range(x.dim()))
@@ -806,8 +806,7 @@ def _coordinates(mode: str, out: int, size: int, scale: float, device: torch.dev
 def _resize(step: _Step, ins: list[Value]) -> Tensor:
     x = ins[0]
     a = step.attrs
-    text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
-    mode = text.get("mode", "nearest")
+    mode = _text(a, "mode", "nearest")
     if step.op_type == "Upsample" or step.opset < 11:
         scales_t = ins[1] if len(ins) > 1 else None
         scales = [float(s) for s in scales_t.tolist()] if scales_t is not None else list(a["scales"])
@@ -815,14 +814,14 @@ def _resize(step: _Step, ins: list[Value]) -> Tensor:
         sizes = [int(math.floor(n * s)) for n, s in zip(x.shape, scales)]
         coord, nearest = "asymmetric", "floor"
     else:
-        coord = text.get("coordinate_transformation_mode", "half_pixel")
-        nearest = text.get("nearest_mode", "round_prefer_floor")
+        coord = _text(a, "coordinate_transformation_mode", "half_pixel")
+        nearest = _text(a, "nearest_mode", "round_prefer_floor")
         axes = [_axis(ax, x.dim()) for ax in a.get("axes", range(x.dim()))]
         scales_t = ins[2] if len(ins) > 2 and ins[2] is not None and ins[2].numel() else None
         sizes_t = ins[3] if len(ins) > 3 and ins[3] is not None and ins[3].numel() else None
         if sizes_t is not None:
             sizes = _ints(sizes_t)
-            policy = text.get("keep_aspect_ratio_policy", "stretch")
+            policy = _text(a, "keep_aspect_ratio_policy", "stretch")
             if policy == "stretch":
                 scales = [s / x.shape[ax] for s, ax in zip(sizes, axes)]
             else:
@@ -970,16 +969,11 @@ def supported_ops() -> list[str]:
 def _form_problem(node: onnx.NodeProto, attrs: dict[str, Any]) -> str | None:
     """Why a supported operator's form is not supported (``None`` when it is)."""
     op = node.op_type
-
-    def text(key: str, default: str) -> str:
-        v = attrs.get(key, default)
-        return v.decode() if isinstance(v, bytes) else str(v)
-
     if op == "Resize" or op == "Upsample":
-        if text("mode", "nearest") not in ("nearest", "linear", "bilinear"):
-            return f"{op} mode {text('mode', 'nearest')!r}"
-        if text("coordinate_transformation_mode", "half_pixel") not in _COORDINATE_MODES:
-            return f"{op} coordinate_transformation_mode {text('coordinate_transformation_mode', '')!r}"
+        if _text(attrs, "mode", "nearest") not in ("nearest", "linear", "bilinear"):
+            return f"{op} mode {_text(attrs, 'mode', 'nearest')!r}"
+        if _text(attrs, "coordinate_transformation_mode", "half_pixel") not in _COORDINATE_MODES:
+            return f"{op} coordinate_transformation_mode {_text(attrs, 'coordinate_transformation_mode', '')!r}"
         if int(attrs.get("antialias", 0)):
             return f"{op} antialias=1"
     if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
@@ -988,8 +982,8 @@ def _form_problem(node: onnx.NodeProto, attrs: dict[str, Any]) -> str | None:
         return "AveragePool dilations"
     if op == "BatchNormalization" and (int(attrs.get("training_mode", 0)) or sum(bool(o) for o in node.output) > 1):
         return "BatchNormalization training_mode"
-    if op == "Pad" and text("mode", "constant") not in ("constant", "reflect", "edge", "wrap"):
-        return f"Pad mode {text('mode', 'constant')!r}"
+    if op == "Pad" and _text(attrs, "mode", "constant") not in ("constant", "reflect", "edge", "wrap"):
+        return f"Pad mode {_text(attrs, 'mode', 'constant')!r}"
     return None
 
 
