@@ -31,8 +31,6 @@ compared (``not compared``, with the reason): a difference there would not be ev
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +44,6 @@ from exporters.graph import first_line, read_metadata
 from exporters.onnx.metadata import FORMAT_TAG, toolchain
 
 __all__ = ["GraphComparison", "compare_graphs", "compare_to_export"]
-
-log = logging.getLogger(__name__)
 
 IDENTICAL, EQUIVALENT, DIFFERS, NOT_COMPARED = "identical", "equivalent", "differs", "not compared"
 #: Relative slack on the int8 rules (float32 scales computed in another order)
@@ -81,6 +77,12 @@ _CONSTANT_TYPES = {"value_float": np.float32, "value_floats": np.float32, "value
                    "value_ints": np.int64}
 
 
+def _check_scale(scale: np.ndarray, what: str) -> None:
+    """ValueError unless every quantisation scale of ``what`` is finite and positive (a NaN step passes every bound)."""
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"{what} has a quantisation scale that is not finite and positive")
+
+
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     attr = node.attribute[0]
     if attr.name == "value":
@@ -100,7 +102,8 @@ class _Canonical:
     for the comparison), and a QuantizeLinear -> DequantizeLinear pair on an activation becomes the activation itself,
     provided the pair rounds only: one positive per-tensor scale shared by both nodes and zero points of 0, as the
     kit's symmetric int8 export writes them (a pair that shifts or rescales is a change of the function). Raises
-    :class:`ValueError` for a pair that does not, and KeyError / IndexError for Q/DQ nodes that cannot be read back.
+    :class:`ValueError` for quantisation the kit's exports never write, and KeyError / IndexError for Q/DQ nodes that
+    cannot be read back.
     """
 
     def __init__(self, graph: onnx.GraphProto, quantized: bool = False) -> None:
@@ -138,9 +141,7 @@ class _Canonical:
                     raise ValueError(f"the constant {ins[0]!r} is stored as {q.dtype} with zero point {zp.dtype} "
                                      f"{zp.reshape(-1)[:3].tolist()}: the kit's int8 exports store weights as int8 "
                                      "and biases as int32, with zero points 0")
-                if not (np.isfinite(scale).all() and (scale > 0).all()):
-                    raise ValueError(f"the constant {ins[0]!r} has a quantisation scale that is not finite and "
-                                     "positive")
+                _check_scale(scale, f"the constant {ins[0]!r}")
                 axis = self._axis(node, scale, q.ndim)
                 step = np.broadcast_to(self._shaped(scale, axis, q.ndim), q.shape)
                 self.const[node.output[0]] = q.astype(np.float64) * step
@@ -160,8 +161,7 @@ class _Canonical:
         zeros = [self._zero_point(list(n.input)) for n in (q, dq)]
         if any(s.size != 1 for s in scales) or float(scales[0].flat[0]) != float(scales[1].flat[0]):
             raise ValueError(f"the activation {q.input[0]!r} is quantised and dequantised at different scales")
-        if not (math.isfinite(float(scales[0].flat[0])) and float(scales[0].flat[0]) > 0):
-            raise ValueError(f"the activation {q.input[0]!r} has quantisation scale {float(scales[0].flat[0])}")
+        _check_scale(scales[0], f"the activation {q.input[0]!r}")
         if any(z.dtype != np.int8 or z.size != 1 or int(z.flat[0]) != 0 for z in zeros):
             raise ValueError(f"the activation {q.input[0]!r} has a zero point other than int8 0 (the kit's int8 "
                              f"exports are symmetric; {[f'{z.dtype} {z.reshape(-1)[:1].tolist()}' for z in zeros]}): "

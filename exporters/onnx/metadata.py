@@ -36,8 +36,8 @@ def toolchain() -> dict[str, str]:
     (imported: an export and an audit have it loaded already), whichever build provides it."""
     from importlib import metadata
 
-    found = {}
-    for name in TOOLCHAIN:
+    found = {"torch": torch.__version__}  # the running build (a local "+cpu" tag included)
+    for name in ("onnx", "onnxscript"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -47,8 +47,7 @@ def toolchain() -> dict[str, str]:
 
         found["onnxruntime"] = str(onnxruntime.__version__)
     except ImportError:
-        pass
-    found["torch"] = torch.__version__  # the running build (a local "+cpu" tag included)
+        found["onnxruntime"] = ""
     return found
 
 

@@ -142,13 +142,19 @@ def pre_process(model: onnx.ModelProto) -> onnx.ModelProto:
     recommends before quantising (folds constants, and normalisation into the first convolution where it can).
     ``model`` is left unchanged. Its float graph is what an int8 export's Q/DQ nodes dequantise back to
     (:mod:`exporters.onnx.compare`)."""
+    with tempfile.TemporaryDirectory(prefix="otkit-int8-") as tmp:
+        return onnx.load(str(_pre_process_file(model, Path(tmp))))
+
+
+def _pre_process_file(model: onnx.ModelProto, folder: Path) -> Path:
+    """:func:`pre_process`, written to ``folder`` (the file ONNX Runtime's quantiser reads)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix="otkit-int8-") as tmp, _quiet_quantizer():
-        src, pre = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx")
-        onnx.save(model, str(src))
+    src, pre = folder / "fp32.onnx", folder / "pre.onnx"
+    onnx.save(model, str(src))
+    with _quiet_quantizer():
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        return onnx.load(str(pre))
+    return pre
 
 
 def to_int8(model: onnx.ModelProto, calibration: np.ndarray, *, batch_size: int = 64,
@@ -179,8 +185,7 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray, *, batch_size: int 
     input_name = model.graph.input[0].name
     samples = np.ascontiguousarray(calibration, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="otkit-int8-") as tmp, _quiet_quantizer():
-        pre, out = Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
-        onnx.save(pre_process(model), str(pre))
+        pre, out = _pre_process_file(model, Path(tmp)), Path(tmp, "int8.onnx")
         quantize_static(
             str(pre), str(out), _calibration_reader(input_name, samples, batch_size),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=quantized_op_types(), per_channel=per_channel,
