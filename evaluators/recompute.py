@@ -6,8 +6,9 @@ of an attack follows from them, the attack's ``eps_max``, the report's ``toleran
 statistics and verdict. The clean verdict follows from the stored agreement and tolerance (and its spot check's);
 the overall verdict, the gates and the status from those. :func:`recompute_report` re-derives all of them with the
 very functions the audit uses (:func:`evaluators.audit.side_record`, :func:`evaluators.audit.fidelity`,
-:func:`evaluators.audit.clean_verdict`, :func:`evaluators.audit.decide`) and lists each field that differs. :func:`check_adversarials` checks that an
-``adversarials.npz`` holds exactly the engine-side adversarials the report describes.
+:func:`evaluators.audit.clean_verdict`, :func:`evaluators.audit.decide`) and lists each field that differs.
+:func:`check_adversarials` checks that an ``adversarials.npz`` holds exactly the engine-side adversarials the report
+describes.
 
 What cannot be re-derived from the report alone: the eps* themselves and the clean accuracies (they need the models
 and the data: :mod:`evaluators.replay` checks what those allow, and ``otkit verify --recheck`` re-runs the engine on
